@@ -1,0 +1,20 @@
+"""phi3ref: a pure-Python reference inference library for Microsoft's Phi-3 family in GGUF files."""
+
+from .config import Phi3Config, TensorSpec
+from .gguf_file import GGUFError, GGUFFile, TensorInfo, open_gguf
+from .quants import QUANT_TYPES, QuantType, dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GGUFError",
+    "GGUFFile",
+    "Phi3Config",
+    "QUANT_TYPES",
+    "QuantType",
+    "TensorInfo",
+    "TensorSpec",
+    "dequantize",
+    "open_gguf",
+    "quantize",
+]

@@ -1,0 +1,218 @@
+"""Phi-3 hyperparameters from GGUF metadata, and the tensor layout they imply.
+
+llama.cpp's converter writes every Phi-3 family model (Phi-3-mini-4k/128k, Phi-3.5-mini,
+Phi-3-medium, Phi-4-mini) with ``general.architecture = "phi3"``; the variants differ
+only in the values below and in which optional tensors are present.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .gguf_file import GGUFError, GGUFFile
+
+__all__ = ["ARCHITECTURE", "Phi3Config", "TensorSpec"]
+
+ARCHITECTURE = "phi3"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor the model expects: name and numpy-order shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Phi3Config:
+    """Hyperparameters of a Phi-3 family model (GGUF keys ``phi3.*``)."""
+
+    n_vocab: int
+    n_ctx_train: int  # phi3.context_length: the longest context the model was made for
+    n_embd: int  # phi3.embedding_length
+    n_ff: int  # phi3.feed_forward_length (the SwiGLU hidden size)
+    n_layer: int  # phi3.block_count
+    n_head: int  # phi3.attention.head_count
+    n_head_kv: int  # phi3.attention.head_count_kv (< n_head: grouped-query attention)
+    head_dim: int  # phi3.attention.key_length, else n_embd // n_head
+    n_rot: int  # phi3.rope.dimension_count: rotated dims per head (< head_dim: partial rotary)
+    rope_base: float  # phi3.rope.freq_base
+    rms_eps: float  # phi3.attention.layer_norm_rms_epsilon
+    sliding_window: int | None = None  # phi3.attention.sliding_window
+    # Phi-3-specific LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini): per-dimension frequency
+    # factors (tensors rope_factors_short / rope_factors_long) switched at this length,
+    rope_orig_ctx: int | None = None  # phi3.rope.scaling.original_context_length
+    # and cos/sin scaled by this factor (derived from the lengths if the file has none).
+    rope_attn_factor: float | None = None  # phi3.rope.scaling.attn_factor
+    has_rope_factors: bool = False
+    tied_embeddings: bool = False  # no `output.weight`: the head reuses token_embd
+    fused_qkv: bool = True  # attn_qkv (llama.cpp's converter) vs separate attn_q/k/v
+
+    @property
+    def partial_rotary(self) -> bool:
+        return self.n_rot < self.head_dim
+
+    @property
+    def gqa(self) -> bool:
+        return self.n_head_kv < self.n_head
+
+    @property
+    def longrope(self) -> bool:
+        return self.has_rope_factors
+
+    @property
+    def longrope_attn_factor(self) -> float:
+        """The LongRoPE cos/sin scale: the file's value, else sqrt(1 + ln(s)/ln(orig)) with
+        s = n_ctx_train / orig (as transformers and llama.cpp's converter compute it)."""
+        if self.rope_attn_factor is not None:
+            return self.rope_attn_factor
+        if not self.has_rope_factors or not self.rope_orig_ctx:
+            return 1.0
+        scale = self.n_ctx_train / self.rope_orig_ctx
+        if scale <= 1.0:
+            return 1.0
+        return math.sqrt(1.0 + math.log(scale) / math.log(self.rope_orig_ctx))
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count implied by the shapes (the head counted once if tied)."""
+        return sum(math.prod(spec.shape) for spec in self.tensor_specs() if spec.required)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # -- reading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, gf: GGUFFile) -> "Phi3Config":
+        """Read the hyperparameters of a ``phi3`` GGUF (tensors are not needed: a vocab-only
+        file has them too). ``GGUFError`` for another architecture or inconsistent values."""
+        arch = gf.architecture
+        if arch is None:
+            raise GGUFError(f"{gf.path}: general.architecture is missing: not a model file")
+        if arch != ARCHITECTURE:
+            raise GGUFError(f"{gf.path}: architecture is {arch!r}; phi3ref runs {ARCHITECTURE!r} models (the Phi-3 family)")
+
+        def key(name: str) -> str:
+            return f"{ARCHITECTURE}.{name}"
+
+        def positive(name: str, value: int | float) -> Any:
+            if not value > 0:
+                raise GGUFError(f"{gf.path}: {key(name)} must be positive, got {value}")
+            return value
+
+        n_embd = positive("embedding_length", gf.get_int(key("embedding_length")))
+        n_head = positive("attention.head_count", gf.get_int(key("attention.head_count")))
+        n_head_kv = positive("attention.head_count_kv", gf.get_int(key("attention.head_count_kv"), n_head))
+        if n_head % n_head_kv:
+            raise GGUFError(f"{gf.path}: {n_head} attention heads cannot be shared among {n_head_kv} KV heads")
+        if key("attention.key_length") in gf:
+            head_dim = positive("attention.key_length", gf.get_int(key("attention.key_length")))
+        elif n_embd % n_head:
+            raise GGUFError(f"{gf.path}: embedding length {n_embd} is not a multiple of the {n_head} heads")
+        else:
+            head_dim = n_embd // n_head
+        value_dim = gf.get_int(key("attention.value_length"), head_dim)
+        if value_dim != head_dim:
+            raise GGUFError(f"{gf.path}: key length {head_dim} != value length {value_dim} is not a Phi-3 layout")
+        n_rot = positive("rope.dimension_count", gf.get_int(key("rope.dimension_count"), head_dim))
+        if n_rot > head_dim or n_rot % 2:
+            raise GGUFError(f"{gf.path}: rope.dimension_count {n_rot} must be even and at most the head size {head_dim}")
+
+        if key("vocab_size") in gf:
+            n_vocab = gf.get_int(key("vocab_size"))
+        elif "tokenizer.ggml.tokens" in gf:
+            n_vocab = len(gf.get_array("tokenizer.ggml.tokens"))
+        elif "token_embd.weight" in gf.tensors:
+            n_vocab = gf.tensors["token_embd.weight"].shape[0]
+        else:
+            raise GGUFError(f"{gf.path}: cannot tell the vocabulary size (no {key('vocab_size')}, tokens or token_embd)")
+        positive("vocab_size", n_vocab)
+
+        sliding_window = gf.get_int(key("attention.sliding_window"), 0) or None
+        orig_ctx = gf.get_int(key("rope.scaling.original_context_length"), 0) or None
+        attn_factor = gf.get_float(key("rope.scaling.attn_factor"), 0.0) or None
+        has_long = "rope_factors_long.weight" in gf.tensors
+        has_short = "rope_factors_short.weight" in gf.tensors
+        if has_long != has_short:
+            present = "rope_factors_long" if has_long else "rope_factors_short"
+            raise GGUFError(f"{gf.path}: LongRoPE needs both rope_factors_long and rope_factors_short; only {present} is present")
+        if has_long and not orig_ctx:
+            raise GGUFError(f"{gf.path}: LongRoPE factors present but {key('rope.scaling.original_context_length')} is missing")
+
+        return cls(
+            n_vocab=int(n_vocab),
+            n_ctx_train=int(positive("context_length", gf.get_int(key("context_length")))),
+            n_embd=int(n_embd),
+            n_ff=int(positive("feed_forward_length", gf.get_int(key("feed_forward_length")))),
+            n_layer=int(positive("block_count", gf.get_int(key("block_count")))),
+            n_head=int(n_head),
+            n_head_kv=int(n_head_kv),
+            head_dim=int(head_dim),
+            n_rot=int(n_rot),
+            rope_base=float(positive("rope.freq_base", gf.get_float(key("rope.freq_base"), 10000.0))),
+            rms_eps=float(positive("attention.layer_norm_rms_epsilon", gf.get_float(key("attention.layer_norm_rms_epsilon")))),
+            sliding_window=int(sliding_window) if sliding_window else None,
+            rope_orig_ctx=int(orig_ctx) if orig_ctx else None,
+            rope_attn_factor=float(attn_factor) if attn_factor else None,
+            has_rope_factors=has_long,
+            # (a vocab-only file has neither tensor: not "tied")
+            tied_embeddings="token_embd.weight" in gf.tensors and "output.weight" not in gf.tensors,
+            fused_qkv="blk.0.attn_q.weight" not in gf.tensors,
+        )
+
+    # -- the tensor layout -----------------------------------------------------------------
+
+    def tensor_specs(self) -> list[TensorSpec]:
+        """Every tensor of the model, in file order, with numpy-order shapes."""
+        e, q_dim, kv_dim = self.n_embd, self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        specs = [TensorSpec("token_embd.weight", (self.n_vocab, e))]
+        if self.has_rope_factors:
+            specs += [
+                TensorSpec("rope_factors_long.weight", (self.n_rot // 2,)),
+                TensorSpec("rope_factors_short.weight", (self.n_rot // 2,)),
+            ]
+        for i in range(self.n_layer):
+            p = f"blk.{i}."
+            specs.append(TensorSpec(p + "attn_norm.weight", (e,)))
+            if self.fused_qkv:
+                # Phi-3: one fused projection whose rows are [q | k | v]
+                specs.append(TensorSpec(p + "attn_qkv.weight", (q_dim + 2 * kv_dim, e)))
+            else:
+                specs += [
+                    TensorSpec(p + "attn_q.weight", (q_dim, e)),
+                    TensorSpec(p + "attn_k.weight", (kv_dim, e)),
+                    TensorSpec(p + "attn_v.weight", (kv_dim, e)),
+                ]
+            specs += [
+                TensorSpec(p + "attn_output.weight", (e, q_dim)),
+                TensorSpec(p + "ffn_norm.weight", (e,)),
+                # Phi-3: gate and up projections fused, rows [gate | up]
+                TensorSpec(p + "ffn_up.weight", (2 * self.n_ff, e)),
+                TensorSpec(p + "ffn_down.weight", (e, self.n_ff)),
+            ]
+        specs.append(TensorSpec("output_norm.weight", (e,)))
+        specs.append(TensorSpec("output.weight", (self.n_vocab, e), required=not self.tied_embeddings))
+        return specs
+
+    def check_tensors(self, gf: GGUFFile) -> None:
+        """Check that ``gf`` holds every tensor this config needs, with the right shape and
+        a type phi3ref computes with. ``GGUFError`` naming the first offending tensor."""
+        for spec in self.tensor_specs():
+            if spec.name not in gf.tensors:
+                if spec.required:
+                    raise GGUFError(f"{gf.path}: tensor {spec.name!r} is missing")
+                continue
+            info = gf.tensors[spec.name]
+            if info.shape != spec.shape:
+                raise GGUFError(
+                    f"{gf.path}: tensor {spec.name!r} has shape {list(info.shape)}, but the config "
+                    f"(n_embd={self.n_embd}, n_ff={self.n_ff}, n_head={self.n_head}, n_head_kv={self.n_head_kv}, "
+                    f"head_dim={self.head_dim}, n_vocab={self.n_vocab}) needs {list(spec.shape)}"
+                )
+            if not info.supported:
+                gf.tensor_bytes(spec.name)  # raises the unsupported-type error

@@ -1,0 +1,81 @@
+"""The ``phi3ref`` console script, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from craft import RawGGUF, phi3_metadata
+
+from phi3ref.cli import main
+from phi3ref.testing import vocab_path
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "phi3ref.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_model(tiny_model):
+    path = tiny_model("phi4-mini", "Q4_K_M")
+    out = run("inspect", str(path))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "architecture  phi3" in text
+    assert "grouped-query attention 4/2; partial rotary 48/64; LongRoPE from 64" in text
+    assert "tied embeddings" in text
+    assert "<|user|>" in text and "32064 tokens" in text
+    assert "blk.1.ffn_down.weight" in text and "Q6_K" in text
+    assert "phi3ref supports this model" in text
+
+
+def test_inspect_json(tiny_model, capsys):
+    path = tiny_model("phi3-mini", "Q4_K_M")
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["runnable"] is True and info["problems"] == []
+    assert info["config"]["n_layer"] == 2
+    names = [t["name"] for t in info["tensors"]]
+    assert names[0] == "token_embd.weight" and names[-1] == "output.weight"
+    totals = info["totals_by_type"]
+    assert set(totals) == {"Q4_K", "Q5_K", "Q6_K", "F32"}
+    assert sum(t["bytes"] for t in totals.values()) == info["total_tensor_bytes"]
+    assert info["tokenizer"]["special"]["eos"] == {"id": 32000, "text": "<|endoftext|>"}
+
+
+def test_inspect_vocab_only(capsys):
+    assert main(["inspect", str(vocab_path())]) == 0
+    text = capsys.readouterr().out
+    assert "vocab-only file" in text and "phi3ref cannot run this file" in text
+    assert "n_embd                3072" in text
+
+
+def test_inspect_other_architecture(tmp_path, capsys):
+    path = RawGGUF(kvs=phi3_metadata(arch="llama")).write(tmp_path / "llama.gguf")
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["runnable"] is False
+    assert any("architecture is 'llama'" in p for p in info["problems"])
+
+
+@pytest.mark.parametrize("content", [b"not a gguf at all", b""])
+def test_inspect_bad_file(tmp_path, content):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(content)
+    out = run("inspect", str(path))
+    assert out.returncode == 1
+    assert out.stderr.startswith("phi3ref: error: ") and str(path) in out.stderr and "not a GGUF file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_inspect_missing_file(tmp_path):
+    out = run("inspect", str(tmp_path / "missing.gguf"))
+    assert out.returncode == 1 and "no such file" in out.stderr
+
+
+def test_write_model_command(tmp_path):
+    out = run("write-model", str(tmp_path / "m.gguf"), "--preset", "phi3-medium", "--quant", "Q8_0")
+    assert out.returncode == 0, out.stderr
+    assert "synthetic phi3-medium (tiny), Q8_0, random weights" in out.stdout
+    assert run("inspect", str(tmp_path / "m.gguf")).returncode == 0
