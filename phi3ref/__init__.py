@@ -2,6 +2,7 @@
 
 from .config import Phi3Config, TensorSpec
 from .gguf_file import GGUFError, GGUFFile, TensorInfo, open_gguf
+from .model import Model, load
 from .quants import QUANT_TYPES, QuantType, dequantize, quantize
 
 __version__ = "0.1.0"
@@ -9,12 +10,14 @@ __version__ = "0.1.0"
 __all__ = [
     "GGUFError",
     "GGUFFile",
+    "Model",
     "Phi3Config",
     "QUANT_TYPES",
     "QuantType",
     "TensorInfo",
     "TensorSpec",
     "dequantize",
+    "load",
     "open_gguf",
     "quantize",
 ]

@@ -76,9 +76,11 @@ PRESETS: dict[str, dict[str, ModelShape]] = {
             n_layer=32, n_embd=3072, n_ff=8192, n_head=32, n_head_kv=32, n_rot=96,
             n_ctx=131072, rope_orig_ctx=4096, sliding_window=262144, longrope=True,
         ),
+        # original context 256: llama.cpp rounds its context up to a multiple of 256 and
+        # takes the short factors only when that does not exceed the original context
         "tiny": ModelShape(
             n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=4, n_rot=64,
-            n_ctx=512, rope_orig_ctx=64, sliding_window=None, longrope=True,
+            n_ctx=1024, rope_orig_ctx=256, sliding_window=None, longrope=True,
         ),
     },
     "phi4-mini": {  # Phi-4-mini-instruct: GQA 24/8, partial rotary (96 of 128), tied embeddings, LongRoPE
@@ -88,7 +90,7 @@ PRESETS: dict[str, dict[str, ModelShape]] = {
         ),
         "tiny": ModelShape(
             n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_rot=48,
-            n_ctx=512, rope_orig_ctx=64, sliding_window=None, tied_embeddings=True, longrope=True,
+            n_ctx=1024, rope_orig_ctx=256, sliding_window=None, tied_embeddings=True, longrope=True,
         ),
     },
 }
@@ -270,13 +272,14 @@ def write_model(
     n_rot: int | None = None,
     tied_embeddings: bool | None = None,
     longrope: bool | None = None,
+    sliding_window: int | None = None,
     vocab: str | os.PathLike[str] | None = None,
     name: str | None = None,
 ) -> Path:
     """Write a synthetic Phi-3 family GGUF with random weights; return its path.
 
     ``preset`` (:data:`PRESETS`) and ``size`` (``"tiny"`` or ``"full"``) give the shape; the
-    keyword overrides change single hyperparameters. ``quant`` is a llama.cpp file type from
+    keyword overrides change single hyperparameters (``sliding_window=0``: none). ``quant`` is a llama.cpp file type from
     :data:`QUANT_MIXES` (``"Q4_K_M"`` mixes Q4_K, Q5_K, Q6_K and F32 as llama.cpp does);
     ``pure`` stores every matrix in the mix's base type. The same arguments and ``seed``
     write the same bytes. Tensors are drawn, quantized and written one at a time, so a
@@ -287,11 +290,13 @@ def write_model(
         k: v
         for k, v in dict(
             n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
-            n_rot=n_rot, tied_embeddings=tied_embeddings, longrope=longrope,
+            n_rot=n_rot, tied_embeddings=tied_embeddings, longrope=longrope, sliding_window=sliding_window,
         ).items()
         if v is not None
     }
     shape = replace(shape, **overrides)
+    if shape.sliding_window == 0:
+        shape = replace(shape, sliding_window=None)
     if shape.longrope and not shape.rope_orig_ctx:
         shape = replace(shape, rope_orig_ctx=max(1, shape.n_ctx // 8))
     _check_shape(shape)

@@ -1,0 +1,109 @@
+"""Elementwise operations with llama.cpp's CPU arithmetic (``numerics="ggml"``).
+
+llama.cpp does not compute exp, SiLU, softmax or RMSNorm the textbook way: on x86 with
+AVX-512 it evaluates exp with a polynomial (``ggml_v_expf``), sums softmax terms with a
+fixed reduction tree, squares in float32 and sums in double for RMSNorm. A one-ulp
+difference anywhere can flip the rounding of an 8-bit activation code in the next
+quantized matmul, so these are reproduced operation for operation. Fused multiply-adds are
+emulated in float64: the product of two float32 values is exact there, so only the final
+rounding differs from a hardware FMA, and only when a double rounding hits a tie.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["expf", "rms_scale", "silu", "softmax"]
+
+_F32, _F64 = np.float32, np.float64
+_VEC = 16  # AVX-512 lanes: full vectors take the polynomial, the tail takes libm expf
+
+
+def _H(literal: str) -> np.float32:
+    """A C hexadecimal float literal (0x1.8p23f) as float32."""
+    return _F32(float.fromhex(literal))
+
+
+def _fma(a, b, c) -> np.ndarray:
+    """float32 fma(a, b, c) = a * b + c with one rounding (to float32)."""
+    return (np.asarray(a, _F64) * np.asarray(b, _F64) + np.asarray(c, _F64)).astype(_F32)
+
+
+def _v_expf(x: np.ndarray) -> np.ndarray:
+    """ggml_v_expf, AVX-512 variant: exp(x) = 2^n * p(b), n = round(x / ln 2), b the remainder.
+    Inputs beyond +-192 ln 2 (masked scores are -inf) give inf or 0, as in ggml."""
+    with np.errstate(all="ignore"):
+        return _v_expf_unchecked(np.asarray(x, _F32))
+
+
+def _v_expf_unchecked(x: np.ndarray) -> np.ndarray:
+    r = _H("0x1.8p23")
+    z = _fma(x, _H("0x1.715476p+0"), r)
+    n = z - r
+    b = _fma(-n, _H("0x1.7f7d1cp-20"), _fma(-n, _H("0x1.62e4p-1"), x))
+    u = b * b
+    j = _fma(
+        _fma(_fma(_H("0x1.0e4020p-7"), b, _H("0x1.573e2ep-5")), u, _fma(_H("0x1.555e66p-3"), b, _H("0x1.fffdb6p-2"))),
+        u,
+        _fma(_H("0x1.ffffecp-1"), b, _F32(1.0)),
+    )
+    res = np.ldexp(j, np.nan_to_num(np.clip(n, -300, 300)).astype(np.int32)).astype(_F32)  # _mm512_scalef_ps
+    out_of_range = np.abs(n) > 192
+    return np.where(out_of_range, np.where(n <= 0, _F32(0), _F32(np.inf)), res).astype(_F32)
+
+
+def _libm_expf(x: np.ndarray) -> np.ndarray:
+    # glibc's expf is correctly rounded in practice: exp in double, rounded once
+    with np.errstate(over="ignore", under="ignore"):
+        return np.exp(np.asarray(x, _F64)).astype(_F32)
+
+
+def expf(x: np.ndarray) -> np.ndarray:
+    """exp along the last axis as a ggml vector loop does it: lanes of 16 through the
+    polynomial, the remaining ``n % 16`` through libm."""
+    x = np.asarray(x, _F32)
+    n = x.shape[-1]
+    full = n - n % _VEC
+    out = np.empty_like(x)
+    out[..., :full] = _v_expf(x[..., :full])
+    out[..., full:] = _libm_expf(x[..., full:])
+    return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """ggml_vec_swiglu_f32's SiLU, x / (1 + exp(-x)), per row of the last axis."""
+    x = np.asarray(x, _F32)
+    return x / (_F32(1) + expf(-x))
+
+
+def _reduce16(v: np.ndarray) -> np.ndarray:
+    """_mm512_reduce_add_ps over the last axis (16 lanes): halves added pairwise."""
+    t8 = v[..., 8:16] + v[..., 0:8]
+    t4 = t8[..., 4:8] + t8[..., 0:4]
+    t2 = t4[..., 0:2] + t4[..., 2:4]
+    return t2[..., 0] + t2[..., 1]
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """ggml_soft_max (scale 1, mask already added): exp(x - max) by the vector exp, the sum
+    of each 16-lane vector reduced in float32 and accumulated in double, then multiplied
+    by the float32 reciprocal. llama.cpp's KV cache view is always a multiple of 256
+    cells (the unused ones masked to -inf), so every element takes the vector path: the
+    row is padded the same way here."""
+    x = np.asarray(scores, _F32)
+    n = x.shape[-1]
+    width = -(-n // _VEC) * _VEC
+    padded = np.full((*x.shape[:-1], width), -np.inf, dtype=_F32)
+    padded[..., :n] = x
+    e = _v_expf(padded - padded.max(axis=-1, keepdims=True))
+    lanes = e.reshape(*e.shape[:-1], width // _VEC, _VEC)
+    total = _reduce16(lanes).astype(_F64).sum(axis=-1)
+    return (e * (1.0 / total).astype(_F32)[..., None])[..., :n]
+
+
+def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_rms_norm's per-row scale 1 / sqrt(mean(x^2) + eps): squares in float32, their
+    sum in double, the mean rounded to float32."""
+    x = np.asarray(x, _F32)
+    mean = ((x * x).astype(_F64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(_F32)
+    return _F32(1) / np.sqrt(mean + _F32(eps))

@@ -1,0 +1,570 @@
+"""Numba kernels: matrix products that read GGML blocks directly.
+
+Every ``@njit`` function of phi3ref lives here; ``tests/test_kernels.py`` checks each against
+a plain numpy reference. Two families:
+
+* ``matmul_exact``: decode one weight row at a time into a small float32 scratch buffer
+  (never a whole matrix) and dot it with every activation row in float32. This is the
+  ``numerics="exact"`` path: the same numbers as dequantizing the weights and running the
+  model in float32.
+* ``matmul_ggml``: llama.cpp's CPU numerics. Activations are first converted once per
+  matmul to the type ggml pairs with the weight type (its ``vec_dot_type``): Q8_K for
+  K-quants and IQ4_XS, Q8_0 for Q4_0 / Q5_0 / Q8_0 / IQ4_NL, Q8_1 for Q4_1 / Q5_1, float16
+  for F16, bfloat16 for BF16, float32 for F32. Each block's dot product is then an integer
+  sum times one float scale per block, as in ``ggml_vec_dot_*``.
+
+Weights are ``(n_rows, row_bytes)`` uint8 arrays (memmap views); the GGML type travels as
+its integer id. Float16 values are decoded through a 65536-entry table, as ggml does.
+All kernels are parallel over output rows, one contiguous slice of rows per thread
+(``n_threads`` slices; the caller passes numba.get_num_threads()).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba as nb
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from numba import njit, prange
+
+__all__ = [
+    "FASTMATH",
+    "FASTMATH_GGML",
+    "F16_TABLE",
+    "BF16_TABLE",
+    "ACT_F32",
+    "ACT_F16",
+    "ACT_BF16",
+    "ACT_Q8_0",
+    "ACT_Q8_1",
+    "ACT_Q8_K",
+    "activation_type",
+    "quantize_activations",
+    "decode_row",
+    "unpack_row",
+    "matmul_exact",
+    "matmul_f16",
+    "matmul_f32",
+    "matmul_ggml",
+    "warmup",
+]
+
+# Fast-math flags, for every kernel from these two constants. Float kernels may reassociate
+# (LLVM vectorizes their sums); no 'nnan'/'ninf', so NaN and infinity propagate as IEEE
+# says. The ggml kernels must keep ggml's order of float operations (their fused
+# multiply-adds are explicit), so they get no float flags at all.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+FASTMATH_GGML: set[str] = set()
+
+# 16-bit float bit pattern -> float32 value (ggml keeps the same table for float16)
+F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+BF16_TABLE = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+
+# GGML type ids, as plain ints for the kernels
+F32, F16, BF16 = int(QT.F32), int(QT.F16), int(QT.BF16)
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = int(QT.Q4_0), int(QT.Q4_1), int(QT.Q5_0), int(QT.Q5_1), int(QT.Q8_0)
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = int(QT.Q2_K), int(QT.Q3_K), int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)
+IQ4_NL, IQ4_XS = int(QT.IQ4_NL), int(QT.IQ4_XS)
+
+# Activation formats (ggml's vec_dot_type of each weight type)
+ACT_F32, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2, 3, 4, 5
+_ACT_OF_WEIGHT = {
+    F32: ACT_F32, F16: ACT_F16, BF16: ACT_BF16,
+    Q4_0: ACT_Q8_0, Q5_0: ACT_Q8_0, Q8_0: ACT_Q8_0, IQ4_NL: ACT_Q8_0,
+    Q4_1: ACT_Q8_1, Q5_1: ACT_Q8_1,
+    Q2_K: ACT_Q8_K, Q3_K: ACT_Q8_K, Q4_K: ACT_Q8_K, Q5_K: ACT_Q8_K, Q6_K: ACT_Q8_K, IQ4_XS: ACT_Q8_K,
+}
+_ACT_BLOCK = {ACT_F32: 1, ACT_F16: 1, ACT_BF16: 1, ACT_Q8_0: 32, ACT_Q8_1: 32, ACT_Q8_K: 256}
+
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int32)
+
+
+def activation_type(weight_type: int) -> int:
+    """The activation format ggml pairs with a weight type (``ValueError`` if none)."""
+    try:
+        return _ACT_OF_WEIGHT[int(weight_type)]
+    except KeyError:
+        raise ValueError(f"no ggml kernel for weight type {QT(weight_type).name}") from None
+
+
+# ======================================================================================
+# small helpers
+# ======================================================================================
+
+
+@njit(inline="always")
+def _f16(w, i, table):
+    """The little-endian float16 at bytes w[i], w[i+1], as float32."""
+    return table[np.int32(w[i]) | (np.int32(w[i + 1]) << 8)]
+
+
+@njit(inline="always")
+def _k_scale_min(scales_off, w, j):
+    """Scale and min of sub-block j (0..7) from the 12 packed bytes of a Q4_K/Q5_K block
+    (ggml's get_scale_min_k4; the bit diagram is in phi3ref/quants.py)."""
+    if j < 4:
+        sc = np.int32(w[scales_off + j]) & 63
+        mn = np.int32(w[scales_off + j + 4]) & 63
+    else:
+        sc = (np.int32(w[scales_off + j + 4]) & 0xF) | ((np.int32(w[scales_off + j - 4]) >> 6) << 4)
+        mn = (np.int32(w[scales_off + j + 4]) >> 4) | ((np.int32(w[scales_off + j]) >> 6) << 4)
+    return sc, mn
+
+
+@njit(inline="always")
+def _q3_k_scale(w, off, j):
+    """6-bit scale j (0..15) of a Q3_K block, minus its bias of 32."""
+    if j < 8:
+        low = np.int32(w[off + 96 + j]) & 0xF
+    else:
+        low = np.int32(w[off + 96 + j - 8]) >> 4
+    high = (np.int32(w[off + 104 + (j & 3)]) >> (2 * (j >> 2))) & 3
+    return (low | (high << 4)) - 32
+
+
+@njit(inline="always")
+def _iq4_xs_scale(w, off, j):
+    low = (np.int32(w[off + 4 + j // 2]) >> (4 * (j % 2))) & 0xF
+    high = ((np.int32(w[off + 2]) | (np.int32(w[off + 3]) << 8)) >> (2 * j)) & 3
+    return (low | (high << 4)) - 32
+
+
+# ======================================================================================
+# exact numerics: decode a row to float32, then float dot products
+# ======================================================================================
+# weight rows unpacked: integer codes and their scales
+# ======================================================================================
+#
+# Every block-quantized row is unpacked the same way, whatever its type:
+#   wq  int8   (n_in,)            the integer code of each element, offsets applied
+#   wsc int32  (n_in // sub,)     each sub-block's integer scale (1 where the type has none)
+#   wmn int32  (n_in // sub,)     each sub-block's integer min (K-quants with mins; else 0)
+#   wd  f32    (n_blocks,)        each block's float scale d
+#   wm  f32    (n_blocks,)        each block's float min scale (dmin, or Q4_1/Q5_1's m; else 0)
+# so that element i of sub-block j in block b is
+#   (wd[b] * wsc[j]) * wq[i] - wm[b] * wmn[j]     (K-quants)
+#   (wd[b] * wsc[j]) * wq[i] + wm[b]              (Q4_1, Q5_1)
+# The exact kernel expands that to float32; the ggml kernel keeps it integer.
+
+
+@njit(inline="always")
+def block_layout(qtype):
+    """(elements per block, elements per sub-block, kind of min) of a block type;
+    kind: 0 none, 1 subtracted integer mins (Q2_K, Q4_K, Q5_K), 2 added float min (Q4_1, Q5_1)."""
+    if qtype == Q2_K or qtype == Q3_K or qtype == Q6_K:
+        return 256, 16, 1 if qtype == Q2_K else 0
+    if qtype == Q4_K or qtype == Q5_K:
+        return 256, 32, 1
+    if qtype == IQ4_XS:
+        return 256, 32, 0
+    return 32, 32, 2 if (qtype == Q4_1 or qtype == Q5_1) else 0
+
+
+@njit(cache=True)
+def unpack_row(w, qtype, wq, wsc, wmn, wd, wm, table):
+    """Unpack one row (its bytes ``w``) into codes and scales, see the table above."""
+    n = wq.shape[0]
+    if qtype == Q4_0 or qtype == IQ4_NL or qtype == Q8_0 or qtype == Q5_0 or qtype == Q4_1 or qtype == Q5_1:
+        size = 18 if (qtype == Q4_0 or qtype == IQ4_NL) else 34 if qtype == Q8_0 else 22 if qtype == Q5_0 else 20 if qtype == Q4_1 else 24
+        for blk in range(n // 32):
+            off, o = blk * size, blk * 32
+            wd[blk] = _f16(w, off, table)
+            wm[blk] = _f16(w, off + 2, table) if (qtype == Q4_1 or qtype == Q5_1) else np.float32(0)
+            wsc[blk] = 1
+            wmn[blk] = 0
+            if qtype == Q8_0:
+                for j in range(32):
+                    wq[o + j] = np.int8(w[off + 2 + j])
+                continue
+            qs = off + (2 if (qtype == Q4_0 or qtype == IQ4_NL) else 6 if qtype == Q5_0 else 4 if qtype == Q4_1 else 8)
+            qh = np.uint32(0)
+            if qtype == Q5_0 or qtype == Q5_1:
+                hoff = qs - 4  # Q5: 32 fifth bits as a little-endian uint32, bit j = element j
+                qh = np.uint32(w[hoff]) | (np.uint32(w[hoff + 1]) << 8) | (np.uint32(w[hoff + 2]) << 16) | (np.uint32(w[hoff + 3]) << 24)
+            for j in range(16):
+                b = np.int32(w[qs + j])
+                q0, q1 = b & 0xF, b >> 4  # byte j holds elements j and j + 16
+                if qtype == Q5_0 or qtype == Q5_1:
+                    q0 |= np.int32((qh >> j) & 1) << 4
+                    q1 |= np.int32((qh >> (j + 16)) & 1) << 4
+                if qtype == Q4_0:
+                    q0, q1 = q0 - 8, q1 - 8
+                elif qtype == Q5_0:
+                    q0, q1 = q0 - 16, q1 - 16
+                elif qtype == IQ4_NL:
+                    q0, q1 = IQ4_LEVELS[q0], IQ4_LEVELS[q1]
+                wq[o + j] = q0
+                wq[o + j + 16] = q1
+    elif qtype == Q2_K:
+        for blk in range(n // 256):
+            off, o = blk * 84, blk * 256
+            wd[blk], wm[blk] = _f16(w, off + 80, table), _f16(w, off + 82, table)
+            for j in range(16):
+                sc = np.int32(w[off + j])  # low nibble: scale, high nibble: min
+                wsc[16 * blk + j], wmn[16 * blk + j] = sc & 0xF, sc >> 4
+            for i in range(256):
+                # two halves of 128; byte l of a half holds elements l, l+32, l+64, l+96
+                half, sh, l = i // 128, (i % 128) // 32, i % 32
+                wq[o + i] = (np.int32(w[off + 16 + half * 32 + l]) >> (2 * sh)) & 3
+    elif qtype == Q3_K:
+        for blk in range(n // 256):
+            off, o = blk * 110, blk * 256
+            wd[blk], wm[blk] = _f16(w, off + 108, table), np.float32(0)
+            for j in range(16):
+                wsc[16 * blk + j], wmn[16 * blk + j] = _q3_k_scale(w, off, j), 0
+            for i in range(256):
+                half, sh, l = i // 128, (i % 128) // 32, i % 32
+                q = (np.int32(w[off + 32 + half * 32 + l]) >> (2 * sh)) & 3
+                if (np.int32(w[off + l]) >> (i // 32)) & 1 == 0:  # a clear high bit means -4
+                    q -= 4
+                wq[o + i] = q
+    elif qtype == Q4_K or qtype == Q5_K:
+        size = 144 if qtype == Q4_K else 176
+        qs_off = 16 if qtype == Q4_K else 48
+        for blk in range(n // 256):
+            off, o = blk * size, blk * 256
+            wd[blk], wm[blk] = _f16(w, off, table), _f16(w, off + 2, table)
+            for j in range(8):
+                wsc[8 * blk + j], wmn[8 * blk + j] = _k_scale_min(off + 4, w, j)
+                base = off + qs_off + (j // 2) * 32
+                shift = 4 * (j % 2)  # 32 bytes give sub-blocks 2k (low nibbles) and 2k+1 (high)
+                for l in range(32):
+                    q = (np.int32(w[base + l]) >> shift) & 0xF
+                    if qtype == Q5_K:
+                        q |= ((np.int32(w[off + 16 + l]) >> j) & 1) << 4
+                    wq[o + 32 * j + l] = q
+    elif qtype == Q6_K:
+        for blk in range(n // 256):
+            off, o = blk * 210, blk * 256
+            wd[blk], wm[blk] = _f16(w, off + 208, table), np.float32(0)
+            for j in range(16):
+                wsc[16 * blk + j], wmn[16 * blk + j] = np.int8(w[off + 192 + j]), 0
+            for i in range(256):
+                # per half of 128: low 4 bits from 64 bytes (low nibbles first), top 2 from 32
+                half, k, p = i // 128, (i % 128) // 64, i % 64
+                low = (np.int32(w[off + half * 64 + p]) >> (4 * k)) & 0xF
+                sh, l = (i % 128) // 32, i % 32
+                high = (np.int32(w[off + 128 + half * 32 + l]) >> (2 * sh)) & 3
+                wq[o + i] = (low | (high << 4)) - 32
+    elif qtype == IQ4_XS:
+        for blk in range(n // 256):
+            off, o = blk * 136, blk * 256
+            wd[blk], wm[blk] = _f16(w, off, table), np.float32(0)
+            for j in range(8):
+                wsc[8 * blk + j], wmn[8 * blk + j] = _iq4_xs_scale(w, off, j), 0
+                for l in range(16):
+                    b = np.int32(w[off + 8 + 16 * j + l])
+                    wq[o + 32 * j + l] = IQ4_LEVELS[b & 0xF]
+                    wq[o + 32 * j + l + 16] = IQ4_LEVELS[b >> 4]
+
+
+@njit(inline="always")
+def _row_scratch(n_in):
+    return (
+        np.empty(n_in, dtype=np.int8),
+        np.empty(n_in // 16, dtype=np.int32),
+        np.empty(n_in // 16, dtype=np.int32),
+        np.empty(n_in // 32, dtype=np.float32),
+        np.empty(n_in // 32, dtype=np.float32),
+    )
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def decode_row(w, qtype, out, table):
+    """Decode one block-quantized row into ``out`` (float32), with the arithmetic of
+    phi3ref.quants.dequantize (bit for bit)."""
+    wq, wsc, wmn, wd, wm = _row_scratch(out.shape[0])
+    unpack_row(w, qtype, wq, wsc, wmn, wd, wm, table)
+    _expand(qtype, wq, wsc, wmn, wd, wm, out)
+
+
+@njit(inline="always")
+def _expand(qtype, wq, wsc, wmn, wd, wm, out):
+    bs, sub, kind = block_layout(qtype)
+    for j in range(out.shape[0] // sub):
+        b = j * sub // bs
+        dl = wd[b] * np.float32(wsc[j])
+        ml = wm[b] * np.float32(wmn[j]) if kind == 1 else wm[b]
+        for l in range(sub):
+            i = j * sub + l
+            if kind == 1:
+                out[i] = dl * np.float32(wq[i]) - ml
+            elif kind == 2:
+                out[i] = dl * np.float32(wq[i]) + ml
+            else:
+                out[i] = dl * np.float32(wq[i])
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def matmul_exact(w, qtype, x, out, table, n_threads):
+    """out[t, r] = sum_i W[r, i] * x[t, i] with W decoded row by row to float32.
+
+    w: (n_rows, row_bytes) uint8; x: (n_tokens, n_in) float32; out: (n_tokens, n_rows) float32.
+    """
+    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        row = np.empty(n_in, dtype=np.float32)
+        wq, wsc, wmn, wd, wm = _row_scratch(n_in)
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
+            _expand(qtype, wq, wsc, wmn, wd, wm, row)
+            for k in range(n_tok):
+                acc = np.float32(0)
+                for i in range(n_in):
+                    acc += row[i] * x[k, i]
+                out[k, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def matmul_f32(w, x, out, n_threads):
+    """out[t, r] = sum_i w[r, i] * x[t, i] for float32 weights (n_rows, n_in)."""
+    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            for k in range(n_tok):
+                acc = np.float32(0)
+                for i in range(n_in):
+                    acc += w[r, i] * x[k, i]
+                out[k, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def matmul_f16(w, x, out, table, n_threads):
+    """As :func:`matmul_f32` for 16-bit float weights given as uint16 bit patterns
+    (n_rows, n_in), decoded through ``table`` (F16_TABLE or BF16_TABLE)."""
+    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        row = np.empty(n_in, dtype=np.float32)
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            for i in range(n_in):
+                row[i] = table[w[r, i]]
+            for k in range(n_tok):
+                acc = np.float32(0)
+                for i in range(n_in):
+                    acc += row[i] * x[k, i]
+                out[k, r] = acc
+
+
+# ======================================================================================
+# ggml numerics: activations quantized per matmul, integer block dot products
+# ======================================================================================
+
+
+def _f16_round(v: np.ndarray) -> np.ndarray:
+    """float32 -> the float32 value of its float16 rounding (ggml's FP32_TO_FP16, nearest even)."""
+    with np.errstate(over="ignore"):
+        return v.astype(np.float16).astype(np.float32)
+
+
+def _bf16_round(v: np.ndarray) -> np.ndarray:
+    """float32 -> its bfloat16 rounding (ggml_compute_fp32_to_bf16: nearest even, NaN kept quiet)."""
+    b = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint32)
+    nan = np.isnan(v)
+    r[nan] = ((b[nan] >> 16) | 64).astype(np.uint32)
+    return (r << 16).view(np.float32)
+
+
+def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Convert activations x (n_tokens, n_in) float32 to ggml's vec_dot_type ``act``.
+
+    Returns ``(q, d, s)``: ``q`` int8 codes (n_tokens, n_in); ``d`` the per-block scale
+    (Q8_0 / Q8_1: the float16-rounded value ggml stores; Q8_K: float32); ``s`` per-block
+    sums (Q8_1: float16 of d * sum(q); Q8_K: int32 sums of each 16 codes, ggml's bsums).
+    For F16 / BF16 ``d`` holds the rounded activations themselves; F32 returns ``x`` as ``d``.
+    The arithmetic is that of ggml's x86 quantize_row_q8_0 / q8_1 and quantize_row_q8_K_ref.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_tok, n_in = x.shape
+    empty_q, empty_s = np.zeros((n_tok, 1), np.int8), np.zeros((n_tok, 1), np.float32)
+    if act == ACT_F32:
+        return empty_q, x, empty_s
+    if act == ACT_F16:
+        return empty_q, _f16_round(x), empty_s
+    if act == ACT_BF16:
+        return empty_q, _bf16_round(x), empty_s
+    if act in (ACT_Q8_0, ACT_Q8_1):
+        blocks = x.reshape(n_tok, n_in // 32, 32)
+        amax = np.abs(blocks).max(axis=-1)
+        d = amax / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        codes = np.rint(blocks * inv[..., None])  # ties to even, as _mm256_round_ps
+        q = codes.astype(np.int8).reshape(n_tok, n_in)
+        s = _f16_round(d * codes.sum(axis=-1, dtype=np.float32)) if act == ACT_Q8_1 else empty_s
+        return q, _f16_round(d), s
+    if act == ACT_Q8_K:
+        blocks = x.reshape(n_tok, n_in // 256, 256)
+        first_max = np.abs(blocks).argmax(axis=-1)[..., None]  # first of equal magnitudes
+        mx = np.take_along_axis(blocks, first_max, axis=-1)[..., 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+            d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+        # nearest_int(iscale * x): GCC contracts the product and the rounding constant's
+        # addition into one FMA, so the exact product is rounded (float64 holds it exactly)
+        codes = np.minimum(np.rint(blocks.astype(np.float64) * iscale[..., None].astype(np.float64)), 127).astype(np.int8)
+        bsums = codes.reshape(n_tok, n_in // 16, 16).sum(axis=-1, dtype=np.int32)
+        return codes.reshape(n_tok, n_in), d, bsums
+    raise ValueError(f"unknown activation format {act}")
+
+
+# How llama.cpp's x86 CPU backend (AVX2 / AVX-512) sums a row's block results in float32:
+#   SEQ      one accumulator, acc = fma(d_w * d_x, float(block integer sum), acc), block
+#            after block: the repacked 8x8 GEMV/GEMM kernels of Q4_0 and IQ4_NL
+#   SEQ_MIN  the same with a second accumulator for the mins, subtracted at the end:
+#            the repacked Q4_K (and, with AVX-512, Q2_K) kernels
+#   LANES    eight float lanes; lane k takes the integer sum of elements 4k..4k+3 of every
+#            32 (what _mm256_maddubs_epi16 + _mm256_madd_epi16 or VNNI leave per lane), is
+#            fma-accumulated block after block and the lanes are added pairwise at the end
+#            (hsum_float_8); mins, where a type has them, go to a scalar added last: ggml's
+#            vec_dot for Q8_0, Q5_0, Q4_1, Q5_1, Q5_K, Q6_K, Q3_K, IQ4_XS and llamafile's
+#            tinyBLAS for Q8_0 / Q5_0 batches.
+#   TILED    ggml's tiled K-quant GEMM, taken for batches of 8 or more tokens by K-quant
+#            weights that are not repacked: per 256-block r = float(isum) * d_w, then
+#            r = fma(-dmin_w, float(min sum), r), and out += r * d_x.
+# llama.cpp repacks a Q4_0 / IQ4_NL / Q4_K / Q2_K weight when its row count is a multiple
+# of 8. Where a case is not reproduced exactly (Q2_K / Q4_K vec_dot for row counts that are
+# not, float weights), the nearest scheme is used.
+MODE_SEQ, MODE_SEQ_MIN, MODE_LANES, MODE_TILED = 0, 1, 2, 3
+
+
+@njit(inline="always")
+def accumulation_mode(qtype, n_rows, n_tokens):
+    """The summation scheme llama.cpp's x86 backend uses for a weight (see above)."""
+    repacked = n_rows % 8 == 0
+    if (qtype == Q4_0 or qtype == IQ4_NL) and repacked:
+        return MODE_SEQ
+    if (qtype == Q4_K or qtype == Q2_K) and repacked:
+        return MODE_SEQ_MIN
+    k_quant = qtype == Q2_K or qtype == Q3_K or qtype == Q4_K or qtype == Q5_K or qtype == Q6_K or qtype == IQ4_XS
+    if k_quant and n_tokens >= 8:
+        return MODE_TILED
+    if qtype == Q4_K or qtype == Q2_K:
+        return MODE_SEQ_MIN
+    return MODE_LANES
+
+
+@njit(inline="always")
+def _fma(a, b, c):
+    """float32 fused multiply-add: a * b + c rounded once. The float32 product is exact in
+    float64, so only a double rounding at a tie can differ from hardware FMA; unlike
+    relying on LLVM to contract a * b + c, the result does not depend on the compiler."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@njit(inline="always")
+def _hsum8(lanes):
+    """hsum_float_8: (lanes 4-7 + lanes 0-3), then (0 + 2) + (1 + 3)."""
+    t0, t1 = lanes[4] + lanes[0], lanes[5] + lanes[1]
+    t2, t3 = lanes[6] + lanes[2], lanes[7] + lanes[3]
+    return (t0 + t2) + (t1 + t3)
+
+
+@njit(inline="always")
+def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, lanes):
+    """An unpacked weight row against token t's converted activations, summed as llama.cpp
+    sums it (``mode``): integer code products weighted by the integer sub-block scales, one
+    float scale per block; mins through the activations' block sums, never per element."""
+    bs, sub, kind = block_layout(qtype)
+    n_blocks = wq.shape[0] // bs
+    spb = bs // sub  # sub-blocks per block
+    acc = np.float32(0)  # SEQ / SEQ_MIN accumulator
+    acc_min = np.float32(0)  # SEQ_MIN mins, LANES scalar mins
+    for k in range(8):
+        lanes[k] = 0
+    for b in range(n_blocks):
+        dx = d[t, b]
+        # mins: ggml's sum over the block of min x (sum of the activation codes it covers)
+        msum = 0
+        if kind == 1:
+            for j in range(spb):
+                part = 0
+                for k in range(sub // 16):
+                    part += np.int32(s[t, (b * bs + j * sub) // 16 + k])
+                msum += wmn[b * spb + j] * part
+        if mode == MODE_LANES:
+            if qtype == Q6_K:
+                # Q6_K multiplies the unsigned codes (0..63) and takes 32 * scale * bsum
+                # off each lane: lane k covers 16-element groups 2k and 2k+1
+                for k in range(8):
+                    g0, g1 = 2 * k, 2 * k + 1
+                    lane = -32 * (wsc[b * 16 + g0] * np.int32(s[t, b * 16 + g0]) + wsc[b * 16 + g1] * np.int32(s[t, b * 16 + g1]))
+                    for c in range(bs // 32):
+                        for e in range(32 * c + 4 * k, 32 * c + 4 * k + 4):
+                            lane += wsc[(b * bs + e) // sub] * (np.int32(wq[b * bs + e]) + 32) * np.int32(q[t, b * bs + e])
+                    lanes[k] = _fma(wd[b] * dx, np.float32(lane), lanes[k])
+            else:
+                for k in range(8):
+                    lane = 0
+                    for c in range(bs // 32):
+                        for e in range(32 * c + 4 * k, 32 * c + 4 * k + 4):
+                            lane += wsc[(b * bs + e) // sub] * np.int32(wq[b * bs + e]) * np.int32(q[t, b * bs + e])
+                    lanes[k] = _fma(wd[b] * dx, np.float32(lane), lanes[k])
+            if kind == 1:  # Q5_K: summs += (-d_x * dmin) * min_sum
+                acc_min = _fma(-dx * wm[b], np.float32(msum), acc_min)
+            elif kind == 2:  # Q4_1 / Q5_1: summs += m * s, s = fp16(d_x * sum(q_x))
+                acc_min = _fma(wm[b], np.float32(s[t, b]), acc_min)
+        else:
+            isum = 0
+            for j in range(spb):
+                base = b * bs + j * sub
+                part = 0
+                for l in range(sub):
+                    part += np.int32(wq[base + l]) * np.int32(q[t, base + l])
+                isum += wsc[b * spb + j] * part
+            if mode == MODE_TILED:
+                r = np.float32(isum) * wd[b]
+                if kind == 1:
+                    r = _fma(-wm[b], np.float32(msum), r)
+                acc = acc + r * dx
+            else:
+                acc = _fma(wd[b] * dx, np.float32(isum), acc)
+                if kind == 1:
+                    acc_min = _fma(wm[b] * dx, np.float32(msum), acc_min)
+    if mode == MODE_LANES:
+        return _hsum8(lanes) + acc_min
+    if mode == MODE_SEQ_MIN:
+        return acc - acc_min
+    return acc
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
+    """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
+    weights. ``q, d, s`` come from :func:`quantize_activations` in the weight type's
+    activation format. Each weight row is unpacked once and used for every token."""
+    n_rows, n_tok, n_in = w.shape[0], out.shape[0], q.shape[1]
+    mode = accumulation_mode(qtype, n_rows, n_tok)
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        wq, wsc, wmn, wd, wm = _row_scratch(n_in)
+        lanes = np.zeros(8, dtype=np.float32)
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
+            for t in range(n_tok):
+                out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, lanes)
+
+
+def warmup() -> float:
+    """Compile (or load from numba's on-disk cache) every kernel for every type it serves;
+    return the seconds it took, reported apart from run time."""
+    from .quants import QUANT_TYPES
+
+    start = time.perf_counter()
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    out = np.empty((2, 4), dtype=np.float32)
+    matmul_f32(np.zeros((4, 256), np.float32), x, out, nb.get_num_threads())
+    matmul_f16(np.zeros((4, 256), np.uint16), x, out, F16_TABLE, nb.get_num_threads())
+    for qtype, t in QUANT_TYPES.items():
+        if t.block_size == 1:
+            continue
+        qt = int(qtype)
+        w = np.zeros((4, 256 // t.block_size * t.type_size), dtype=np.uint8)
+        matmul_exact(w, qt, x, out, F16_TABLE, nb.get_num_threads())
+        q, d, s = quantize_activations(x, activation_type(qt))
+        matmul_ggml(w, qt, q, d, s, out, F16_TABLE, nb.get_num_threads())
+    return time.perf_counter() - start

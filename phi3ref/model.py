@@ -1,0 +1,461 @@
+"""The Phi-3 transformer, read top to bottom.
+
+    load() -> Model
+      Model: KV cache, token embedding, n_layer x Block, final RMSNorm, output head
+        Block: x + Attention(RMSNorm(x)); then x + MLP(RMSNorm(x))
+          Attention: fused qkv -> RoPE on q, k -> causal attention over the KV cache -> output
+          MLP: fused [gate | up] -> SiLU(gate) * up -> down
+        RotaryEmbedding: NEOX-style rotation of the first n_rot dims of each head, LongRoPE
+
+Shapes are commented as ``# (n_tokens, n_head, head_dim)``. Everything Phi-3-specific is
+marked "Phi-3:". The matrix products go through :class:`phi3ref.weights.Weight`, which
+reads the quantized blocks directly; ``numerics`` picks how (see weights.py):
+
+* ``"exact"``: float32 everywhere, the numbers of HF transformers in float32;
+* ``"ggml"``: llama.cpp's CPU numerics, which this module follows where they differ:
+  Q scaled before the product, float16 KV cache, q and attention probabilities rounded
+  to float16 for the two attention products, RoPE angles by repeated float32 products;
+* ``"numpy"``: as "exact" with plain numpy matmuls (slow; the readable reference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numba
+import numpy as np
+
+from . import ggml_ops
+from .config import Phi3Config
+from .gguf_file import GGUFError, GGUFFile
+from .weights import NUMERICS, Weight
+
+__all__ = ["KVCache", "Model", "load", "DEFAULT_MAX_CTX"]
+
+# The KV cache is preallocated; without an explicit n_ctx it holds at most this many
+# positions (Phi-3.5's 131072 would take 48 GB in float16 for the mini model).
+DEFAULT_MAX_CTX = 4096
+
+
+# ======================================================================================
+# KV cache
+# ======================================================================================
+
+
+@dataclass
+class KVCache:
+    """Keys (after RoPE) and values of every position seen, preallocated for ``n_ctx``."""
+
+    k: np.ndarray  # (n_layer, n_ctx, n_head_kv, head_dim)
+    v: np.ndarray  # (n_layer, n_ctx, n_head_kv, head_dim)
+
+    @classmethod
+    def allocate(cls, config: Phi3Config, n_ctx: int, dtype: type) -> "KVCache":
+        # Position-major, so the positions written so far are one contiguous run per layer:
+        # np.zeros maps zero pages lazily and only that run becomes resident (even with
+        # transparent huge pages, which a head-major layout would touch everywhere).
+        shape = (config.n_layer, n_ctx, config.n_head_kv, config.head_dim)
+        return cls(np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype))
+
+    @property
+    def n_ctx(self) -> int:
+        return self.k.shape[1]
+
+
+# ======================================================================================
+# The model
+# ======================================================================================
+
+
+class Model:
+    """A Phi-3 family model over a memory-mapped GGUF file.
+
+    ``logits(tokens)`` runs a fresh context and returns every position's logits;
+    ``forward(tokens, start_pos)`` extends the cached context and returns the last
+    position's logits (generation: prompt in one batched pass, then a token at a time).
+    """
+
+    def __init__(
+        self,
+        gguf: GGUFFile,
+        *,
+        n_ctx: int | None = None,
+        numerics: str = "ggml",
+        sliding_window: bool = True,
+    ):
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+        self.gguf = gguf
+        self.config = config = Phi3Config.from_gguf(gguf)
+        config.check_tensors(gguf)
+        self.numerics = numerics
+        self.ggml = numerics == "ggml"
+        if n_ctx is None:
+            n_ctx = min(config.n_ctx_train, DEFAULT_MAX_CTX)
+        if not isinstance(n_ctx, int) or n_ctx <= 0:
+            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        self.n_ctx = n_ctx
+        # Phi-3 files declare a sliding window (2047 for Phi-3-mini-4k); transformers
+        # applies it, llama.cpp ignores it. sliding_window=False ignores it too.
+        self.window = config.sliding_window if sliding_window else None
+
+        def weight(name: str) -> Weight:
+            info = gguf.tensor_info(name)
+            return Weight(name, gguf.tensor_bytes(name), info.qtype, info.shape)
+
+        def vector(name: str) -> np.ndarray:
+            return np.ascontiguousarray(gguf.dequantize_tensor(name), dtype=np.float32)
+
+        self.token_embd = weight("token_embd.weight")
+        self.rope = RotaryEmbedding(
+            config,
+            short_factors=vector("rope_factors_short.weight") if config.has_rope_factors else None,
+            long_factors=vector("rope_factors_long.weight") if config.has_rope_factors else None,
+            ggml=self.ggml,
+        )
+        self.blocks = [Block(i, config, weight, vector, self) for i in range(config.n_layer)]
+        self.output_norm = RMSNorm(vector("output_norm.weight"), config.rms_eps, self.ggml)
+        # Tied embeddings (Phi-4-mini): the output head is the token embedding matrix.
+        self.output = weight("output.weight") if "output.weight" in gguf.tensors else self.token_embd
+
+        self.cache = KVCache.allocate(config, n_ctx, np.float16 if self.ggml else np.float32)
+        self.tokens: list[int] = []  # what the cache holds, position by position
+        self.cache_uses_long_rope = False
+        # trace(): intermediate results by llama.cpp's tensor names ("attn_norm-0", ...)
+        self._trace: dict[str, np.ndarray] | None = None
+
+    # -- public API ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the cached context."""
+        self.tokens = []
+        self.cache_uses_long_rope = False
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits of every position for ``tokens`` in a fresh context: (len(tokens), n_vocab) float32."""
+        self.reset()
+        return self._run(self._check_tokens(tokens, 0), 0, all_logits=True)
+
+    def trace(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+        """Run ``tokens`` in a fresh context and return the intermediate results of every
+        layer, named as llama.cpp names its graph nodes (``attn_norm-0``, ``wqkv-0``,
+        ``kq_soft_max-0``, ``kqv_out-0``, ``ffn_norm-0``, ``ffn_up-0``, ``ffn_swiglu-0``,
+        ``ffn_out-0``, ``l_out-0``, ..., ``result_norm``, ``result_output``)."""
+        self._trace = {}
+        try:
+            self.logits(tokens)
+            return self._trace
+        finally:
+            self._trace = None
+
+    def record(self, name: str, value: np.ndarray) -> np.ndarray:
+        """Keep a copy of ``value`` under ``name`` while tracing; returns ``value``."""
+        if self._trace is not None:
+            self._trace[name] = np.array(value, dtype=np.float32)
+        return value
+
+    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        """Process ``tokens`` at positions ``start_pos...`` (the cache must hold the first
+        ``start_pos`` positions; anything after is overwritten). Returns the last position's
+        logits, (n_vocab,) float32."""
+        if not 0 <= start_pos <= len(self.tokens):
+            raise ValueError(f"start_pos {start_pos} is past the {len(self.tokens)} cached positions")
+        return self._run(self._check_tokens(tokens, start_pos), start_pos, all_logits=False)[-1]
+
+    # -- the forward pass --------------------------------------------------------------
+
+    def _check_tokens(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("tokens is empty")
+        bad = (ids < 0) | (ids >= self.config.n_vocab)
+        if bad.any():
+            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary (0..{self.config.n_vocab - 1})")
+        if start_pos + ids.size > self.n_ctx:
+            raise ValueError(
+                f"{start_pos + ids.size} positions do not fit the context of {self.n_ctx} "
+                f"(load with a larger n_ctx, up to the model's {self.config.n_ctx_train})"
+            )
+        return ids
+
+    def _run(self, ids: np.ndarray, start_pos: int, all_logits: bool) -> np.ndarray:
+        end = start_pos + ids.size
+        long_rope = self.rope.use_long(end)
+        if long_rope != self.cache_uses_long_rope and start_pos > 0:
+            # Phi-3 LongRoPE: crossing the original context switches every position to the
+            # long factors (transformers computes all positions with the factors of the
+            # full length), so the cached keys are recomputed with them first.
+            prefix = np.asarray(self.tokens[:start_pos], dtype=np.int64)
+            self._layers(prefix, 0, long_rope)
+        self.cache_uses_long_rope = long_rope
+        x = self._layers(ids, start_pos, long_rope)
+        self.tokens[start_pos:] = ids.tolist()
+        if not all_logits:
+            x = x[-1:]  # (1, n_embd)
+        x = self.record("result_norm", self.output_norm(x))
+        return self.record("result_output", self.output.matmul(x, self.numerics))  # (n_tokens, n_vocab)
+
+    def _layers(self, ids: np.ndarray, start_pos: int, long_rope: bool) -> np.ndarray:
+        positions = np.arange(start_pos, start_pos + ids.size)
+        cos, sin = self.rope.cos_sin(positions, long_rope)  # (n_tokens, n_rot / 2) each
+        x = self.token_embd.rows(ids)  # (n_tokens, n_embd)
+        for block in self.blocks:
+            x = block(x, positions, cos, sin)
+        return x
+
+
+# ======================================================================================
+# Transformer block
+# ======================================================================================
+
+
+class Block:
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, index: int, config: Phi3Config, weight, vector, model: Model):
+        p = f"blk.{index}."
+        self.attn_norm = RMSNorm(vector(p + "attn_norm.weight"), config.rms_eps, model.ggml)
+        self.attn = Attention(index, config, weight, model)
+        self.ffn_norm = RMSNorm(vector(p + "ffn_norm.weight"), config.rms_eps, model.ggml)
+        self.mlp = MLP(index, weight(p + "ffn_up.weight"), weight(p + "ffn_down.weight"), config.n_ff, model)
+        self.index, self.model = index, model
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        i, record = self.index, self.model.record
+        h = record(f"attn_norm-{i}", self.attn_norm(x))
+        x = x + record(f"kqv_out-{i}", self.attn(h, positions, cos, sin))  # (n_tokens, n_embd)
+        h = record(f"ffn_norm-{i}", self.ffn_norm(x))
+        return record(f"l_out-{i}", x + record(f"ffn_out-{i}", self.mlp(h)))  # (n_tokens, n_embd)
+
+
+# ======================================================================================
+# Attention
+# ======================================================================================
+
+
+class Attention:
+    """Causal multi-head attention with grouped KV heads over the model's KV cache."""
+
+    def __init__(self, index: int, config: Phi3Config, weight, model: Model):
+        p = f"blk.{index}."
+        self.layer = index
+        self.model = model
+        self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
+        if config.fused_qkv:
+            # Phi-3: one fused projection, output rows [q | k | v]
+            self.qkv = weight(p + "attn_qkv.weight")
+            self.q = self.k = self.v = None
+        else:
+            self.qkv = None
+            self.q, self.k, self.v = (weight(p + n) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight"))
+        self.out = weight(p + "attn_output.weight")
+
+    def _project(self, x: np.ndarray, numerics: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        if self.qkv is not None:
+            qkv = self.qkv.matmul(x, numerics)  # (n_tokens, q_dim + 2 kv_dim)
+            return qkv[:, :q_dim], qkv[:, q_dim : q_dim + kv_dim], qkv[:, q_dim + kv_dim :]
+        return self.q.matmul(x, numerics), self.k.matmul(x, numerics), self.v.matmul(x, numerics)
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        model = self.model
+        n_tok = x.shape[0]
+        q, k, v = self._project(x, model.numerics)
+        model.record(f"wqkv-{self.layer}", np.concatenate([q, k, v], axis=1))
+        q = q.reshape(n_tok, self.n_head, self.head_dim)  # (n_tokens, n_head, head_dim)
+        k = k.reshape(n_tok, self.n_head_kv, self.head_dim)  # (n_tokens, n_head_kv, head_dim)
+        v = v.reshape(n_tok, self.n_head_kv, self.head_dim)  # (n_tokens, n_head_kv, head_dim)
+        q = model.rope.apply(q, cos, sin)
+        k = model.rope.apply(k, cos, sin)
+        scale = np.float32(1.0 / math.sqrt(self.head_dim))
+
+        # store this step's keys and values; attend over everything cached so far
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        cache = model.cache
+        cache.k[self.layer, start:end] = k
+        cache.v[self.layer, start:end] = v
+        keys = cache.k[self.layer, :end].transpose(1, 0, 2)  # (n_head_kv, end, head_dim)
+        values = cache.v[self.layer, :end].transpose(1, 0, 2)  # (n_head_kv, end, head_dim)
+
+        # causal mask, narrowed by the sliding window when one applies
+        key_pos = np.arange(end)
+        delta = positions[:, None] - key_pos[None, :]  # (n_tokens, end)
+        allowed = delta >= 0
+        if model.window is not None:
+            allowed &= delta < model.window
+        mask = np.where(allowed, np.float32(0), np.float32(-np.inf))  # (n_tokens, end)
+
+        group = self.n_head // self.n_head_kv  # query heads per KV head
+        qh = q.transpose(1, 0, 2).reshape(self.n_head_kv, group * n_tok, self.head_dim)  # (n_head_kv, group * n_tokens, head_dim)
+        if model.ggml:
+            # llama.cpp scales q before the product, then converts it to the cache's float16
+            qh = (qh * scale).astype(np.float16).astype(np.float32)
+            scores = qh @ np.ascontiguousarray(keys, dtype=np.float32).transpose(0, 2, 1)  # (n_head_kv, group * n_tokens, end)
+        else:
+            scores = (qh @ keys.transpose(0, 2, 1)) * scale
+        scores = scores.reshape(self.n_head_kv, group, n_tok, end) + mask  # (n_head_kv, group, n_tokens, end)
+        probs = model.record(f"kq_soft_max-{self.layer}", softmax(scores, model.ggml))
+        probs = probs.reshape(self.n_head_kv, group * n_tok, end)
+        if model.ggml:
+            probs = probs.astype(np.float16).astype(np.float32)  # converted for the float16 V product
+            out = probs @ np.ascontiguousarray(values, dtype=np.float32)  # (n_head_kv, group * n_tokens, head_dim)
+        else:
+            out = probs @ values
+        out = out.reshape(self.n_head, n_tok, self.head_dim).transpose(1, 0, 2)  # (n_tokens, n_head, head_dim)
+        return self.out.matmul(out.reshape(n_tok, self.n_head * self.head_dim), model.numerics)  # (n_tokens, n_embd)
+
+
+def softmax(scores: np.ndarray, ggml: bool) -> np.ndarray:
+    """Softmax over the last axis (masked entries are -inf)."""
+    if ggml:
+        return ggml_ops.softmax(scores)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ======================================================================================
+# MLP
+# ======================================================================================
+
+
+class MLP:
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, index: int, up: Weight, down: Weight, n_ff: int, model: Model):
+        self.gate_up = up  # Phi-3: gate and up fused in one weight, output rows [gate | up]
+        self.down = down
+        self.n_ff = n_ff
+        self.index, self.model = index, model
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        numerics, record = self.model.numerics, self.model.record
+        gate_up = record(f"ffn_up-{self.index}", self.gate_up.matmul(x, numerics))  # (n_tokens, 2 n_ff)
+        gate, up = gate_up[:, : self.n_ff], gate_up[:, self.n_ff :]  # (n_tokens, n_ff) each
+        act = ggml_ops.silu(gate) if numerics == "ggml" else silu(gate)
+        h = record(f"ffn_swiglu-{self.index}", act * up)  # (n_tokens, n_ff)
+        return self.down.matmul(h, numerics)  # (n_tokens, n_embd)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x)."""
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x << 0: silu -> -0
+        return x / (np.float32(1) + np.exp(-x))
+
+
+# ======================================================================================
+# RMSNorm
+# ======================================================================================
+
+
+class RMSNorm:
+    """x / sqrt(mean(x^2) + eps) * weight, per row."""
+
+    def __init__(self, weight: np.ndarray, eps: float, ggml: bool):
+        self.weight = weight  # (n_embd,)
+        self.eps = np.float32(eps)
+        self.ggml = ggml
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.ggml:
+            scale = ggml_ops.rms_scale(x, self.eps)  # (n_tokens, 1)
+        else:
+            mean_sq = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+            scale = 1 / np.sqrt(mean_sq + self.eps)  # (n_tokens, 1), torch.rsqrt
+        return (x * scale) * self.weight
+
+
+# ======================================================================================
+# Rotary position embedding
+# ======================================================================================
+
+
+class RotaryEmbedding:
+    """RoPE in the NEOX layout: within the first ``n_rot`` dims of a head, dim i is rotated
+    with dim i + n_rot/2 by angle pos * inv_freq[i]; dims from n_rot on pass through
+    (partial rotary, Phi-4-mini: 96 of 128).
+
+    Phi-3 LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini): inv_freq is divided by per-dim
+    factors, the "short" ones while the sequence fits the original context and the "long"
+    ones beyond it, and cos / sin are scaled by the attention factor.
+    """
+
+    def __init__(self, config: Phi3Config, *, short_factors: np.ndarray | None, long_factors: np.ndarray | None, ggml: bool):
+        self.n_rot = config.n_rot
+        self.base = config.rope_base
+        self.orig_ctx = config.rope_orig_ctx
+        self.short, self.long = short_factors, long_factors
+        self.attn_factor = np.float32(config.longrope_attn_factor)
+        self.ggml = ggml
+
+    def use_long(self, seq_len: int) -> bool:
+        """Whether a sequence of ``seq_len`` positions takes the long factors."""
+        return self.long is not None and self.orig_ctx is not None and seq_len > self.orig_ctx
+
+    def cos_sin(self, positions: np.ndarray, long: bool) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of the rotation angles, (n_tokens, n_rot / 2) float32 each."""
+        half = self.n_rot // 2
+        factors = (self.long if long else self.short) if self.short is not None else np.ones(half, np.float32)
+        if self.ggml:
+            # ggml_rope_cache_init: theta = pos * base^(-2i/n_rot), built by repeated float32
+            # products, divided by the factor; cosf / sinf times the attention factor.
+            theta_scale = np.float32(self.base) ** np.float32(-2.0 / self.n_rot)
+            theta = np.empty((positions.size, half), dtype=np.float32)
+            running = positions.astype(np.float32)
+            for i in range(half):
+                theta[:, i] = running / factors[i]
+                running = running * theta_scale
+        else:
+            # transformers: inv_freq = 1 / (factor * base^(2i/n_rot)) in float32
+            exponent = np.arange(0, self.n_rot, 2, dtype=np.float32) / np.float32(self.n_rot)
+            inv_freq = (np.float32(1) / (factors * np.float32(self.base) ** exponent)).astype(np.float32)
+            theta = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # (n_tokens, n_rot / 2)
+        cos = (np.cos(theta.astype(np.float64)).astype(np.float32) * self.attn_factor).astype(np.float32)
+        sin = (np.sin(theta.astype(np.float64)).astype(np.float32) * self.attn_factor).astype(np.float32)
+        return cos, sin
+
+    def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate x (n_tokens, n_heads, head_dim) by the angles of each token."""
+        half = self.n_rot // 2
+        c, s = cos[:, None, :], sin[:, None, :]  # (n_tokens, 1, n_rot / 2)
+        x1, x2 = x[..., :half], x[..., half : self.n_rot]  # (n_tokens, n_heads, n_rot / 2) each
+        out = x.copy()
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half : self.n_rot] = x2 * c + x1 * s
+        return out
+
+
+# ======================================================================================
+# Loading
+# ======================================================================================
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    n_ctx: int | None = None,
+    numerics: str = "ggml",
+    threads: int | None = None,
+    sliding_window: bool = True,
+) -> Model:
+    """Open a Phi-3 family GGUF file as a :class:`Model`.
+
+    The file is memory-mapped; no weight is decoded ahead of use. ``n_ctx`` is the KV
+    cache size (default: the model's context, at most :data:`DEFAULT_MAX_CTX`).
+    ``numerics``: ``"ggml"`` (llama.cpp's, the default and fast path), ``"exact"`` (float32,
+    transformers' numbers) or ``"numpy"`` (exact, plain numpy). ``threads``: Numba threads
+    (default: all cores). ``sliding_window=False`` ignores the file's sliding window, as
+    llama.cpp does.
+    """
+    if threads is not None:
+        if not isinstance(threads, int) or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
+        numba.set_num_threads(threads)
+    gguf = GGUFFile(path)
+    try:
+        return Model(gguf, n_ctx=n_ctx, numerics=numerics, sliding_window=sliding_window)
+    except (GGUFError, ValueError):
+        gguf.close()
+        raise

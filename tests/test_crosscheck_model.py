@@ -1,0 +1,93 @@
+"""phi3ref's logits against HF transformers (numerics="exact") and llama.cpp (numerics="ggml").
+
+Tier ``crosscheck``: needs the ``crosscheck`` extra (torch, transformers, llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ALL_PRESETS
+
+import phi3ref
+from phi3ref.crosscheck import compare, llama_cpp_logits, transformers_logits
+
+pytestmark = pytest.mark.crosscheck
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+QUANTS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"]
+PROMPT = np.random.default_rng(42).integers(100, 32000, size=64).tolist()
+
+# llama.cpp's own kernels sum their float partial results in orders phi3ref does not yet
+# reproduce for these weight types (Q8_0 / Q5_0 / Q4_1 through llamafile's tinyBLAS in
+# prompt processing; K-quants through lane-wise SIMD accumulators). A one-ulp difference
+# then flips the rounding of an 8-bit activation code somewhere downstream and the logits
+# move by ~0.1. The target below is met for Q4_0 and the float types.
+GGML_TARGET_NOT_MET = {"Q8_0", "Q4_K_M"}
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_exact_matches_transformers(preset, quant, tiny_model):
+    path = tiny_model(preset, quant)
+    ours = phi3ref.load(path, numerics="exact").logits(PROMPT)
+    theirs = transformers_logits(path, PROMPT)
+    c = compare(ours, theirs)
+    print(f"{preset} {quant} exact vs transformers: {c}")
+    assert c.max_rel <= 1e-3 and c.top1 == 1.0, c
+
+
+@pytest.mark.parametrize("preset", ["phi3.5-mini", "phi4-mini"])
+def test_exact_matches_transformers_beyond_original_context(preset, tiny_model):
+    """LongRoPE with the long factors: 300 positions > the original 256."""
+    path = tiny_model(preset, "Q4_K_M")
+    prompt = np.random.default_rng(1).integers(100, 32000, size=300).tolist()
+    c = compare(phi3ref.load(path, numerics="exact").logits(prompt), transformers_logits(path, prompt))
+    print(f"{preset} beyond original context, exact vs transformers: {c}")
+    assert c.max_rel <= 1e-3 and c.top1 == 1.0, c
+
+
+def test_exact_matches_transformers_with_sliding_window(tmp_path):
+    from phi3ref.testing import write_model
+
+    path = write_model(tmp_path / "sw.gguf", preset="phi3-mini", quant="Q8_0", sliding_window=16)
+    c = compare(phi3ref.load(path, numerics="exact").logits(PROMPT), transformers_logits(path, PROMPT))
+    assert c.max_rel <= 1e-3 and c.top1 == 1.0, c
+
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+def _ggml_case(preset: str, quant: str, tiny_model, n_tokens: int = 64):
+    path = tiny_model(preset, quant)
+    prompt = np.random.default_rng(7).integers(100, 32000, size=n_tokens).tolist()
+    ggml = phi3ref.load(path, numerics="ggml", n_ctx=1024).logits(prompt)
+    exact = phi3ref.load(path, numerics="exact", n_ctx=1024).logits(prompt)
+    ref = llama_cpp_logits(path, prompt)
+    return compare(ggml, ref), compare(exact, ref)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_ggml_is_closer_to_llama_cpp_than_float32(preset, quant, tiny_model):
+    ours, fp32 = _ggml_case(preset, quant, tiny_model)
+    print(f"{preset} {quant} vs llama.cpp: ggml {ours} | exact {fp32}")
+    if quant != "F32":  # with float32 weights there are no activation codes to reproduce
+        assert ours.max_abs < fp32.max_abs and ours.kl < fp32.kl
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_ggml_matches_llama_cpp(preset, quant, tiny_model, request):
+    if quant in GGML_TARGET_NOT_MET:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="llama.cpp's float summation order not reproduced yet"))
+    ours, _ = _ggml_case(preset, quant, tiny_model)
+    assert ours.max_abs <= 0.02 and ours.top1 == 1.0, ours
+
+
+@pytest.mark.parametrize("preset", ["phi3.5-mini", "phi4-mini"])
+def test_ggml_matches_llama_cpp_beyond_original_context(preset, tiny_model):
+    ours, fp32 = _ggml_case(preset, "Q4_0", tiny_model, n_tokens=300)
+    print(f"{preset} Q4_0 300 tokens vs llama.cpp: ggml {ours} | exact {fp32}")
+    assert ours.max_abs <= 0.02 and ours.top1 == 1.0, ours

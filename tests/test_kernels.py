@@ -1,0 +1,177 @@
+"""Every Numba kernel against a naive numpy reference, on every type it serves."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from phi3ref import QUANT_TYPES, dequantize, kernels, quantize
+from phi3ref.quants import QUANTIZABLE_TYPES
+from phi3ref.weights import Weight
+
+BLOCK_TYPES = [t for t, q in QUANT_TYPES.items() if q.block_size > 1]
+N_IN = 512
+THREADS = numba.get_num_threads()
+
+# float16 scale fields of each block type (byte offsets), set to sane values in random blocks
+SCALE_OFFSETS = {
+    QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
+    QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208],
+    QT.IQ4_NL: [0], QT.IQ4_XS: [0],
+}
+
+
+def random_weight(qtype: QT, rows: int, seed: int) -> np.ndarray:
+    """Weight bytes: quantized Gaussian rows where phi3ref can encode the type, otherwise
+    random blocks whose float16 scales are set to random values of sensible size."""
+    rng = np.random.default_rng(seed)
+    if qtype in QUANTIZABLE_TYPES:
+        return quantize(rng.standard_normal((rows, N_IN)).astype(np.float32) * 0.05, qtype)
+    t = QUANT_TYPES[qtype]
+    raw = rng.integers(0, 256, size=(rows, N_IN // t.block_size * t.type_size), dtype=np.uint8)
+    blocks = raw.reshape(-1, t.type_size)
+    for off in SCALE_OFFSETS[qtype]:
+        scales = (rng.random(blocks.shape[0]) * 0.01 + 0.001).astype("<f2")
+        blocks[:, off : off + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+def test_decode_row_is_bit_exact(qtype):
+    raw = random_weight(qtype, 6, 1)
+    ref = dequantize(raw, qtype)
+    out = np.empty(N_IN, dtype=np.float32)
+    for r in range(raw.shape[0]):
+        kernels.decode_row(raw[r], int(qtype), out, kernels.F16_TABLE)
+        assert np.array_equal(out.view(np.uint32), ref[r].view(np.uint32)), f"row {r}"
+
+
+@pytest.mark.parametrize("qtype", list(QUANT_TYPES), ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tokens", [1, 5])
+def test_exact_matmul_matches_numpy(qtype, n_tokens):
+    raw = random_weight(qtype, 37, 2) if qtype not in (QT.F32, QT.F16, QT.BF16) else quantize(
+        np.random.default_rng(2).standard_normal((37, N_IN)).astype(np.float32) * 0.05, qtype
+    )
+    x = np.random.default_rng(3).standard_normal((n_tokens, N_IN)).astype(np.float32)
+    w = Weight("w", raw, qtype, (37, N_IN))
+    ref = x.astype(np.float64) @ dequantize(raw, qtype).astype(np.float64).T
+    scale = np.abs(x).astype(np.float64) @ np.abs(dequantize(raw, qtype)).astype(np.float64).T
+    for numerics in ("exact", "numpy"):
+        out = w.matmul(x, numerics)
+        assert out.shape == (n_tokens, 37) and out.dtype == np.float32
+        assert (np.abs(out - ref) <= 1e-5 * scale + 1e-30).all(), numerics
+
+
+# ---- ggml numerics ------------------------------------------------------------------
+
+
+def reference_activations(x: np.ndarray, act: int):
+    """ggml's activation conversion, written element by element from ggml's C."""
+    n_tok, n_in = x.shape
+    if act == kernels.ACT_Q8_K:
+        q = np.zeros((n_tok, n_in), np.int8)
+        d = np.zeros((n_tok, n_in // 256), np.float32)
+        for t in range(n_tok):
+            for b in range(n_in // 256):
+                blk = x[t, 256 * b : 256 * b + 256]
+                i = int(np.argmax(np.abs(blk)))  # first of the largest magnitudes
+                if blk[i] == 0:
+                    continue
+                iscale = np.float32(-127) / blk[i]
+                for j in range(256):
+                    q[t, 256 * b + j] = min(127, int(np.rint(np.float32(iscale * blk[j]))))
+                d[t, b] = np.float32(1) / iscale
+        bsums = q.reshape(n_tok, -1, 16).astype(np.int32).sum(-1)
+        return q, d, bsums
+    q = np.zeros((n_tok, n_in), np.int8)
+    d = np.zeros((n_tok, n_in // 32), np.float32)
+    s = np.zeros((n_tok, n_in // 32), np.float32)
+    for t in range(n_tok):
+        for b in range(n_in // 32):
+            blk = x[t, 32 * b : 32 * b + 32]
+            amax = np.float32(np.abs(blk).max())
+            inv = np.float32(127) / amax if amax else np.float32(0)
+            codes = [int(np.rint(np.float32(v * inv))) for v in blk]
+            q[t, 32 * b : 32 * b + 32] = codes
+            dd = np.float32(amax / np.float32(127))
+            d[t, b] = np.float16(dd)
+            s[t, b] = np.float16(dd * np.float32(sum(codes)))
+    return q, d, s
+
+
+@pytest.mark.parametrize("act", [kernels.ACT_Q8_0, kernels.ACT_Q8_1, kernels.ACT_Q8_K], ids=["Q8_0", "Q8_1", "Q8_K"])
+def test_quantize_activations_matches_reference(act):
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, N_IN)) * rng.choice([0.01, 1, 30], size=(3, 1))).astype(np.float32)
+    x[1, :256] = 0  # an all-zero block
+    q, d, s = kernels.quantize_activations(x, act)
+    rq, rd, rs = reference_activations(x, act)
+    assert np.array_equal(q, rq)
+    assert np.array_equal(d, rd)
+    if act != kernels.ACT_Q8_0:
+        assert np.array_equal(s, rs)
+
+
+def ggml_reference(raw: np.ndarray, qtype: QT, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ggml dot product computed from dequantized weights and dequantized activations
+    in float64 (algebraically the same as ggml's integer formula), and a magnitude scale."""
+    act = kernels.activation_type(int(qtype))
+    q, d, s = kernels.quantize_activations(x, act)
+    w = dequantize(raw, qtype).astype(np.float64)
+    block = 256 if act == kernels.ACT_Q8_K else 32
+    x_deq = q.astype(np.float64) * np.repeat(d.astype(np.float64), block, axis=1)
+    ref = x_deq @ w.T
+    if act == kernels.ACT_Q8_1:
+        # x = d q + m: ggml takes the m term through s = fp16(d_x * sum(q_x)), not sum(x_deq)
+        m_bytes = raw.reshape(-1, QUANT_TYPES[qtype].type_size)[:, 2:4]  # each block's float16 m
+        mins = np.frombuffer(m_bytes.tobytes(), "<f2").astype(np.float64).reshape(raw.shape[0], -1)  # (rows, blocks)
+        exact_sums = x_deq.reshape(x.shape[0], -1, 32).sum(-1)  # (tokens, blocks)
+        ref += (s.astype(np.float64) - exact_sums) @ mins.T
+    return ref, np.abs(x_deq) @ np.abs(w).T
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tokens", [1, 4])
+def test_ggml_matmul_matches_reference(qtype, n_tokens):
+    raw = random_weight(qtype, 29, 5)
+    x = np.random.default_rng(6).standard_normal((n_tokens, N_IN)).astype(np.float32)
+    out = Weight("w", raw, qtype, (29, N_IN)).matmul(x, "ggml")
+    ref, scale = ggml_reference(raw, qtype, x)
+    assert (np.abs(out - ref) <= 2e-6 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16], ids=lambda t: t.name)
+def test_ggml_float_weights(qtype):
+    """F16 / BF16 weights: ggml converts the activations to the weight's type first."""
+    rng = np.random.default_rng(7)
+    w32 = rng.standard_normal((11, N_IN)).astype(np.float32)
+    raw = quantize(w32, qtype)
+    x = rng.standard_normal((2, N_IN)).astype(np.float32)
+    out = Weight("w", raw, qtype, (11, N_IN)).matmul(x, "ggml")
+    if qtype == QT.F16:
+        xr = x.astype(np.float16).astype(np.float64)
+    elif qtype == QT.BF16:
+        xr = dequantize(quantize(x, QT.BF16), QT.BF16).astype(np.float64)
+    else:
+        xr = x.astype(np.float64)
+    ref = xr @ dequantize(raw, qtype).astype(np.float64).T
+    assert np.allclose(out, ref, rtol=1e-5, atol=1e-4)
+    if qtype != QT.F32:  # the rounding of the activations is visible
+        assert not np.allclose(out, x.astype(np.float64) @ dequantize(raw, qtype).astype(np.float64).T, rtol=1e-7, atol=1e-7)
+
+
+def test_matmul_shape_errors():
+    w = Weight("blk.0.ffn_up.weight", quantize(np.zeros((4, 256), np.float32), QT.Q4_K), QT.Q4_K, (4, 256))
+    with pytest.raises(ValueError, match="blk.0.ffn_up.weight: input of shape \\(1, 128\\)"):
+        w.matmul(np.zeros((1, 128), np.float32), "ggml")
+    with pytest.raises(ValueError, match="numerics must be one of"):
+        w.matmul(np.zeros((1, 256), np.float32), "fast")
+
+
+def test_warmup_reports_compile_time():
+    seconds = kernels.warmup()
+    assert seconds >= 0
+    # the second call finds everything compiled
+    assert kernels.warmup() < max(1.0, seconds)
