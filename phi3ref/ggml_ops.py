@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["expf", "rms_scale", "silu", "softmax"]
+__all__ = ["dot_f16", "expf", "fma", "rms_scale", "silu", "softmax"]
 
 _F32, _F64 = np.float32, np.float64
 _VEC = 16  # AVX-512 lanes: full vectors take the polynomial, the tail takes libm expf
@@ -24,7 +24,7 @@ def _H(literal: str) -> np.float32:
     return _F32(float.fromhex(literal))
 
 
-def _fma(a, b, c) -> np.ndarray:
+def fma(a, b, c) -> np.ndarray:
     """float32 fma(a, b, c) = a * b + c with one rounding (to float32)."""
     return (np.asarray(a, _F64) * np.asarray(b, _F64) + np.asarray(c, _F64)).astype(_F32)
 
@@ -38,14 +38,14 @@ def _v_expf(x: np.ndarray) -> np.ndarray:
 
 def _v_expf_unchecked(x: np.ndarray) -> np.ndarray:
     r = _H("0x1.8p23")
-    z = _fma(x, _H("0x1.715476p+0"), r)
+    z = fma(x, _H("0x1.715476p+0"), r)
     n = z - r
-    b = _fma(-n, _H("0x1.7f7d1cp-20"), _fma(-n, _H("0x1.62e4p-1"), x))
+    b = fma(-n, _H("0x1.7f7d1cp-20"), fma(-n, _H("0x1.62e4p-1"), x))
     u = b * b
-    j = _fma(
-        _fma(_fma(_H("0x1.0e4020p-7"), b, _H("0x1.573e2ep-5")), u, _fma(_H("0x1.555e66p-3"), b, _H("0x1.fffdb6p-2"))),
+    j = fma(
+        fma(fma(_H("0x1.0e4020p-7"), b, _H("0x1.573e2ep-5")), u, fma(_H("0x1.555e66p-3"), b, _H("0x1.fffdb6p-2"))),
         u,
-        _fma(_H("0x1.ffffecp-1"), b, _F32(1.0)),
+        fma(_H("0x1.ffffecp-1"), b, _F32(1.0)),
     )
     res = np.ldexp(j, np.nan_to_num(np.clip(n, -300, 300)).astype(np.int32)).astype(_F32)  # _mm512_scalef_ps
     out_of_range = np.abs(n) > 192
@@ -99,6 +99,22 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     lanes = e.reshape(*e.shape[:-1], width // _VEC, _VEC)
     total = _reduce16(lanes).astype(_F64).sum(axis=-1)
     return (e * (1.0 / total).astype(_F32)[..., None])[..., :n]
+
+
+def dot_f16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T for float16-valued a (m, k), b (n, k), summed as llamafile's tinyBLAS does
+    on AVX-512: 16 float lanes, lane i accumulating the products of elements i, i+16, ...
+    in order (products of float16 values are exact in float32, so its fused multiply-adds
+    are plain float32 additions here), then the 16 lanes reduced pairwise."""
+    a = np.asarray(a, _F32)
+    b = np.asarray(b, _F32)
+    m, k = a.shape
+    n = b.shape[0]
+    steps = k // _VEC
+    acc = np.zeros((m, n, _VEC), dtype=_F32)
+    for s in range(steps):
+        acc += a[:, None, s * _VEC : (s + 1) * _VEC] * b[None, :, s * _VEC : (s + 1) * _VEC]
+    return _reduce16(acc)
 
 
 def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:

@@ -404,9 +404,8 @@ def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarra
         with np.errstate(divide="ignore", invalid="ignore"):
             iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
             d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
-        # nearest_int(iscale * x): GCC contracts the product and the rounding constant's
-        # addition into one FMA, so the exact product is rounded (float64 holds it exactly)
-        codes = np.minimum(np.rint(blocks.astype(np.float64) * iscale[..., None].astype(np.float64)), 127).astype(np.int8)
+        # nearest_int(iscale * x) of the float32 product (ties to even)
+        codes = np.minimum(np.rint(blocks * iscale[..., None]), 127).astype(np.int8)
         bsums = codes.reshape(n_tok, n_in // 16, 16).sum(axis=-1, dtype=np.int32)
         return codes.reshape(n_tok, n_in), d, bsums
     raise ValueError(f"unknown activation format {act}")
@@ -416,7 +415,9 @@ def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarra
 #   SEQ      one accumulator, acc = fma(d_w * d_x, float(block integer sum), acc), block
 #            after block: the repacked 8x8 GEMV/GEMM kernels of Q4_0 and IQ4_NL
 #   SEQ_MIN  the same with a second accumulator for the mins, subtracted at the end:
-#            the repacked Q4_K (and, with AVX-512, Q2_K) kernels
+#            the repacked Q4_K (and, with AVX-512, Q2_K) kernels; their GEMM, which takes
+#            the tokens four at a time, accumulates every 64 elements instead of every 256
+#            (the GEMV does the remaining n_tokens % 4 tokens)
 #   LANES    eight float lanes; lane k takes the integer sum of elements 4k..4k+3 of every
 #            32 (what _mm256_maddubs_epi16 + _mm256_madd_epi16 or VNNI leave per lane), is
 #            fma-accumulated block after block and the lanes are added pairwise at the end
@@ -465,7 +466,7 @@ def _hsum8(lanes):
 
 
 @njit(inline="always")
-def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, lanes):
+def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes):
     """An unpacked weight row against token t's converted activations, summed as llama.cpp
     sums it (``mode``): integer code products weighted by the integer sub-block scales, one
     float scale per block; mins through the activations' block sums, never per element."""
@@ -521,6 +522,19 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, lanes):
                 if kind == 1:
                     r = _fma(-wm[b], np.float32(msum), r)
                 acc = acc + r * dx
+            elif mode == MODE_SEQ_MIN and qtype == Q4_K and t < n_tok - n_tok % 4:
+                # repacked GEMM: one fma per pair of 32-element sub-blocks
+                for pair in range(4):
+                    j0 = b * 8 + 2 * pair
+                    ip, mp = 0, 0
+                    for j in range(j0, j0 + 2):
+                        part = 0
+                        for l in range(32):
+                            part += np.int32(wq[32 * j + l]) * np.int32(q[t, 32 * j + l])
+                        ip += wsc[j] * part
+                        mp += wmn[j] * (np.int32(s[t, 2 * j]) + np.int32(s[t, 2 * j + 1]))
+                    acc = _fma(wd[b] * dx, np.float32(ip), acc)
+                    acc_min = _fma(wm[b] * dx, np.float32(mp), acc_min)
             else:
                 acc = _fma(wd[b] * dx, np.float32(isum), acc)
                 if kind == 1:
@@ -546,7 +560,7 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
         for r in range(th * per, min(n_rows, (th + 1) * per)):
             unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
             for t in range(n_tok):
-                out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, lanes)
+                out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes)
 
 
 def warmup() -> float:

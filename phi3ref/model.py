@@ -293,15 +293,19 @@ class Attention:
         if model.ggml:
             # llama.cpp scales q before the product, then converts it to the cache's float16
             qh = (qh * scale).astype(np.float16).astype(np.float32)
-            scores = qh @ np.ascontiguousarray(keys, dtype=np.float32).transpose(0, 2, 1)  # (n_head_kv, group * n_tokens, end)
+            scores = np.stack([ggml_ops.dot_f16(qh[h], keys[h]) for h in range(self.n_head_kv)])  # (n_head_kv, group * n_tokens, end)
         else:
             scores = (qh @ keys.transpose(0, 2, 1)) * scale
-        scores = scores.reshape(self.n_head_kv, group, n_tok, end) + mask  # (n_head_kv, group, n_tokens, end)
+        scores = model.record(f"kq-{self.layer}", scores.reshape(self.n_head_kv, group, n_tok, end)) + mask  # (n_head_kv, group, n_tokens, end)
         probs = model.record(f"kq_soft_max-{self.layer}", softmax(scores, model.ggml))
         probs = probs.reshape(self.n_head_kv, group * n_tok, end)
         if model.ggml:
             probs = probs.astype(np.float16).astype(np.float32)  # converted for the float16 V product
-            out = probs @ np.ascontiguousarray(values, dtype=np.float32)  # (n_head_kv, group * n_tokens, head_dim)
+            # (padded to a multiple of 16 cells, as llama.cpp's cache view is, with zeros)
+            pad = -end % 16
+            probs_p = np.pad(probs, ((0, 0), (0, 0), (0, pad)))
+            values_t = np.pad(values.transpose(0, 2, 1).astype(np.float32), ((0, 0), (0, 0), (0, pad)))
+            out = np.stack([ggml_ops.dot_f16(probs_p[h], values_t[h]) for h in range(self.n_head_kv)])  # (n_head_kv, group * n_tokens, head_dim)
         else:
             out = probs @ values
         out = out.reshape(self.n_head, n_tok, self.head_dim).transpose(1, 0, 2)  # (n_tokens, n_head, head_dim)
@@ -422,6 +426,12 @@ class RotaryEmbedding:
         c, s = cos[:, None, :], sin[:, None, :]  # (n_tokens, 1, n_rot / 2)
         x1, x2 = x[..., :half], x[..., half : self.n_rot]  # (n_tokens, n_heads, n_rot / 2) each
         out = x.copy()
+        if self.ggml:
+            # ggml's rotate_pairs, compiled with contraction: the first product of each
+            # line is fused into the addition of the second (rounded) one
+            out[..., :half] = ggml_ops.fma(x1, c, -(x2 * s))
+            out[..., half : self.n_rot] = ggml_ops.fma(x1, s, x2 * c)
+            return out
         out[..., :half] = x1 * c - x2 * s
         out[..., half : self.n_rot] = x2 * c + x1 * s
         return out
