@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dot_f16", "expf", "fma", "rms_scale", "silu", "softmax"]
+from . import kernels
+
+__all__ = ["cos_sin", "dot_f16", "expf", "fma", "rms_scale", "silu", "softmax"]
 
 _F32, _F64 = np.float32, np.float64
 _VEC = 16  # AVX-512 lanes: full vectors take the polynomial, the tail takes libm expf
@@ -53,9 +55,7 @@ def _v_expf_unchecked(x: np.ndarray) -> np.ndarray:
 
 
 def _libm_expf(x: np.ndarray) -> np.ndarray:
-    # glibc's expf is correctly rounded in practice: exp in double, rounded once
-    with np.errstate(over="ignore", under="ignore"):
-        return np.exp(np.asarray(x, _F64)).astype(_F32)
+    return kernels.libm_expf(np.ascontiguousarray(x, _F32))
 
 
 def expf(x: np.ndarray) -> np.ndarray:
@@ -68,6 +68,11 @@ def expf(x: np.ndarray) -> np.ndarray:
     out[..., :full] = _v_expf(x[..., :full])
     out[..., full:] = _libm_expf(x[..., full:])
     return out
+
+
+def cos_sin(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cosf and sinf from the C library, as ggml's RoPE cache calls them."""
+    return kernels.libm_cos_sin(np.ascontiguousarray(theta, _F32))
 
 
 def silu(x: np.ndarray) -> np.ndarray:

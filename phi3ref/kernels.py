@@ -42,6 +42,8 @@ __all__ = [
     "activation_type",
     "quantize_activations",
     "decode_row",
+    "libm_cos_sin",
+    "libm_expf",
     "unpack_row",
     "matmul_exact",
     "matmul_f16",
@@ -563,6 +565,30 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
                 out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes)
 
 
+@njit(cache=True)
+def libm_cos_sin(theta):
+    """cosf and sinf of a float32 array, as the C library computes them (glibc's are not
+    always correctly rounded, and ggml's RoPE calls them): Numba lowers float32 np.cos /
+    np.sin to those calls."""
+    c = np.empty_like(theta)
+    s = np.empty_like(theta)
+    flat_t, flat_c, flat_s = theta.ravel(), c.ravel(), s.ravel()
+    for i in range(flat_t.size):
+        flat_c[i] = np.cos(flat_t[i])
+        flat_s[i] = np.sin(flat_t[i])
+    return c, s
+
+
+@njit(cache=True)
+def libm_expf(x):
+    """expf of a float32 array, as the C library computes it."""
+    out = np.empty_like(x)
+    flat_x, flat_o = x.ravel(), out.ravel()
+    for i in range(flat_x.size):
+        flat_o[i] = np.exp(flat_x[i])
+    return out
+
+
 def warmup() -> float:
     """Compile (or load from numba's on-disk cache) every kernel for every type it serves;
     return the seconds it took, reported apart from run time."""
@@ -573,6 +599,8 @@ def warmup() -> float:
     out = np.empty((2, 4), dtype=np.float32)
     matmul_f32(np.zeros((4, 256), np.float32), x, out, nb.get_num_threads())
     matmul_f16(np.zeros((4, 256), np.uint16), x, out, F16_TABLE, nb.get_num_threads())
+    libm_cos_sin(x)
+    libm_expf(x)
     for qtype, t in QUANT_TYPES.items():
         if t.block_size == 1:
             continue

@@ -416,9 +416,11 @@ class RotaryEmbedding:
             exponent = np.arange(0, self.n_rot, 2, dtype=np.float32) / np.float32(self.n_rot)
             inv_freq = (np.float32(1) / (factors * np.float32(self.base) ** exponent)).astype(np.float32)
             theta = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # (n_tokens, n_rot / 2)
-        cos = (np.cos(theta.astype(np.float64)).astype(np.float32) * self.attn_factor).astype(np.float32)
-        sin = (np.sin(theta.astype(np.float64)).astype(np.float32) * self.attn_factor).astype(np.float32)
-        return cos, sin
+        if self.ggml:
+            cos, sin = ggml_ops.cos_sin(theta)  # the C library's cosf / sinf
+        else:
+            cos, sin = np.cos(theta.astype(np.float64)).astype(np.float32), np.sin(theta.astype(np.float64)).astype(np.float32)
+        return cos * self.attn_factor, sin * self.attn_factor
 
     def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Rotate x (n_tokens, n_heads, head_dim) by the angles of each token."""
