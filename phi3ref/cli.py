@@ -24,6 +24,43 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        tokens = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--tokens takes comma-separated integer ids, got {text!r}") from None
+    if not tokens:
+        raise ValueError("--tokens is empty")
+    return tokens
+
+
+def _cmd_logits(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from .kernels import warmup
+    from .model import load
+
+    tokens = _parse_tokens(args.tokens)
+    compile_s = warmup() if args.numerics != "numpy" else 0.0
+    t0 = time.perf_counter()
+    model = load(args.model, n_ctx=args.n_ctx or max(len(tokens), 16), numerics=args.numerics, threads=args.threads)
+    t1 = time.perf_counter()
+    logits = model.logits(tokens)
+    t2 = time.perf_counter()
+    if args.last:
+        logits = logits[-1:]
+    np.save(args.output, logits)
+    print(
+        f"wrote {args.output}: logits {logits.shape[0]}x{logits.shape[1]} float32 ({args.numerics} numerics); "
+        f"last position argmax {int(logits[-1].argmax())}; compile {compile_s:.2f} s, load {t1 - t0:.2f} s, "
+        f"{len(tokens)} tokens in {t2 - t1:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _cmd_write_model(args: argparse.Namespace) -> int:
     from .testing import write_model
 
@@ -44,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for programs")
     p.add_argument("--metadata", action="store_true", help="also list every metadata key")
     p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("logits", help="every position's logits for a token sequence, saved as .npy (to compare runtimes)")
+    p.add_argument("--model", required=True, help="path to a .gguf file")
+    p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,32010,1724")
+    p.add_argument("-o", "--output", required=True, help="where to write the .npy array (n_tokens, n_vocab) float32")
+    p.add_argument("--numerics", default="ggml", choices=["ggml", "exact", "numpy"])
+    p.add_argument("--n-ctx", type=int, default=None, help="KV cache size (default: the number of tokens)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--last", action="store_true", help="only the last position")
+    p.set_defaults(run=_cmd_logits)
 
     p = sub.add_parser("write-model", help="write a synthetic Phi-3 family model (real layout and vocabulary, random weights)")
     p.add_argument("output", help="path of the .gguf to write")

@@ -5,6 +5,8 @@
   not read partial rotary, LongRoPE or the sliding window, so the model is assembled here;
   its weights are bit-identical to what that loader produces — see the tests.)
 * :func:`llama_cpp_logits`: llama.cpp through llama-cpp-python, every position's logits.
+* :func:`llama_cpp_trace`: llama.cpp's intermediate tensors by name, to hold beside
+  :meth:`phi3ref.Model.trace` layer by layer.
 * :func:`compare`: max |Δ|, top-1 agreement and KL divergence between two logit arrays.
 
 The runtimes are optional dependencies (``pip install phi3ref[crosscheck]``).
@@ -21,7 +23,7 @@ import numpy as np
 from .config import Phi3Config
 from .gguf_file import GGUFFile
 
-__all__ = ["Comparison", "compare", "llama_cpp_logits", "transformers_logits", "transformers_model"]
+__all__ = ["Comparison", "compare", "llama_cpp_logits", "llama_cpp_trace", "transformers_logits", "transformers_model"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +149,61 @@ def llama_cpp_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, n_c
         return np.array(llm.scores[: len(tokens)], dtype=np.float32)
     finally:
         llm.close()
+
+
+# Byte offsets in ggml's `struct ggml_tensor` (ggml.h of the llama.cpp that llama-cpp-python
+# 0.3.36 vendors): type, buffer, ne[4], nb[4], op, op_params[16], flags, src[10], view_src,
+# view_offs, data, name[64].
+_T_TYPE, _T_NE, _T_NB, _T_DATA, _T_NAME = 0, 16, 48, 248, 256
+
+
+def llama_cpp_trace(path: str | os.PathLike[str], tokens: Sequence[int], *, n_ctx: int | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
+    """llama.cpp's float32 intermediate tensors for one batch of ``tokens``, by graph node
+    name (``attn_norm-0``, ``wqkv-0``, ``kq_soft_max-0``, ... ``result_output``), through the
+    scheduler's eval callback. Arrays come in ggml's order (innermost dimension last after
+    numpy's reversal): e.g. ``wqkv-0`` is (1, 1, n_tokens, n_qkv). Where a name repeats, the
+    last tensor of that name is kept."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    store: dict[str, np.ndarray] = {}
+
+    @lc.ggml_backend_sched_eval_callback
+    def collect(tensor, ask, _user_data):
+        if ask:
+            return True
+        base = ctypes.cast(tensor, ctypes.c_void_p).value
+        if ctypes.c_int32.from_address(base + _T_TYPE).value != 0:  # GGML_TYPE_F32 only
+            return True
+        ne = [ctypes.c_int64.from_address(base + _T_NE + 8 * i).value for i in range(4)]
+        nb = [ctypes.c_size_t.from_address(base + _T_NB + 8 * i).value for i in range(4)]
+        data = ctypes.c_void_p.from_address(base + _T_DATA).value
+        if data:
+            extent = sum((n - 1) * stride for n, stride in zip(ne, nb)) + 4
+            flat = np.frombuffer((ctypes.c_char * extent).from_address(data), dtype=np.float32)
+            view = np.lib.stride_tricks.as_strided(flat, shape=ne[::-1], strides=nb[::-1])
+            store[ctypes.string_at(base + _T_NAME).decode()] = view.copy()
+        return True
+
+    n = len(tokens)
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {path}")
+    params = lc.llama_context_default_params()
+    params.n_ctx = n_ctx or max(n, 16)
+    params.n_batch = params.n_ubatch = max(n, 16)
+    params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+    params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama sets it
+    params.cb_eval = collect
+    params.cb_eval_user_data = None
+    ctx = lc.llama_init_from_model(model, params)
+    try:
+        ids = (lc.llama_token * n)(*tokens)
+        if lc.llama_decode(ctx, lc.llama_batch_get_one(ids, n)) != 0:
+            raise RuntimeError("llama_decode failed")
+    finally:
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    return store

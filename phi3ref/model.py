@@ -141,9 +141,10 @@ class Model:
 
     def trace(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
         """Run ``tokens`` in a fresh context and return the intermediate results of every
-        layer, named as llama.cpp names its graph nodes (``attn_norm-0``, ``wqkv-0``,
+        layer, named as llama.cpp names its graph nodes (``attn_norm-0``, ``wqkv-0``, ``kq-0``,
         ``kq_soft_max-0``, ``kqv_out-0``, ``ffn_norm-0``, ``ffn_up-0``, ``ffn_swiglu-0``,
-        ``ffn_out-0``, ``l_out-0``, ..., ``result_norm``, ``result_output``)."""
+        ``ffn_out-0``, ``l_out-0``, ..., ``result_norm``, ``result_output``), plus
+        ``attn_out-0`` (the attention output after its projection, unnamed in llama.cpp)."""
         self._trace = {}
         try:
             self.logits(tokens)
@@ -226,7 +227,7 @@ class Block:
     def __call__(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         i, record = self.index, self.model.record
         h = record(f"attn_norm-{i}", self.attn_norm(x))
-        x = x + record(f"kqv_out-{i}", self.attn(h, positions, cos, sin))  # (n_tokens, n_embd)
+        x = x + record(f"attn_out-{i}", self.attn(h, positions, cos, sin))  # (n_tokens, n_embd)
         h = record(f"ffn_norm-{i}", self.ffn_norm(x))
         return record(f"l_out-{i}", x + record(f"ffn_out-{i}", self.mlp(h)))  # (n_tokens, n_embd)
 
@@ -309,7 +310,8 @@ class Attention:
         else:
             out = probs @ values
         out = out.reshape(self.n_head, n_tok, self.head_dim).transpose(1, 0, 2)  # (n_tokens, n_head, head_dim)
-        return self.out.matmul(out.reshape(n_tok, self.n_head * self.head_dim), model.numerics)  # (n_tokens, n_embd)
+        merged = model.record(f"kqv_out-{self.layer}", out.reshape(n_tok, self.n_head * self.head_dim))  # (n_tokens, n_head * head_dim)
+        return self.out.matmul(merged, model.numerics)  # (n_tokens, n_embd)
 
 
 def softmax(scores: np.ndarray, ggml: bool) -> np.ndarray:

@@ -79,3 +79,23 @@ def test_write_model_command(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "synthetic phi3-medium (tiny), Q8_0, random weights" in out.stdout
     assert run("inspect", str(tmp_path / "m.gguf")).returncode == 0
+
+
+def test_logits_command(tiny_model, tmp_path):
+    import numpy as np
+
+    import phi3ref
+
+    path = tiny_model("phi3-mini", "Q4_0")
+    out = run("logits", "--model", str(path), "--tokens", "1,32010,1724,338", "-o", str(tmp_path / "l.npy"), "--numerics", "exact")
+    assert out.returncode == 0, out.stderr
+    saved = np.load(tmp_path / "l.npy")
+    assert saved.shape == (4, 32064) and saved.dtype == np.float32
+    assert np.array_equal(saved, phi3ref.load(path, numerics="exact").logits([1, 32010, 1724, 338]))
+    assert "last position argmax" in out.stderr
+
+
+@pytest.mark.parametrize("tokens,message", [("1,x,3", "comma-separated integer ids"), ("1,99999", "token id 99999 is outside the vocabulary")])
+def test_logits_command_bad_tokens(tiny_model, tmp_path, tokens, message):
+    out = run("logits", "--model", str(tiny_model("phi3-mini", "Q4_0")), "--tokens", tokens, "-o", str(tmp_path / "l.npy"))
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

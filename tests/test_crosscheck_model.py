@@ -85,3 +85,52 @@ def test_ggml_matches_llama_cpp_beyond_original_context(preset, tiny_model):
     ours, fp32 = _ggml_case(preset, "Q4_0", tiny_model, n_tokens=300)
     print(f"{preset} Q4_0 300 tokens vs llama.cpp: ggml {ours} | exact {fp32}")
     assert ours.max_abs <= 0.02 and ours.top1 == 1.0, ours
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q4_K_M"])
+@pytest.mark.parametrize("preset", ["phi3-mini", "phi4-mini"])
+def test_ggml_decode_matches_llama_cpp(preset, quant, tiny_model):
+    """The generation path: a prompt in one batch, then one token at a time through the KV
+    cache, in both runtimes (llama.cpp takes other kernels for single tokens)."""
+    path = tiny_model(preset, quant)
+    prompt = PROMPT[:12]
+    model = phi3ref.load(path, numerics="ggml", n_ctx=256)
+    ours = [model.forward(prompt, 0)]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False)
+    try:
+        llm.eval(prompt)
+        theirs = [np.array(llm.scores[len(prompt) - 1])]
+        for step in range(12):
+            token = int(np.argmax(theirs[-1]))
+            ours.append(model.forward([token], len(prompt) + step))
+            llm.eval([token])
+            theirs.append(np.array(llm.scores[llm.n_tokens - 1]))
+    finally:
+        llm.close()
+    c = compare(np.array(ours), np.array(theirs))
+    print(f"{preset} {quant} decode vs llama.cpp: {c}")
+    assert c.max_abs <= 0.02 and c.top1 == 1.0, c
+
+
+def test_trace_matches_llama_cpp_layer_by_layer(tiny_model):
+    """Every intermediate phi3ref traces equals llama.cpp's tensor of the same name."""
+    from phi3ref.crosscheck import llama_cpp_trace
+
+    path = tiny_model("phi3-medium", "Q4_K_M")
+    prompt = PROMPT[:24]
+    ours = phi3ref.load(path, numerics="ggml").trace(prompt)
+    theirs = llama_cpp_trace(path, prompt)
+    compared = []
+    for name, value in ours.items():
+        if name not in theirs:
+            continue
+        ref = theirs[name]
+        if name.startswith("kq"):  # (n_head_kv, group, n_tokens, n_kv) vs (1, n_head, n_tokens, padded n_kv)
+            value = value.reshape(-1, len(prompt), value.shape[-1])
+            ref = ref[0][:, :, : value.shape[-1]]
+        elif ref.size != value.size:  # llama.cpp keeps only the last position after the last attention
+            value = value[-1:]
+        ref = ref.reshape(value.shape)
+        assert np.max(np.abs(ref - value)) <= 1e-6 * max(float(np.abs(ref).max()), 1.0), name
+        compared.append(name)
+    assert {"wqkv-0", "kq_soft_max-1", "kqv_out-1", "ffn_swiglu-0", "l_out-1", "result_output"} <= set(compared)
