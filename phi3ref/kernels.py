@@ -11,7 +11,11 @@ a plain numpy reference. Two families:
   matmul to the type ggml pairs with the weight type (its ``vec_dot_type``): Q8_K for
   K-quants and IQ4_XS, Q8_0 for Q4_0 / Q5_0 / Q8_0 / IQ4_NL, Q8_1 for Q4_1 / Q5_1, float16
   for F16, bfloat16 for BF16, float32 for F32. Each block's dot product is then an integer
-  sum times one float scale per block, as in ``ggml_vec_dot_*``.
+  sum times one float scale per block, and the float results are added in the order the
+  llama.cpp kernel for that case adds them (the accumulation modes below), so that
+  phi3ref reproduces llama.cpp's logits to the last bit on x86-64.
+
+``libm_cos_sin`` and ``libm_expf`` give the C library's float32 functions, which ggml calls.
 
 Weights are ``(n_rows, row_bytes)`` uint8 arrays (memmap views); the GGML type travels as
 its integer id. Float16 values are decoded through a 65536-entry table, as ggml does.
@@ -27,6 +31,8 @@ import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
+
+from . import quants
 
 __all__ = [
     "FASTMATH",
@@ -77,9 +83,7 @@ _ACT_OF_WEIGHT = {
     Q4_1: ACT_Q8_1, Q5_1: ACT_Q8_1,
     Q2_K: ACT_Q8_K, Q3_K: ACT_Q8_K, Q4_K: ACT_Q8_K, Q5_K: ACT_Q8_K, Q6_K: ACT_Q8_K, IQ4_XS: ACT_Q8_K,
 }
-_ACT_BLOCK = {ACT_F32: 1, ACT_F16: 1, ACT_BF16: 1, ACT_Q8_0: 32, ACT_Q8_1: 32, ACT_Q8_K: 256}
-
-IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int32)
+IQ4_LEVELS = quants.IQ4_LEVELS.astype(np.int32)
 
 
 def activation_type(weight_type: int) -> int:
@@ -363,12 +367,8 @@ def _f16_round(v: np.ndarray) -> np.ndarray:
 
 
 def _bf16_round(v: np.ndarray) -> np.ndarray:
-    """float32 -> its bfloat16 rounding (ggml_compute_fp32_to_bf16: nearest even, NaN kept quiet)."""
-    b = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint32)
-    nan = np.isnan(v)
-    r[nan] = ((b[nan] >> 16) | 64).astype(np.uint32)
-    return (r << 16).view(np.float32)
+    """float32 -> its bfloat16 rounding (ggml_compute_fp32_to_bf16: nearest even)."""
+    return quants.dequantize(quants.quantize(v, QT.BF16), QT.BF16)
 
 
 def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

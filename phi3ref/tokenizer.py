@@ -1,0 +1,292 @@
+"""Text <-> token ids, from a GGUF file's own vocabulary or a ``tokenizer.json``.
+
+A ``tokenizers.Tokenizer`` does the work underneath. :meth:`Tokenizer.from_gguf` builds it
+from the ``tokenizer.ggml.*`` metadata, as llama.cpp tokenizes:
+
+* ``llama`` (SentencePiece-style, Phi-3 / Phi-3.5): a BPE whose merges are ranked by the
+  score of the token they produce (llama.cpp's SPM tokenizer merges the highest-scoring
+  pair first), spaces written as U+2581, a U+2581 prepended to every stretch of text
+  (the first, and each after a special token, as llama.cpp does), bytes outside the
+  vocabulary as ``<0xNN>`` tokens;
+* ``gpt2`` (byte-level BPE, Phi-4-mini): the file's merges, the pre-tokenizer regex that
+  ``tokenizer.ggml.pre`` names, bytes mapped to printable characters as GPT-2 does.
+
+Control tokens (``<|user|>``, ``<|end|>``, ...) are single ids when special-token parsing
+is on; user-defined tokens always are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+
+from .gguf_file import GGUFError, GGUFFile
+
+__all__ = ["Tokenizer"]
+
+SPACE = "\u2581"  # SentencePiece's visible space
+
+# tokenizer.ggml.token_type (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Tokens llama.cpp treats as end of generation when the vocabulary has them, making them
+# control tokens whatever their type says (llama-vocab.cpp)
+EOG_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+)
+
+# Pre-tokenizer regexes of the GPT-2-style vocabularies (llama.cpp's llm_tokenizer_bpe)
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_REGEXES = {
+    "default": _GPT2_REGEX,
+    "gpt2": _GPT2_REGEX,
+    "llama3": _LLAMA3_REGEX,
+    "llama-bpe": _LLAMA3_REGEX,
+    "gpt-4o": _GPT4O_REGEX,
+}
+
+
+class Tokenizer:
+    """Encode and decode text for one vocabulary.
+
+    ``encode(text)`` adds BOS when the vocabulary asks for it and parses special tokens;
+    ``decode(ids)`` is its inverse. ``eog_ids`` are the ids that end a generation.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        eog_ids: Iterable[int],
+        add_bos: bool,
+        add_eos: bool = False,
+        chat_template: str | None = None,
+        kind: str = "llama",
+    ):
+        self.backend = backend
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.eog_ids = frozenset(int(i) for i in eog_ids)
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.chat_template = chat_template
+        self.kind = kind
+        self._special_ids = frozenset(
+            backend.token_to_id(t.content) for t in backend.get_added_tokens_decoder().values() if t.special
+        )
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, source: str | os.PathLike[str] | GGUFFile) -> "Tokenizer":
+        """Build the tokenizer from a GGUF file's ``tokenizer.ggml.*`` metadata (a model file
+        or a vocab-only file such as llama.cpp's ``ggml-vocab-*.gguf``)."""
+        if isinstance(source, GGUFFile):
+            return cls._from_metadata(source)
+        with GGUFFile(source) as gf:
+            return cls._from_metadata(gf)
+
+    @classmethod
+    def _from_metadata(cls, gf: GGUFFile) -> "Tokenizer":
+        kind = gf.get("tokenizer.ggml.model")
+        if kind is None:
+            raise GGUFError(f"{gf.path}: no tokenizer in the file (tokenizer.ggml.model is missing)")
+        tokens = gf.get_array("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise GGUFError(f"{gf.path}: tokenizer.ggml.tokens is not a list of strings")
+        n = len(tokens)
+        types = np.asarray(gf.get_array("tokenizer.ggml.token_type", np.full(n, NORMAL)))
+        if types.shape != (n,):
+            raise GGUFError(f"{gf.path}: tokenizer.ggml.token_type has {types.size} entries for {n} tokens")
+        types = types.copy()
+        eog_texts = [i for i, t in enumerate(tokens) if t in EOG_TEXTS]
+        types[eog_texts] = CONTROL
+        if kind == "llama":
+            scores = np.asarray(gf.get_array("tokenizer.ggml.scores"), dtype=np.float64)
+            if scores.shape != (n,):
+                raise GGUFError(f"{gf.path}: tokenizer.ggml.scores has {scores.size} entries for {n} tokens")
+            backend = _spm_backend(tokens, scores, types)
+        elif kind == "gpt2":
+            merges = gf.get_array("tokenizer.ggml.merges")
+            pre = gf.get("tokenizer.ggml.pre", "default")
+            if pre not in PRE_TOKENIZER_REGEXES:
+                raise GGUFError(
+                    f"{gf.path}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZER_REGEXES)})"
+                )
+            backend = _bpe_backend(tokens, merges, PRE_TOKENIZER_REGEXES[pre])
+        else:
+            raise GGUFError(f"{gf.path}: tokenizer model {kind!r} is not supported (phi3ref reads 'llama' and 'gpt2')")
+        # llama.cpp strips the whitespace after Phi-3's special tokens (all but <unk>, <s>
+        # and <|endoftext|>), for files whose general.name says phi-3 (llama-vocab.cpp)
+        name = str(gf.get("general.name", "")).lower()
+        rstrip = {"</s>"} if any(k in name for k in ("phi-3", "phi3")) else set()
+        if rstrip:
+            rstrip |= {tokens[i] for i in np.flatnonzero((types == CONTROL) | (types == USER_DEFINED) | (types == UNKNOWN))}
+            rstrip -= {"<unk>", "<s>", "<|endoftext|>"}
+        _add_special_tokens(backend, tokens, types, rstrip)
+
+        def token_id(key: str) -> int | None:
+            value = gf.get(key)
+            if value is None:
+                return None
+            if not 0 <= int(value) < n:
+                raise GGUFError(f"{gf.path}: {key} = {value} is outside the vocabulary of {n} tokens")
+            return int(value)
+
+        bos, eos = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
+        eog = {i for i in (eos, token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")) if i is not None}
+        eog |= set(eog_texts)
+        return cls(
+            backend,
+            bos_id=bos,
+            eos_id=eos,
+            eog_ids=eog,
+            add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+            add_eos=bool(gf.get("tokenizer.ggml.add_eos_token", False)),
+            chat_template=gf.get("tokenizer.chat_template"),
+            kind=kind,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, gguf: str | os.PathLike[str] | GGUFFile | None = None) -> "Tokenizer":
+        """Load a Hugging Face ``tokenizer.json``. Special ids, BOS policy and the chat
+        template come from ``gguf`` when given (the model file), else from the JSON's
+        added tokens."""
+        path = Path(path)
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path}: not a tokenizer.json ({e})") from None
+        if gguf is not None:
+            ref = cls.from_gguf(gguf)
+            return cls(backend, bos_id=ref.bos_id, eos_id=ref.eos_id, eog_ids=ref.eog_ids, add_bos=ref.add_bos,
+                       add_eos=ref.add_eos, chat_template=ref.chat_template, kind=ref.kind)
+        added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
+        bos = added.get("<s>", added.get("<|begin_of_text|>"))
+        eos = added.get("<|endoftext|>", added.get("</s>"))
+        eog = {i for text, i in added.items() if text in EOG_TEXTS}
+        return cls(backend, bos_id=bos, eos_id=eos, eog_ids=eog, add_bos=False, kind="json")
+
+    # -- use ---------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of ``text``. ``add_bos=None`` follows the vocabulary's metadata;
+        ``special=False`` reads control-token texts such as ``<|user|>`` as plain text."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        self.backend.encode_special_tokens = not special
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if self.add_eos and self.eos_id is not None:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        """The text of ``ids`` (control tokens dropped with ``skip_special``)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary entry of one id (as stored, e.g. '▁Hello' or '<0x0A>')."""
+        text = self.backend.id_to_token(int(token_id))
+        if text is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary")
+        return text
+
+    def is_special(self, token_id: int) -> bool:
+        return int(token_id) in self._special_ids
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.kind!r}, {self.n_vocab} tokens, bos={self.bos_id}, eog={sorted(self.eog_ids)})"
+
+
+# ======================================================================================
+# building the backends
+# ======================================================================================
+
+
+def _spm_backend(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> tokenizers.Tokenizer:
+    """llama.cpp's SPM tokenizer as a byte-fallback BPE: every token that splits into two
+    vocabulary entries gives a merge, ranked by the merged token's score."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    mergeable = (types == NORMAL) | (types == USER_DEFINED) | (types == UNUSED)
+    ranked = []
+    for token_id in np.flatnonzero(mergeable):
+        token = tokens[token_id]
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[token_id], token_id, vocab[left], left, right))
+    ranked.sort()
+    merges = [(left, right) for _, _, _, left, right in ranked]
+    unk = next((tokens[i] for i in np.flatnonzero(types == UNKNOWN) if tokens[i] == "<unk>"), None)
+    if unk is None and "<unk>" in vocab:
+        unk = "<unk>"
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True, ignore_merges=False)
+    backend = tokenizers.Tokenizer(model)
+    # llama.cpp writes spaces as U+2581 and prefixes one to every stretch of text, the
+    # first and each one that follows a special token
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return backend
+
+
+def _bpe_backend(tokens: list[str], merges: list[str] | None, regex: str) -> tokenizers.Tokenizer:
+    """A GPT-2-style byte-level BPE from the file's tokens and merges."""
+    if not merges:
+        raise GGUFError("a gpt2 vocabulary needs tokenizer.ggml.merges")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise GGUFError(f"malformed merge {m!r} in tokenizer.ggml.merges")
+        pairs.append((left, right))
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _add_special_tokens(backend: tokenizers.Tokenizer, tokens: list[str], types: np.ndarray, rstrip: set[str]) -> None:
+    """Control and unknown-type tokens become special added tokens (matched only while
+    parsing specials, as llama.cpp does); user-defined tokens are matched always. Tokens in
+    ``rstrip`` swallow the whitespace that follows them."""
+    added = []
+    for token_id in np.flatnonzero((types == CONTROL) | (types == USER_DEFINED) | (types == UNKNOWN)):
+        text = tokens[token_id]
+        if text:
+            special = bool(types[token_id] != USER_DEFINED)
+            added.append(AddedToken(text, special=special, normalized=False, single_word=False, lstrip=False, rstrip=text in rstrip))
+    backend.add_tokens(added)
