@@ -2,12 +2,22 @@
 
 from .config import Phi3Config, TensorSpec
 from .gguf_file import GGUFError, GGUFFile, TensorInfo, open_gguf
+from .generate import Chat, GenerationResult, generate
+from .hub import HubError
 from .model import Model, load
+from .sampler import SamplingParams
+from .tokenizer import Tokenizer
 from .quants import QUANT_TYPES, QuantType, dequantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chat",
+    "GenerationResult",
+    "HubError",
+    "SamplingParams",
+    "Tokenizer",
+    "generate",
     "GGUFError",
     "GGUFFile",
     "Model",

@@ -8,6 +8,10 @@ import sys
 
 from . import __version__
 from .gguf_file import GGUFError
+from .hub import HubError
+
+TUTORIAL_PROMPT = "Write a haiku about ice hockey"
+DEMO = "demo"
 
 __all__ = ["main"]
 
@@ -61,6 +65,111 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_model() -> str:
+    """A tiny random-weight Phi-3 with the real vocabulary, written once into the user cache."""
+    import os
+    from pathlib import Path
+
+    from .testing import write_model
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3ref"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / "demo-phi3-mini-tiny-Q4_K_M.gguf"
+    if not path.exists():
+        write_model(path, preset="phi3-mini", size="tiny", quant="Q4_K_M", seed=0)
+    return str(path)
+
+
+def _load_for_generation(args: argparse.Namespace):
+    from .model import load
+
+    model = args.model
+    if model == DEMO:
+        print("phi3ref: --model demo is a tiny model with random weights and the real Phi-3 vocabulary: its output is noise.", file=sys.stderr)
+        model = _demo_model()
+    return load(model, filename=args.file, revision=args.revision, numerics=args.numerics, threads=args.threads, n_ctx=args.n_ctx)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import secrets
+
+    from .generate import generate
+    from .sampler import SamplingParams
+
+    SamplingParams(**_sampling(args))  # bad values fail before a model is loaded
+    model = _load_for_generation(args)
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    print(f"seed {seed} (repeat this run with --seed {seed})", file=sys.stderr)
+    stream = generate(
+        args.prompt, model=model, system=args.system, max_tokens=args.max_tokens, seed=seed, stop=args.stop or (),
+        stream=True, **_sampling(args),
+    )
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    result = stream.result
+    print(f"[{result.finish_reason}] {result.timings}", file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .generate import Chat
+    from .sampler import SamplingParams
+
+    SamplingParams(**_sampling(args))
+    model = _load_for_generation(args)
+    chat = Chat(model, system=args.system, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop or (), **_sampling(args))
+    print(f"seed {chat.seed}. Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            chat = Chat(model, system=args.system, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop or (), **_sampling(args))
+            continue
+        if not line.strip():
+            continue
+        stream = chat.send(line, stream=True)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(f"[{stream.result.finish_reason}] {stream.result.timings}", file=sys.stderr)
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    from .hub import DEFAULT_REPO
+
+    p.add_argument("--model", default=DEFAULT_REPO, help=f"a .gguf path, a Hub repository id (default {DEFAULT_REPO}), or 'demo'")
+    p.add_argument("--file", default=None, help="which .gguf of the Hub repository (default: its known file)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=1.2)
+    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=None, help="default: random, printed")
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--numerics", default="ggml", choices=["ggml", "exact", "numpy"])
+    p.add_argument("--n-ctx", type=int, default=None, help="context size (default: the model's, at most 4096)")
+
+
 def _cmd_write_model(args: argparse.Namespace) -> int:
     from .testing import write_model
 
@@ -81,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for programs")
     p.add_argument("--metadata", action="store_true", help="also list every metadata key")
     p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text (the tutorial's run: haiku prompt, temperature 1, repeat penalty 1.2)")
+    p.add_argument("prompt", nargs="?", default=TUTORIAL_PROMPT, help=f"sent as the user's message (default: {TUTORIAL_PROMPT!r})")
+    _add_generation_flags(p)
+    p.set_defaults(run=_cmd_generate)
+
+    p = sub.add_parser("chat", help="an interactive multi-turn chat")
+    _add_generation_flags(p)
+    p.set_defaults(run=_cmd_chat)
 
     p = sub.add_parser("logits", help="every position's logits for a token sequence, saved as .npy (to compare runtimes)")
     p.add_argument("--model", required=True, help="path to a .gguf file")
@@ -108,9 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except GGUFError as e:
+    except (GGUFError, HubError, FileNotFoundError) as e:
         print(f"phi3ref: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     except ValueError as e:
         print(f"phi3ref: error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ import numpy as np
 from . import ggml_ops
 from .config import Phi3Config
 from .gguf_file import GGUFError, GGUFFile
+from .tokenizer import Tokenizer
 from .weights import NUMERICS, Weight
 
 __all__ = ["KVCache", "Model", "load", "DEFAULT_MAX_CTX"]
@@ -126,8 +127,20 @@ class Model:
         self.cache_uses_long_rope = False
         # trace(): intermediate results by llama.cpp's tensor names ("attn_norm-0", ...)
         self._trace: dict[str, np.ndarray] | None = None
+        self._tokenizer: Tokenizer | None = None
 
     # -- public API ------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> "Tokenizer":
+        """The tokenizer: from the file's own vocabulary unless load() was given another."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_gguf(self.gguf)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: "Tokenizer") -> None:
+        self._tokenizer = tokenizer
 
     def reset(self) -> None:
         """Forget the cached context."""
@@ -447,8 +460,11 @@ class RotaryEmbedding:
 
 
 def load(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
+    filename: str | None = None,
+    revision: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
     n_ctx: int | None = None,
     numerics: str = "ggml",
     threads: int | None = None,
@@ -456,20 +472,31 @@ def load(
 ) -> Model:
     """Open a Phi-3 family GGUF file as a :class:`Model`.
 
-    The file is memory-mapped; no weight is decoded ahead of use. ``n_ctx`` is the KV
-    cache size (default: the model's context, at most :data:`DEFAULT_MAX_CTX`).
-    ``numerics``: ``"ggml"`` (llama.cpp's, the default and fast path), ``"exact"`` (float32,
-    transformers' numbers) or ``"numpy"`` (exact, plain numpy). ``threads``: Numba threads
-    (default: all cores). ``sliding_window=False`` ignores the file's sliding window, as
-    llama.cpp does.
+    ``path``: a local .gguf file, or a Hugging Face Hub repository id (default
+    ``microsoft/Phi-3-mini-4k-instruct-gguf``; ``filename`` / ``revision`` pick the file),
+    downloaded into huggingface_hub's cache. The file is memory-mapped; no weight is
+    decoded ahead of use. ``tokenizer``: None uses the file's own vocabulary; a path to a
+    ``tokenizer.json``, or ``"hub"`` to fetch the base model's from the Hub. ``n_ctx`` is the
+    KV cache size (default: the model's context, at most :data:`DEFAULT_MAX_CTX`).
+    ``numerics``: ``"ggml"`` (llama.cpp's, the default), ``"exact"`` (float32, transformers'
+    numbers) or ``"numpy"`` (exact, plain numpy). ``threads``: Numba threads (default: all
+    cores). ``sliding_window=False`` ignores the file's sliding window, as llama.cpp does.
     """
+    from . import hub
+
     if threads is not None:
         if not isinstance(threads, int) or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
             raise ValueError(f"threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
         numba.set_num_threads(threads)
-    gguf = GGUFFile(path)
+    local = hub.resolve_model(path or hub.DEFAULT_REPO, filename=filename, revision=revision)
+    gguf = GGUFFile(local)
     try:
-        return Model(gguf, n_ctx=n_ctx, numerics=numerics, sliding_window=sliding_window)
+        model = Model(gguf, n_ctx=n_ctx, numerics=numerics, sliding_window=sliding_window)
     except (GGUFError, ValueError):
         gguf.close()
         raise
+    if tokenizer == "hub":
+        model.tokenizer = Tokenizer.from_file(hub.tokenizer_json(str(path or hub.DEFAULT_REPO), revision), gguf=gguf)
+    elif tokenizer is not None:
+        model.tokenizer = Tokenizer.from_file(tokenizer, gguf=gguf)
+    return model

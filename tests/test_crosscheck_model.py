@@ -134,3 +134,22 @@ def test_trace_matches_llama_cpp_layer_by_layer(tiny_model):
         assert np.max(np.abs(ref - value)) <= 1e-6 * max(float(np.abs(ref).max()), 1.0), name
         compared.append(name)
     assert {"wqkv-0", "kq_soft_max-1", "kqv_out-1", "ffn_swiglu-0", "l_out-1", "result_output"} <= set(compared)
+
+
+@pytest.mark.parametrize("preset,quant", [("phi3-mini", "Q4_K_M"), ("phi4-mini", "Q4_0"), ("phi3-medium", "Q8_0")])
+def test_greedy_generation_matches_llama_cpp(preset, quant, tiny_model):
+    """phi3ref.generate(temperature=0) picks the same tokens as llama.cpp's own greedy
+    sampler on the same file and prompt."""
+    path = tiny_model(preset, quant)
+    model = phi3ref.load(path, numerics="ggml", n_ctx=256)
+    ours = phi3ref.generate("Write a haiku about ice hockey", model=model, temperature=0, repeat_penalty=1.0, max_tokens=24)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, verbose=False)
+    try:
+        theirs = []
+        for token in llm.generate(ours.prompt_tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
+            if token in model.tokenizer.eog_ids or len(theirs) == 24:
+                break
+            theirs.append(token)
+    finally:
+        llm.close()
+    assert ours.tokens == theirs

@@ -1,0 +1,307 @@
+"""Text generation: prompt or chat messages in, sampled text out, streamed if asked.
+
+    >>> import phi3ref
+    >>> result = phi3ref.generate("Write a haiku about ice hockey", model="model.gguf", seed=42)
+    >>> for piece in phi3ref.generate(messages=[...], model=model, stream=True): print(piece, end="")
+
+The loop is the tutorial's: encode the prompt, run it through the model in one batched
+pass, then sample a token, feed it back, and repeat until an end-of-generation token, a
+stop string, ``max_tokens`` or the end of the context.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .chat_template import render_chat
+from .model import Model, load
+from .sampler import SamplingParams, sample
+from .tokenizer import Tokenizer
+
+__all__ = ["Chat", "GenerationResult", "Timings", "generate", "get_model"]
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else float("nan")
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else float("nan")
+
+    def __str__(self) -> str:
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_per_second:.2f} tok/s; "
+            f"generation: {self.generated_tokens} tokens, {self.generation_tokens_per_second:.2f} tok/s"
+        )
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` produced. ``finish_reason``: ``"eos"`` (an end-of-generation
+    token), ``"stop"`` (a stop string), ``"length"`` (``max_tokens``) or ``"context"``."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: list[int]
+    finish_reason: str
+    seed: int
+    timings: Timings = field(default_factory=Timings)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# ======================================================================================
+# models by name, loaded once
+# ======================================================================================
+
+_MODELS: dict[tuple, Model] = {}
+
+
+def get_model(model: Model | str | os.PathLike[str] | None = None, **load_args) -> Model:
+    """A :class:`Model`, loaded once per (path, options): a Model is returned as is; a path
+    or Hub repository id (default: the tutorial's Phi-3-mini q4) is loaded."""
+    if isinstance(model, Model):
+        return model
+    from .hub import DEFAULT_REPO
+
+    key = (str(model or DEFAULT_REPO), tuple(sorted(load_args.items())))
+    if key not in _MODELS:
+        _MODELS[key] = load(model or DEFAULT_REPO, **load_args)
+    return _MODELS[key]
+
+
+# ======================================================================================
+# the generation loop
+# ======================================================================================
+
+
+class _TextStream:
+    """Turns a growing list of token ids into text pieces that never split a character:
+    the text decoded so far is compared with what was already emitted, and a tail that is
+    still an incomplete UTF-8 sequence (decoded as U+FFFD) or could begin a stop string is
+    held back."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (new text to emit, whether a stop string was hit)."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special=True)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s)))
+            if at >= 0:
+                self.text = self.text[:at]
+                return self._emit(len(self.text)), True
+        safe = len(self.text)
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+            safe -= 1
+        for s in self.stop:  # hold back a tail that may grow into a stop string
+            for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
+                if self.text[safe - k : safe] == s[:k]:
+                    safe -= k
+                    break
+        return self._emit(safe), False
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        piece = self.text[self.emitted : upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+
+def _run(
+    model: Model,
+    prompt_ids: list[int],
+    start_pos: int,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    max_tokens: int,
+    stop: Sequence[str],
+    result: GenerationResult,
+) -> Iterator[str]:
+    """The loop itself; yields text pieces and fills ``result`` as it goes."""
+    tokenizer = model.tokenizer
+    stream = _TextStream(tokenizer, stop)
+    timings = result.timings
+    t0 = time.perf_counter()
+    logits = model.forward(prompt_ids[start_pos:], start_pos)
+    timings.prompt_tokens = len(prompt_ids) - start_pos
+    timings.prompt_seconds = time.perf_counter() - t0
+    history = list(prompt_ids)
+    t1 = time.perf_counter()
+    result.finish_reason = "length"
+    for step in range(max_tokens):
+        pos = len(prompt_ids) + step  # where the next token will sit
+        if pos >= model.n_ctx:
+            result.finish_reason = "context"
+            break
+        if step > 0:  # feed the previous token back (lazily: none is wasted at the end)
+            logits = model.forward([history[-1]], pos - 1)
+        token = sample(logits, params, rng, history)
+        history.append(token)
+        if token in tokenizer.eog_ids:
+            result.finish_reason = "eos"
+            break
+        result.tokens.append(token)
+        piece, stopped = stream.push(token)
+        if piece:
+            yield piece
+        if stopped:
+            result.finish_reason = "stop"
+            break
+    piece = stream.flush()
+    if piece:
+        yield piece
+    timings.generated_tokens = len(result.tokens)
+    timings.generation_seconds = time.perf_counter() - t1
+    result.text = stream.text
+
+
+def _prompt_ids(tokenizer: Tokenizer, prompt: str | None, messages: Sequence[Mapping[str, str]] | None, system: str | None) -> list[int]:
+    if (prompt is None) == (messages is None):
+        raise ValueError("give either prompt or messages")
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if messages is None:
+        # a plain prompt is sent as the user's turn of a chat, as the tutorial does
+        messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+    eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+    text = render_chat(messages, tokenizer.chat_template, bos_token=bos, eos_token=eos)
+    # the template writes BOS itself when the model wants one
+    return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
+
+
+def _check_fits(model: Model, n_prompt: int) -> None:
+    if n_prompt >= model.n_ctx:
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens, which leaves no room in the context of {model.n_ctx} "
+            f"(shorten it, or load the model with a larger n_ctx, up to {model.config.n_ctx_train})"
+        )
+
+
+def generate(
+    prompt: str | None = None,
+    *,
+    messages: Sequence[Mapping[str, str]] | None = None,
+    model: Model | str | os.PathLike[str] | None = None,
+    system: str | None = None,
+    max_tokens: int = 100,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repeat_penalty: float = 1.2,
+    repeat_last_n: int = 64,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stream: bool = False,
+) -> GenerationResult | Iterator[str]:
+    """Generate a reply to ``prompt`` (sent as a user turn) or to chat ``messages``.
+
+    ``model``: a loaded :class:`Model`, a local .gguf path or a Hub repository id (default:
+    ``microsoft/Phi-3-mini-4k-instruct-gguf``). Sampling defaults are the tutorial's:
+    temperature 1.0, repeat penalty 1.2 over the last 64 tokens, a random seed (reported in
+    the result so a run can be repeated). Returns a :class:`GenerationResult`; with
+    ``stream=True`` an iterator of text pieces whose concatenation is the final text (the
+    iterator's ``result`` attribute holds the :class:`GenerationResult` once it is done).
+    """
+    params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    if isinstance(stop, str):
+        stop = [stop]
+    seed = secrets.randbits(63) if seed is None else seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    m = get_model(model)
+    ids = _prompt_ids(m.tokenizer, prompt, messages, system)
+    _check_fits(m, len(ids))
+    m.reset()
+    result = GenerationResult(text="", tokens=[], prompt_tokens=ids, finish_reason="length", seed=seed)
+    pieces = _run(m, ids, 0, params, np.random.default_rng(seed), max_tokens, stop, result)
+    if stream:
+        return _Stream(pieces, result)
+    for _ in pieces:
+        pass
+    return result
+
+
+class _Stream:
+    """An iterator of text pieces; ``result`` is complete once it is exhausted."""
+
+    def __init__(self, pieces: Iterator[str], result: GenerationResult):
+        self._pieces = pieces
+        self.result = result
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+
+class Chat:
+    """A conversation that keeps the model's KV cache between turns: each turn processes
+    only the tokens the cache does not hold yet.
+
+        >>> chat = phi3ref.Chat(model, system="You are terse.", temperature=0.7, seed=1)
+        >>> chat.send("Write a haiku about ice hockey").text
+    """
+
+    def __init__(self, model: Model | str | os.PathLike[str] | None = None, *, system: str | None = None, seed: int | None = None, **sampling):
+        self.model = get_model(model)
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.seed = secrets.randbits(63) if seed is None else seed
+        self.rng = np.random.default_rng(self.seed)
+        self.sampling = {"repeat_penalty": 1.2, "repeat_last_n": 64, **sampling}
+        self.max_tokens = self.sampling.pop("max_tokens", 256)
+        self.stop = self.sampling.pop("stop", ())
+        SamplingParams(**self.sampling)  # validate now
+
+    def send(self, text: str, *, stream: bool = False) -> GenerationResult | Iterator[str]:
+        """Add a user message and generate the assistant's reply (kept in ``messages``)."""
+        self.messages.append({"role": "user", "content": text})
+        tok = self.model.tokenizer
+        ids = _prompt_ids(tok, None, self.messages, None)
+        _check_fits(self.model, len(ids))
+        cached = self.model.tokens
+        common = 0
+        while common < min(len(cached), len(ids) - 1) and cached[common] == ids[common]:
+            common += 1
+        result = GenerationResult(text="", tokens=[], prompt_tokens=ids, finish_reason="length", seed=self.seed)
+        pieces = _run(self.model, ids, common, SamplingParams(**self.sampling), self.rng, self.max_tokens, self.stop, result)
+
+        def finish() -> Iterator[str]:
+            yield from pieces
+            self.messages.append({"role": "assistant", "content": result.text})
+
+        if stream:
+            return _Stream(finish(), result)
+        for _ in finish():
+            pass
+        return result

@@ -1,0 +1,69 @@
+"""Finding model files: local paths, or the Hugging Face Hub through ``huggingface_hub``
+(its cache, its progress bars, ``HF_HUB_OFFLINE``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["DEFAULT_REPO", "DEFAULT_FILE", "HubError", "resolve_model"]
+
+# The model of the Rust/Candle tutorial phi3ref starts from.
+DEFAULT_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"
+DEFAULT_FILE = "Phi-3-mini-4k-instruct-q4.gguf"
+KNOWN_FILES = {DEFAULT_REPO: DEFAULT_FILE}
+# Where a GGUF repository's tokenizer.json lives (the original model's repository)
+BASE_REPOS = {DEFAULT_REPO: "microsoft/Phi-3-mini-4k-instruct"}
+
+
+class HubError(RuntimeError):
+    """A file could not be fetched from the Hub; the message says which and what to do."""
+
+
+def _looks_like_repo(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.endswith(".gguf")
+
+
+def resolve_model(model: str | os.PathLike[str], *, filename: str | None = None, revision: str | None = None) -> Path:
+    """A local path to a GGUF file: ``model`` itself when it exists, else a Hub ``repo_id``
+    whose ``filename`` (default: the repository's known file) is downloaded or taken from
+    the cache. ``FileNotFoundError`` for a missing local path, :class:`HubError` when the
+    Hub cannot deliver."""
+    path = Path(model)
+    if path.exists():
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if filename:
+                return path / filename
+            if len(ggufs) == 1:
+                return ggufs[0]
+            raise FileNotFoundError(f"{path} is a folder with {len(ggufs)} .gguf files: name one with filename=")
+        return path
+    name = str(model)
+    if not _looks_like_repo(name):
+        raise FileNotFoundError(f"{name}: no such file (nor a Hub repository id like {DEFAULT_REPO})")
+    filename = filename or KNOWN_FILES.get(name)
+    if filename is None:
+        raise ValueError(f"{name}: which .gguf file of this repository? pass filename=")
+    return Path(_download(name, filename, revision))
+
+
+def _download(repo_id: str, filename: str, revision: str | None) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
+    except Exception as e:  # offline, unreachable, missing file, gated repository ...
+        raise HubError(
+            f"could not get {filename} from the Hugging Face Hub repository {repo_id}"
+            f"{f' (revision {revision})' if revision else ''}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            f"Download it where you have a connection, then pass its local path, e.g. "
+            f"phi3ref.load('/path/to/{filename}') or `phi3ref generate --model /path/to/{filename}`."
+        ) from e
+
+
+def tokenizer_json(repo_id: str, revision: str | None = None) -> Path:
+    """The ``tokenizer.json`` of a GGUF repository's base model (downloaded or cached)."""
+    base = BASE_REPOS.get(repo_id, repo_id)
+    return Path(_download(base, "tokenizer.json", revision))

@@ -1,0 +1,138 @@
+"""Choosing the next token from logits: small pure functions on numpy arrays.
+
+The order, as in llama.cpp's default sampler chain:
+
+    repeat penalty -> (temperature 0: argmax) -> top-k -> top-p -> min-p -> temperature -> draw
+
+Filters set the logits of excluded tokens to -inf; the draw uses a seeded
+``np.random.Generator``, so the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "SamplingParams",
+    "apply_repeat_penalty",
+    "apply_temperature",
+    "top_k_filter",
+    "top_p_filter",
+    "min_p_filter",
+    "softmax",
+    "sample",
+]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings, checked on construction (``ValueError`` naming the parameter)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+
+    def __post_init__(self) -> None:
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 (or None), got {self.top_k!r}")
+        if self.top_p is not None and (not _finite(self.top_p) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p!r}")
+        if self.min_p is not None and (not _finite(self.min_p) or not 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1] (or None), got {self.min_p!r}")
+        if not _finite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty must be a number > 0 (1 = off), got {self.repeat_penalty!r}")
+        if not isinstance(self.repeat_last_n, (int, np.integer)) or isinstance(self.repeat_last_n, bool) or self.repeat_last_n < 0:
+            raise ValueError(f"repeat_last_n must be an integer >= 0 (0 = off), got {self.repeat_last_n!r}")
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """Penalize every token in ``recent`` once: positive logits divided by ``penalty``,
+    negative ones multiplied (so the token always becomes less likely)."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if penalty == 1.0 or len(recent) == 0:
+        return out
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    values = out[ids]
+    out[ids] = np.where(values > 0, values / np.float32(penalty), values * np.float32(penalty))
+    return out
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Divide by ``temperature`` (> 0): below 1 sharpens the distribution, above 1 flattens it."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 here (0 means greedy: use argmax), got {temperature}")
+    return np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities (float64) of logits; -inf entries get probability 0."""
+    x = np.asarray(logits, dtype=np.float64)
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the ``k`` largest logits (ties at the boundary kept too), -inf elsewhere."""
+    x = np.asarray(logits, dtype=np.float32)
+    if k >= x.size:
+        return x.copy()
+    threshold = np.partition(x, x.size - k)[x.size - k]
+    return np.where(x >= threshold, x, np.float32(-np.inf))
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probabilities sum
+    to at least ``p``, including the token that crosses ``p``; -inf elsewhere."""
+    x = np.asarray(logits, dtype=np.float32)
+    if p >= 1.0:
+        return x.copy()
+    probs = softmax(x)
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    n_keep = int(np.searchsorted(cumulative, p, side="left")) + 1  # first index reaching p, inclusive
+    keep = np.zeros(x.size, dtype=bool)
+    keep[order[: min(n_keep, x.size)]] = True
+    return np.where(keep, x, np.float32(-np.inf))
+
+
+def min_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep tokens whose probability is at least ``p`` times the most likely one's."""
+    x = np.asarray(logits, dtype=np.float32)
+    if p <= 0:
+        return x.copy()
+    # prob_i / prob_max = exp(x_i - x_max)
+    keep = x - np.max(x) >= np.float32(math.log(p))
+    return np.where(keep, x, np.float32(-np.inf))
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
+    """The next token id: the filters in the module's order, then a draw (argmax when the
+    temperature is 0)."""
+    x = np.asarray(logits, dtype=np.float32)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"sample() takes a 1-D array of logits, got shape {x.shape}")
+    if params.repeat_last_n > 0 and params.repeat_penalty != 1.0:
+        x = apply_repeat_penalty(x, list(recent)[-params.repeat_last_n :], params.repeat_penalty)
+    if params.temperature == 0:
+        return int(np.argmax(x))
+    if params.top_k is not None:
+        x = top_k_filter(x, params.top_k)
+    if params.top_p is not None:
+        x = top_p_filter(x, params.top_p)
+    if params.min_p is not None:
+        x = min_p_filter(x, params.min_p)
+    probs = softmax(apply_temperature(x, params.temperature))
+    return int(rng.choice(probs.size, p=probs))

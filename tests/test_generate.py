@@ -1,0 +1,186 @@
+"""generate(), streaming, chat templates, sessions, the Hub and the console app."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import phi3ref
+from phi3ref.chat_template import PHI3_TEMPLATE, render_chat
+from phi3ref.generate import _TextStream
+from phi3ref.hub import HubError, resolve_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return phi3ref.load(tiny_model("phi3-mini", "Q4_K_M"))
+
+
+def test_same_seed_same_text(model):
+    a = phi3ref.generate("Write a haiku about ice hockey", model=model, seed=11, max_tokens=16)
+    b = phi3ref.generate("Write a haiku about ice hockey", model=model, seed=11, max_tokens=16)
+    c = phi3ref.generate("Write a haiku about ice hockey", model=model, seed=12, max_tokens=16)
+    assert a.tokens == b.tokens and a.text == b.text and a.seed == 11
+    assert c.tokens != a.tokens
+    assert a.finish_reason == "length" and len(a.tokens) == 16
+    assert a.timings.prompt_tokens == len(a.prompt_tokens) and a.timings.generated_tokens == 16
+
+
+def test_prompt_uses_the_chat_template(model):
+    r = phi3ref.generate("Write a haiku about ice hockey", model=model, max_tokens=0)
+    assert r.prompt_tokens == [1, 32010, 14350, 263, 447, 18282, 1048, 14890, 18881, 32007, 32001]
+    assert r.text == "" and r.tokens == []
+
+
+def test_stream_pieces_join_to_the_text(model):
+    stream = phi3ref.generate(messages=[{"role": "user", "content": "Hi"}], model=model, seed=3, max_tokens=24, stream=True)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.result.text and stream.result.text
+
+
+def test_greedy_is_argmax(model):
+    r = phi3ref.generate("Hello", model=model, temperature=0, max_tokens=5, repeat_penalty=1.0)
+    model.reset()
+    logits = model.forward(r.prompt_tokens, 0)
+    assert r.tokens[0] == int(np.argmax(logits))
+
+
+def test_stream_never_breaks_characters(model):
+    """Byte-fallback tokens carry one byte of a multi-byte character: feed emoji and CJK
+    byte by byte and check that no piece holds a broken character."""
+    tok = model.tokenizer
+    text = "Ice 🏒 hockey: 氷上のパック 😀👍🏽 fin"
+    ids = tok.encode(text, add_bos=False)
+    assert any(tok.token_text(i).startswith("<0x") for i in ids)
+    stream = _TextStream(tok, stop=())
+    pieces = [stream.push(i)[0] for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_strings(model):
+    tok = model.tokenizer
+    ids = tok.encode("one two three four", add_bos=False)
+    stream = _TextStream(tok, stop=["three"])
+    out = []
+    for i in ids:
+        piece, stopped = stream.push(i)
+        out.append(piece)
+        if stopped:
+            break
+    assert stopped and "".join(out) == "one two " and stream.text == "one two "
+
+
+def test_eos_ends_generation(model, monkeypatch):
+    """Make <|end|> the only possible token: generation ends at once with reason eos."""
+    real = model.forward
+
+    def forced(tokens, start_pos):
+        logits = real(tokens, start_pos)
+        logits[:] = -1e9
+        logits[32007] = 0
+        return logits
+
+    monkeypatch.setattr(model, "forward", forced)
+    r = phi3ref.generate("Hi", model=model, max_tokens=10)
+    assert r.finish_reason == "eos" and r.tokens == [] and r.text == ""
+
+
+def test_prompt_longer_than_context(tiny_model):
+    small = phi3ref.load(tiny_model("phi3-mini", "Q4_K_M"), n_ctx=16)
+    with pytest.raises(ValueError, match="the prompt is .* tokens, which leaves no room in the context of 16"):
+        phi3ref.generate("word " * 40, model=small)
+    r = phi3ref.generate("Hi", model=small, max_tokens=100, seed=1)
+    assert r.finish_reason in ("context", "eos")
+    assert len(r.prompt_tokens) + len(r.tokens) <= 16
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="give either prompt or messages"):
+        phi3ref.generate(model=model)
+    with pytest.raises(ValueError, match="top_p"):
+        phi3ref.generate("x", model=model, top_p=2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        phi3ref.generate("x", model=model, max_tokens=-1)
+    with pytest.raises(ValueError, match=r"messages\[0\] has role 'robot'"):
+        phi3ref.generate(messages=[{"role": "robot", "content": "x"}], model=model)
+
+
+def test_chat_session_reuses_the_cache(model):
+    chat = phi3ref.Chat(model, seed=5, temperature=0.7, max_tokens=6)
+    first = chat.send("Hello there")
+    n_cached = len(model.tokens)
+    second = chat.send("And again")
+    assert second.timings.prompt_tokens < len(second.prompt_tokens)  # only the new turn was run
+    assert second.prompt_tokens[:n_cached - 1] == model.tokens[:n_cached - 1]
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert chat.messages[1]["content"] == first.text
+
+
+def test_render_with_the_file_template(model):
+    text = render_chat([{"role": "user", "content": "Hi"}], model.tokenizer.chat_template, bos_token="<s>")
+    assert text == "<s><|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
+def test_builtin_phi3_format():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    assert render_chat(msgs, None) == "<s><|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n"
+    assert PHI3_TEMPLATE
+
+
+def test_template_is_sandboxed():
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(ValueError, match="the chat template failed"):
+        render_chat([{"role": "user", "content": "x"}], evil)
+    with pytest.raises(ValueError, match="the chat template failed: nope"):
+        render_chat([{"role": "user", "content": "x"}], "{{ raise_exception('nope') }}")
+
+
+def test_hub_offline_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(HubError) as info:
+        resolve_model("microsoft/Phi-3-mini-4k-instruct-gguf")
+    msg = str(info.value)
+    assert "Phi-3-mini-4k-instruct-q4.gguf" in msg and "microsoft/Phi-3-mini-4k-instruct-gguf" in msg
+    assert "pass its local path" in msg
+    with pytest.raises(ValueError, match="which .gguf file"):
+        resolve_model("someone/some-repo")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        resolve_model(tmp_path / "missing.gguf")
+
+
+def run_cli(*args, env_extra=None, stdin=None, tmp_path=None):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "phi3ref.cli", *args], capture_output=True, text=True, timeout=300, env=env, input=stdin)
+
+
+def test_cli_generate_with_a_local_model(tiny_model):
+    out = run_cli("generate", "--model", str(tiny_model("phi3-mini", "Q4_K_M")), "--seed", "9", "--max-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert "seed 9" in out.stderr and "tok/s" in out.stderr and out.stdout.strip()
+    again = run_cli("generate", "--model", str(tiny_model("phi3-mini", "Q4_K_M")), "--seed", "9", "--max-tokens", "8")
+    assert again.stdout == out.stdout
+
+
+def test_cli_demo_and_chat(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    out = run_cli("generate", "--model", "demo", "--max-tokens", "4", env_extra=env)
+    assert out.returncode == 0 and "output is noise" in out.stderr
+    chat = run_cli("chat", "--model", "demo", "--max-tokens", "3", "--seed", "2", env_extra=env, stdin="Hello\nAgain\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stderr.count("generation:") == 2  # one timing line per turn
+
+
+def test_cli_errors(tmp_path):
+    offline = run_cli("generate", "--max-tokens", "1", env_extra={"HF_HOME": str(tmp_path / "hf")})
+    assert offline.returncode == 1 and "pass its local path" in offline.stderr and "Traceback" not in offline.stderr
+    bad = run_cli("generate", "--model", "demo", "--top-p", "3", env_extra={"XDG_CACHE_HOME": str(tmp_path)})
+    assert bad.returncode == 2 and "top_p" in bad.stderr
+    missing = run_cli("generate", "--model", str(tmp_path / "nope.gguf"))
+    assert missing.returncode == 1 and "no such file" in missing.stderr
