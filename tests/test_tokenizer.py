@@ -130,3 +130,17 @@ def test_gpt2_vocabulary_from_gguf(tmp_path):
         assert ours.encode(text) == trained.encode(text).ids
         assert ours.decode(ours.encode(text)) == text
     assert ours.encode("a<|endoftext|>b")[1] == tokens.index("<|endoftext|>")
+
+
+def test_from_tokenizer_json(tmp_path, tok):
+    """A tokenizer.json (as the base model's repository has) with the GGUF's special ids."""
+    path = tmp_path / "tokenizer.json"
+    tok.backend.save(str(path))
+    loaded = Tokenizer.from_file(path, gguf=vocab_path())
+    assert loaded.encode(CHAT) == tok.encode(CHAT)
+    assert loaded.eog_ids == tok.eog_ids and loaded.bos_id == 1
+    bare = Tokenizer.from_file(path)
+    assert bare.encode(CHAT, add_bos=False) == tok.encode(CHAT, add_bos=False)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a tokenizer.json"):
+        Tokenizer.from_file(tmp_path / "bad.json")
