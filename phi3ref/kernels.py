@@ -548,6 +548,158 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes):
     return acc
 
 
+# --------------------------------------------------------------------------------------
+# single-token (GEMV) fast paths: unpacking fused into the dot product for the types that
+# carry Phi-3's weights. Same integers, same float operations as _dot_unpacked; the
+# element loops are written so that LLVM vectorizes them.
+# --------------------------------------------------------------------------------------
+
+
+# Integer arithmetic here is kept in int32 by explicit casts: Numba widens int32
+# operations to int64, which LLVM vectorizes far less well (the sums fit in int32: a
+# 256-block of 6-bit scales times 6-bit codes times 8-bit activations stays below 2^31).
+I32 = np.int32
+
+
+@njit(inline="always")
+def _gemv_q4_0(w, xq, xd, table):
+    acc = np.float32(0)
+    for b in range(xd.shape[0]):
+        off, o = b * 18, b * 32
+        isum = I32(0)
+        for j in range(16):
+            v = I32(w[off + 2 + j])
+            isum = I32(isum + I32((v & 0xF) - 8) * I32(xq[o + j]) + I32((v >> 4) - 8) * I32(xq[o + j + 16]))
+        acc = _fma(_f16(w, off, table) * xd[b], np.float32(isum), acc)
+    return acc
+
+
+@njit(inline="always")
+def _lanes_of(acc32, k):
+    return I32(acc32[4 * k] + acc32[4 * k + 1] + acc32[4 * k + 2] + acc32[4 * k + 3])
+
+
+@njit(inline="always")
+def _gemv_q8_0(w, xq, xd, acc32, lanes, table):
+    for k in range(8):
+        lanes[k] = 0
+    for b in range(xd.shape[0]):
+        off, o = b * 34, b * 32
+        for e in range(32):
+            acc32[e] = I32(np.int8(w[off + 2 + e])) * I32(xq[o + e])
+        dd = _f16(w, off, table) * xd[b]
+        for k in range(8):
+            lanes[k] = _fma(dd, np.float32(_lanes_of(acc32, k)), lanes[k])
+    return _hsum8(lanes)
+
+
+@njit(inline="always")
+def _gemv_q4_k(w, xq, xd, xs, table):
+    acc = np.float32(0)
+    acc_min = np.float32(0)
+    for b in range(xd.shape[0]):
+        off = b * 144
+        isum = I32(0)
+        msum = I32(0)
+        for k in range(4):  # 32 bytes: sub-block 2k in the low nibbles, 2k + 1 in the high ones
+            base, o = off + 16 + 32 * k, b * 256 + 64 * k
+            lo = I32(0)
+            hi = I32(0)
+            for l in range(32):
+                v = I32(w[base + l])
+                lo = I32(lo + (v & 0xF) * I32(xq[o + l]))
+                hi = I32(hi + (v >> 4) * I32(xq[o + 32 + l]))
+            sc0, mn0 = _k_scale_min(off + 4, w, 2 * k)
+            sc1, mn1 = _k_scale_min(off + 4, w, 2 * k + 1)
+            isum = I32(isum + sc0 * lo + sc1 * hi)
+            g = o // 16
+            msum = I32(msum + mn0 * (I32(xs[g]) + I32(xs[g + 1])) + mn1 * (I32(xs[g + 2]) + I32(xs[g + 3])))
+        dx = xd[b]
+        acc = _fma(_f16(w, off, table) * dx, np.float32(isum), acc)
+        acc_min = _fma(_f16(w, off + 2, table) * dx, np.float32(msum), acc_min)
+    return acc - acc_min
+
+
+@njit(inline="always")
+def _gemv_q5_k(w, xq, xd, xs, acc32, lanes, table):
+    for k in range(8):
+        lanes[k] = 0
+    acc_min = np.float32(0)
+    for b in range(xd.shape[0]):
+        off = b * 176
+        for e in range(32):
+            acc32[e] = 0
+        msum = I32(0)
+        for k in range(4):
+            base, o = off + 48 + 32 * k, b * 256 + 64 * k
+            sc0, mn0 = _k_scale_min(off + 4, w, 2 * k)
+            sc1, mn1 = _k_scale_min(off + 4, w, 2 * k + 1)
+            for l in range(32):
+                v = I32(w[base + l])
+                h = I32(w[off + 16 + l])
+                q0 = (v & 0xF) | (((h >> (2 * k)) & 1) << 4)
+                q1 = (v >> 4) | (((h >> (2 * k + 1)) & 1) << 4)
+                acc32[l] = I32(acc32[l] + sc0 * q0 * I32(xq[o + l]) + sc1 * q1 * I32(xq[o + 32 + l]))
+            g = o // 16
+            msum = I32(msum + mn0 * (I32(xs[g]) + I32(xs[g + 1])) + mn1 * (I32(xs[g + 2]) + I32(xs[g + 3])))
+        dx = xd[b]
+        dd = _f16(w, off, table) * dx
+        for k in range(8):
+            lanes[k] = _fma(dd, np.float32(_lanes_of(acc32, k)), lanes[k])
+        acc_min = _fma(-dx * _f16(w, off + 2, table), np.float32(msum), acc_min)
+    return _hsum8(lanes) + acc_min
+
+
+@njit(inline="always")
+def _gemv_q6_k(w, xq, xd, xs, acc32, lanes, table):
+    for k in range(8):
+        lanes[k] = 0
+    for b in range(xd.shape[0]):
+        off = b * 210
+        for e in range(32):
+            acc32[e] = 0
+        for half in range(2):
+            lo, hi, o = off + half * 64, off + 128 + half * 32, b * 256 + half * 128
+            sc = off + 192 + 8 * half  # 16-element groups 8 half ... 8 half + 7
+            for g in range(2):  # first and second 16 of every 32
+                s0, s1 = I32(np.int8(w[sc + g])), I32(np.int8(w[sc + 2 + g]))
+                s2, s3 = I32(np.int8(w[sc + 4 + g])), I32(np.int8(w[sc + 6 + g]))
+                for l in range(16 * g, 16 * g + 16):
+                    a, c, h = I32(w[lo + l]), I32(w[lo + 32 + l]), I32(w[hi + l])
+                    q0 = (a & 0xF) | ((h & 3) << 4)  # element l
+                    q1 = (c & 0xF) | (((h >> 2) & 3) << 4)  # element 32 + l
+                    q2 = (a >> 4) | (((h >> 4) & 3) << 4)  # element 64 + l
+                    q3 = (c >> 4) | (((h >> 6) & 3) << 4)  # element 96 + l
+                    acc32[l] = I32(
+                        acc32[l] + s0 * q0 * I32(xq[o + l]) + s1 * q1 * I32(xq[o + 32 + l])
+                        + s2 * q2 * I32(xq[o + 64 + l]) + s3 * q3 * I32(xq[o + 96 + l])
+                    )
+        dd = _f16(w, off + 208, table) * xd[b]
+        for k in range(8):
+            g0, g1 = off + 192 + 2 * k, off + 192 + 2 * k + 1
+            bias = I32(32 * (I32(np.int8(w[g0])) * I32(xs[b * 16 + 2 * k]) + I32(np.int8(w[g1])) * I32(xs[b * 16 + 2 * k + 1])))
+            lanes[k] = _fma(dd, np.float32(I32(_lanes_of(acc32, k) - bias)), lanes[k])
+    return _hsum8(lanes)
+
+
+@njit(inline="always")
+def has_gemv_fast_path(qtype, n_rows):
+    return qtype == Q4_K or qtype == Q5_K or qtype == Q6_K or qtype == Q8_0 or (qtype == Q4_0 and n_rows % 8 == 0)
+
+
+@njit(inline="always")
+def _gemv(w, qtype, xq, xd, xs, acc32, lanes, table):
+    if qtype == Q4_K:
+        return _gemv_q4_k(w, xq, xd, xs, table)
+    if qtype == Q6_K:
+        return _gemv_q6_k(w, xq, xd, xs, acc32, lanes, table)
+    if qtype == Q5_K:
+        return _gemv_q5_k(w, xq, xd, xs, acc32, lanes, table)
+    if qtype == Q8_0:
+        return _gemv_q8_0(w, xq, xd, acc32, lanes, table)
+    return _gemv_q4_0(w, xq, xd, table)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
 def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
     """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
@@ -556,6 +708,13 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
     n_rows, n_tok, n_in = w.shape[0], out.shape[0], q.shape[1]
     mode = accumulation_mode(qtype, n_rows, n_tok)
     per = (n_rows + n_threads - 1) // n_threads
+    if n_tok == 1 and has_gemv_fast_path(qtype, n_rows):
+        for th in prange(n_threads):
+            acc32 = np.zeros(32, dtype=np.int32)
+            lanes = np.zeros(8, dtype=np.float32)
+            for r in range(th * per, min(n_rows, (th + 1) * per)):
+                out[0, r] = _gemv(w[r], qtype, q[0], d[0], s[0], acc32, lanes, table)
+        return
     for th in prange(n_threads):
         wq, wsc, wmn, wd, wm = _row_scratch(n_in)
         lanes = np.zeros(8, dtype=np.float32)

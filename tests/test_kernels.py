@@ -175,3 +175,18 @@ def test_warmup_reports_compile_time():
     assert seconds >= 0
     # the second call finds everything compiled
     assert kernels.warmup() < max(1.0, seconds)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+def test_single_token_fast_path_is_bit_identical(qtype):
+    """The fused single-token kernels give exactly the generic kernel's floats."""
+    rng = np.random.default_rng(8)
+    for scale in (0.05, 5.0):
+        raw = quantize(rng.standard_normal((40, N_IN)).astype(np.float32) * scale, qtype)
+        x = (rng.standard_normal((1, N_IN)) * scale * 10).astype(np.float32)
+        q, d, s = kernels.quantize_activations(x, kernels.activation_type(int(qtype)))
+        one = np.empty((1, 40), np.float32)
+        kernels.matmul_ggml(raw, int(qtype), q, d, s, one, kernels.F16_TABLE, THREADS)
+        two = np.empty((2, 40), np.float32)  # two tokens take the generic path
+        kernels.matmul_ggml(raw, int(qtype), np.repeat(q, 2, 0), np.repeat(d, 2, 0), np.repeat(s, 2, 0), two, kernels.F16_TABLE, THREADS)
+        assert np.array_equal(one[0].view(np.uint32), two[0].view(np.uint32))
