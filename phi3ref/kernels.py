@@ -85,6 +85,11 @@ _ACT_OF_WEIGHT = {
 }
 IQ4_LEVELS = quants.IQ4_LEVELS.astype(np.int32)
 
+# Integer dot products are kept in int32 by explicit casts: Numba widens int32 operations
+# to int64, which LLVM vectorizes far less well. The sums fit: a 256-block of 8-bit scales
+# times 6-bit codes times 8-bit activations stays below 2^31.
+I32 = np.int32
+
 
 def activation_type(weight_type: int) -> int:
     """The activation format ggml pairs with a weight type (``ValueError`` if none)."""
@@ -468,7 +473,7 @@ def _hsum8(lanes):
 
 
 @njit(inline="always")
-def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes):
+def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts):
     """An unpacked weight row against token t's converted activations, summed as llama.cpp
     sums it (``mode``): integer code products weighted by the integer sub-block scales, one
     float scale per block; mins through the activations' block sums, never per element."""
@@ -512,13 +517,15 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes):
             elif kind == 2:  # Q4_1 / Q5_1: summs += m * s, s = fp16(d_x * sum(q_x))
                 acc_min = _fma(wm[b], np.float32(s[t, b]), acc_min)
         else:
-            isum = 0
+            # integer sum of each sub-block, then weighted by the sub-block scales
+            isum = I32(0)
             for j in range(spb):
                 base = b * bs + j * sub
-                part = 0
+                part = I32(0)
                 for l in range(sub):
-                    part += np.int32(wq[base + l]) * np.int32(q[t, base + l])
-                isum += wsc[b * spb + j] * part
+                    part = I32(part + I32(wq[base + l]) * I32(q[t, base + l]))
+                parts[j] = I32(wsc[b * spb + j] * part)
+                isum = I32(isum + parts[j])
             if mode == MODE_TILED:
                 r = np.float32(isum) * wd[b]
                 if kind == 1:
@@ -528,14 +535,9 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes):
                 # repacked GEMM: one fma per pair of 32-element sub-blocks
                 for pair in range(4):
                     j0 = b * 8 + 2 * pair
-                    ip, mp = 0, 0
-                    for j in range(j0, j0 + 2):
-                        part = 0
-                        for l in range(32):
-                            part += np.int32(wq[32 * j + l]) * np.int32(q[t, 32 * j + l])
-                        ip += wsc[j] * part
-                        mp += wmn[j] * (np.int32(s[t, 2 * j]) + np.int32(s[t, 2 * j + 1]))
-                    acc = _fma(wd[b] * dx, np.float32(ip), acc)
+                    g = 2 * j0  # Q8_K sums of 16 codes: four per pair
+                    mp = I32(wmn[j0] * (I32(s[t, g]) + I32(s[t, g + 1])) + wmn[j0 + 1] * (I32(s[t, g + 2]) + I32(s[t, g + 3])))
+                    acc = _fma(wd[b] * dx, np.float32(I32(parts[2 * pair] + parts[2 * pair + 1])), acc)
                     acc_min = _fma(wm[b] * dx, np.float32(mp), acc_min)
             else:
                 acc = _fma(wd[b] * dx, np.float32(isum), acc)
@@ -553,12 +555,6 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes):
 # carry Phi-3's weights. Same integers, same float operations as _dot_unpacked; the
 # element loops are written so that LLVM vectorizes them.
 # --------------------------------------------------------------------------------------
-
-
-# Integer arithmetic here is kept in int32 by explicit casts: Numba widens int32
-# operations to int64, which LLVM vectorizes far less well (the sums fit in int32: a
-# 256-block of 6-bit scales times 6-bit codes times 8-bit activations stays below 2^31).
-I32 = np.int32
 
 
 @njit(inline="always")
@@ -718,10 +714,11 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
     for th in prange(n_threads):
         wq, wsc, wmn, wd, wm = _row_scratch(n_in)
         lanes = np.zeros(8, dtype=np.float32)
+        parts = np.zeros(16, dtype=np.int32)
         for r in range(th * per, min(n_rows, (th + 1) * per)):
             unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
             for t in range(n_tok):
-                out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes)
+                out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts)
 
 
 @njit(cache=True)
