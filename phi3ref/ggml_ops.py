@@ -107,19 +107,23 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def dot_f16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b.T for float16-valued a (m, k), b (n, k), summed as llamafile's tinyBLAS does
-    on AVX-512: 16 float lanes, lane i accumulating the products of elements i, i+16, ...
-    in order (products of float16 values are exact in float32, so its fused multiply-adds
-    are plain float32 additions here), then the 16 lanes reduced pairwise."""
+    """a @ b.T per batch for float16-valued a (batch, m, k), b (batch, n, k), summed as
+    llamafile's tinyBLAS does on AVX-512: 16 float lanes, lane i accumulating the products of
+    elements i, i+16, ... in order (products of float16 values are exact in float32, so its
+    fused multiply-adds are plain float32 additions here), then the lanes reduced pairwise."""
     a = np.asarray(a, _F32)
     b = np.asarray(b, _F32)
-    m, k = a.shape
-    n = b.shape[0]
-    steps = k // _VEC
-    acc = np.zeros((m, n, _VEC), dtype=_F32)
-    for s in range(steps):
-        acc += a[:, None, s * _VEC : (s + 1) * _VEC] * b[None, :, s * _VEC : (s + 1) * _VEC]
-    return _reduce16(acc)
+    batch, m, k = a.shape
+    n = b.shape[1]
+    out = np.empty((batch, m, n), dtype=_F32)
+    rows = max(1, (1 << 22) // max(1, batch * n * _VEC))  # bound the lane accumulators to 16 MiB
+    for r in range(0, m, rows):
+        acc = np.zeros((batch, min(rows, m - r), n, _VEC), dtype=_F32)
+        for s in range(k // _VEC):
+            lanes = slice(s * _VEC, (s + 1) * _VEC)
+            acc += a[:, r : r + rows, None, lanes] * b[:, None, :, lanes]
+        out[:, r : r + rows] = _reduce16(acc)
+    return out
 
 
 def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:

@@ -165,6 +165,10 @@ class Model:
         finally:
             self._trace = None
 
+    @property
+    def tracing(self) -> bool:
+        return self._trace is not None
+
     def record(self, name: str, value: np.ndarray) -> np.ndarray:
         """Keep a copy of ``value`` under ``name`` while tracing; returns ``value``."""
         if self._trace is not None:
@@ -278,7 +282,8 @@ class Attention:
         model = self.model
         n_tok = x.shape[0]
         q, k, v = self._project(x, model.numerics)
-        model.record(f"wqkv-{self.layer}", np.concatenate([q, k, v], axis=1))
+        if model.tracing:
+            model.record(f"wqkv-{self.layer}", np.concatenate([q, k, v], axis=1))
         q = q.reshape(n_tok, self.n_head, self.head_dim)  # (n_tokens, n_head, head_dim)
         k = k.reshape(n_tok, self.n_head_kv, self.head_dim)  # (n_tokens, n_head_kv, head_dim)
         v = v.reshape(n_tok, self.n_head_kv, self.head_dim)  # (n_tokens, n_head_kv, head_dim)
@@ -307,7 +312,7 @@ class Attention:
         if model.ggml:
             # llama.cpp scales q before the product, then converts it to the cache's float16
             qh = (qh * scale).astype(np.float16).astype(np.float32)
-            scores = np.stack([ggml_ops.dot_f16(qh[h], keys[h]) for h in range(self.n_head_kv)])  # (n_head_kv, group * n_tokens, end)
+            scores = ggml_ops.dot_f16(qh, keys)  # (n_head_kv, group * n_tokens, end)
         else:
             scores = (qh @ keys.transpose(0, 2, 1)) * scale
         scores = model.record(f"kq-{self.layer}", scores.reshape(self.n_head_kv, group, n_tok, end)) + mask  # (n_head_kv, group, n_tokens, end)
@@ -319,7 +324,7 @@ class Attention:
             pad = -end % 16
             probs_p = np.pad(probs, ((0, 0), (0, 0), (0, pad)))
             values_t = np.pad(values.transpose(0, 2, 1).astype(np.float32), ((0, 0), (0, 0), (0, pad)))
-            out = np.stack([ggml_ops.dot_f16(probs_p[h], values_t[h]) for h in range(self.n_head_kv)])  # (n_head_kv, group * n_tokens, head_dim)
+            out = ggml_ops.dot_f16(probs_p, values_t)  # (n_head_kv, group * n_tokens, head_dim)
         else:
             out = probs @ values
         out = out.reshape(self.n_head, n_tok, self.head_dim).transpose(1, 0, 2)  # (n_tokens, n_head, head_dim)

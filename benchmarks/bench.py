@@ -1,0 +1,221 @@
+"""phi3ref against llama.cpp on the full-size synthetic Phi-3-mini Q4_K_M, side by side.
+
+    python benchmarks/bench.py [--rounds 3] [--threads 2] [--transformers] [--out benchmarks/results]
+
+Every measurement runs in a fresh process; the runtimes alternate within each round and
+the medians over rounds are reported, with the ratios phi3ref / llama.cpp as the headline
+(the machines are noisy, ratios from the same run are what compare). Measured per runtime:
+load time, prefill speed for 128- and 512-token prompts (fresh context each), decode speed
+over 64 tokens after the 128-token prompt, peak RSS, and for phi3ref the time from process
+start to the first generated token and the JIT compile time of a cold Numba cache (once).
+Writes results.json, results.md and results.png (with matplotlib) to --out.
+Needs the ``bench`` extra (llama-cpp-python, matplotlib); transformers with --transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from write_full_model import DEFAULT_PATH, ensure_full_model  # noqa: E402
+
+PROMPTS = (128, 512)
+DECODE = 64
+
+PHI3REF = r"""
+import json, resource, sys, time
+t_start = time.perf_counter()
+import numpy as np
+import phi3ref
+from phi3ref import kernels
+path, threads, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+compile_s = kernels.warmup()
+t0 = time.perf_counter()
+model = phi3ref.load(path, threads=threads, n_ctx=1024)
+load_s = time.perf_counter() - t0
+out = {"compile_s": compile_s, "load_s": load_s}
+if mode == "first-token":
+    r = phi3ref.generate("Write a haiku about ice hockey", model=model, max_tokens=1, seed=0)
+    out["first_token_s"] = time.perf_counter() - t_start
+else:
+    rng = np.random.default_rng(0)
+    for n in (128, 512):
+        prompt = rng.integers(100, 32000, size=n).tolist()
+        model.reset()
+        t = time.perf_counter(); logits = model.forward(prompt, 0); out[f"prefill{n}_tok_s"] = n / (time.perf_counter() - t)
+        if n == 128:
+            pos = n
+            t = time.perf_counter()
+            for _ in range(64):
+                logits = model.forward([int(np.argmax(logits))], pos); pos += 1
+            out["decode_tok_s"] = 64 / (time.perf_counter() - t)
+out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(out))
+"""
+
+LLAMA_CPP = r"""
+import json, resource, sys, time
+import numpy as np
+import llama_cpp
+path, threads = sys.argv[1], int(sys.argv[2])
+t0 = time.perf_counter()
+llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+out = {"load_s": time.perf_counter() - t0}
+rng = np.random.default_rng(0)
+for n in (128, 512):
+    prompt = rng.integers(100, 32000, size=n).tolist()
+    llm.reset()
+    t = time.perf_counter(); llm.eval(prompt); out[f"prefill{n}_tok_s"] = n / (time.perf_counter() - t)
+    if n == 128:
+        t = time.perf_counter()
+        for _ in range(64):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        out["decode_tok_s"] = 64 / (time.perf_counter() - t)
+out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(out))
+"""
+
+TRANSFORMERS = r"""
+import json, resource, sys, time
+import numpy as np, torch, transformers
+path, threads = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(threads)
+t0 = time.perf_counter()
+p = __import__("pathlib").Path(path)
+model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+out = {"load_s": time.perf_counter() - t0}
+rng = np.random.default_rng(0)
+with torch.no_grad():
+    for n in (128, 512):
+        ids = torch.tensor([rng.integers(100, 32000, size=n).tolist()])
+        t = time.perf_counter(); res = model(ids, use_cache=True); out[f"prefill{n}_tok_s"] = n / (time.perf_counter() - t)
+        if n == 128:
+            past, logits = res.past_key_values, res.logits[0, -1]
+            t = time.perf_counter()
+            for _ in range(64):
+                res = model(torch.tensor([[int(logits.argmax())]]), past_key_values=past, use_cache=True)
+                past, logits = res.past_key_values, res.logits[0, -1]
+            out["decode_tok_s"] = 64 / (time.perf_counter() - t)
+out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(out))
+"""
+
+METRICS = [
+    ("load_s", "load (s)", False),
+    ("prefill128_tok_s", "prefill 128 (tok/s)", True),
+    ("prefill512_tok_s", "prefill 512 (tok/s)", True),
+    ("decode_tok_s", "decode 64 after 128 (tok/s)", True),
+    ("peak_rss_bytes", "peak RSS (GB)", False),
+]
+
+
+def run(script: str, *args: str, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_PATH)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--transformers", action="store_true", help="also measure HF transformers (fp32, slow, ~18 GB)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    model, _ = ensure_full_model(args.model)
+    file_bytes = model.stat().st_size
+    args.out.mkdir(parents=True, exist_ok=True)
+    runtimes = {"phi3ref": PHI3REF, "llama.cpp": LLAMA_CPP}
+    if args.transformers:
+        runtimes["transformers"] = TRANSFORMERS
+
+    # JIT compile with a cold Numba cache, once, in a throw-away cache folder
+    with tempfile.TemporaryDirectory() as cold:
+        cold_run = run(PHI3REF, str(model), str(args.threads), "first-token", env={**os.environ, "NUMBA_CACHE_DIR": cold})
+    samples: dict[str, list[dict]] = {name: [] for name in runtimes}
+    first_token = []
+    for r in range(args.rounds):
+        order = list(runtimes) if r % 2 == 0 else list(reversed(runtimes))
+        for name in order:
+            extra = ("full",) if name == "phi3ref" else ()
+            samples[name].append(run(runtimes[name], str(model), str(args.threads), *extra))
+            print(f"round {r + 1}/{args.rounds} {name}: {samples[name][-1]}", file=sys.stderr, flush=True)
+        first_token.append(run(PHI3REF, str(model), str(args.threads), "first-token")["first_token_s"])
+
+    medians = {name: {k: statistics.median(s[k] for s in runs) for k, _, _ in METRICS} for name, runs in samples.items()}
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "model": str(model),
+        "file_bytes": file_bytes,
+        "medians": medians,
+        "samples": samples,
+        "phi3ref_compile_cold_s": cold_run["compile_s"],
+        "phi3ref_first_token_cold_cache_s": cold_run["first_token_s"],
+        "phi3ref_first_token_warm_cache_s": statistics.median(first_token),
+        "ratios": {k: medians["phi3ref"][k] / medians["llama.cpp"][k] for k, _, _ in METRICS},
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+    lines = [
+        f"Full-size synthetic Phi-3-mini Q4_K_M ({file_bytes / 1e9:.2f} GB), {results['machine']}, {args.threads} threads, "
+        f"{results['date']}; medians of {args.rounds} rounds (`python benchmarks/bench.py --rounds {args.rounds}`).",
+        "",
+        "| | " + " | ".join(runtimes) + " | phi3ref / llama.cpp |",
+        "|---|" + "---|" * (len(runtimes) + 1),
+    ]
+    for key, label, _ in METRICS:
+        scale = 1e9 if key == "peak_rss_bytes" else 1
+        cells = [f"{medians[name][key] / scale:.2f}" for name in runtimes]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {results['ratios'][key]:.2f}x |")
+    lines += [
+        "",
+        f"phi3ref peak RSS / file size: {medians['phi3ref']['peak_rss_bytes'] / file_bytes:.2f}. "
+        f"JIT compile with a cold cache: {results['phi3ref_compile_cold_s']:.1f} s; process start to first generated "
+        f"token: {results['phi3ref_first_token_cold_cache_s']:.1f} s cold, {results['phi3ref_first_token_warm_cache_s']:.1f} s with the cache warm.",
+    ]
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        _chart(results, runtimes, args.out / "results.png")
+    except ImportError:
+        print("(matplotlib not installed: no chart)", file=sys.stderr)
+
+
+def _chart(results: dict, runtimes: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = [(k, label) for k, label, higher in METRICS if higher]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(runtimes)
+    for i, name in enumerate(runtimes):
+        values = [results["medians"][name][k] for k, _ in speed]
+        bars = ax.bar([j + i * width for j in range(len(speed))], values, width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks([j + width * (len(runtimes) - 1) / 2 for j in range(len(speed))], [label for _, label in speed])
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"Phi-3-mini Q4_K_M, {results['machine']}, {results['date']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
