@@ -110,7 +110,8 @@ def dot_f16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b.T per batch for float16-valued a (batch, m, k), b (batch, n, k), summed as
     llamafile's tinyBLAS does on AVX-512: 16 float lanes, lane i accumulating the products of
     elements i, i+16, ... in order (products of float16 values are exact in float32, so its
-    fused multiply-adds are plain float32 additions here), then the lanes reduced pairwise."""
+    fused multiply-adds are plain float32 additions here), then the lanes reduced pairwise.
+    ``k`` need not be a multiple of 16 (llama.cpp's KV view is, padded with zeros)."""
     a = np.asarray(a, _F32)
     b = np.asarray(b, _F32)
     batch, m, k = a.shape
@@ -119,9 +120,9 @@ def dot_f16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     rows = max(1, (1 << 22) // max(1, batch * n * _VEC))  # bound the lane accumulators to 16 MiB
     for r in range(0, m, rows):
         acc = np.zeros((batch, min(rows, m - r), n, _VEC), dtype=_F32)
-        for s in range(k // _VEC):
-            lanes = slice(s * _VEC, (s + 1) * _VEC)
-            acc += a[:, r : r + rows, None, lanes] * b[:, None, :, lanes]
+        for s in range(0, k, _VEC):  # a short last step adds into the first lanes only,
+            width = min(_VEC, k - s)  # as zero padding to a multiple of 16 would
+            acc[..., :width] += a[:, r : r + rows, None, s : s + width] * b[:, None, :, s : s + width]
         out[:, r : r + rows] = _reduce16(acc)
     return out
 

@@ -484,11 +484,13 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, p
     acc_min = np.float32(0)  # SEQ_MIN mins, LANES scalar mins
     for k in range(8):
         lanes[k] = 0
+    # the repacked Q4_K GEMM (tokens in groups of four) sums its mins per pair below
+    q4_k_gemm = mode == MODE_SEQ_MIN and qtype == Q4_K and t < n_tok - n_tok % 4
     for b in range(n_blocks):
         dx = d[t, b]
         # mins: ggml's sum over the block of min x (sum of the activation codes it covers)
         msum = 0
-        if kind == 1:
+        if kind == 1 and not q4_k_gemm:
             for j in range(spb):
                 part = 0
                 for k in range(sub // 16):
@@ -531,7 +533,7 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, p
                 if kind == 1:
                     r = _fma(-wm[b], np.float32(msum), r)
                 acc = acc + r * dx
-            elif mode == MODE_SEQ_MIN and qtype == Q4_K and t < n_tok - n_tok % 4:
+            elif q4_k_gemm:
                 # repacked GEMM: one fma per pair of 32-element sub-blocks
                 for pair in range(4):
                     j0 = b * 8 + 2 * pair

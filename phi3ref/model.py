@@ -320,11 +320,7 @@ class Attention:
         probs = probs.reshape(self.n_head_kv, group * n_tok, end)
         if model.ggml:
             probs = probs.astype(np.float16).astype(np.float32)  # converted for the float16 V product
-            # (padded to a multiple of 16 cells, as llama.cpp's cache view is, with zeros)
-            pad = -end % 16
-            probs_p = np.pad(probs, ((0, 0), (0, 0), (0, pad)))
-            values_t = np.pad(values.transpose(0, 2, 1).astype(np.float32), ((0, 0), (0, 0), (0, pad)))
-            out = ggml_ops.dot_f16(probs_p, values_t)  # (n_head_kv, group * n_tokens, head_dim)
+            out = ggml_ops.dot_f16(probs, values.transpose(0, 2, 1))  # (n_head_kv, group * n_tokens, head_dim)
         else:
             out = probs @ values
         out = out.reshape(self.n_head, n_tok, self.head_dim).transpose(1, 0, 2)  # (n_tokens, n_head, head_dim)
