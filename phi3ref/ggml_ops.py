@@ -11,11 +11,12 @@ rounding differs from a hardware FMA, and only when a double rounding hits a tie
 
 from __future__ import annotations
 
+import numba as nb
 import numpy as np
 
 from . import kernels
 
-__all__ = ["cos_sin", "dot_f16", "expf", "fma", "rms_scale", "silu", "softmax"]
+__all__ = ["attention_scores", "attention_values", "cos_sin", "expf", "fma", "rms_scale", "silu", "softmax"]
 
 _F32, _F64 = np.float32, np.float64
 _VEC = 16  # AVX-512 lanes: full vectors take the polynomial, the tail takes libm expf
@@ -81,49 +82,33 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (_F32(1) + expf(-x))
 
 
-def _reduce16(v: np.ndarray) -> np.ndarray:
-    """_mm512_reduce_add_ps over the last axis (16 lanes): halves added pairwise."""
-    t8 = v[..., 8:16] + v[..., 0:8]
-    t4 = t8[..., 4:8] + t8[..., 0:4]
-    t2 = t4[..., 0:2] + t4[..., 2:4]
-    return t2[..., 0] + t2[..., 1]
-
-
 def softmax(scores: np.ndarray) -> np.ndarray:
-    """ggml_soft_max (scale 1, mask already added): exp(x - max) by the vector exp, the sum
-    of each 16-lane vector reduced in float32 and accumulated in double, then multiplied
-    by the float32 reciprocal. llama.cpp's KV cache view is always a multiple of 256
-    cells (the unused ones masked to -inf), so every element takes the vector path: the
-    row is padded the same way here."""
-    x = np.asarray(scores, _F32)
-    n = x.shape[-1]
-    width = -(-n // _VEC) * _VEC
-    padded = np.full((*x.shape[:-1], width), -np.inf, dtype=_F32)
-    padded[..., :n] = x
-    e = _v_expf(padded - padded.max(axis=-1, keepdims=True))
-    lanes = e.reshape(*e.shape[:-1], width // _VEC, _VEC)
-    total = _reduce16(lanes).astype(_F64).sum(axis=-1)
-    return (e * (1.0 / total).astype(_F32)[..., None])[..., :n]
+    """ggml_soft_max (scale 1, mask already added) over the last axis: exp by the vector
+    exp, lane sums in float32 accumulated in double, times the float32 reciprocal
+    (:func:`phi3ref.kernels.softmax_ggml`)."""
+    x = np.ascontiguousarray(scores, _F32)
+    out = np.empty_like(x)
+    kernels.softmax_ggml(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]), nb.get_num_threads())
+    return out
 
 
-def dot_f16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b.T per batch for float16-valued a (batch, m, k), b (batch, n, k), summed as
-    llamafile's tinyBLAS does on AVX-512: 16 float lanes, lane i accumulating the products of
-    elements i, i+16, ... in order (products of float16 values are exact in float32, so its
-    fused multiply-adds are plain float32 additions here), then the lanes reduced pairwise.
-    ``k`` need not be a multiple of 16 (llama.cpp's KV view is, padded with zeros)."""
-    a = np.asarray(a, _F32)
-    b = np.asarray(b, _F32)
-    batch, m, k = a.shape
-    n = b.shape[1]
-    out = np.empty((batch, m, n), dtype=_F32)
-    rows = max(1, (1 << 22) // max(1, batch * n * _VEC))  # bound the lane accumulators to 16 MiB
-    for r in range(0, m, rows):
-        acc = np.zeros((batch, min(rows, m - r), n, _VEC), dtype=_F32)
-        for s in range(0, k, _VEC):  # a short last step adds into the first lanes only,
-            width = min(_VEC, k - s)  # as zero padding to a multiple of 16 would
-            acc[..., :width] += a[:, r : r + rows, None, s : s + width] * b[:, None, :, s : s + width]
-        out[:, r : r + rows] = _reduce16(acc)
+def attention_scores(q: np.ndarray, k_cache: np.ndarray, end: int) -> np.ndarray:
+    """q (n_head_kv, rows, head_dim), float16-valued, against the float16 keys of positions
+    < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, end), summed
+    as llamafile's tinyBLAS sums on AVX-512 (:func:`phi3ref.kernels.attention_scores_f16`)."""
+    q = np.ascontiguousarray(q, _F32)
+    out = np.empty((q.shape[0], q.shape[1], end), dtype=_F32)
+    kernels.attention_scores_f16(q, k_cache.view(np.uint16), end, out, nb.get_num_threads())
+    return out
+
+
+def attention_values(probs: np.ndarray, v_cache: np.ndarray, end: int) -> np.ndarray:
+    """probs (n_head_kv, rows, end), float16-valued, times the float16 values of positions
+    < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, head_dim)
+    (:func:`phi3ref.kernels.attention_values_f16`)."""
+    probs = np.ascontiguousarray(probs, _F32)
+    out = np.empty((probs.shape[0], probs.shape[1], v_cache.shape[-1]), dtype=_F32)
+    kernels.attention_values_f16(probs, v_cache.view(np.uint16), end, out, nb.get_num_threads())
     return out
 
 

@@ -13,7 +13,13 @@ a plain numpy reference. Two families:
   for F16, bfloat16 for BF16, float32 for F32. Each block's dot product is then an integer
   sum times one float scale per block, and the float results are added in the order the
   llama.cpp kernel for that case adds them (the accumulation modes below), so that
-  phi3ref reproduces llama.cpp's logits to the last bit on x86-64.
+  phi3ref reproduces llama.cpp's logits to the last bit on x86-64. For the types of
+  Phi-3's files (Q4_K, Q5_K, Q6_K; also Q4_0, Q8_0) the integer sums come from the 8-bit
+  SIMD intrinsics of :mod:`phi3ref.simd` (vpdpbusd where the CPU has it), each weight block
+  unpacked once per tile of tokens; other types take ``matmul_ggml_unpacked``, the plain
+  scalar form that the SIMD path is tested against bit for bit.
+* ``attention_scores_f16`` / ``attention_values_f16`` / ``softmax_ggml``: llama.cpp's
+  attention arithmetic over the float16 KV cache, read in place.
 
 ``libm_cos_sin`` and ``libm_expf`` give the C library's float32 functions, which ggml calls.
 
@@ -33,6 +39,7 @@ from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import quants
+from .simd import OUT_STRIDE, fma32, half_to_float, q4_0_block, q4_k_block, q5_k_block, q6_k_block, q8_0_block
 
 __all__ = [
     "FASTMATH",
@@ -48,6 +55,7 @@ __all__ = [
     "activation_type",
     "quantize_activations",
     "decode_row",
+    "fma_f32",
     "libm_cos_sin",
     "libm_expf",
     "unpack_row",
@@ -55,6 +63,10 @@ __all__ = [
     "matmul_f16",
     "matmul_f32",
     "matmul_ggml",
+    "matmul_ggml_unpacked",
+    "attention_scores_f16",
+    "attention_values_f16",
+    "softmax_ggml",
     "warmup",
 ]
 
@@ -405,17 +417,41 @@ def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarra
         s = _f16_round(d * codes.sum(axis=-1, dtype=np.float32)) if act == ACT_Q8_1 else empty_s
         return q, _f16_round(d), s
     if act == ACT_Q8_K:
-        blocks = x.reshape(n_tok, n_in // 256, 256)
-        first_max = np.abs(blocks).argmax(axis=-1)[..., None]  # first of equal magnitudes
-        mx = np.take_along_axis(blocks, first_max, axis=-1)[..., 0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
-            d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
-        # nearest_int(iscale * x) of the float32 product (ties to even)
-        codes = np.minimum(np.rint(blocks * iscale[..., None]), 127).astype(np.int8)
-        bsums = codes.reshape(n_tok, n_in // 16, 16).sum(axis=-1, dtype=np.int32)
-        return codes.reshape(n_tok, n_in), d, bsums
+        q = np.empty((n_tok, n_in), dtype=np.int8)
+        d = np.empty((n_tok, n_in // 256), dtype=np.float32)
+        bsums = np.empty((n_tok, n_in // 16), dtype=np.int32)
+        _quantize_q8_k(x, q, d, bsums)
+        return q, d, bsums
     raise ValueError(f"unknown activation format {act}")
+
+
+@njit(cache=True, fastmath=FASTMATH_GGML)
+def _quantize_q8_k(x, q, d, bsums):
+    """quantize_row_q8_K_ref: per 256-block, the first value of largest magnitude sets
+    iscale = -127 / max; codes nearest_int(iscale * x) (ties to even), at most 127."""
+    n_tok, n_in = x.shape
+    for t in range(n_tok):
+        for b in range(n_in // 256):
+            o = 256 * b
+            mx = x[t, o]
+            amax = abs(mx)
+            for i in range(1, 256):
+                if abs(x[t, o + i]) > amax:
+                    amax, mx = abs(x[t, o + i]), x[t, o + i]
+            if amax == 0:
+                d[t, b] = 0
+                q[t, o : o + 256] = 0
+            else:
+                iscale = np.float32(-127) / mx
+                d[t, b] = np.float32(1) / iscale
+                for i in range(256):
+                    q[t, o + i] = np.int8(min(np.float32(127), np.rint(iscale * x[t, o + i])))
+            for g in range(16):
+                total = I32(0)
+                for i in range(16):
+                    total = I32(total + I32(q[t, o + 16 * g + i]))
+                bsums[t, 16 * b + g] = total
+    return q
 
 
 # How llama.cpp's x86 CPU backend (AVX2 / AVX-512) sums a row's block results in float32:
@@ -458,10 +494,8 @@ def accumulation_mode(qtype, n_rows, n_tokens):
 
 @njit(inline="always")
 def _fma(a, b, c):
-    """float32 fused multiply-add: a * b + c rounded once. The float32 product is exact in
-    float64, so only a double rounding at a tie can differ from hardware FMA; unlike
-    relying on LLVM to contract a * b + c, the result does not depend on the compiler."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+    """float32 fused multiply-add, a * b + c rounded once (ggml's _mm256_fmadd_ps)."""
+    return fma32(np.float32(a), np.float32(b), np.float32(c))
 
 
 @njit(inline="always")
@@ -553,166 +587,148 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, p
 
 
 # --------------------------------------------------------------------------------------
-# single-token (GEMV) fast paths: unpacking fused into the dot product for the types that
-# carry Phi-3's weights. Same integers, same float operations as _dot_unpacked; the
-# element loops are written so that LLVM vectorizes them.
+# SIMD paths for the types that carry Phi-3's weights (Q4_K, Q5_K, Q6_K; Q4_0 and Q8_0 for
+# other mixes): phi3ref.simd's intrinsics give each weight block's integer sums for a tile
+# of tokens (the block unpacked once per tile), and the float operations below are those of
+# _dot_unpacked, in the same order, so the results are bit-identical to it.
 # --------------------------------------------------------------------------------------
+
+TOKEN_TILE = 32  # tokens whose activation codes (32 x n_in bytes) stay in cache together
+ROW_GROUP = 8  # weight rows that meet each tile of tokens while it is in cache
 
 
 @njit(inline="always")
-def _gemv_q4_0(w, xq, xd, table):
+def has_simd_path(qtype):
+    return qtype == Q4_K or qtype == Q5_K or qtype == Q6_K or qtype == Q8_0 or qtype == Q4_0
+
+
+@njit(inline="always")
+def _lanes_sum(ints, o):
+    return I32(ints[o] + ints[o + 1] + ints[o + 2] + ints[o + 3] + ints[o + 4] + ints[o + 5] + ints[o + 6] + ints[o + 7])
+
+
+@njit(inline="always")
+def _simd_block_ints(row, qtype, b, q, s, t0, nt, ints, scales, table):
+    """Integer phase for block b of a row: phi3ref.simd's sums for tokens t0..t0+nt into
+    ints[(b * nt + t) * OUT_STRIDE ...], and the block's float16 scales into scales[b]."""
+    n_in = q.shape[1]
+    dest = ints[b * nt * OUT_STRIDE :]
+    if qtype == Q4_0 or qtype == Q8_0:
+        off, xoff = b * (18 if qtype == Q4_0 else 34), t0 * n_in + b * 32
+        if qtype == Q4_0:
+            q4_0_block(row, off, q, xoff, s, 0, n_in, nt, dest)
+        else:
+            q8_0_block(row, off, q, xoff, s, 0, n_in, nt, dest)
+        scales[b, 0] = _f16(row, off, table)
+        return
+    xoff, soff = t0 * n_in + b * 256, t0 * (n_in // 16) + b * 16
+    if qtype == Q4_K:
+        off = b * 144
+        q4_k_block(row, off, q, xoff, s, soff, n_in, nt, dest)
+    elif qtype == Q5_K:
+        off = b * 176
+        q5_k_block(row, off, q, xoff, s, soff, n_in, nt, dest)
+    else:
+        off = b * 210
+        q6_k_block(row, off, q, xoff, s, soff, n_in, nt, dest)
+        scales[b, 0] = _f16(row, off + 208, table)
+        return
+    scales[b, 0], scales[b, 1] = _f16(row, off, table), _f16(row, off + 2, table)
+
+
+@njit(inline="always")
+def _simd_token(qtype, mode, ints, scales, d, tt, t, nt, n_blocks, gemm, lanes):
+    """Float phase for one token: the block results summed in ``mode``'s order (those of
+    _dot_unpacked, operation for operation)."""
     acc = np.float32(0)
-    for b in range(xd.shape[0]):
-        off, o = b * 18, b * 32
-        isum = I32(0)
-        for j in range(16):
-            v = I32(w[off + 2 + j])
-            isum = I32(isum + I32((v & 0xF) - 8) * I32(xq[o + j]) + I32((v >> 4) - 8) * I32(xq[o + j + 16]))
-        acc = _fma(_f16(w, off, table) * xd[b], np.float32(isum), acc)
+    acc_min = np.float32(0)
+    for k in range(8):
+        lanes[k] = 0
+    for b in range(n_blocks):
+        o = (b * nt + t) * OUT_STRIDE
+        dx, wd, wm = d[tt, b], scales[b, 0], scales[b, 1]
+        if qtype == Q4_K:
+            if gemm:  # the repacked GEMM: one fma per pair of sub-blocks
+                for p in range(4):
+                    acc = _fma(wd * dx, np.float32(ints[o + p]), acc)
+                    acc_min = _fma(wm * dx, np.float32(ints[o + 4 + p]), acc_min)
+                continue
+            isum = np.float32(I32(ints[o] + ints[o + 1] + ints[o + 2] + ints[o + 3]))
+            msum = np.float32(I32(ints[o + 4] + ints[o + 5] + ints[o + 6] + ints[o + 7]))
+            if mode == MODE_TILED:
+                acc = acc + _fma(-wm, msum, isum * wd) * dx
+            else:
+                acc = _fma(wd * dx, isum, acc)
+                acc_min = _fma(wm * dx, msum, acc_min)
+        elif mode == MODE_TILED:  # Q5_K, Q6_K
+            r = np.float32(_lanes_sum(ints, o)) * wd
+            if qtype == Q5_K:
+                r = _fma(-wm, np.float32(ints[o + 8]), r)
+            acc = acc + r * dx
+        elif mode == MODE_SEQ:  # repacked Q4_0
+            acc = _fma(wd * dx, np.float32(_lanes_sum(ints, o)), acc)
+        else:  # LANES: Q5_K, Q6_K, Q8_0, Q4_0 with a row count not a multiple of 8
+            dd = wd * dx
+            for k in range(8):
+                lanes[k] = _fma(dd, np.float32(ints[o + k]), lanes[k])
+            if qtype == Q5_K:
+                acc_min = _fma(-dx * wm, np.float32(ints[o + 8]), acc_min)
+    if mode == MODE_LANES:
+        return _hsum8(lanes) + acc_min
+    if mode == MODE_SEQ_MIN:
+        return acc - acc_min
     return acc
 
 
 @njit(inline="always")
-def _lanes_of(acc32, k):
-    return I32(acc32[4 * k] + acc32[4 * k + 1] + acc32[4 * k + 2] + acc32[4 * k + 3])
-
-
-@njit(inline="always")
-def _gemv_q8_0(w, xq, xd, acc32, lanes, table):
-    for k in range(8):
-        lanes[k] = 0
-    for b in range(xd.shape[0]):
-        off, o = b * 34, b * 32
-        for e in range(32):
-            acc32[e] = I32(np.int8(w[off + 2 + e])) * I32(xq[o + e])
-        dd = _f16(w, off, table) * xd[b]
-        for k in range(8):
-            lanes[k] = _fma(dd, np.float32(_lanes_of(acc32, k)), lanes[k])
-    return _hsum8(lanes)
-
-
-@njit(inline="always")
-def _gemv_q4_k(w, xq, xd, xs, table):
-    acc = np.float32(0)
-    acc_min = np.float32(0)
-    for b in range(xd.shape[0]):
-        off = b * 144
-        isum = I32(0)
-        msum = I32(0)
-        for k in range(4):  # 32 bytes: sub-block 2k in the low nibbles, 2k + 1 in the high ones
-            base, o = off + 16 + 32 * k, b * 256 + 64 * k
-            lo = I32(0)
-            hi = I32(0)
-            for l in range(32):
-                v = I32(w[base + l])
-                lo = I32(lo + (v & 0xF) * I32(xq[o + l]))
-                hi = I32(hi + (v >> 4) * I32(xq[o + 32 + l]))
-            sc0, mn0 = _k_scale_min(off + 4, w, 2 * k)
-            sc1, mn1 = _k_scale_min(off + 4, w, 2 * k + 1)
-            isum = I32(isum + sc0 * lo + sc1 * hi)
-            g = o // 16
-            msum = I32(msum + mn0 * (I32(xs[g]) + I32(xs[g + 1])) + mn1 * (I32(xs[g + 2]) + I32(xs[g + 3])))
-        dx = xd[b]
-        acc = _fma(_f16(w, off, table) * dx, np.float32(isum), acc)
-        acc_min = _fma(_f16(w, off + 2, table) * dx, np.float32(msum), acc_min)
-    return acc - acc_min
-
-
-@njit(inline="always")
-def _gemv_q5_k(w, xq, xd, xs, acc32, lanes, table):
-    for k in range(8):
-        lanes[k] = 0
-    acc_min = np.float32(0)
-    for b in range(xd.shape[0]):
-        off = b * 176
-        for e in range(32):
-            acc32[e] = 0
-        msum = I32(0)
-        for k in range(4):
-            base, o = off + 48 + 32 * k, b * 256 + 64 * k
-            sc0, mn0 = _k_scale_min(off + 4, w, 2 * k)
-            sc1, mn1 = _k_scale_min(off + 4, w, 2 * k + 1)
-            for l in range(32):
-                v = I32(w[base + l])
-                h = I32(w[off + 16 + l])
-                q0 = (v & 0xF) | (((h >> (2 * k)) & 1) << 4)
-                q1 = (v >> 4) | (((h >> (2 * k + 1)) & 1) << 4)
-                acc32[l] = I32(acc32[l] + sc0 * q0 * I32(xq[o + l]) + sc1 * q1 * I32(xq[o + 32 + l]))
-            g = o // 16
-            msum = I32(msum + mn0 * (I32(xs[g]) + I32(xs[g + 1])) + mn1 * (I32(xs[g + 2]) + I32(xs[g + 3])))
-        dx = xd[b]
-        dd = _f16(w, off, table) * dx
-        for k in range(8):
-            lanes[k] = _fma(dd, np.float32(_lanes_of(acc32, k)), lanes[k])
-        acc_min = _fma(-dx * _f16(w, off + 2, table), np.float32(msum), acc_min)
-    return _hsum8(lanes) + acc_min
-
-
-@njit(inline="always")
-def _gemv_q6_k(w, xq, xd, xs, acc32, lanes, table):
-    for k in range(8):
-        lanes[k] = 0
-    for b in range(xd.shape[0]):
-        off = b * 210
-        for e in range(32):
-            acc32[e] = 0
-        for half in range(2):
-            lo, hi, o = off + half * 64, off + 128 + half * 32, b * 256 + half * 128
-            sc = off + 192 + 8 * half  # 16-element groups 8 half ... 8 half + 7
-            for g in range(2):  # first and second 16 of every 32
-                s0, s1 = I32(np.int8(w[sc + g])), I32(np.int8(w[sc + 2 + g]))
-                s2, s3 = I32(np.int8(w[sc + 4 + g])), I32(np.int8(w[sc + 6 + g]))
-                for l in range(16 * g, 16 * g + 16):
-                    a, c, h = I32(w[lo + l]), I32(w[lo + 32 + l]), I32(w[hi + l])
-                    q0 = (a & 0xF) | ((h & 3) << 4)  # element l
-                    q1 = (c & 0xF) | (((h >> 2) & 3) << 4)  # element 32 + l
-                    q2 = (a >> 4) | (((h >> 4) & 3) << 4)  # element 64 + l
-                    q3 = (c >> 4) | (((h >> 6) & 3) << 4)  # element 96 + l
-                    acc32[l] = I32(
-                        acc32[l] + s0 * q0 * I32(xq[o + l]) + s1 * q1 * I32(xq[o + 32 + l])
-                        + s2 * q2 * I32(xq[o + 64 + l]) + s3 * q3 * I32(xq[o + 96 + l])
-                    )
-        dd = _f16(w, off + 208, table) * xd[b]
-        for k in range(8):
-            g0, g1 = off + 192 + 2 * k, off + 192 + 2 * k + 1
-            bias = I32(32 * (I32(np.int8(w[g0])) * I32(xs[b * 16 + 2 * k]) + I32(np.int8(w[g1])) * I32(xs[b * 16 + 2 * k + 1])))
-            lanes[k] = _fma(dd, np.float32(I32(_lanes_of(acc32, k) - bias)), lanes[k])
-    return _hsum8(lanes)
-
-
-@njit(inline="always")
-def has_gemv_fast_path(qtype, n_rows):
-    return qtype == Q4_K or qtype == Q5_K or qtype == Q6_K or qtype == Q8_0 or (qtype == Q4_0 and n_rows % 8 == 0)
-
-
-@njit(inline="always")
-def _gemv(w, qtype, xq, xd, xs, acc32, lanes, table):
-    if qtype == Q4_K:
-        return _gemv_q4_k(w, xq, xd, xs, table)
-    if qtype == Q6_K:
-        return _gemv_q6_k(w, xq, xd, xs, acc32, lanes, table)
-    if qtype == Q5_K:
-        return _gemv_q5_k(w, xq, xd, xs, acc32, lanes, table)
-    if qtype == Q8_0:
-        return _gemv_q8_0(w, xq, xd, acc32, lanes, table)
-    return _gemv_q4_0(w, xq, xd, table)
+def _rows_simd(w, qtype, mode, r0, r1, q, d, s, out, ints, scales, lanes, table):
+    """Rows r0..r1 of W against every token: out[t, r]. Rows go in groups of ROW_GROUP and
+    tokens in tiles of TOKEN_TILE, so that a group's weights and a tile's activation codes
+    stay in cache while they meet; per row and tile, first every block's integer sums
+    (SIMD), then each token's float sums."""
+    n_tok, n_in = out.shape[0], q.shape[1]
+    n_blocks = n_in // (32 if (qtype == Q4_0 or qtype == Q8_0) else 256)
+    for g0 in range(r0, r1, ROW_GROUP):
+        for t0 in range(0, n_tok, TOKEN_TILE):
+            nt = min(TOKEN_TILE, n_tok - t0)
+            for r in range(g0, min(r1, g0 + ROW_GROUP)):
+                row = w[r]
+                for b in range(n_blocks):
+                    _simd_block_ints(row, qtype, b, q, s, t0, nt, ints, scales, table)
+                for t in range(nt):
+                    tt = t0 + t
+                    gemm = mode == MODE_SEQ_MIN and tt < n_tok - n_tok % 4
+                    out[tt, r] = _simd_token(qtype, mode, ints, scales, d, tt, t, nt, n_blocks, gemm, lanes)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
 def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
     """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
     weights. ``q, d, s`` come from :func:`quantize_activations` in the weight type's
-    activation format. Each weight row is unpacked once and used for every token."""
+    activation format. Q4_0, Q8_0, Q4_K, Q5_K and Q6_K take the SIMD path (each weight
+    block unpacked once per tile of tokens), every other type :func:`matmul_ggml_unpacked`."""
+    n_rows, n_tok = w.shape[0], out.shape[0]
+    if not has_simd_path(qtype):
+        matmul_ggml_unpacked(w, qtype, q, d, s, out, table, n_threads)
+        return
+    mode = accumulation_mode(qtype, n_rows, n_tok)
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        n_blocks = q.shape[1] // 32  # an upper bound for every type
+        ints = np.empty(n_blocks * min(n_tok, TOKEN_TILE) * OUT_STRIDE, dtype=np.int32)
+        scales = np.empty((n_blocks, 2), dtype=np.float32)
+        lanes = np.empty(8, dtype=np.float32)
+        _rows_simd(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out, ints, scales, lanes, table)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, n_threads):
+    """:func:`matmul_ggml` for any block type, the plain way: each weight row is unpacked
+    to codes and scales once (:func:`unpack_row`), then dotted with every token's codes in
+    scalar loops. The reference the SIMD path is tested against, bit for bit."""
     n_rows, n_tok, n_in = w.shape[0], out.shape[0], q.shape[1]
     mode = accumulation_mode(qtype, n_rows, n_tok)
     per = (n_rows + n_threads - 1) // n_threads
-    if n_tok == 1 and has_gemv_fast_path(qtype, n_rows):
-        for th in prange(n_threads):
-            acc32 = np.zeros(32, dtype=np.int32)
-            lanes = np.zeros(8, dtype=np.float32)
-            for r in range(th * per, min(n_rows, (th + 1) * per)):
-                out[0, r] = _gemv(w[r], qtype, q[0], d[0], s[0], acc32, lanes, table)
-        return
     for th in prange(n_threads):
         wq, wsc, wmn, wd, wm = _row_scratch(n_in)
         lanes = np.zeros(8, dtype=np.float32)
@@ -721,6 +737,128 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
             unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
             for t in range(n_tok):
                 out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts)
+
+
+# ======================================================================================
+# attention in ggml's numerics: float16 KV cache, products summed as llamafile's tinyBLAS
+# does on AVX-512 (16 float lanes, lane i takes elements i, i + 16, ... in order, then the
+# lanes reduced pairwise); products of two float16 values are exact in float32, so its
+# fused multiply-adds are plain float32 additions here.
+# ======================================================================================
+
+
+@njit(inline="always")
+def _reduce16(acc, j):
+    """_mm512_reduce_add_ps of acc[0..15, j]: halves added pairwise."""
+    t0 = (acc[8, j] + acc[0, j]) , (acc[9, j] + acc[1, j]), (acc[10, j] + acc[2, j]), (acc[11, j] + acc[3, j])
+    t1 = (acc[12, j] + acc[4, j]), (acc[13, j] + acc[5, j]), (acc[14, j] + acc[6, j]), (acc[15, j] + acc[7, j])
+    u0, u1, u2, u3 = t1[0] + t0[0], t1[1] + t0[1], t1[2] + t0[2], t1[3] + t0[3]
+    return (u0 + u2) + (u1 + u3)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def attention_scores_f16(q, k_cache, end, out, n_threads):
+    """out[h, r, p] = q[h, r] . k_cache[p, h] for positions p < end, summed over head_dim
+    in tinyBLAS's lanes. q: (n_head_kv, rows, head_dim) float32 holding float16 values;
+    k_cache: (n_ctx, n_head_kv, head_dim) uint16 float16 bit patterns (the cache itself, no
+    copy); out: (n_head_kv, rows, end) float32."""
+    n_kv, rows, hd = q.shape
+    n_items = n_kv * rows
+    per = (n_items + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        acc = np.empty((16, 1), dtype=np.float32)
+        for item in range(th * per, min(n_items, (th + 1) * per)):
+            h, r = item // rows, item % rows
+            for p in range(end):
+                for i in range(16):
+                    acc[i, 0] = 0
+                for c in range(0, hd, 16):
+                    for i in range(min(16, hd - c)):
+                        acc[i, 0] += q[h, r, c + i] * half_to_float(k_cache[p, h, c + i])
+                out[h, r, p] = _reduce16(acc, 0)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def attention_values_f16(probs, v_cache, end, out, n_threads):
+    """out[h, r, j] = sum over positions p < end of probs[h, r, p] * v_cache[p, h, j], lanes
+    over positions (lane p % 16). probs: (n_head_kv, rows, end) float32 holding float16
+    values; v_cache: (n_ctx, n_head_kv, head_dim) uint16; out: (n_head_kv, rows, head_dim)."""
+    n_kv, rows, hd = out.shape
+    n_items = n_kv * rows
+    per = (n_items + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        acc = np.empty((16, hd), dtype=np.float32)
+        for item in range(th * per, min(n_items, (th + 1) * per)):
+            h, r = item // rows, item % rows
+            acc[:] = 0
+            for p in range(end):
+                pr = probs[h, r, p]
+                lane = p % 16
+                for j in range(hd):
+                    acc[lane, j] += pr * half_to_float(v_cache[p, h, j])
+            for j in range(hd):
+                out[h, r, j] = _reduce16(acc, j)
+
+
+def _hexf(literal: str) -> np.float32:
+    """A C hexadecimal float literal (0x1.8p23f) as float32."""
+    return np.float32(float.fromhex(literal))
+
+
+# ggml_v_expf's constants, as its source spells them
+_EXP_SHIFTER, _EXP_LOG2E = _hexf("0x1.8p23"), _hexf("0x1.715476p+0")
+_EXP_LN2_HI, _EXP_LN2_LO = _hexf("0x1.62e4p-1"), _hexf("0x1.7f7d1cp-20")
+_EXP_C5, _EXP_C4, _EXP_C3 = _hexf("0x1.0e4020p-7"), _hexf("0x1.573e2ep-5"), _hexf("0x1.555e66p-3")
+_EXP_C2, _EXP_C1 = _hexf("0x1.fffdb6p-2"), _hexf("0x1.ffffecp-1")
+
+
+@njit(inline="always")
+def _v_expf(x):
+    """ggml_v_expf (AVX-512) for one lane: exp(x) = 2^n * p(b), n = round(x / ln 2), b the
+    remainder; |n| > 192 gives 0 or inf (masked scores are -inf)."""
+    z = fma32(x, _EXP_LOG2E, _EXP_SHIFTER)
+    n = z - _EXP_SHIFTER
+    b = fma32(-n, _EXP_LN2_LO, fma32(-n, _EXP_LN2_HI, x))
+    u = b * b
+    j = fma32(fma32(fma32(_EXP_C5, b, _EXP_C4), u, fma32(_EXP_C3, b, _EXP_C2)), u, fma32(_EXP_C1, b, np.float32(1)))
+    if not (abs(n) <= np.float32(192)):
+        return np.float32(0) if n <= 0 else np.float32(np.inf)
+    return np.float32(np.ldexp(np.float64(j), np.int64(n)))  # _mm512_scalef_ps: one rounding
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def softmax_ggml(scores, out, n_threads):
+    """ggml_soft_max (scale 1, mask already added) of each row of scores (rows, n): exp(x -
+    max) by the vector exp, each 16 lanes' sum reduced in float32 and accumulated in double,
+    then multiplied by the float32 reciprocal. llama.cpp's KV cache view is a multiple of
+    256 cells (the unused ones -inf), so every element takes the vector path."""
+    n_rows, n = scores.shape
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        acc = np.empty((16, 1), dtype=np.float32)
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            mx = np.float32(-np.inf)
+            for i in range(n):
+                mx = max(mx, scores[r, i])
+            total = 0.0
+            for c in range(0, n, 16):
+                for i in range(16):
+                    acc[i, 0] = 0
+                for i in range(min(16, n - c)):
+                    e = _v_expf(scores[r, c + i] - mx)
+                    out[r, c + i] = e
+                    acc[i, 0] = e
+                total += np.float64(_reduce16(acc, 0))
+            inv = np.float32(1.0 / total)
+            for i in range(n):
+                out[r, i] = out[r, i] * inv
+
+
+@njit(cache=True)
+def fma_f32(a, b, c):
+    """float32 a * b + c with one rounding, as the kernels compute it (for tests and callers
+    outside Numba)."""
+    return fma32(np.float32(a), np.float32(b), np.float32(c))
 
 
 @njit(cache=True)
@@ -759,6 +897,12 @@ def warmup() -> float:
     matmul_f16(np.zeros((4, 256), np.uint16), x, out, F16_TABLE, nb.get_num_threads())
     libm_cos_sin(x)
     libm_expf(x)
+    fma_f32(1.0, 1.0, 1.0)
+    softmax_ggml(x, np.empty_like(x), nb.get_num_threads())
+    cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
+    scores = np.empty((1, 2, 3), dtype=np.float32)
+    attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, scores, nb.get_num_threads())
+    attention_values_f16(scores, cache16, 3, np.empty((1, 2, 16), np.float32), nb.get_num_threads())
     for qtype, t in QUANT_TYPES.items():
         if t.block_size == 1:
             continue

@@ -312,7 +312,7 @@ class Attention:
         if model.ggml:
             # llama.cpp scales q before the product, then converts it to the cache's float16
             qh = (qh * scale).astype(np.float16).astype(np.float32)
-            scores = ggml_ops.dot_f16(qh, keys)  # (n_head_kv, group * n_tokens, end)
+            scores = ggml_ops.attention_scores(qh, cache.k[self.layer], end)  # (n_head_kv, group * n_tokens, end)
         else:
             scores = (qh @ keys.transpose(0, 2, 1)) * scale
         scores = model.record(f"kq-{self.layer}", scores.reshape(self.n_head_kv, group, n_tok, end)) + mask  # (n_head_kv, group, n_tokens, end)
@@ -320,7 +320,7 @@ class Attention:
         probs = probs.reshape(self.n_head_kv, group * n_tok, end)
         if model.ggml:
             probs = probs.astype(np.float16).astype(np.float32)  # converted for the float16 V product
-            out = ggml_ops.dot_f16(probs, values.transpose(0, 2, 1))  # (n_head_kv, group * n_tokens, head_dim)
+            out = ggml_ops.attention_values(probs, cache.v[self.layer], end)  # (n_head_kv, group * n_tokens, head_dim)
         else:
             out = probs @ values
         out = out.reshape(self.n_head, n_tok, self.head_dim).transpose(1, 0, 2)  # (n_tokens, n_head, head_dim)

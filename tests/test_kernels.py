@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from phi3ref import QUANT_TYPES, dequantize, kernels, quantize
+from phi3ref import QUANT_TYPES, dequantize, ggml_ops, kernels, quantize
 from phi3ref.quants import QUANTIZABLE_TYPES
 from phi3ref.weights import Weight
 
@@ -177,16 +182,109 @@ def test_warmup_reports_compile_time():
     assert kernels.warmup() < max(1.0, seconds)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
-def test_single_token_fast_path_is_bit_identical(qtype):
-    """The fused single-token kernels give exactly the generic kernel's floats."""
+SIMD_TYPES = [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+
+
+def check_simd_path(qtypes=SIMD_TYPES, threads: int = THREADS) -> None:
+    """The SIMD kernels give exactly the plain kernel's floats: every accumulation mode
+    (row counts that llama.cpp repacks and not, 1 to 70 tokens across token tiles)."""
     rng = np.random.default_rng(8)
-    for scale in (0.05, 5.0):
-        raw = quantize(rng.standard_normal((40, N_IN)).astype(np.float32) * scale, qtype)
-        x = (rng.standard_normal((1, N_IN)) * scale * 10).astype(np.float32)
-        q, d, s = kernels.quantize_activations(x, kernels.activation_type(int(qtype)))
-        one = np.empty((1, 40), np.float32)
-        kernels.matmul_ggml(raw, int(qtype), q, d, s, one, kernels.F16_TABLE, THREADS)
-        two = np.empty((2, 40), np.float32)  # two tokens take the generic path
-        kernels.matmul_ggml(raw, int(qtype), np.repeat(q, 2, 0), np.repeat(d, 2, 0), np.repeat(s, 2, 0), two, kernels.F16_TABLE, THREADS)
-        assert np.array_equal(one[0].view(np.uint32), two[0].view(np.uint32))
+    for qtype in qtypes:
+        for rows in (40, 36):
+            for scale in (0.05, 5.0):
+                raw = quantize(rng.standard_normal((rows, N_IN)).astype(np.float32) * scale, qtype)
+                for n_tokens in (1, 3, 4, 5, 8, 13, 70):
+                    x = (rng.standard_normal((n_tokens, N_IN)) * scale * 10).astype(np.float32)
+                    q, d, s = kernels.quantize_activations(x, kernels.activation_type(int(qtype)))
+                    fast = np.empty((n_tokens, rows), np.float32)
+                    plain = np.empty((n_tokens, rows), np.float32)
+                    kernels.matmul_ggml(raw, int(qtype), q, d, s, fast, kernels.F16_TABLE, threads)
+                    kernels.matmul_ggml_unpacked(raw, int(qtype), q, d, s, plain, kernels.F16_TABLE, threads)
+                    assert np.array_equal(fast.view(np.uint32), plain.view(np.uint32)), (qtype.name, rows, n_tokens, scale)
+
+
+@pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)
+def test_simd_path_is_bit_identical(qtype):
+    check_simd_path([qtype])
+
+
+@pytest.mark.slow
+def test_portable_simd_form_is_bit_identical(tmp_path):
+    """The portable form of phi3ref.simd (for CPUs without VNNI) gives the same integers:
+    run in a fresh process with PHI3REF_SIMD=generic and its own Numba cache."""
+    env = {**os.environ, "PHI3REF_SIMD": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    code = (
+        "import sys; sys.path.insert(0, %r); import test_kernels as t; from phi3ref import simd; "
+        "assert not simd.VNNI; t.check_simd_path(); print('ok')" % str(Path(__file__).parent)
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_fma32_rounds_once():
+    a, c = np.float32(1 + 2.0**-12), np.float32(-1)
+    # a * a = 1 + 2^-11 + 2^-24 needs 25 bits: one rounding keeps the 2^-24, two lose it
+    assert kernels.fma_f32(a, a, c) == np.float32(2.0**-11 + 2.0**-24)
+    assert np.float32(a * a) + c == np.float32(2.0**-11)
+
+
+# ---- attention --------------------------------------------------------------------------
+
+
+def reduce16(v: np.ndarray) -> np.ndarray:
+    """_mm512_reduce_add_ps over the last axis (16 lanes): halves added pairwise."""
+    t8 = v[..., 8:16] + v[..., 0:8]
+    t4 = t8[..., 4:8] + t8[..., 0:4]
+    t2 = t4[..., 0:2] + t4[..., 2:4]
+    return t2[..., 0] + t2[..., 1]
+
+
+def dot_f16_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T per batch (a: (batch, m, k), b: (batch, n, k)) in tinyBLAS's 16 lanes:
+    lane i adds the products of elements i, i + 16, ... in order."""
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    batch, m, k = a.shape
+    acc = np.zeros((batch, m, b.shape[1], 16), np.float32)
+    for s in range(0, k, 16):
+        w = min(16, k - s)
+        acc[..., :w] += a[:, :, None, s : s + w] * b[:, None, :, s : s + w]
+    return reduce16(acc)
+
+
+@pytest.mark.parametrize("head_dim", [96, 40])
+def test_attention_products_match_lane_reference(head_dim):
+    rng = np.random.default_rng(9)
+    n_ctx, n_kv, rows, end = 50, 3, 4, 37
+    k_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
+    v_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
+    q = rng.standard_normal((n_kv, rows, head_dim)).astype(np.float16).astype(np.float32)
+    keys = k_cache[:end].transpose(1, 0, 2)  # (n_kv, end, head_dim)
+    scores = np.empty((n_kv, rows, end), np.float32)
+    kernels.attention_scores_f16(q, k_cache.view(np.uint16), end, scores, THREADS)
+    assert np.array_equal(scores, dot_f16_reference(q, keys))
+    probs = rng.random((n_kv, rows, end)).astype(np.float16).astype(np.float32)
+    out = np.empty((n_kv, rows, head_dim), np.float32)
+    kernels.attention_values_f16(probs, v_cache.view(np.uint16), end, out, THREADS)
+    assert np.array_equal(out, dot_f16_reference(probs, v_cache[:end].transpose(1, 2, 0)))
+
+
+def softmax_reference(x: np.ndarray) -> np.ndarray:
+    """ggml_soft_max from ggml_ops' vector exp (numpy), rows padded to 16 lanes with -inf."""
+    n = x.shape[-1]
+    width = -(-n // 16) * 16
+    padded = np.full((*x.shape[:-1], width), -np.inf, dtype=np.float32)
+    padded[..., :n] = x
+    e = ggml_ops.expf(padded - padded.max(axis=-1, keepdims=True))  # full 16-lane vectors
+    total = reduce16(e.reshape(*e.shape[:-1], width // 16, 16)).astype(np.float64).sum(axis=-1)
+    return (e * (1.0 / total).astype(np.float32)[..., None])[..., :n]
+
+
+def test_softmax_matches_reference():
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal((7, 45)) * 8).astype(np.float32)
+    x[:, 30:] = -np.inf  # masked
+    x[3, 0] = 90.0  # a dominating score
+    out = np.empty_like(x)
+    kernels.softmax_ggml(x, out, THREADS)
+    assert np.array_equal(out, softmax_reference(x))
+    assert np.allclose(out.sum(-1), 1, atol=1e-6)

@@ -1,0 +1,369 @@
+"""Integer SIMD building blocks for the ggml kernels, as Numba intrinsics.
+
+Numba does not emit x86's 8-bit multiply-add instructions by itself (its integer loops
+widen bytes to 32 or 64 bits), and those instructions are what makes llama.cpp's quantized
+dot products fast. The intrinsics here write LLVM IR directly: each one unpacks a weight
+block's codes into 32-byte vectors and multiplies them with the 8-bit activation codes of
+one token after another, so a weight block is unpacked once per matmul whatever the
+number of tokens.
+
+The primitive is ``dot4``: eight int32 lanes, lane k adding the four products of bytes
+4k..4k+3 of an unsigned weight vector and a signed activation vector. That is one
+``vpdpbusd`` instruction on CPUs with AVX-512 VNNI (or AVX-VNNI), and exactly the lane
+layout ggml's AVX2 kernels get from ``_mm256_maddubs_epi16`` + ``_mm256_madd_epi16`` (which
+is why phi3ref can reproduce llama.cpp's per-lane float sums). On other CPUs it is written
+as plain LLVM vector arithmetic, which LLVM lowers for any target. All integer sums are
+exact (no saturation, no overflow for these block sizes), so the results do not depend on
+the instruction chosen; only speed does. ``PHI3REF_SIMD=generic`` forces the portable form
+(tests use it, with a separate Numba cache directory, since Numba's cache cannot tell the
+two forms apart).
+
+Every block kernel takes: the weight row ``w`` (uint8) and the block's byte offset, the
+activation codes ``x`` (int8, any shape, C-contiguous), the element offset of the block in
+the first token's codes and the element stride between tokens, the number of tokens, a
+small int32 array of the block's integer scales, and an int32 output array ``out``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+__all__ = ["OUT_STRIDE", "VNNI", "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block"]
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_V32I8, _V8I32, _V32I32 = ir.VectorType(_I8, 32), ir.VectorType(_I32, 8), ir.VectorType(_I32, 32)
+
+
+def _cpu_features() -> set[str]:
+    """The CPU features Numba compiles for (its NUMBA_CPU_FEATURES, else the host's)."""
+    feats = config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm_binding.get_host_cpu_features().flatten()
+    return {f[1:] for f in feats.split(",") if f.startswith("+")}
+
+
+def _use_vnni() -> bool:
+    if os.environ.get("PHI3REF_SIMD", "").lower() == "generic":
+        return False
+    features = _cpu_features()
+    return ("avx512vnni" in features and "avx512vl" in features) or "avxvnni" in features
+
+
+VNNI = _use_vnni()
+
+
+# ---- IR helpers ----------------------------------------------------------------------
+
+
+def _splat(value: int, vtype: ir.VectorType) -> ir.Constant:
+    return ir.Constant(vtype, [ir.Constant(vtype.element, value)] * vtype.count)
+
+
+def _data(context, builder, arrtype, arr) -> ir.Value:
+    """The array's data as an i8* (byte addressing; offsets are scaled by the caller)."""
+    data = context.make_array(arrtype)(context, builder, arr).data
+    return builder.bitcast(data, _I8.as_pointer())
+
+
+def _load(builder, base: ir.Value, byte_offset: ir.Value, vtype: ir.Type) -> ir.Value:
+    ptr = builder.bitcast(builder.gep(base, [byte_offset]), vtype.as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _store(builder, base: ir.Value, byte_offset: ir.Value, value: ir.Value) -> None:
+    ptr = builder.bitcast(builder.gep(base, [byte_offset]), value.type.as_pointer())
+    builder.store(value, ptr, align=1)
+
+
+def _i64(builder, value: ir.Value) -> ir.Value:
+    return builder.sext(value, _I64) if value.type.width < 64 else value
+
+
+def _const(n: int) -> ir.Constant:
+    return ir.Constant(_I64, n)
+
+
+def _dot4(builder, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
+    """acc + (sum of u[4k + e] * s[4k + e], e < 4) in lane k: u unsigned and s signed bytes
+    (<32 x i8> each), acc <8 x i32>."""
+    if VNNI:
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256"
+        )
+        return builder.call(fn, [acc, builder.bitcast(u, _V8I32), builder.bitcast(s, _V8I32)])
+    products = builder.mul(builder.zext(u, _V32I32), builder.sext(s, _V32I32))
+    for e in range(4):
+        part = builder.shuffle_vector(products, ir.Constant(_V32I32, None), ir.Constant(ir.VectorType(_I32, 8), [4 * k + e for k in range(8)]))
+        acc = builder.add(acc, part)
+    return acc
+
+
+def _v8(values: list[int]) -> ir.Constant:
+    return ir.Constant(_V8I32, [ir.Constant(_I32, v) for v in values])
+
+
+def _shuffle(builder, a: ir.Value, b: ir.Value | None, mask: list[int]) -> ir.Value:
+    b = ir.Constant(a.type, None) if b is None else b
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
+
+
+def _sums4(builder, v0, v1, v2, v3) -> ir.Value:
+    """<4 x i32> (sum of v0's lanes, ..., sum of v3's): a shuffle-and-add tree, no extracts."""
+    x = builder.add(_shuffle(builder, v0, v1, [0, 1, 2, 3, 8, 9, 10, 11]), _shuffle(builder, v0, v1, [4, 5, 6, 7, 12, 13, 14, 15]))
+    y = builder.add(_shuffle(builder, v2, v3, [0, 1, 2, 3, 8, 9, 10, 11]), _shuffle(builder, v2, v3, [4, 5, 6, 7, 12, 13, 14, 15]))
+    z = builder.add(_shuffle(builder, x, y, [0, 1, 8, 9, 4, 5, 12, 13]), _shuffle(builder, x, y, [2, 3, 10, 11, 6, 7, 14, 15]))
+    # z = [v0 a, v0 b, v2 a, v2 b, v1 a, v1 b, v3 a, v3 b]
+    return builder.add(_shuffle(builder, z, None, [0, 4, 2, 6]), _shuffle(builder, z, None, [1, 5, 3, 7]))
+
+
+def _k_scales_mins(builder, w, off):
+    """The eight 6-bit scales and mins of a Q4_K / Q5_K block as two <8 x i32>, from the
+    12 bytes at offset 4 (ggml's get_scale_min_k4; the bit diagram is in phi3ref/quants.py):
+        j < 4:  scale = b[j] & 63             min = b[j + 4] & 63
+        j >= 4: scale = (b[j + 4] & 15) | (b[j - 4] >> 6) << 4
+                min   = (b[j + 4] >> 4) | (b[j] >> 6) << 4"""
+    b = _load(builder, w, builder.add(off, _const(4)), ir.VectorType(_I8, 16))
+    b = builder.zext(b, ir.VectorType(_I32, 16))
+    top_sc = builder.shl(builder.lshr(_shuffle(builder, b, None, [0, 1, 2, 3, 0, 1, 2, 3]), _splat(6, _V8I32)), _splat(4, _V8I32))
+    top_mn = builder.shl(builder.lshr(_shuffle(builder, b, None, [4, 5, 6, 7, 4, 5, 6, 7]), _splat(6, _V8I32)), _splat(4, _V8I32))
+    high = _v8([0] * 4 + [48] * 4)
+    low6 = _v8([63] * 4 + [15] * 4)
+    sc = builder.or_(builder.and_(_shuffle(builder, b, None, [0, 1, 2, 3, 8, 9, 10, 11]), low6), builder.and_(top_sc, high))
+    mn_low = builder.lshr(_shuffle(builder, b, None, [4, 5, 6, 7, 8, 9, 10, 11]), _v8([0] * 4 + [4] * 4))
+    mn = builder.or_(builder.and_(mn_low, low6), builder.and_(top_mn, high))
+    return sc, mn
+
+
+def _block_intrinsic(unpack, emit, doc: str):
+    """A block-kernel intrinsic from ``unpack(builder, w, off) -> state`` (the block's code
+    vectors and scales, unpacked once) and ``emit(builder, state, x_at, sums) -> [(int32
+    offset in the token's outputs, value)]`` for one token; ``x_at(i)`` loads the i-th 32
+    activation bytes of the block, ``sums`` is the block's 16 activation sums (<16 x i32>)."""
+
+    def typer(typingctx, w, off, x, xoff, sums, soff, n_in, n_tok, out):
+        sig = types.void(w, off, x, xoff, sums, soff, n_in, n_tok, out)
+
+        def codegen(context, builder, signature, args):
+            w_v, off_v, x_v, xoff_v, s_v, soff_v, n_in_v, n_v, out_v = args
+            ta = signature.args
+            w_p = _data(context, builder, ta[0], w_v)
+            x_p = _data(context, builder, ta[2], x_v)
+            s_p = _data(context, builder, ta[4], s_v)
+            out_p = _data(context, builder, ta[8], out_v)
+            state = unpack(builder, w_p, _i64(builder, off_v))
+            xoff, soff, n_in = _i64(builder, xoff_v), _i64(builder, soff_v), _i64(builder, n_in_v)
+            with cgutils.for_range(builder, _i64(builder, n_v)) as loop:
+                t = loop.index
+                x_base = builder.add(xoff, builder.mul(t, n_in))
+                # activation sums: Q8_K keeps n_in / 16 int32 per token
+                s_base = builder.mul(builder.add(soff, builder.mul(t, builder.sdiv(n_in, _const(16)))), _const(4))
+
+                def x_at(i):
+                    return _load(builder, x_p, builder.add(x_base, _const(32 * i)), _V32I8)
+
+                sums = _load(builder, s_p, s_base, ir.VectorType(_I32, 16)) if emit.uses_sums else None
+                for j, value in emit(builder, state, x_at, sums):
+                    byte = builder.mul(builder.add(builder.mul(t, _const(OUT_STRIDE)), _const(j)), _const(4))
+                    _store(builder, out_p, byte, value)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__doc__ = doc
+    fn = intrinsic(typer)
+    fn.__doc__ = doc
+    return fn
+
+
+def _emitter(uses_sums: bool):
+    def deco(fn):
+        fn.uses_sums = uses_sums
+        return fn
+
+    return deco
+
+
+OUT_STRIDE = 16  # int32 outputs per token
+
+
+def _zero() -> ir.Constant:
+    return _splat(0, _V8I32)
+
+
+# ---- Q4_0: 32 elements, byte j = element j (low nibble) and j + 16 (high nibble), stored +8;
+# ---- Q8_0: 32 signed bytes, flipped to unsigned (q + 128).
+# The offset comes off per lane as dot4(offset, x), the lanes ggml's kernels hold.
+
+
+def _unpack_q4_0(builder, w, off):
+    packed = _load(builder, w, builder.add(off, _const(2)), ir.VectorType(_I8, 16))
+    lo = builder.and_(packed, _splat(0x0F, packed.type))
+    hi = builder.lshr(packed, _splat(4, packed.type))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), 8
+
+
+def _unpack_q8_0(builder, w, off):
+    q = _load(builder, w, builder.add(off, _const(2)), _V32I8)
+    return builder.xor(q, _splat(0x80, _V32I8)), 0x80
+
+
+@_emitter(uses_sums=False)
+def _emit_q_0(builder, state, x_at, sums):
+    codes, offset = state
+    x = x_at(0)
+    lanes = _dot4(builder, _zero(), codes, x)
+    return [(0, builder.sub(lanes, _dot4(builder, _zero(), _splat(offset, _V32I8), x)))]
+
+
+q4_0_block = _block_intrinsic(_unpack_q4_0, _emit_q_0, "Q4_0 block (32): out[16 t + k] = lane k of sum q x (token t).")
+q8_0_block = _block_intrinsic(_unpack_q8_0, _emit_q_0, "Q8_0 block (32): out[16 t + k] = lane k of sum q x (token t).")
+
+
+# ---- Q4_K: 256 elements; the 32 bytes at 16 + 32 k hold sub-block 2k (low nibbles) and
+# 2k + 1 (high nibbles) ---------------------------------------------------------------------
+
+
+def _unpack_q4_k(builder, w, off):
+    codes = []
+    for k in range(4):
+        packed = _load(builder, w, builder.add(off, _const(16 + 32 * k)), _V32I8)
+        codes.append(builder.and_(packed, _splat(0x0F, _V32I8)))
+        codes.append(builder.lshr(packed, _splat(4, _V32I8)))
+    return codes, *_k_scales_mins(builder, w, off)
+
+
+def _min_products(builder, mins, sums):
+    """<8 x i32>: min_j * (sum of the activation codes of 32-element sub-block j)."""
+    sub_sums = builder.add(_shuffle(builder, sums, None, list(range(0, 16, 2))), _shuffle(builder, sums, None, list(range(1, 16, 2))))
+    return builder.mul(mins, sub_sums)
+
+
+def _scaled_dot(builder, codes, scales, x_at, j):
+    return builder.mul(_dot4(builder, _zero(), codes[j], x_at(j)), _shuffle(builder, scales, None, [j] * 8))
+
+
+@_emitter(uses_sums=True)
+def _emit_q4_k(builder, state, x_at, sums):
+    codes, scales, mins = state
+    pairs = [builder.add(_scaled_dot(builder, codes, scales, x_at, 2 * p), _scaled_dot(builder, codes, scales, x_at, 2 * p + 1)) for p in range(4)]
+    m = _min_products(builder, mins, sums)
+    min_pairs = builder.add(_shuffle(builder, m, None, [0, 2, 4, 6]), _shuffle(builder, m, None, [1, 3, 5, 7]))
+    both = builder.shuffle_vector(_sums4(builder, *pairs), min_pairs, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+    return [(0, both)]
+
+
+q4_k_block = _block_intrinsic(
+    _unpack_q4_k, _emit_q4_k,
+    "Q4_K block (256), token t: out[16 t + p] = sum over sub-blocks 2p, 2p + 1 of scale * sum(q x) "
+    "(ggml's repacked GEMM adds pairs); out[16 t + 4 + p] = the same pairs' min * sum(x).",
+)
+
+
+# ---- Q5_K: as Q4_K (qs at 48 + 32 k) plus a fifth bit: bit j of byte l at 16 is element l
+# of sub-block j -----------------------------------------------------------------------------
+
+
+def _unpack_q5_k(builder, w, off):
+    high = _load(builder, w, builder.add(off, _const(16)), _V32I8)
+    codes = []
+    for k in range(4):
+        packed = _load(builder, w, builder.add(off, _const(48 + 32 * k)), _V32I8)
+        for j, nibble in ((2 * k, builder.and_(packed, _splat(0x0F, _V32I8))), (2 * k + 1, builder.lshr(packed, _splat(4, _V32I8)))):
+            bit = builder.and_(builder.lshr(high, _splat(j, _V32I8)), _splat(1, _V32I8))
+            codes.append(builder.or_(nibble, builder.shl(bit, _splat(4, _V32I8))))
+    return codes, *_k_scales_mins(builder, w, off)
+
+
+@_emitter(uses_sums=True)
+def _emit_q5_k(builder, state, x_at, sums):
+    codes, scales, mins = state
+    lanes = _zero()
+    for j in range(8):
+        lanes = builder.add(lanes, _scaled_dot(builder, codes, scales, x_at, j))
+    m = _min_products(builder, mins, sums)
+    return [(0, lanes), (8, _sums4(builder, m, _zero(), _zero(), _zero()))]
+
+
+q5_k_block = _block_intrinsic(
+    _unpack_q5_k, _emit_q5_k,
+    "Q5_K block (256), token t: out[16 t + k] = lane k of sum scale * q x (ggml's vec_dot lanes); "
+    "out[16 t + 8] = sum of min * sum(x).",
+)
+
+
+# ---- Q6_K: two halves of 128; per half, 64 bytes of low nibbles (ql) and 32 of top bits (qh):
+#   element      l        32 + l         64 + l        96 + l       (l < 32)
+#   low 4 bits   ql[l]&15 ql[32+l]&15    ql[l]>>4      ql[32+l]>>4
+#   top 2 bits   qh[l]&3  (qh[l]>>2)&3   (qh[l]>>4)&3  (qh[l]>>6)&3
+# then 16 signed 8-bit scales, one per 16 elements. Codes are used unsigned (0..63) and
+# 32 * scale * sum(x) taken off per lane afterwards, as ggml does: lane k loses the terms
+# of 16-element groups 2k and 2k + 1 (not its own elements; the total is the same). ------------
+
+
+def _unpack_q6_k(builder, w, off):
+    codes = []
+    for half in range(2):
+        ql0 = _load(builder, w, builder.add(off, _const(64 * half)), _V32I8)
+        ql1 = _load(builder, w, builder.add(off, _const(64 * half + 32)), _V32I8)
+        qh = _load(builder, w, builder.add(off, _const(128 + 32 * half)), _V32I8)
+        lows = (
+            builder.and_(ql0, _splat(0x0F, _V32I8)), builder.and_(ql1, _splat(0x0F, _V32I8)),
+            builder.lshr(ql0, _splat(4, _V32I8)), builder.lshr(ql1, _splat(4, _V32I8)),
+        )
+        for m, low in enumerate(lows):
+            top = builder.and_(builder.lshr(qh, _splat(2 * m, _V32I8)), _splat(3, _V32I8))
+            codes.append(builder.or_(low, builder.shl(top, _splat(4, _V32I8))))
+    scales = builder.sext(_load(builder, w, builder.add(off, _const(192)), ir.VectorType(_I8, 16)), ir.VectorType(_I32, 16))
+    return codes, scales
+
+
+@_emitter(uses_sums=True)
+def _emit_q6_k(builder, state, x_at, sums):
+    codes, scales = state
+    lanes = _zero()
+    for c in range(8):  # 32 elements = 16-element groups 2c (lanes 0-3) and 2c + 1 (lanes 4-7)
+        p = _dot4(builder, _zero(), codes[c], x_at(c))
+        lanes = builder.add(lanes, builder.mul(p, _shuffle(builder, scales, None, [2 * c] * 4 + [2 * c + 1] * 4)))
+    weighted = builder.mul(scales, sums)  # (16,)
+    bias = builder.add(_shuffle(builder, weighted, None, list(range(0, 16, 2))), _shuffle(builder, weighted, None, list(range(1, 16, 2))))
+    return [(0, builder.sub(lanes, builder.shl(bias, _splat(5, _V8I32))))]
+
+
+q6_k_block = _block_intrinsic(
+    _unpack_q6_k, _emit_q6_k,
+    "Q6_K block (256), token t: out[16 t + k] = lane k of ggml's vec_dot: sum scale * (q + 32) x "
+    "minus 32 * (scale * sum(x)) of groups 2k and 2k + 1.",
+)
+
+
+# ---- float ----------------------------------------------------------------------------------
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """float32 a * b + c rounded once: the hardware fused multiply-add where the CPU has one
+    (as ggml's _mm256_fmadd_ps), the C library's fmaf otherwise; same result either way."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+        return builder.call(fn, list(args))
+
+    return sig, codegen
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """The float16 with bit pattern ``bits`` (uint16) as float32 (vcvtph2ps with F16C)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return sig, codegen
