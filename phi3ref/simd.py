@@ -7,7 +7,7 @@ block's codes into 32-byte vectors and multiplies them with the 8-bit activation
 one token after another, so a weight block is unpacked once per matmul whatever the
 number of tokens.
 
-The primitive is ``dot4``: eight int32 lanes, lane k adding the four products of bytes
+The primitive is ``_dot4``: eight int32 lanes, lane k adding the four products of bytes
 4k..4k+3 of an unsigned weight vector and a signed activation vector. That is one
 ``vpdpbusd`` instruction on CPUs with AVX-512 VNNI (or AVX-VNNI), and exactly the lane
 layout ggml's AVX2 kernels get from ``_mm256_maddubs_epi16`` + ``_mm256_madd_epi16`` (which
@@ -18,10 +18,15 @@ the instruction chosen; only speed does. ``PHI3REF_SIMD=generic`` forces the por
 (tests use it, with a separate Numba cache directory, since Numba's cache cannot tell the
 two forms apart).
 
-Every block kernel takes: the weight row ``w`` (uint8) and the block's byte offset, the
-activation codes ``x`` (int8, any shape, C-contiguous), the element offset of the block in
-the first token's codes and the element stride between tokens, the number of tokens, a
-small int32 array of the block's integer scales, and an int32 output array ``out``.
+Every block kernel is called as ``kernel(w, off, x, xoff, sums, soff, n_in, n_tok, out)``:
+the weight row ``w`` (uint8) and the block's byte offset ``off``; the activation codes
+``x`` (int8, C-contiguous, ``n_in`` per token) and the block's element offset ``xoff`` in
+the first token; the activations' int32 sums of 16 codes (Q8_K's bsums, ``n_in / 16``
+per token) and the block's offset ``soff`` in them (unused by Q4_0 / Q8_0); the number of
+tokens; and the int32 output ``out``, OUT_STRIDE values per token (layouts below). Scales
+and mins are unpacked from the block itself. ``fma32`` and ``half_to_float`` are the two
+float operations the kernels need bit-exact: a single-rounding fused multiply-add and the
+float16 -> float32 conversion.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
-__all__ = ["OUT_STRIDE", "VNNI", "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block"]
+__all__ = ["OUT_STRIDE", "VNNI", "fma32", "half_to_float", "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block"]
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _V32I8, _V8I32, _V32I32 = ir.VectorType(_I8, 32), ir.VectorType(_I32, 8), ir.VectorType(_I32, 32)
@@ -54,6 +59,7 @@ def _use_vnni() -> bool:
 
 
 VNNI = _use_vnni()
+OUT_STRIDE = 16  # int32 outputs per token of every block kernel
 
 
 # ---- IR helpers ----------------------------------------------------------------------
@@ -185,9 +191,6 @@ def _emitter(uses_sums: bool):
         return fn
 
     return deco
-
-
-OUT_STRIDE = 16  # int32 outputs per token
 
 
 def _zero() -> ir.Constant:
