@@ -4,9 +4,10 @@ llama.cpp does not compute exp, SiLU, softmax or RMSNorm the textbook way: on x8
 AVX-512 it evaluates exp with a polynomial (``ggml_v_expf``), sums softmax terms with a
 fixed reduction tree, squares in float32 and sums in double for RMSNorm. A one-ulp
 difference anywhere can flip the rounding of an 8-bit activation code in the next
-quantized matmul, so these are reproduced operation for operation. Fused multiply-adds are
-emulated in float64: the product of two float32 values is exact there, so only the final
-rounding differs from a hardware FMA, and only when a double rounding hits a tie.
+quantized matmul, so these are reproduced operation for operation: exp, softmax and the
+attention products in Numba kernels (``phi3ref.kernels``) with hardware fused multiply-adds;
+RoPE's multiply-adds here in numpy, emulated in float64 (the product of two float32 values
+is exact there, so only a double rounding at a tie can differ from a hardware FMA).
 """
 
 from __future__ import annotations
@@ -19,12 +20,6 @@ from . import kernels
 __all__ = ["attention_scores", "attention_values", "cos_sin", "expf", "fma", "rms_scale", "silu", "softmax"]
 
 _F32, _F64 = np.float32, np.float64
-_VEC = 16  # AVX-512 lanes: full vectors take the polynomial, the tail takes libm expf
-
-
-def _H(literal: str) -> np.float32:
-    """A C hexadecimal float literal (0x1.8p23f) as float32."""
-    return _F32(float.fromhex(literal))
 
 
 def fma(a, b, c) -> np.ndarray:
@@ -32,42 +27,13 @@ def fma(a, b, c) -> np.ndarray:
     return (np.asarray(a, _F64) * np.asarray(b, _F64) + np.asarray(c, _F64)).astype(_F32)
 
 
-def _v_expf(x: np.ndarray) -> np.ndarray:
-    """ggml_v_expf, AVX-512 variant: exp(x) = 2^n * p(b), n = round(x / ln 2), b the remainder.
-    Inputs beyond +-192 ln 2 (masked scores are -inf) give inf or 0, as in ggml."""
-    with np.errstate(all="ignore"):
-        return _v_expf_unchecked(np.asarray(x, _F32))
-
-
-def _v_expf_unchecked(x: np.ndarray) -> np.ndarray:
-    r = _H("0x1.8p23")
-    z = fma(x, _H("0x1.715476p+0"), r)
-    n = z - r
-    b = fma(-n, _H("0x1.7f7d1cp-20"), fma(-n, _H("0x1.62e4p-1"), x))
-    u = b * b
-    j = fma(
-        fma(fma(_H("0x1.0e4020p-7"), b, _H("0x1.573e2ep-5")), u, fma(_H("0x1.555e66p-3"), b, _H("0x1.fffdb6p-2"))),
-        u,
-        fma(_H("0x1.ffffecp-1"), b, _F32(1.0)),
-    )
-    res = np.ldexp(j, np.nan_to_num(np.clip(n, -300, 300)).astype(np.int32)).astype(_F32)  # _mm512_scalef_ps
-    out_of_range = np.abs(n) > 192
-    return np.where(out_of_range, np.where(n <= 0, _F32(0), _F32(np.inf)), res).astype(_F32)
-
-
-def _libm_expf(x: np.ndarray) -> np.ndarray:
-    return kernels.libm_expf(np.ascontiguousarray(x, _F32))
-
-
 def expf(x: np.ndarray) -> np.ndarray:
     """exp along the last axis as a ggml vector loop does it: lanes of 16 through the
-    polynomial, the remaining ``n % 16`` through libm."""
-    x = np.asarray(x, _F32)
-    n = x.shape[-1]
-    full = n - n % _VEC
+    ``ggml_v_expf`` polynomial, the remaining ``n % 16`` through libm
+    (:func:`phi3ref.kernels.expf_ggml`)."""
+    x = np.ascontiguousarray(x, _F32)
     out = np.empty_like(x)
-    out[..., :full] = _v_expf(x[..., :full])
-    out[..., full:] = _libm_expf(x[..., full:])
+    kernels.expf_ggml(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
     return out
 
 

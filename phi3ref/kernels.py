@@ -21,7 +21,8 @@ a plain numpy reference. Two families:
 * ``attention_scores_f16`` / ``attention_values_f16`` / ``softmax_ggml``: llama.cpp's
   attention arithmetic over the float16 KV cache, read in place.
 
-``libm_cos_sin`` and ``libm_expf`` give the C library's float32 functions, which ggml calls.
+``libm_cos_sin`` gives the C library's float32 cosf / sinf, which ggml calls; ``expf_ggml``
+ggml's vector exp.
 
 Weights are ``(n_rows, row_bytes)`` uint8 arrays (memmap views); the GGML type travels as
 its integer id. Float16 values are decoded through a 65536-entry table, as ggml does.
@@ -57,7 +58,7 @@ __all__ = [
     "decode_row",
     "fma_f32",
     "libm_cos_sin",
-    "libm_expf",
+    "expf_ggml",
     "unpack_row",
     "matmul_exact",
     "matmul_f16",
@@ -749,11 +750,11 @@ def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, n_threads):
 
 @njit(inline="always")
 def _reduce16(acc, j):
-    """_mm512_reduce_add_ps of acc[0..15, j]: halves added pairwise."""
-    t0 = (acc[8, j] + acc[0, j]) , (acc[9, j] + acc[1, j]), (acc[10, j] + acc[2, j]), (acc[11, j] + acc[3, j])
-    t1 = (acc[12, j] + acc[4, j]), (acc[13, j] + acc[5, j]), (acc[14, j] + acc[6, j]), (acc[15, j] + acc[7, j])
-    u0, u1, u2, u3 = t1[0] + t0[0], t1[1] + t0[1], t1[2] + t0[2], t1[3] + t0[3]
-    return (u0 + u2) + (u1 + u3)
+    """_mm512_reduce_add_ps of acc[0..15, j]: halves added pairwise (16 -> 8 -> 4 -> 2 -> 1)."""
+    h0, h1, h2, h3 = acc[8, j] + acc[0, j], acc[9, j] + acc[1, j], acc[10, j] + acc[2, j], acc[11, j] + acc[3, j]
+    h4, h5, h6, h7 = acc[12, j] + acc[4, j], acc[13, j] + acc[5, j], acc[14, j] + acc[6, j], acc[15, j] + acc[7, j]
+    q0, q1, q2, q3 = h4 + h0, h5 + h1, h6 + h2, h7 + h3
+    return (q0 + q2) + (q1 + q3)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
@@ -821,7 +822,7 @@ def _v_expf(x):
     b = fma32(-n, _EXP_LN2_LO, fma32(-n, _EXP_LN2_HI, x))
     u = b * b
     j = fma32(fma32(fma32(_EXP_C5, b, _EXP_C4), u, fma32(_EXP_C3, b, _EXP_C2)), u, fma32(_EXP_C1, b, np.float32(1)))
-    if not (abs(n) <= np.float32(192)):
+    if abs(n) > np.float32(192):  # an ordered compare, as ggml's: NaN passes through
         return np.float32(0) if n <= 0 else np.float32(np.inf)
     return np.float32(np.ldexp(np.float64(j), np.int64(n)))  # _mm512_scalef_ps: one rounding
 
@@ -875,14 +876,18 @@ def libm_cos_sin(theta):
     return c, s
 
 
-@njit(cache=True)
-def libm_expf(x):
-    """expf of a float32 array, as the C library computes it."""
-    out = np.empty_like(x)
-    flat_x, flat_o = x.ravel(), out.ravel()
-    for i in range(flat_x.size):
-        flat_o[i] = np.exp(flat_x[i])
-    return out
+@njit(cache=True, fastmath=FASTMATH_GGML)
+def expf_ggml(x, out):
+    """exp of each row of x (rows, n) as a ggml vector loop computes it: lanes of 16
+    through ggml_v_expf, the remaining n % 16 through the C library's expf (Numba lowers
+    float32 np.exp to that call)."""
+    n_rows, n = x.shape
+    full = n - n % 16
+    for r in range(n_rows):
+        for i in range(full):
+            out[r, i] = _v_expf(x[r, i])
+        for i in range(full, n):
+            out[r, i] = np.exp(x[r, i])
 
 
 def warmup() -> float:
@@ -896,7 +901,7 @@ def warmup() -> float:
     matmul_f32(np.zeros((4, 256), np.float32), x, out, nb.get_num_threads())
     matmul_f16(np.zeros((4, 256), np.uint16), x, out, F16_TABLE, nb.get_num_threads())
     libm_cos_sin(x)
-    libm_expf(x)
+    expf_ggml(x, np.empty_like(x))
     fma_f32(1.0, 1.0, 1.0)
     softmax_ggml(x, np.empty_like(x), nb.get_num_threads())
     cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)

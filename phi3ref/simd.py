@@ -180,9 +180,7 @@ def _block_intrinsic(unpack, emit, doc: str):
         return sig, codegen
 
     typer.__doc__ = doc
-    fn = intrinsic(typer)
-    fn.__doc__ = doc
-    return fn
+    return intrinsic(typer)
 
 
 def _emitter(uses_sums: bool):

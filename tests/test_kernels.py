@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import subprocess
 import sys
@@ -268,13 +270,55 @@ def test_attention_products_match_lane_reference(head_dim):
     assert np.array_equal(out, dot_f16_reference(probs, v_cache[:end].transpose(1, 2, 0)))
 
 
+def hexf(literal: str) -> np.float32:
+    return np.float32(float.fromhex(literal))
+
+
+def fma_reference(a, b, c):
+    """float32 a * b + c, one rounding (the float32 product is exact in float64)."""
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+
+
+def v_expf_reference(x: np.ndarray) -> np.ndarray:
+    """ggml_v_expf (AVX-512), written from ggml's C with numpy."""
+    x = np.asarray(x, np.float32)
+    with np.errstate(all="ignore"):
+        r = hexf("0x1.8p23")
+        n = fma_reference(x, hexf("0x1.715476p+0"), r) - r
+        b = fma_reference(-n, hexf("0x1.7f7d1cp-20"), fma_reference(-n, hexf("0x1.62e4p-1"), x))
+        u = b * b
+        j = fma_reference(
+            fma_reference(fma_reference(hexf("0x1.0e4020p-7"), b, hexf("0x1.573e2ep-5")), u,
+                          fma_reference(hexf("0x1.555e66p-3"), b, hexf("0x1.fffdb6p-2"))),
+            u,
+            fma_reference(hexf("0x1.ffffecp-1"), b, np.float32(1)),
+        )
+        res = np.ldexp(j, np.nan_to_num(np.clip(n, -300, 300)).astype(np.int32)).astype(np.float32)  # _mm512_scalef_ps
+        return np.where(np.abs(n) > 192, np.where(n <= 0, np.float32(0), np.float32(np.inf)), res).astype(np.float32)
+
+
+def test_expf_matches_ggml_vector_loop():
+    """Full 16-lane vectors through the polynomial, the tail through the C library's expf."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((5, 37)) * 30).astype(np.float32)
+    x[0, :3] = [-np.inf, 0, 150]  # masked, exact, overflowing
+    x[1, 3] = np.nan
+    out = ggml_ops.expf(x)
+    assert np.array_equal(out[:, :32], v_expf_reference(x[:, :32]), equal_nan=True)
+    assert np.isnan(out[1, 3]) and out[0, 0] == 0 and out[0, 1] == 1 and out[0, 2] == np.inf
+    tail = np.array([[libm.expf(float(v)) for v in row] for row in x[:, 32:]], np.float32)
+    assert np.array_equal(out[:, 32:], tail)
+
+
 def softmax_reference(x: np.ndarray) -> np.ndarray:
-    """ggml_soft_max from ggml_ops' vector exp (numpy), rows padded to 16 lanes with -inf."""
+    """ggml_soft_max with the numpy polynomial, rows padded to 16 lanes with -inf."""
     n = x.shape[-1]
     width = -(-n // 16) * 16
     padded = np.full((*x.shape[:-1], width), -np.inf, dtype=np.float32)
     padded[..., :n] = x
-    e = ggml_ops.expf(padded - padded.max(axis=-1, keepdims=True))  # full 16-lane vectors
+    e = v_expf_reference(padded - padded.max(axis=-1, keepdims=True))
     total = reduce16(e.reshape(*e.shape[:-1], width // 16, 16)).astype(np.float64).sum(axis=-1)
     return (e * (1.0 / total).astype(np.float32)[..., None])[..., :n]
 
