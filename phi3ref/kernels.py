@@ -40,7 +40,9 @@ from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import quants
-from .simd import OUT_STRIDE, fma32, half_to_float, q4_0_block, q4_k_block, q5_k_block, q6_k_block, q8_0_block
+from .simd import (
+    OUT_STRIDE, fma32, half_to_float, q4_0_block, q4_k_block, q4_k_row, q5_k_block, q5_k_row, q6_k_block, q6_k_row, q8_0_block,
+)
 
 __all__ = [
     "FASTMATH",
@@ -702,18 +704,50 @@ def _rows_simd(w, qtype, mode, r0, r1, q, d, s, out, ints, scales, lanes, table)
                     out[tt, r] = _simd_token(qtype, mode, ints, scales, d, tt, t, nt, n_blocks, gemm, lanes)
 
 
+@njit(inline="always")
+def has_row_path(qtype, mode, n_tok):
+    """Whether phi3ref.simd's row kernels cover this product: K-quant rows against a few
+    tokens each summed on its own (Q4_K's GEMV, Q5_K / Q6_K's vec_dot lanes)."""
+    if qtype == Q4_K:
+        return mode == MODE_SEQ_MIN and n_tok < 4
+    return (qtype == Q5_K or qtype == Q6_K) and mode == MODE_LANES
+
+
+@njit(inline="always")
+def _rows_gemv(w, qtype, r0, r1, q, d, s, out):
+    """Rows r0..r1 against every token, one row kernel call per row and token (decoding:
+    one token, the row's blocks stream through once)."""
+    n_tok, n_in = out.shape[0], q.shape[1]
+    n_blocks = n_in // 256
+    for r in range(r0, r1):
+        row = w[r]
+        for t in range(n_tok):
+            xo, do, so = t * n_in, t * n_blocks, t * (n_in // 16)
+            if qtype == Q4_K:
+                out[t, r] = q4_k_row(row, 0, q, xo, d, do, s, so, n_blocks)
+            elif qtype == Q5_K:
+                out[t, r] = q5_k_row(row, 0, q, xo, d, do, s, so, n_blocks)
+            else:
+                out[t, r] = q6_k_row(row, 0, q, xo, d, do, s, so, n_blocks)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
 def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
     """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
     weights. ``q, d, s`` come from :func:`quantize_activations` in the weight type's
-    activation format. Q4_0, Q8_0, Q4_K, Q5_K and Q6_K take the SIMD path (each weight
-    block unpacked once per tile of tokens), every other type :func:`matmul_ggml_unpacked`."""
+    activation format. Q4_0, Q8_0, Q4_K, Q5_K and Q6_K take the SIMD paths (a few tokens:
+    phi3ref.simd's row kernels for the K-quants; otherwise each weight block unpacked once
+    per tile of tokens), every other type :func:`matmul_ggml_unpacked`."""
     n_rows, n_tok = w.shape[0], out.shape[0]
     if not has_simd_path(qtype):
         matmul_ggml_unpacked(w, qtype, q, d, s, out, table, n_threads)
         return
     mode = accumulation_mode(qtype, n_rows, n_tok)
     per = (n_rows + n_threads - 1) // n_threads
+    if has_row_path(qtype, mode, n_tok):
+        for th in prange(n_threads):
+            _rows_gemv(w, qtype, th * per, min(n_rows, (th + 1) * per), q, d, s, out)
+        return
     for th in prange(n_threads):
         n_blocks = q.shape[1] // 32  # an upper bound for every type
         ints = np.empty(n_blocks * min(n_tok, TOKEN_TILE) * OUT_STRIDE, dtype=np.int32)
@@ -766,16 +800,21 @@ def attention_scores_f16(q, k_cache, end, out, n_threads):
     n_kv, rows, hd = q.shape
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
+    full = hd - hd % 16  # whole 16-lane chunks; the rest goes to lanes 0.. as tinyBLAS does
     for th in prange(n_threads):
         acc = np.empty((16, 1), dtype=np.float32)
         for item in range(th * per, min(n_items, (th + 1) * per)):
             h, r = item // rows, item % rows
+            qv = q[h, r]
             for p in range(end):
+                kv = k_cache[p, h]
                 for i in range(16):
                     acc[i, 0] = 0
-                for c in range(0, hd, 16):
-                    for i in range(min(16, hd - c)):
-                        acc[i, 0] += q[h, r, c + i] * half_to_float(k_cache[p, h, c + i])
+                for c in range(0, full, 16):
+                    for i in range(16):  # a constant trip count: LLVM keeps the lanes in a vector
+                        acc[i, 0] += qv[c + i] * half_to_float(kv[c + i])
+                for i in range(hd - full):
+                    acc[i, 0] += qv[full + i] * half_to_float(kv[full + i])
                 out[h, r, p] = _reduce16(acc, 0)
 
 

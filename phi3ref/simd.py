@@ -39,10 +39,15 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
-__all__ = ["OUT_STRIDE", "VNNI", "fma32", "half_to_float", "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block"]
+__all__ = [
+    "OUT_STRIDE", "VNNI", "VNNI512", "fma32", "half_to_float",
+    "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block", "q4_k_row", "q5_k_row", "q6_k_row",
+]
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_I16, _F32 = ir.IntType(16), ir.FloatType()
 _V32I8, _V8I32, _V32I32 = ir.VectorType(_I8, 32), ir.VectorType(_I32, 8), ir.VectorType(_I32, 32)
+_V64I8, _V16I32, _V32I16, _V8F32 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_I16, 32), ir.VectorType(_F32, 8)
 
 
 def _cpu_features() -> set[str]:
@@ -51,14 +56,16 @@ def _cpu_features() -> set[str]:
     return {f[1:] for f in feats.split(",") if f.startswith("+")}
 
 
-def _use_vnni() -> bool:
+def _use_vnni() -> tuple[bool, bool, bool]:
+    """(256-bit VNNI, 512-bit VNNI with AVX-512 BW, 512-bit GFNI) for this process."""
     if os.environ.get("PHI3REF_SIMD", "").lower() == "generic":
-        return False
+        return False, False, False
     features = _cpu_features()
-    return ("avx512vnni" in features and "avx512vl" in features) or "avxvnni" in features
+    vnni512 = {"avx512vnni", "avx512bw", "avx512vl"} <= features
+    return vnni512 or "avxvnni" in features, vnni512, vnni512 and "gfni" in features
 
 
-VNNI = _use_vnni()
+VNNI, VNNI512, GFNI512 = _use_vnni()
 OUT_STRIDE = 16  # int32 outputs per token of every block kernel
 
 
@@ -368,3 +375,218 @@ def half_to_float(typingctx, bits):
         return builder.fpext(half, ir.FloatType())
 
     return sig, codegen
+
+
+# ---- one token against a whole row: the GEMV kernels of decoding ----------------------------
+# For a single token the tile kernels above spend more time storing and re-reading their
+# integer sums than computing them. The row kernels below loop over a row's blocks inside the
+# intrinsic, keep the float accumulators in registers and return the row's dot product.
+# They take two 32-element sub-blocks per 64-byte vector, and apply the sub-block scales
+# inside the multiply-add (vpmaddubsw: pairs of u8 x s8 products to int16, which cannot
+# saturate for codes below 64; vpdpwssd: pairs of int16 x scale into the int32 lanes).
+# Lane k (< 8) of a 64-byte vector covers bytes 4k..4k+3 of its first 32 and lane 8 + k the
+# same bytes of its second 32, so folding the upper eight lanes onto the lower gives exactly
+# the eight lanes of ggml's 256-bit kernels. Every integer sum is exact, every float
+# operation is that of kernels._simd_token for the same mode, in the same order.
+
+
+def _vconst(vtype: ir.VectorType, values: list[int]) -> ir.Constant:
+    return ir.Constant(vtype, [ir.Constant(vtype.element, v) for v in values])
+
+
+def _halves(value_lo: int, value_hi: int) -> ir.Constant:
+    """<64 x i8>: value_lo in the first 32 bytes, value_hi in the last 32."""
+    return _vconst(_V64I8, [value_lo] * 32 + [value_hi] * 32)
+
+
+def _bit_field(builder, x: ir.Value, shift_lo: int, shift_hi: int, width: int, to: int) -> ir.Value:
+    """<64 x i8>: ((x >> shift) & (2^width - 1)) << to in every byte, shift = shift_lo in the
+    first 32 bytes and shift_hi in the last 32. With GFNI that is one vgf2p8affineqb: output
+    bit i of a byte is the parity of (byte 7 - i of the 8-byte matrix) & input, so the
+    matrix has byte 7 - (to + k) = 1 << (shift + k) for k < width and zeros elsewhere."""
+    if GFNI512:
+        def matrix(shift):
+            rows = [0] * 8
+            for k in range(width):
+                rows[7 - (to + k)] = 1 << (shift + k)
+            return rows
+
+        affine = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V64I8, [_V64I8, _V64I8, _I8]), "llvm.x86.vgf2p8affineqb.512"
+        )
+        return builder.call(affine, [x, _vconst(_V64I8, matrix(shift_lo) * 4 + matrix(shift_hi) * 4), ir.Constant(_I8, 0)])
+    field = builder.and_(builder.lshr(x, _halves(shift_lo, shift_hi)), _splat((1 << width) - 1, _V64I8))
+    return builder.shl(field, _splat(to, _V64I8)) if to else field
+
+
+def _twice(builder, v32: ir.Value) -> ir.Value:
+    """<64 x i8>: the 32 bytes v32 in both halves."""
+    return _shuffle(builder, v32, None, list(range(32)) * 2)
+
+
+def _madd_scaled(builder, acc: ir.Value, u: ir.Value, s: ir.Value, words: ir.Value) -> ir.Value:
+    """acc + lane k: sum over e < 4 of u[4k + e] * s[4k + e] * words[2k + e // 2]; u unsigned
+    and s signed <64 x i8>, words <32 x i16>, acc <16 x i32>."""
+    if VNNI512:
+        pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I16, [_V64I8, _V64I8]), "llvm.x86.avx512.pmaddubs.w.512")
+        dpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), "llvm.x86.avx512.vpdpwssd.512")
+        pairs = builder.call(pmadd, [u, s])
+        return builder.call(dpwssd, [acc, builder.bitcast(pairs, _V16I32), builder.bitcast(words, _V16I32)])
+    v64i32 = ir.VectorType(_I32, 64)
+    products = builder.mul(builder.zext(u, v64i32), builder.sext(s, v64i32))
+    pairs = builder.add(_shuffle(builder, products, None, list(range(0, 64, 2))), _shuffle(builder, products, None, list(range(1, 64, 2))))
+    scaled = builder.mul(pairs, builder.sext(words, _V32I32))
+    return builder.add(acc, builder.add(_shuffle(builder, scaled, None, list(range(0, 32, 2))), _shuffle(builder, scaled, None, list(range(1, 32, 2)))))
+
+
+def _words(builder, scales: ir.Value, groups: list[int], width: int) -> ir.Value:
+    """<32 x i16>: scales[g] for each of ``groups``, repeated ``width`` times each."""
+    narrow = builder.trunc(scales, ir.VectorType(_I16, scales.type.count))
+    return _shuffle(builder, narrow, None, [g for g in groups for _ in range(width)])
+
+
+def _fold(builder, acc16: ir.Value) -> ir.Value:
+    """<8 x i32>: lanes 0-7 plus lanes 8-15 (the 256-bit kernels' lanes)."""
+    return builder.add(_shuffle(builder, acc16, None, list(range(8))), _shuffle(builder, acc16, None, list(range(8, 16))))
+
+
+def _hsum(builder, v: ir.Value) -> ir.Value:
+    """The sum of an integer vector's lanes (exact, so in any order)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = builder.add(_shuffle(builder, v, None, list(range(n))), _shuffle(builder, v, None, list(range(n, 2 * n))))
+    return builder.extract_element(v, _const(0))
+
+
+def _zero16() -> ir.Constant:
+    return _splat(0, _V16I32)
+
+
+def _row_q4_k(builder, w, off, x_at64, sums):
+    """Q4_K block: (sum of scale * q x, sum of min * sum(x)) as two i32."""
+    scales, mins = _k_scales_mins(builder, w, off)
+    acc = _zero16()
+    for p in range(4):  # sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles) of 32 bytes
+        both = _twice(builder, _load(builder, w, builder.add(off, _const(16 + 32 * p)), _V32I8))
+        codes = _bit_field(builder, both, 0, 4, 4, 0)
+        acc = _madd_scaled(builder, acc, codes, x_at64(p), _words(builder, scales, [2 * p, 2 * p + 1], 16))
+    return _hsum(builder, acc), _hsum(builder, _min_products(builder, mins, sums))
+
+
+def _row_q5_k(builder, w, off, x_at64, sums):
+    """Q5_K block: (eight lanes of scale * q x, sum of min * sum(x))."""
+    scales, mins = _k_scales_mins(builder, w, off)
+    high = _twice(builder, _load(builder, w, builder.add(off, _const(16)), _V32I8))
+    acc = _zero16()
+    for p in range(4):
+        both = _twice(builder, _load(builder, w, builder.add(off, _const(48 + 32 * p)), _V32I8))
+        codes = builder.or_(_bit_field(builder, both, 0, 4, 4, 0), _bit_field(builder, high, 2 * p, 2 * p + 1, 1, 4))
+        acc = _madd_scaled(builder, acc, codes, x_at64(p), _words(builder, scales, [2 * p, 2 * p + 1], 16))
+    return _fold(builder, acc), _hsum(builder, _min_products(builder, mins, sums))
+
+
+def _row_q6_k(builder, w, off, x_at64, sums):
+    """Q6_K block: eight lanes of ggml's vec_dot (see _unpack_q6_k for the layout)."""
+    scales = builder.sext(_load(builder, w, builder.add(off, _const(192)), ir.VectorType(_I8, 16)), ir.VectorType(_I32, 16))
+    acc = _zero16()
+    for half in range(2):
+        ql = _load(builder, w, builder.add(off, _const(64 * half)), _V64I8)  # ql0 | ql1
+        qh = _twice(builder, _load(builder, w, builder.add(off, _const(128 + 32 * half)), _V32I8))
+        for pair in range(2):  # low nibbles then high nibbles of ql
+            low = _bit_field(builder, ql, 4 * pair, 4 * pair, 4, 0)
+            codes = builder.or_(low, _bit_field(builder, qh, 4 * pair, 4 * pair + 2, 2, 4))
+            c = 4 * half + 2 * pair  # 32-element chunks c and c + 1, 16-element groups 2c .. 2c + 3
+            acc = _madd_scaled(builder, acc, codes, x_at64(2 * half + pair), _words(builder, scales, [2 * c, 2 * c + 1, 2 * c + 2, 2 * c + 3], 8))
+    weighted = builder.mul(scales, sums)
+    bias = builder.add(_shuffle(builder, weighted, None, list(range(0, 16, 2))), _shuffle(builder, weighted, None, list(range(1, 16, 2))))
+    return builder.sub(_fold(builder, acc), builder.shl(bias, _splat(5, _V8I32))), None
+
+
+def _half(builder, w, off) -> ir.Value:
+    bits = _load(builder, w, off, _I16)
+    return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+
+
+def _fma(builder, a, b, c) -> ir.Value:
+    name = "llvm.fma.f32" if a.type == _F32 else "llvm.fma.v8f32"
+    return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name), [a, b, c])
+
+
+def _step_seq_min(builder, accs, ints, w, off, dx):
+    """kernels._simd_token, Q4_K GEMV: acc = fma(d * dx, isum, acc); acc_min likewise."""
+    isum, msum = (builder.sitofp(v, _F32) for v in ints)
+    wd, wm = _half(builder, w, off), _half(builder, w, builder.add(off, _const(2)))
+    builder.store(_fma(builder, builder.fmul(wd, dx), isum, builder.load(accs[0])), accs[0])
+    builder.store(_fma(builder, builder.fmul(wm, dx), msum, builder.load(accs[1])), accs[1])
+
+
+def _step_lanes(builder, accs, ints, w, off, dx, d_offset, with_min):
+    """kernels._simd_token, LANES: lanes = fma(d * dx, lanes_int, lanes); Q5_K's mins
+    acc_min = fma(-dx * dmin, msum, acc_min)."""
+    lanes, msum = ints
+    dd = builder.fmul(_half(builder, w, builder.add(off, _const(d_offset))), dx)
+    splat = _shuffle(builder, builder.insert_element(ir.Constant(_V8F32, None), dd, _const(0)), None, [0] * 8)
+    builder.store(_fma(builder, splat, builder.sitofp(lanes, _V8F32), builder.load(accs[2])), accs[2])
+    if with_min:
+        wm = _half(builder, w, builder.add(off, _const(2)))
+        builder.store(_fma(builder, builder.fmul(builder.fneg(dx), wm), builder.sitofp(msum, _F32), builder.load(accs[1])), accs[1])
+
+
+def _finish_seq_min(builder, accs):
+    return builder.fsub(builder.load(accs[0]), builder.load(accs[1]))
+
+
+def _finish_lanes(builder, accs):
+    """hsum_float_8 of the lanes (kernels._hsum8's order), plus acc_min."""
+    v = builder.load(accs[2])
+    e = [builder.extract_element(v, _const(i)) for i in range(8)]
+    t0, t1, t2, t3 = (builder.fadd(e[4 + i], e[i]) for i in range(4))
+    return builder.fadd(builder.fadd(builder.fadd(t0, t2), builder.fadd(t1, t3)), builder.load(accs[1]))
+
+
+def _row_intrinsic(block, block_bytes: int, step, finish, doc: str):
+    """A row-kernel intrinsic ``kernel(w, off, x, xoff, d, doff, sums, soff, n_blocks) ->
+    float32``: ``n_blocks`` weight blocks from byte ``off`` of ``w`` against one token's
+    Q8_K activations (codes ``x`` from element ``xoff``, float scales ``d`` from ``doff``,
+    int32 sums of 16 codes ``sums`` from ``soff``). ``block(builder, w, off, x_at64, sums)``
+    gives a block's integers, ``step`` folds them into the float accumulators."""
+
+    def typer(typingctx, w, off, x, xoff, d, doff, sums, soff, n_blocks):
+        sig = types.float32(w, off, x, xoff, d, doff, sums, soff, n_blocks)
+
+        def codegen(context, builder, signature, args):
+            w_p, _, x_p, _, d_p, _, s_p, _, _ = (
+                _data(context, builder, t, v) if isinstance(t, types.Array) else None for t, v in zip(signature.args, args)
+            )
+            off0, xoff, doff, soff, n_blocks_v = (_i64(builder, args[i]) for i in (1, 3, 5, 7, 8))
+            # accumulators: acc, acc_min, eight float lanes (allocas LLVM keeps in registers)
+            accs = [cgutils.alloca_once_value(builder, v) for v in (ir.Constant(_F32, 0.0), ir.Constant(_F32, 0.0), ir.Constant(_V8F32, [0.0] * 8))]
+            with cgutils.for_range(builder, n_blocks_v) as loop:
+                b = loop.index
+                off = builder.add(off0, builder.mul(b, _const(block_bytes)))
+                x_base = builder.add(xoff, builder.mul(b, _const(256)))
+                sums = _load(builder, s_p, builder.mul(builder.add(soff, builder.mul(b, _const(16))), _const(4)), _V16I32)
+                dx = _load(builder, d_p, builder.mul(builder.add(doff, b), _const(4)), _F32)
+                ints = block(builder, w_p, off, lambda i: _load(builder, x_p, builder.add(x_base, _const(64 * i)), _V64I8), sums)
+                step(builder, accs, ints, w_p, off, dx)
+            return finish(builder, accs)
+
+        return sig, codegen
+
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+q4_k_row = _row_intrinsic(
+    _row_q4_k, 144, _step_seq_min, _finish_seq_min,
+    "Q4_K row . one token, as llama.cpp's repacked GEMV sums it (kernels.MODE_SEQ_MIN).",
+)
+q5_k_row = _row_intrinsic(
+    _row_q5_k, 176, lambda b, a, i, w, o, dx: _step_lanes(b, a, i, w, o, dx, 0, True), _finish_lanes,
+    "Q5_K row . one token, as ggml's vec_dot sums it (kernels.MODE_LANES).",
+)
+q6_k_row = _row_intrinsic(
+    _row_q6_k, 210, lambda b, a, i, w, o, dx: _step_lanes(b, a, i, w, o, dx, 208, False), _finish_lanes,
+    "Q6_K row . one token, as ggml's vec_dot sums it (kernels.MODE_LANES).",
+)

@@ -195,7 +195,7 @@ def check_simd_path(qtypes=SIMD_TYPES, threads: int = THREADS) -> None:
         for rows in (40, 36):
             for scale in (0.05, 5.0):
                 raw = quantize(rng.standard_normal((rows, N_IN)).astype(np.float32) * scale, qtype)
-                for n_tokens in (1, 3, 4, 5, 8, 13, 70):
+                for n_tokens in (1, 2, 3, 4, 5, 7, 8, 13, 70):
                     x = (rng.standard_normal((n_tokens, N_IN)) * scale * 10).astype(np.float32)
                     q, d, s = kernels.quantize_activations(x, kernels.activation_type(int(qtype)))
                     fast = np.empty((n_tokens, rows), np.float32)
