@@ -41,7 +41,9 @@ from numba import njit, prange
 
 from . import quants
 from .simd import (
-    OUT_STRIDE, fma32, half_to_float, q4_0_block, q4_k_block, q4_k_row, q5_k_block, q5_k_row, q6_k_block, q6_k_row, q8_0_block,
+    OUT_STRIDE, ROW_TOKENS, fma32, half_to_float, q4_0_block, q4_k_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
+    q4_k_rows_tiled, q5_k_block, q5_k_row, q5_k_row_tiled, q5_k_rows_tiled, q6_k_block, q6_k_row, q6_k_row_tiled,
+    q6_k_rows_tiled, q8_0_block,
 )
 
 __all__ = [
@@ -596,7 +598,7 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, p
 # _dot_unpacked, in the same order, so the results are bit-identical to it.
 # --------------------------------------------------------------------------------------
 
-TOKEN_TILE = 32  # tokens whose activation codes (32 x n_in bytes) stay in cache together
+TOKEN_TILE = 32  # (a multiple of ROW_TOKENS) tokens whose activation codes (32 x n_in bytes) stay in cache together
 ROW_GROUP = 8  # weight rows that meet each tile of tokens while it is in cache
 
 
@@ -705,30 +707,61 @@ def _rows_simd(w, qtype, mode, r0, r1, q, d, s, out, ints, scales, lanes, table)
 
 
 @njit(inline="always")
-def has_row_path(qtype, mode, n_tok):
-    """Whether phi3ref.simd's row kernels cover this product: K-quant rows against a few
-    tokens each summed on its own (Q4_K's GEMV, Q5_K / Q6_K's vec_dot lanes)."""
-    if qtype == Q4_K:
-        return mode == MODE_SEQ_MIN and n_tok < 4
-    return (qtype == Q5_K or qtype == Q6_K) and mode == MODE_LANES
+def has_row_path(qtype):
+    """Whether phi3ref.simd's row kernels cover a weight type (in every accumulation mode)."""
+    return qtype == Q4_K or qtype == Q5_K or qtype == Q6_K
 
 
 @njit(inline="always")
-def _rows_gemv(w, qtype, r0, r1, q, d, s, out):
-    """Rows r0..r1 against every token, one row kernel call per row and token (decoding:
-    one token, the row's blocks stream through once)."""
-    n_tok, n_in = out.shape[0], q.shape[1]
+def _row_kernel(qtype, mode, n_group, row, q, d, s, out, r, t):
+    """The row kernel for ``mode`` over tokens t..t + n_group (n_group = 1 or ROW_TOKENS)."""
+    n_rows, n_in = out.shape[1], q.shape[1]
     n_blocks = n_in // 256
-    for r in range(r0, r1):
-        row = w[r]
-        for t in range(n_tok):
-            xo, do, so = t * n_in, t * n_blocks, t * (n_in // 16)
+    xo, do, so, oo = t * n_in, t * n_blocks, t * (n_in // 16), t * n_rows + r
+    if mode == MODE_TILED:
+        if n_group == ROW_TOKENS:
             if qtype == Q4_K:
-                out[t, r] = q4_k_row(row, 0, q, xo, d, do, s, so, n_blocks)
+                q4_k_rows_tiled(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
             elif qtype == Q5_K:
-                out[t, r] = q5_k_row(row, 0, q, xo, d, do, s, so, n_blocks)
+                q5_k_rows_tiled(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
             else:
-                out[t, r] = q6_k_row(row, 0, q, xo, d, do, s, so, n_blocks)
+                q6_k_rows_tiled(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
+        elif qtype == Q4_K:
+            q4_k_row_tiled(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
+        elif qtype == Q5_K:
+            q5_k_row_tiled(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
+        else:
+            q6_k_row_tiled(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
+    elif qtype == Q4_K:  # SEQ_MIN: the GEMM's groups of four, the GEMV for the rest
+        if n_group == ROW_TOKENS:
+            q4_k_rows_pairs(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
+        else:
+            q4_k_row(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
+    elif qtype == Q5_K:  # LANES
+        q5_k_row(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
+    else:
+        q6_k_row(row, 0, q, xo, d, do, s, so, n_in, n_blocks, out, oo, n_rows)
+
+
+@njit(inline="always")
+def _rows_k(w, qtype, mode, r0, r1, q, d, s, out):
+    """Rows r0..r1 of a K-quant weight against every token with the row kernels: tokens in
+    tiles of TOKEN_TILE (their codes stay in cache while every row of the slice meets them),
+    in each tile groups of ROW_TOKENS where the mode sums tokens that way (Q4_K's GEMM up to
+    the last multiple of four tokens; the tiled GEMM anywhere), single tokens otherwise."""
+    n_tok = out.shape[0]
+    grouped_end = n_tok - n_tok % ROW_TOKENS
+    if mode == MODE_LANES or (mode == MODE_SEQ_MIN and n_tok < ROW_TOKENS):
+        grouped_end = 0
+    for t0 in range(0, n_tok, TOKEN_TILE):
+        t1 = min(n_tok, t0 + TOKEN_TILE)
+        g1 = max(t0, min(t1, grouped_end))
+        for r in range(r0, r1):
+            row = w[r]
+            for t in range(t0, g1, ROW_TOKENS):
+                _row_kernel(qtype, mode, ROW_TOKENS, row, q, d, s, out, r, t)
+            for t in range(g1, t1):
+                _row_kernel(qtype, mode, 1, row, q, d, s, out, r, t)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
@@ -744,9 +777,9 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
         return
     mode = accumulation_mode(qtype, n_rows, n_tok)
     per = (n_rows + n_threads - 1) // n_threads
-    if has_row_path(qtype, mode, n_tok):
+    if has_row_path(qtype):
         for th in prange(n_threads):
-            _rows_gemv(w, qtype, th * per, min(n_rows, (th + 1) * per), q, d, s, out)
+            _rows_k(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out)
         return
     for th in prange(n_threads):
         n_blocks = q.shape[1] // 32  # an upper bound for every type

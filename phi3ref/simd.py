@@ -40,8 +40,10 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 __all__ = [
-    "OUT_STRIDE", "VNNI", "VNNI512", "fma32", "half_to_float",
-    "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block", "q4_k_row", "q5_k_row", "q6_k_row",
+    "OUT_STRIDE", "ROW_TOKENS", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float",
+    "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block",
+    "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
+    "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled",
 ]
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -463,44 +465,79 @@ def _zero16() -> ir.Constant:
     return _splat(0, _V16I32)
 
 
-def _row_q4_k(builder, w, off, x_at64, sums):
-    """Q4_K block: (sum of scale * q x, sum of min * sum(x)) as two i32."""
+# Each type has an unpack (the block's code vectors and scale words, once per block) and an
+# ``ints`` (one token's integer sums, in the granularity the accumulation mode asks for:
+# "total" for the block, "pairs" of 32-element sub-blocks, or the eight "lanes").
+
+
+def _sums_of_4(builder, accs: list[ir.Value]) -> ir.Value:
+    """<4 x i32>: the lane sums of four <16 x i32>."""
+    return _sums4(builder, *(_fold(builder, a) for a in accs))
+
+
+def _unpack_row_q4_k(builder, w, off):
     scales, mins = _k_scales_mins(builder, w, off)
-    acc = _zero16()
+    codes, words = [], []
     for p in range(4):  # sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles) of 32 bytes
         both = _twice(builder, _load(builder, w, builder.add(off, _const(16 + 32 * p)), _V32I8))
-        codes = _bit_field(builder, both, 0, 4, 4, 0)
-        acc = _madd_scaled(builder, acc, codes, x_at64(p), _words(builder, scales, [2 * p, 2 * p + 1], 16))
-    return _hsum(builder, acc), _hsum(builder, _min_products(builder, mins, sums))
+        codes.append(_bit_field(builder, both, 0, 4, 4, 0))
+        words.append(_words(builder, scales, [2 * p, 2 * p + 1], 16))
+    return codes, words, mins
 
 
-def _row_q5_k(builder, w, off, x_at64, sums):
-    """Q5_K block: (eight lanes of scale * q x, sum of min * sum(x))."""
+def _unpack_row_q5_k(builder, w, off):
     scales, mins = _k_scales_mins(builder, w, off)
     high = _twice(builder, _load(builder, w, builder.add(off, _const(16)), _V32I8))
-    acc = _zero16()
+    codes, words = [], []
     for p in range(4):
         both = _twice(builder, _load(builder, w, builder.add(off, _const(48 + 32 * p)), _V32I8))
-        codes = builder.or_(_bit_field(builder, both, 0, 4, 4, 0), _bit_field(builder, high, 2 * p, 2 * p + 1, 1, 4))
-        acc = _madd_scaled(builder, acc, codes, x_at64(p), _words(builder, scales, [2 * p, 2 * p + 1], 16))
-    return _fold(builder, acc), _hsum(builder, _min_products(builder, mins, sums))
+        codes.append(builder.or_(_bit_field(builder, both, 0, 4, 4, 0), _bit_field(builder, high, 2 * p, 2 * p + 1, 1, 4)))
+        words.append(_words(builder, scales, [2 * p, 2 * p + 1], 16))
+    return codes, words, mins
 
 
-def _row_q6_k(builder, w, off, x_at64, sums):
-    """Q6_K block: eight lanes of ggml's vec_dot (see _unpack_q6_k for the layout)."""
+def _unpack_row_q6_k(builder, w, off):
+    """(see _unpack_q6_k for the layout)"""
     scales = builder.sext(_load(builder, w, builder.add(off, _const(192)), ir.VectorType(_I8, 16)), ir.VectorType(_I32, 16))
-    acc = _zero16()
+    codes, words = [], []
     for half in range(2):
         ql = _load(builder, w, builder.add(off, _const(64 * half)), _V64I8)  # ql0 | ql1
         qh = _twice(builder, _load(builder, w, builder.add(off, _const(128 + 32 * half)), _V32I8))
         for pair in range(2):  # low nibbles then high nibbles of ql
             low = _bit_field(builder, ql, 4 * pair, 4 * pair, 4, 0)
-            codes = builder.or_(low, _bit_field(builder, qh, 4 * pair, 4 * pair + 2, 2, 4))
+            codes.append(builder.or_(low, _bit_field(builder, qh, 4 * pair, 4 * pair + 2, 2, 4)))
             c = 4 * half + 2 * pair  # 32-element chunks c and c + 1, 16-element groups 2c .. 2c + 3
-            acc = _madd_scaled(builder, acc, codes, x_at64(2 * half + pair), _words(builder, scales, [2 * c, 2 * c + 1, 2 * c + 2, 2 * c + 3], 8))
-    weighted = builder.mul(scales, sums)
+            words.append(_words(builder, scales, [2 * c, 2 * c + 1, 2 * c + 2, 2 * c + 3], 8))
+    return codes, words, scales
+
+
+def _products(builder, state, x_at64, separate: bool) -> list[ir.Value]:
+    """scale * q x accumulated in one <16 x i32> per 64 bytes (separate) or in one overall."""
+    codes, words, _ = state
+    if separate:
+        return [_madd_scaled(builder, _zero16(), codes[i], x_at64(i), words[i]) for i in range(4)]
+    acc = _zero16()
+    for i in range(4):
+        acc = _madd_scaled(builder, acc, codes[i], x_at64(i), words[i])
+    return [acc]
+
+
+def _ints_q4_k_q5_k(builder, state, x_at64, sums, grain):
+    mins = _min_products(builder, state[2], sums)
+    if grain == "pairs":  # (<4 x i32> pair sums of scale * q x, <4 x i32> pair sums of min * sum(x))
+        min_pairs = builder.add(_shuffle(builder, mins, None, [0, 2, 4, 6]), _shuffle(builder, mins, None, [1, 3, 5, 7]))
+        return _sums_of_4(builder, _products(builder, state, x_at64, True)), min_pairs
+    (acc,) = _products(builder, state, x_at64, False)
+    return (_fold(builder, acc) if grain == "lanes" else _hsum(builder, acc)), _hsum(builder, mins)
+
+
+def _ints_q6_k(builder, state, x_at64, sums, grain):
+    """ggml's unsigned codes: 32 * scale * sum(x) comes off, lane k losing groups 2k, 2k + 1."""
+    (acc,) = _products(builder, state, x_at64, False)
+    weighted = builder.mul(state[2], sums)
     bias = builder.add(_shuffle(builder, weighted, None, list(range(0, 16, 2))), _shuffle(builder, weighted, None, list(range(1, 16, 2))))
-    return builder.sub(_fold(builder, acc), builder.shl(bias, _splat(5, _V8I32))), None
+    lanes = builder.sub(_fold(builder, acc), builder.shl(bias, _splat(5, _V8I32)))
+    return (lanes if grain == "lanes" else _hsum(builder, lanes)), None
 
 
 def _half(builder, w, off) -> ir.Value:
@@ -513,80 +550,137 @@ def _fma(builder, a, b, c) -> ir.Value:
     return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name), [a, b, c])
 
 
-def _step_seq_min(builder, accs, ints, w, off, dx):
-    """kernels._simd_token, Q4_K GEMV: acc = fma(d * dx, isum, acc); acc_min likewise."""
+class _Acc:
+    """One token's float accumulators (allocas that LLVM keeps in registers)."""
+
+    def __init__(self, builder):
+        self.builder = builder
+        zero = ir.Constant(_F32, 0.0)
+        self.acc, self.acc_min = cgutils.alloca_once_value(builder, zero), cgutils.alloca_once_value(builder, zero)
+        self.lanes = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
+
+    def fma_into(self, slot, a, b):
+        self.builder.store(_fma(self.builder, a, b, self.builder.load(slot)), slot)
+
+
+# The float steps: kernels._simd_token's operations for each accumulation mode, in its order.
+# ``scales`` = (d, dmin) of the weight block as float32, ``dx`` the token's block scale.
+
+
+def _step_seq_min(builder, acc, ints, scales, dx):
+    """Q4_K GEMV: acc = fma(d * dx, isum, acc); acc_min = fma(dmin * dx, msum, acc_min)."""
     isum, msum = (builder.sitofp(v, _F32) for v in ints)
-    wd, wm = _half(builder, w, off), _half(builder, w, builder.add(off, _const(2)))
-    builder.store(_fma(builder, builder.fmul(wd, dx), isum, builder.load(accs[0])), accs[0])
-    builder.store(_fma(builder, builder.fmul(wm, dx), msum, builder.load(accs[1])), accs[1])
+    acc.fma_into(acc.acc, builder.fmul(scales[0], dx), isum)
+    acc.fma_into(acc.acc_min, builder.fmul(scales[1], dx), msum)
 
 
-def _step_lanes(builder, accs, ints, w, off, dx, d_offset, with_min):
-    """kernels._simd_token, LANES: lanes = fma(d * dx, lanes_int, lanes); Q5_K's mins
-    acc_min = fma(-dx * dmin, msum, acc_min)."""
+def _step_pairs(builder, acc, ints, scales, dx):
+    """Q4_K repacked GEMM: one fma per pair of sub-blocks, the mins likewise."""
+    pairs, min_pairs = ints
+    dd, dm = builder.fmul(scales[0], dx), builder.fmul(scales[1], dx)
+    for p in range(4):
+        acc.fma_into(acc.acc, dd, builder.sitofp(builder.extract_element(pairs, _const(p)), _F32))
+        acc.fma_into(acc.acc_min, dm, builder.sitofp(builder.extract_element(min_pairs, _const(p)), _F32))
+
+
+def _step_lanes(builder, acc, ints, scales, dx):
+    """vec_dot: lanes = fma(d * dx, lanes_int, lanes); Q5_K's mins acc_min = fma(-dx * dmin, msum, acc_min)."""
     lanes, msum = ints
-    dd = builder.fmul(_half(builder, w, builder.add(off, _const(d_offset))), dx)
+    dd = builder.fmul(scales[0], dx)
     splat = _shuffle(builder, builder.insert_element(ir.Constant(_V8F32, None), dd, _const(0)), None, [0] * 8)
-    builder.store(_fma(builder, splat, builder.sitofp(lanes, _V8F32), builder.load(accs[2])), accs[2])
-    if with_min:
-        wm = _half(builder, w, builder.add(off, _const(2)))
-        builder.store(_fma(builder, builder.fmul(builder.fneg(dx), wm), builder.sitofp(msum, _F32), builder.load(accs[1])), accs[1])
+    acc.fma_into(acc.lanes, splat, builder.sitofp(lanes, _V8F32))
+    if msum is not None:
+        acc.fma_into(acc.acc_min, builder.fmul(builder.fneg(dx), scales[1]), builder.sitofp(msum, _F32))
 
 
-def _finish_seq_min(builder, accs):
-    return builder.fsub(builder.load(accs[0]), builder.load(accs[1]))
+def _step_tiled(builder, acc, ints, scales, dx):
+    """Tiled GEMM: r = isum * d; r = fma(-dmin, msum, r) (with mins); acc = acc + r * dx."""
+    isum, msum = ints
+    r = builder.fmul(builder.sitofp(isum, _F32), scales[0])
+    if msum is not None:
+        r = _fma(builder, builder.fneg(scales[1]), builder.sitofp(msum, _F32), r)
+    builder.store(builder.fadd(builder.load(acc.acc), builder.fmul(r, dx)), acc.acc)
 
 
-def _finish_lanes(builder, accs):
+def _finish_seq_min(builder, acc):
+    return builder.fsub(builder.load(acc.acc), builder.load(acc.acc_min))
+
+
+def _finish_lanes(builder, acc):
     """hsum_float_8 of the lanes (kernels._hsum8's order), plus acc_min."""
-    v = builder.load(accs[2])
+    v = builder.load(acc.lanes)
     e = [builder.extract_element(v, _const(i)) for i in range(8)]
     t0, t1, t2, t3 = (builder.fadd(e[4 + i], e[i]) for i in range(4))
-    return builder.fadd(builder.fadd(builder.fadd(t0, t2), builder.fadd(t1, t3)), builder.load(accs[1]))
+    return builder.fadd(builder.fadd(builder.fadd(t0, t2), builder.fadd(t1, t3)), builder.load(acc.acc_min))
 
 
-def _row_intrinsic(block, block_bytes: int, step, finish, doc: str):
-    """A row-kernel intrinsic ``kernel(w, off, x, xoff, d, doff, sums, soff, n_blocks) ->
-    float32``: ``n_blocks`` weight blocks from byte ``off`` of ``w`` against one token's
-    Q8_K activations (codes ``x`` from element ``xoff``, float scales ``d`` from ``doff``,
-    int32 sums of 16 codes ``sums`` from ``soff``). ``block(builder, w, off, x_at64, sums)``
-    gives a block's integers, ``step`` folds them into the float accumulators."""
+def _finish_acc(builder, acc):
+    return builder.load(acc.acc)
 
-    def typer(typingctx, w, off, x, xoff, d, doff, sums, soff, n_blocks):
-        sig = types.float32(w, off, x, xoff, d, doff, sums, soff, n_blocks)
+
+_MODES = {  # grain of the integer sums, float step, final sum
+    "seq_min": ("total", _step_seq_min, _finish_seq_min),
+    "pairs": ("pairs", _step_pairs, _finish_seq_min),
+    "lanes": ("lanes", _step_lanes, _finish_lanes),
+    "tiled": ("total", _step_tiled, _finish_acc),
+}
+_TYPES = {  # block bytes, unpack, ints, byte offsets of the float16 d and dmin
+    "q4_k": (144, _unpack_row_q4_k, _ints_q4_k_q5_k, (0, 2)),
+    "q5_k": (176, _unpack_row_q5_k, _ints_q4_k_q5_k, (0, 2)),
+    "q6_k": (210, _unpack_row_q6_k, _ints_q6_k, (208,)),
+}
+
+
+def _row_intrinsic(qtype: str, mode: str, n_tok: int):
+    """``kernel(w, off, x, xoff, d, doff, sums, soff, n_in, n_blocks, out, ooff, ostride)``:
+    ``n_blocks`` weight blocks from byte ``off`` of ``w`` against ``n_tok`` consecutive
+    tokens' Q8_K activations (codes ``x`` from element ``xoff``, ``n_in`` per token; float
+    scales ``d`` from ``doff``, ``n_in / 256`` per token; int32 sums of 16 codes ``sums``
+    from ``soff``, ``n_in / 16`` per token), summed in ``mode``; token t's dot product goes
+    to out[ooff + t * ostride]. Each block is unpacked once for all the tokens."""
+    block_bytes, unpack, ints_of, scale_offsets = _TYPES[qtype]
+    grain, step, finish = _MODES[mode]
+
+    def typer(typingctx, w, off, x, xoff, d, doff, sums, soff, n_in, n_blocks, out, ooff, ostride):
+        sig = types.void(w, off, x, xoff, d, doff, sums, soff, n_in, n_blocks, out, ooff, ostride)
 
         def codegen(context, builder, signature, args):
-            w_p, _, x_p, _, d_p, _, s_p, _, _ = (
-                _data(context, builder, t, v) if isinstance(t, types.Array) else None for t, v in zip(signature.args, args)
-            )
-            off0, xoff, doff, soff, n_blocks_v = (_i64(builder, args[i]) for i in (1, 3, 5, 7, 8))
-            # accumulators: acc, acc_min, eight float lanes (allocas LLVM keeps in registers)
-            accs = [cgutils.alloca_once_value(builder, v) for v in (ir.Constant(_F32, 0.0), ir.Constant(_F32, 0.0), ir.Constant(_V8F32, [0.0] * 8))]
-            with cgutils.for_range(builder, n_blocks_v) as loop:
+            w_p, x_p, d_p, s_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 2, 4, 6, 10))
+            off0, xoff, doff, soff, n_in, n_blocks, ooff, ostride = (_i64(builder, args[i]) for i in (1, 3, 5, 7, 8, 9, 11, 12))
+            n_sums = builder.sdiv(n_in, _const(16))
+            accs = [_Acc(builder) for _ in range(n_tok)]
+            with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 off = builder.add(off0, builder.mul(b, _const(block_bytes)))
-                x_base = builder.add(xoff, builder.mul(b, _const(256)))
-                sums = _load(builder, s_p, builder.mul(builder.add(soff, builder.mul(b, _const(16))), _const(4)), _V16I32)
-                dx = _load(builder, d_p, builder.mul(builder.add(doff, b), _const(4)), _F32)
-                ints = block(builder, w_p, off, lambda i: _load(builder, x_p, builder.add(x_base, _const(64 * i)), _V64I8), sums)
-                step(builder, accs, ints, w_p, off, dx)
-            return finish(builder, accs)
+                state = unpack(builder, w_p, off)
+                scales = [_half(builder, w_p, builder.add(off, _const(o))) for o in scale_offsets]
+                for t, acc in enumerate(accs):
+                    tt = _const(t)
+                    x_base = builder.add(builder.add(xoff, builder.mul(tt, n_in)), builder.mul(b, _const(256)))
+                    s_at = builder.add(builder.add(soff, builder.mul(tt, n_sums)), builder.mul(b, _const(16)))
+                    sums = _load(builder, s_p, builder.mul(s_at, _const(4)), _V16I32)
+                    dx = _load(builder, d_p, builder.mul(builder.add(builder.add(doff, builder.mul(tt, n_blocks)), b), _const(4)), _F32)
+                    ints = ints_of(builder, state, lambda i: _load(builder, x_p, builder.add(x_base, _const(64 * i)), _V64I8), sums, grain)
+                    step(builder, acc, ints, scales, dx)
+            for t, acc in enumerate(accs):
+                at = builder.add(ooff, builder.mul(_const(t), ostride))
+                _store(builder, out_p, builder.mul(at, _const(4)), finish(builder, acc))
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    typer.__doc__ = doc
+    typer.__doc__ = f"{qtype.upper()} row against {n_tok} token(s), {mode} sums ({_row_intrinsic.__doc__.split(':')[0]})."
     return intrinsic(typer)
 
 
-q4_k_row = _row_intrinsic(
-    _row_q4_k, 144, _step_seq_min, _finish_seq_min,
-    "Q4_K row . one token, as llama.cpp's repacked GEMV sums it (kernels.MODE_SEQ_MIN).",
-)
-q5_k_row = _row_intrinsic(
-    _row_q5_k, 176, lambda b, a, i, w, o, dx: _step_lanes(b, a, i, w, o, dx, 0, True), _finish_lanes,
-    "Q5_K row . one token, as ggml's vec_dot sums it (kernels.MODE_LANES).",
-)
-q6_k_row = _row_intrinsic(
-    _row_q6_k, 210, lambda b, a, i, w, o, dx: _step_lanes(b, a, i, w, o, dx, 208, False), _finish_lanes,
-    "Q6_K row . one token, as ggml's vec_dot sums it (kernels.MODE_LANES).",
-)
+ROW_TOKENS = 4  # tokens per call of the multi-token row kernels (ggml's GEMM groups of four)
+q4_k_row = _row_intrinsic("q4_k", "seq_min", 1)  # llama.cpp's repacked GEMV
+q5_k_row = _row_intrinsic("q5_k", "lanes", 1)  # ggml's vec_dot
+q6_k_row = _row_intrinsic("q6_k", "lanes", 1)
+q4_k_rows_pairs = _row_intrinsic("q4_k", "pairs", ROW_TOKENS)  # llama.cpp's repacked GEMM
+q4_k_rows_tiled = _row_intrinsic("q4_k", "tiled", ROW_TOKENS)  # ggml's tiled K-quant GEMM
+q5_k_rows_tiled = _row_intrinsic("q5_k", "tiled", ROW_TOKENS)
+q6_k_rows_tiled = _row_intrinsic("q6_k", "tiled", ROW_TOKENS)
+q4_k_row_tiled = _row_intrinsic("q4_k", "tiled", 1)
+q5_k_row_tiled = _row_intrinsic("q5_k", "tiled", 1)
+q6_k_row_tiled = _row_intrinsic("q6_k", "tiled", 1)
