@@ -42,8 +42,8 @@ from numba import njit, prange
 from . import quants
 from .simd import (
     OUT_STRIDE, ROW_TOKENS, fma32, half_to_float, q4_0_block, q4_k_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
-    q4_k_rows_tiled, q5_k_block, q5_k_row, q5_k_row_tiled, q5_k_rows_tiled, q6_k_block, q6_k_row, q6_k_row_tiled,
-    q6_k_rows_tiled, q8_0_block,
+    q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_block, q5_k_row, q5_k_row_tiled,
+    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_block, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block,
 )
 
 __all__ = [
@@ -764,6 +764,38 @@ def _rows_k(w, qtype, mode, r0, r1, q, d, s, out):
                 _row_kernel(qtype, mode, 1, row, q, d, s, out, r, t)
 
 
+ROWS8_MIN_TOKENS = 4  # below this, a token's row kernel streams the weights faster
+
+
+@njit(inline="always")
+def has_rows8_path(qtype, mode, n_tok):
+    """Whether phi3ref.simd's eight-row kernels cover this product (Q4_K / Q5_K batches
+    summed per token, not in vec_dot lanes)."""
+    return (qtype == Q4_K or qtype == Q5_K) and mode != MODE_LANES and n_tok >= ROWS8_MIN_TOKENS
+
+
+@njit(inline="always")
+def _rows8_k(w, qtype, mode, r0, r1, q, d, s, out, acc):
+    """Rows r0..r1 (a multiple of 8 of them) with the eight-row kernels, tokens in tiles of
+    TOKEN_TILE; Q4_K's GEMM takes tokens up to the last multiple of four, its GEMV the rest."""
+    n_tok = out.shape[0]
+    grouped_end = n_tok - n_tok % ROW_TOKENS
+    for t0 in range(0, n_tok, TOKEN_TILE):
+        t1 = min(n_tok, t0 + TOKEN_TILE)
+        g1 = max(t0, min(t1, grouped_end))
+        for r in range(r0, r1, 8):
+            if mode == MODE_TILED:
+                if qtype == Q4_K:
+                    q4_k_rows8_tiled(w, r, q, d, s, t0, t1 - t0, acc, out)
+                else:
+                    q5_k_rows8_tiled(w, r, q, d, s, t0, t1 - t0, acc, out)
+            else:
+                if g1 > t0:
+                    q4_k_rows8_pairs(w, r, q, d, s, t0, g1 - t0, acc, out)
+                if t1 > g1:
+                    q4_k_rows8_seq_min(w, r, q, d, s, g1, t1 - g1, acc, out)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
 def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
     """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
@@ -777,6 +809,14 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
         return
     mode = accumulation_mode(qtype, n_rows, n_tok)
     per = (n_rows + n_threads - 1) // n_threads
+    if has_rows8_path(qtype, mode, n_tok):
+        per8 = (n_rows // 8 + n_threads - 1) // n_threads * 8  # whole groups of eight rows per thread
+        for th in prange(n_threads):
+            acc = np.empty(TOKEN_TILE * 16, dtype=np.float32)
+            _rows8_k(w, qtype, mode, th * per8, min(n_rows // 8 * 8, (th + 1) * per8), q, d, s, out, acc)
+        if n_rows % 8:  # the last rows, one at a time
+            _rows_k(w, qtype, mode, n_rows // 8 * 8, n_rows, q, d, s, out)
+        return
     if has_row_path(qtype):
         for th in prange(n_threads):
             _rows_k(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out)

@@ -475,25 +475,36 @@ def _sums_of_4(builder, accs: list[ir.Value]) -> ir.Value:
     return _sums4(builder, *(_fold(builder, a) for a in accs))
 
 
-def _unpack_row_q4_k(builder, w, off):
-    scales, mins = _k_scales_mins(builder, w, off)
-    codes, words = [], []
-    for p in range(4):  # sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles) of 32 bytes
-        both = _twice(builder, _load(builder, w, builder.add(off, _const(16 + 32 * p)), _V32I8))
-        codes.append(_bit_field(builder, both, 0, 4, 4, 0))
-        words.append(_words(builder, scales, [2 * p, 2 * p + 1], 16))
-    return codes, words, mins
+def _codes_q4_k(builder, w, off) -> list[ir.Value]:
+    """Four <64 x i8>: sub-blocks 2p (the low nibbles of 32 bytes) and 2p + 1 (their high nibbles)."""
+    return [
+        _bit_field(builder, _twice(builder, _load(builder, w, builder.add(off, _const(16 + 32 * p)), _V32I8)), 0, 4, 4, 0)
+        for p in range(4)
+    ]
 
 
-def _unpack_row_q5_k(builder, w, off):
-    scales, mins = _k_scales_mins(builder, w, off)
+def _codes_q5_k(builder, w, off) -> list[ir.Value]:
+    """As _codes_q4_k (nibbles at 48) with the fifth bits of the 32 bytes at 16."""
     high = _twice(builder, _load(builder, w, builder.add(off, _const(16)), _V32I8))
-    codes, words = [], []
-    for p in range(4):
-        both = _twice(builder, _load(builder, w, builder.add(off, _const(48 + 32 * p)), _V32I8))
-        codes.append(builder.or_(_bit_field(builder, both, 0, 4, 4, 0), _bit_field(builder, high, 2 * p, 2 * p + 1, 1, 4)))
-        words.append(_words(builder, scales, [2 * p, 2 * p + 1], 16))
-    return codes, words, mins
+    return [
+        builder.or_(
+            _bit_field(builder, _twice(builder, _load(builder, w, builder.add(off, _const(48 + 32 * p)), _V32I8)), 0, 4, 4, 0),
+            _bit_field(builder, high, 2 * p, 2 * p + 1, 1, 4),
+        )
+        for p in range(4)
+    ]
+
+
+def _unpack_row_k(codes_of):
+    def unpack(builder, w, off):
+        scales, mins = _k_scales_mins(builder, w, off)
+        words = [_words(builder, scales, [2 * p, 2 * p + 1], 16) for p in range(4)]
+        return codes_of(builder, w, off), words, mins
+
+    return unpack
+
+
+_unpack_row_q4_k, _unpack_row_q5_k = _unpack_row_k(_codes_q4_k), _unpack_row_k(_codes_q5_k)
 
 
 def _unpack_row_q6_k(builder, w, off):
@@ -684,3 +695,154 @@ q6_k_rows_tiled = _row_intrinsic("q6_k", "tiled", ROW_TOKENS)
 q4_k_row_tiled = _row_intrinsic("q4_k", "tiled", 1)
 q5_k_row_tiled = _row_intrinsic("q5_k", "tiled", 1)
 q6_k_row_tiled = _row_intrinsic("q6_k", "tiled", 1)
+
+
+# ---- eight rows against a tile of tokens: prefill --------------------------------------------
+# llama.cpp's GEMM kernels for repacked weights keep eight rows side by side in a register so
+# that the lanes of a product are rows and nothing has to be summed across lanes. The kernel
+# below builds that layout per block, in registers, from the unpacked codes of eight rows
+# (an 8 x 8 transpose of 8-byte groups) and then uses it for every token of the tile: per
+# token and 8 bytes, one broadcast of the activation bytes and one vpdpbusd for eight rows.
+# Lanes 2i and 2i + 1 hold row i. The float operations are kernels._simd_token's for the
+# mode, each one now on eight rows at once.
+
+
+def _transpose8(builder, vecs: list[ir.Value], elem: ir.Type) -> list[ir.Value]:
+    """Eight vectors read as eight elements of type ``elem`` each (an 8 x 8 matrix, vector i
+    = row i) -> the transposed eight (vector g holds element g of every input)."""
+    vtype = ir.VectorType(elem, 8)
+    v = [builder.bitcast(x, vtype) for x in vecs]
+    for step in (4, 2, 1):
+        nxt = list(v)
+        for i in range(8):
+            if i & step == 0:
+                a, b = v[i], v[i + step]
+                nxt[i] = _shuffle(builder, a, b, [j if j & step == 0 else 8 + j - step for j in range(8)])
+                nxt[i + step] = _shuffle(builder, a, b, [j + step if j & step == 0 else 8 + j for j in range(8)])
+        v = nxt
+    return [builder.bitcast(x, vecs[0].type) for x in v]
+
+
+def _dot4_512(builder, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
+    """_dot4 on 64 bytes: <16 x i32> acc + the four products of bytes 4k..4k+3 in lane k."""
+    if VNNI512:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, builder.bitcast(u, _V16I32), builder.bitcast(s, _V16I32)])
+    v64i32 = ir.VectorType(_I32, 64)
+    products = builder.mul(builder.zext(u, v64i32), builder.sext(s, v64i32))
+    for e in range(4):
+        acc = builder.add(acc, _shuffle(builder, products, None, [4 * k + e for k in range(16)]))
+    return acc
+
+
+def _splat_f(builder, value: ir.Value) -> ir.Value:
+    return _shuffle(builder, builder.insert_element(ir.Constant(_V8F32, None), value, _const(0)), None, [0] * 8)
+
+
+def _splat_i(builder, value: ir.Value) -> ir.Value:
+    return _shuffle(builder, builder.insert_element(ir.Constant(_V8I32, None), value, _const(0)), None, [0] * 8)
+
+
+def _rows8_intrinsic(qtype: str, mode: str):
+    """``kernel(w, r0, q, d, sums, t0, n_tok, acc, out)``: rows r0..r0 + 8 of the K-quant
+    weight ``w`` (n_rows, row bytes) against tokens t0..t0 + n_tok of the Q8_K activations
+    ``q`` (codes), ``d`` (block scales) and ``sums`` (int32 sums of 16 codes), summed in
+    ``mode`` ("pairs", "seq_min" or "tiled"); out[t, r0:r0 + 8] for each token t. ``acc``
+    is float32 scratch of 16 per token."""
+    block_bytes, codes_of = {"q4_k": (144, _codes_q4_k), "q5_k": (176, _codes_q5_k)}[qtype]
+
+    def typer(typingctx, w, r0, q, d, sums, t0, n_tok, acc, out):
+        sig = types.void(w, r0, q, d, sums, t0, n_tok, acc, out)
+
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 7, 8)]
+            w_p, q_p, d_p, s_p, acc_p, out_p = (builder.bitcast(a.data, _I8.as_pointer()) for a in arrays)
+            row_bytes = builder.extract_value(arrays[0].shape, 1)
+            n_in = builder.extract_value(arrays[1].shape, 1)
+            n_blocks, n_rows = builder.sdiv(n_in, _const(256)), builder.extract_value(arrays[5].shape, 1)
+            r0, t0, n_tok = (_i64(builder, args[i]) for i in (1, 5, 6))
+            zero_f = ir.Constant(_V8F32, [0.0] * 8)
+
+            def acc_slot(t, k):  # byte offset of token t's accumulator k (0: acc, 1: acc_min)
+                return builder.mul(builder.add(builder.mul(t, _const(16)), _const(8 * k)), _const(4))
+
+            with cgutils.for_range(builder, n_tok) as loop:
+                for k in range(2):
+                    _store(builder, acc_p, acc_slot(loop.index, k), zero_f)
+            with cgutils.for_range(builder, n_blocks) as block_loop:
+                b = block_loop.index
+                rows = []
+                for i in range(8):
+                    off = builder.add(builder.mul(builder.add(r0, _const(i)), row_bytes), builder.mul(b, _const(block_bytes)))
+                    rows.append((off, codes_of(builder, w_p, off), *_k_scales_mins(builder, w_p, off)))
+                # codes[p][g]: 8-byte group g of sub-block pair p, row i in qword i
+                codes = [_transpose8(builder, [r[1][p] for r in rows], _I64) for p in range(4)]
+                sc_t = _transpose8(builder, [r[2] for r in rows], _I32)  # sc_t[j] lane i = scale j of row i
+                mn_t = _transpose8(builder, [r[3] for r in rows], _I32)
+                sc_w = [_shuffle(builder, sc_t[j], None, [i // 2 for i in range(16)]) for j in range(8)]
+                dvec, dmin = ir.Constant(_V8F32, None), ir.Constant(_V8F32, None)
+                for i, r in enumerate(rows):
+                    dvec = builder.insert_element(dvec, _half(builder, w_p, r[0]), _const(i))
+                    dmin = builder.insert_element(dmin, _half(builder, w_p, builder.add(r[0], _const(2))), _const(i))
+                with cgutils.for_range(builder, n_tok) as token_loop:
+                    t = token_loop.index
+                    tt = builder.add(t0, t)
+                    x_base = builder.add(builder.mul(tt, n_in), builder.mul(b, _const(256)))
+                    dx = _load(builder, d_p, builder.mul(builder.add(builder.mul(tt, n_blocks), b), _const(4)), _F32)
+                    bsums = _load(builder, s_p, builder.mul(builder.add(builder.mul(tt, builder.sdiv(n_in, _const(16))), builder.mul(b, _const(16))), _const(4)), _V16I32)
+                    sub_sums = builder.add(_shuffle(builder, bsums, None, list(range(0, 16, 2))), _shuffle(builder, bsums, None, list(range(1, 16, 2))))
+                    pairs, min_pairs = [], []
+                    for p in range(4):
+                        halves = []
+                        for h in range(2):  # sub-blocks 2p + h
+                            a = _zero16()
+                            for g in range(4 * h, 4 * h + 4):
+                                xq = _load(builder, q_p, builder.add(x_base, _const(64 * p + 8 * g)), _I64)
+                                xv = builder.bitcast(builder.insert_element(ir.Constant(ir.VectorType(_I64, 8), None), xq, _const(0)), ir.VectorType(_I64, 8))
+                                xv = _shuffle(builder, xv, None, [0] * 8)
+                                a = _dot4_512(builder, a, codes[p][g], builder.bitcast(xv, _V64I8))
+                            halves.append(builder.mul(a, sc_w[2 * p + h]))
+                        both = builder.add(*halves)
+                        pairs.append(builder.add(_shuffle(builder, both, None, list(range(0, 16, 2))), _shuffle(builder, both, None, list(range(1, 16, 2)))))
+                        min_pairs.append(builder.add(
+                            builder.mul(mn_t[2 * p], _splat_i(builder, builder.extract_element(sub_sums, _const(2 * p)))),
+                            builder.mul(mn_t[2 * p + 1], _splat_i(builder, builder.extract_element(sub_sums, _const(2 * p + 1)))),
+                        ))
+                    slot_acc, slot_min = acc_slot(t, 0), acc_slot(t, 1)
+                    acc_v, acc_m = _load(builder, acc_p, slot_acc, _V8F32), _load(builder, acc_p, slot_min, _V8F32)
+                    dxv = _splat_f(builder, dx)
+                    if mode == "pairs":  # one fma per pair of sub-blocks
+                        dd, dm = builder.fmul(dvec, dxv), builder.fmul(dmin, dxv)
+                        for p in range(4):
+                            acc_v = _fma(builder, dd, builder.sitofp(pairs[p], _V8F32), acc_v)
+                            acc_m = _fma(builder, dm, builder.sitofp(min_pairs[p], _V8F32), acc_m)
+                    else:
+                        isum = builder.sitofp(builder.add(builder.add(pairs[0], pairs[1]), builder.add(pairs[2], pairs[3])), _V8F32)
+                        msum = builder.sitofp(builder.add(builder.add(min_pairs[0], min_pairs[1]), builder.add(min_pairs[2], min_pairs[3])), _V8F32)
+                        if mode == "seq_min":
+                            acc_v = _fma(builder, builder.fmul(dvec, dxv), isum, acc_v)
+                            acc_m = _fma(builder, builder.fmul(dmin, dxv), msum, acc_m)
+                        else:  # tiled
+                            r = _fma(builder, builder.fneg(dmin), msum, builder.fmul(isum, dvec))
+                            acc_v = builder.fadd(acc_v, builder.fmul(r, dxv))
+                    _store(builder, acc_p, slot_acc, acc_v)
+                    _store(builder, acc_p, slot_min, acc_m)
+            with cgutils.for_range(builder, n_tok) as loop:
+                t = loop.index
+                acc_v = _load(builder, acc_p, acc_slot(t, 0), _V8F32)
+                if mode != "tiled":
+                    acc_v = builder.fsub(acc_v, _load(builder, acc_p, acc_slot(t, 1), _V8F32))
+                at = builder.add(builder.mul(builder.add(t0, t), n_rows), r0)
+                _store(builder, out_p, builder.mul(at, _const(4)), acc_v)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__doc__ = f"{qtype.upper()}, eight rows against a tile of tokens, {mode} sums. " + (_rows8_intrinsic.__doc__ or "")
+    return intrinsic(typer)
+
+
+q4_k_rows8_pairs = _rows8_intrinsic("q4_k", "pairs")
+q4_k_rows8_seq_min = _rows8_intrinsic("q4_k", "seq_min")
+q4_k_rows8_tiled = _rows8_intrinsic("q4_k", "tiled")
+q5_k_rows8_tiled = _rows8_intrinsic("q5_k", "tiled")
