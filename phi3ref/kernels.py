@@ -43,7 +43,7 @@ from . import quants
 from .simd import (
     OUT_STRIDE, ROW_TOKENS, fma32, half_to_float, q4_0_block, q4_k_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
     q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_block, q5_k_row, q5_k_row_tiled,
-    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_block, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block,
+    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_block, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores16,
 )
 
 __all__ = [
@@ -864,6 +864,32 @@ def _reduce16(acc, j):
     return (q0 + q2) + (q1 + q3)
 
 
+SCORES16_MIN_ROWS = 8  # from this many query rows per head the keys are transposed first
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def _attention_scores_by_16(q, k_cache, end, out, n_threads):
+    """attention_scores_f16 for many query rows: the keys are converted to float32 once,
+    transposed (n_head_kv, head_dim, positions padded to 16), and phi3ref.simd.scores16
+    computes sixteen positions per call."""
+    n_kv, rows, hd = q.shape
+    end_pad = (end + 15) // 16 * 16
+    keys = np.empty((n_kv, hd, end_pad), dtype=np.float32)
+    for h in prange(n_kv):
+        for j in range(hd):
+            for p in range(end):
+                keys[h, j, p] = half_to_float(k_cache[p, h, j])
+            for p in range(end, end_pad):
+                keys[h, j, p] = 0
+    n_items = n_kv * rows
+    per = (n_items + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        for item in range(th * per, min(n_items, (th + 1) * per)):
+            h = item // rows  # item = h * rows + r: q[h, r] and out[h, r] start at item * hd, item * end
+            for p0 in range(0, end, 16):
+                scores16(q, item * hd, keys, h * hd * end_pad + p0, end_pad, hd, out, item * end + p0, min(16, end - p0))
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
 def attention_scores_f16(q, k_cache, end, out, n_threads):
     """out[h, r, p] = q[h, r] . k_cache[p, h] for positions p < end, summed over head_dim
@@ -873,6 +899,9 @@ def attention_scores_f16(q, k_cache, end, out, n_threads):
     n_kv, rows, hd = q.shape
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
+    if rows >= SCORES16_MIN_ROWS:
+        _attention_scores_by_16(q, k_cache, end, out, n_threads)
+        return
     full = hd - hd % 16  # whole 16-lane chunks; the rest goes to lanes 0.. as tinyBLAS does
     for th in prange(n_threads):
         acc = np.empty((16, 1), dtype=np.float32)

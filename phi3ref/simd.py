@@ -43,7 +43,8 @@ __all__ = [
     "OUT_STRIDE", "ROW_TOKENS", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float",
     "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block",
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
-    "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled",
+    "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
+    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "scores16",
 ]
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -846,3 +847,53 @@ q4_k_rows8_pairs = _rows8_intrinsic("q4_k", "pairs")
 q4_k_rows8_seq_min = _rows8_intrinsic("q4_k", "seq_min")
 q4_k_rows8_tiled = _rows8_intrinsic("q4_k", "tiled")
 q5_k_rows8_tiled = _rows8_intrinsic("q5_k", "tiled")
+
+
+# ---- attention scores, sixteen positions at a time ------------------------------------------
+
+_V16F32 = ir.VectorType(_F32, 16)
+
+
+@intrinsic
+def scores16(typingctx, q, qoff, kt, koff, kstride, hd, out, ooff, n_valid):
+    """Sixteen attention scores in llamafile tinyBLAS's order: out[ooff + j] (j < n_valid)
+    = the dot product of q[qoff : qoff + hd] with keys kt[koff + e * kstride + j] (e < hd;
+    float32 keys, transposed so that sixteen positions are contiguous). tinyBLAS gives lane
+    i the elements i, i + 16, ... (the last hd % 16 to lanes 0..), then adds the lanes
+    pairwise; here lane i of each position is its own vector over the sixteen positions, so
+    the additions are the same, on sixteen positions at once. Products of float16 values
+    are exact in float32, so tinyBLAS's fma is a multiply and an add."""
+    sig = types.void(q, qoff, kt, koff, kstride, hd, out, ooff, n_valid)
+
+    def codegen(context, builder, signature, args):
+        q_p, k_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 2, 6))
+        qoff, koff, kstride, hd, ooff, n_valid = (_i64(builder, args[i]) for i in (1, 3, 4, 5, 7, 8))
+        full = builder.sub(hd, builder.srem(hd, _const(16)))
+        acc_slots = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(16)]
+
+        def add_product(i, element, condition=None):
+            qv = _load(builder, q_p, builder.mul(builder.add(qoff, element), _const(4)), _F32)
+            splat = _shuffle(builder, builder.insert_element(ir.Constant(_V16F32, None), qv, _const(0)), None, [0] * 16)
+            keys = _load(builder, k_p, builder.mul(builder.add(koff, builder.mul(element, kstride)), _const(4)), _V16F32)
+            total = builder.fadd(builder.load(acc_slots[i]), builder.fmul(splat, keys))
+            builder.store(total if condition is None else builder.select(condition, total, builder.load(acc_slots[i])), acc_slots[i])
+
+        with cgutils.for_range(builder, builder.sdiv(full, _const(16))) as loop:
+            c0 = builder.mul(loop.index, _const(16))
+            for i in range(16):
+                add_product(i, builder.add(c0, _const(i)))
+        tail = builder.sub(hd, full)
+        for i in range(16):  # element full + i, if it exists (index clamped so nothing is read past hd)
+            exists = builder.icmp_signed("<", _const(i), tail)
+            element = builder.select(exists, builder.add(full, _const(i)), builder.sub(hd, _const(1)))
+            add_product(i, element, exists)
+        lanes = [builder.load(s) for s in acc_slots]
+        halves = [builder.fadd(lanes[8 + i], lanes[i]) for i in range(8)]
+        quarters = [builder.fadd(halves[4 + i], halves[i]) for i in range(4)]
+        total = builder.fadd(builder.fadd(quarters[0], quarters[2]), builder.fadd(quarters[1], quarters[3]))
+        with cgutils.for_range(builder, n_valid) as loop:
+            value = builder.extract_element(total, loop.index)
+            _store(builder, out_p, builder.mul(builder.add(ooff, loop.index), _const(4)), value)
+        return context.get_dummy_value()
+
+    return sig, codegen

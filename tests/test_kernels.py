@@ -253,10 +253,14 @@ def dot_f16_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return reduce16(acc)
 
 
-@pytest.mark.parametrize("head_dim", [96, 40])
-def test_attention_products_match_lane_reference(head_dim):
+@pytest.mark.parametrize("head_dim", [96, 40, 128])
+@pytest.mark.parametrize("rows", [4, 11], ids=["few-rows", "keys-transposed"])
+def test_attention_products_match_lane_reference(head_dim, rows):
+    """Both forms of the scores kernel (few query rows: keys read in place; more: keys
+    transposed, sixteen positions at once) and the values kernel, against numpy lanes."""
     rng = np.random.default_rng(9)
-    n_ctx, n_kv, rows, end = 50, 3, 4, 37
+    n_ctx, n_kv, end = 50, 3, 37
+    assert (rows >= kernels.SCORES16_MIN_ROWS) == (rows == 11)
     k_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     v_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     q = rng.standard_normal((n_kv, rows, head_dim)).astype(np.float16).astype(np.float32)
