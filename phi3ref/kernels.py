@@ -1036,11 +1036,15 @@ def warmup() -> float:
     return the seconds it took, reported apart from run time."""
     from .quants import QUANT_TYPES
 
+    def read_only(a: np.ndarray) -> np.ndarray:
+        a.setflags(write=False)  # as the weights are (memmap views of the file): Numba types them apart
+        return a
+
     start = time.perf_counter()
     x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
     out = np.empty((2, 4), dtype=np.float32)
-    matmul_f32(np.zeros((4, 256), np.float32), x, out, nb.get_num_threads())
-    matmul_f16(np.zeros((4, 256), np.uint16), x, out, F16_TABLE, nb.get_num_threads())
+    matmul_f32(read_only(np.zeros((4, 256), np.float32)), x, out, nb.get_num_threads())
+    matmul_f16(read_only(np.zeros((4, 256), np.uint16)), x, out, F16_TABLE, nb.get_num_threads())
     libm_cos_sin(x)
     expf_ggml(x, np.empty_like(x))
     fma_f32(1.0, 1.0, 1.0)
@@ -1053,7 +1057,7 @@ def warmup() -> float:
         if t.block_size == 1:
             continue
         qt = int(qtype)
-        w = np.zeros((4, 256 // t.block_size * t.type_size), dtype=np.uint8)
+        w = read_only(np.zeros((4, 256 // t.block_size * t.type_size), dtype=np.uint8))
         matmul_exact(w, qt, x, out, F16_TABLE, nb.get_num_threads())
         q, d, s = quantize_activations(x, activation_type(qt))
         matmul_ggml(w, qt, q, d, s, out, F16_TABLE, nb.get_num_threads())
