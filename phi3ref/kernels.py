@@ -41,9 +41,9 @@ from numba import njit, prange
 
 from . import quants
 from .simd import (
-    OUT_STRIDE, ROW_TOKENS, fma32, half_to_float, q4_0_block, q4_k_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
-    q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_block, q5_k_row, q5_k_row_tiled,
-    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_block, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores16,
+    OUT_STRIDE, ROW_TOKENS, fma32, half_to_float, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
+    q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled,
+    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores16,
 )
 
 __all__ = [
@@ -593,9 +593,11 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, p
 
 # --------------------------------------------------------------------------------------
 # SIMD paths for the types that carry Phi-3's weights (Q4_K, Q5_K, Q6_K; Q4_0 and Q8_0 for
-# other mixes): phi3ref.simd's intrinsics give each weight block's integer sums for a tile
-# of tokens (the block unpacked once per tile), and the float operations below are those of
-# _dot_unpacked, in the same order, so the results are bit-identical to it.
+# other mixes), all bit-identical to _dot_unpacked. The K-quants go through phi3ref.simd's
+# row kernels (a row against one token or a group of tokens, float sums inside the
+# intrinsic) and, for prompts of Q4_K / Q5_K, its eight-row kernels. Q4_0 / Q8_0 take the
+# tile path: the intrinsics give each block's integer sums for a tile of tokens (the block
+# unpacked once per tile), then the float operations below, in _dot_unpacked's order.
 # --------------------------------------------------------------------------------------
 
 TOKEN_TILE = 32  # (a multiple of ROW_TOKENS) tokens whose activation codes (32 x n_in bytes) stay in cache together
@@ -614,85 +616,46 @@ def _lanes_sum(ints, o):
 
 @njit(inline="always")
 def _simd_block_ints(row, qtype, b, q, s, t0, nt, ints, scales, table):
-    """Integer phase for block b of a row: phi3ref.simd's sums for tokens t0..t0+nt into
-    ints[(b * nt + t) * OUT_STRIDE ...], and the block's float16 scales into scales[b]."""
+    """Integer phase for block b of a Q4_0 / Q8_0 row: phi3ref.simd's lane sums for tokens
+    t0..t0+nt into ints[(b * nt + t) * OUT_STRIDE ...], the block's float16 scale into scales[b]."""
     n_in = q.shape[1]
     dest = ints[b * nt * OUT_STRIDE :]
-    if qtype == Q4_0 or qtype == Q8_0:
-        off, xoff = b * (18 if qtype == Q4_0 else 34), t0 * n_in + b * 32
-        if qtype == Q4_0:
-            q4_0_block(row, off, q, xoff, s, 0, n_in, nt, dest)
-        else:
-            q8_0_block(row, off, q, xoff, s, 0, n_in, nt, dest)
-        scales[b, 0] = _f16(row, off, table)
-        return
-    xoff, soff = t0 * n_in + b * 256, t0 * (n_in // 16) + b * 16
-    if qtype == Q4_K:
-        off = b * 144
-        q4_k_block(row, off, q, xoff, s, soff, n_in, nt, dest)
-    elif qtype == Q5_K:
-        off = b * 176
-        q5_k_block(row, off, q, xoff, s, soff, n_in, nt, dest)
+    off, xoff = b * (18 if qtype == Q4_0 else 34), t0 * n_in + b * 32
+    if qtype == Q4_0:
+        q4_0_block(row, off, q, xoff, s, 0, n_in, nt, dest)
     else:
-        off = b * 210
-        q6_k_block(row, off, q, xoff, s, soff, n_in, nt, dest)
-        scales[b, 0] = _f16(row, off + 208, table)
-        return
-    scales[b, 0], scales[b, 1] = _f16(row, off, table), _f16(row, off + 2, table)
+        q8_0_block(row, off, q, xoff, s, 0, n_in, nt, dest)
+    scales[b, 0] = _f16(row, off, table)
 
 
 @njit(inline="always")
-def _simd_token(qtype, mode, ints, scales, d, tt, t, nt, n_blocks, gemm, lanes):
+def _simd_token(mode, ints, scales, d, tt, t, nt, n_blocks, lanes):
     """Float phase for one token: the block results summed in ``mode``'s order (those of
-    _dot_unpacked, operation for operation)."""
+    _dot_unpacked, operation for operation): SEQ for repacked Q4_0, LANES otherwise."""
     acc = np.float32(0)
-    acc_min = np.float32(0)
     for k in range(8):
         lanes[k] = 0
     for b in range(n_blocks):
         o = (b * nt + t) * OUT_STRIDE
-        dx, wd, wm = d[tt, b], scales[b, 0], scales[b, 1]
-        if qtype == Q4_K:
-            if gemm:  # the repacked GEMM: one fma per pair of sub-blocks
-                for p in range(4):
-                    acc = _fma(wd * dx, np.float32(ints[o + p]), acc)
-                    acc_min = _fma(wm * dx, np.float32(ints[o + 4 + p]), acc_min)
-                continue
-            isum = np.float32(I32(ints[o] + ints[o + 1] + ints[o + 2] + ints[o + 3]))
-            msum = np.float32(I32(ints[o + 4] + ints[o + 5] + ints[o + 6] + ints[o + 7]))
-            if mode == MODE_TILED:
-                acc = acc + _fma(-wm, msum, isum * wd) * dx
-            else:
-                acc = _fma(wd * dx, isum, acc)
-                acc_min = _fma(wm * dx, msum, acc_min)
-        elif mode == MODE_TILED:  # Q5_K, Q6_K
-            r = np.float32(_lanes_sum(ints, o)) * wd
-            if qtype == Q5_K:
-                r = _fma(-wm, np.float32(ints[o + 8]), r)
-            acc = acc + r * dx
-        elif mode == MODE_SEQ:  # repacked Q4_0
-            acc = _fma(wd * dx, np.float32(_lanes_sum(ints, o)), acc)
-        else:  # LANES: Q5_K, Q6_K, Q8_0, Q4_0 with a row count not a multiple of 8
-            dd = wd * dx
+        dd = scales[b, 0] * d[tt, b]
+        if mode == MODE_SEQ:
+            acc = _fma(dd, np.float32(_lanes_sum(ints, o)), acc)
+        else:
             for k in range(8):
                 lanes[k] = _fma(dd, np.float32(ints[o + k]), lanes[k])
-            if qtype == Q5_K:
-                acc_min = _fma(-dx * wm, np.float32(ints[o + 8]), acc_min)
     if mode == MODE_LANES:
-        return _hsum8(lanes) + acc_min
-    if mode == MODE_SEQ_MIN:
-        return acc - acc_min
+        return _hsum8(lanes) + np.float32(0)
     return acc
 
 
 @njit(inline="always")
 def _rows_simd(w, qtype, mode, r0, r1, q, d, s, out, ints, scales, lanes, table):
-    """Rows r0..r1 of W against every token: out[t, r]. Rows go in groups of ROW_GROUP and
-    tokens in tiles of TOKEN_TILE, so that a group's weights and a tile's activation codes
-    stay in cache while they meet; per row and tile, first every block's integer sums
-    (SIMD), then each token's float sums."""
+    """Rows r0..r1 of a Q4_0 / Q8_0 weight against every token: out[t, r]. Rows go in groups
+    of ROW_GROUP and tokens in tiles of TOKEN_TILE, so that a group's weights and a tile's
+    activation codes stay in cache while they meet; per row and tile, first every block's
+    integer sums (SIMD), then each token's float sums."""
     n_tok, n_in = out.shape[0], q.shape[1]
-    n_blocks = n_in // (32 if (qtype == Q4_0 or qtype == Q8_0) else 256)
+    n_blocks = n_in // 32
     for g0 in range(r0, r1, ROW_GROUP):
         for t0 in range(0, n_tok, TOKEN_TILE):
             nt = min(TOKEN_TILE, n_tok - t0)
@@ -701,9 +664,7 @@ def _rows_simd(w, qtype, mode, r0, r1, q, d, s, out, ints, scales, lanes, table)
                 for b in range(n_blocks):
                     _simd_block_ints(row, qtype, b, q, s, t0, nt, ints, scales, table)
                 for t in range(nt):
-                    tt = t0 + t
-                    gemm = mode == MODE_SEQ_MIN and tt < n_tok - n_tok % 4
-                    out[tt, r] = _simd_token(qtype, mode, ints, scales, d, tt, t, nt, n_blocks, gemm, lanes)
+                    out[t0 + t, r] = _simd_token(mode, ints, scales, d, t0 + t, t, nt, n_blocks, lanes)
 
 
 @njit(inline="always")
@@ -751,7 +712,7 @@ def _rows_k(w, qtype, mode, r0, r1, q, d, s, out):
     the last multiple of four tokens; the tiled GEMM anywhere), single tokens otherwise."""
     n_tok = out.shape[0]
     grouped_end = n_tok - n_tok % ROW_TOKENS
-    if mode == MODE_LANES or (mode == MODE_SEQ_MIN and n_tok < ROW_TOKENS):
+    if mode == MODE_LANES:  # vec_dot: every token on its own
         grouped_end = 0
     for t0 in range(0, n_tok, TOKEN_TILE):
         t1 = min(n_tok, t0 + TOKEN_TILE)
@@ -897,11 +858,11 @@ def attention_scores_f16(q, k_cache, end, out, n_threads):
     k_cache: (n_ctx, n_head_kv, head_dim) uint16 float16 bit patterns (the cache itself, no
     copy); out: (n_head_kv, rows, end) float32."""
     n_kv, rows, hd = q.shape
-    n_items = n_kv * rows
-    per = (n_items + n_threads - 1) // n_threads
     if rows >= SCORES16_MIN_ROWS:
         _attention_scores_by_16(q, k_cache, end, out, n_threads)
         return
+    n_items = n_kv * rows
+    per = (n_items + n_threads - 1) // n_threads
     full = hd - hd % 16  # whole 16-lane chunks; the rest goes to lanes 0.. as tinyBLAS does
     for th in prange(n_threads):
         acc = np.empty((16, 1), dtype=np.float32)

@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "OUT_STRIDE", "ROW_TOKENS", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float",
-    "q4_0_block", "q4_k_block", "q5_k_block", "q6_k_block", "q8_0_block",
+    "q4_0_block", "q8_0_block",
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
     "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
     "q4_k_rows8_tiled", "q5_k_rows8_tiled", "scores16",
@@ -105,17 +105,39 @@ def _const(n: int) -> ir.Constant:
 
 def _dot4(builder, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
     """acc + (sum of u[4k + e] * s[4k + e], e < 4) in lane k: u unsigned and s signed bytes
-    (<32 x i8> each), acc <8 x i32>."""
-    if VNNI:
+    (<32 x i8> with acc <8 x i32>, or <64 x i8> with acc <16 x i32>)."""
+    lanes = acc.type.count
+    if (VNNI and lanes == 8) or (VNNI512 and lanes == 16):
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256"
+            builder.module, ir.FunctionType(acc.type, [acc.type] * 3), f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
         )
-        return builder.call(fn, [acc, builder.bitcast(u, _V8I32), builder.bitcast(s, _V8I32)])
-    products = builder.mul(builder.zext(u, _V32I32), builder.sext(s, _V32I32))
+        return builder.call(fn, [acc, builder.bitcast(u, acc.type), builder.bitcast(s, acc.type)])
+    wide = ir.VectorType(_I32, 4 * lanes)
+    products = builder.mul(builder.zext(u, wide), builder.sext(s, wide))
     for e in range(4):
-        part = builder.shuffle_vector(products, ir.Constant(_V32I32, None), ir.Constant(ir.VectorType(_I32, 8), [4 * k + e for k in range(8)]))
-        acc = builder.add(acc, part)
+        acc = builder.add(acc, _shuffle(builder, products, None, [4 * k + e for k in range(lanes)]))
     return acc
+
+
+def _splat_value(builder, value: ir.Value, count: int) -> ir.Value:
+    """<count x type>: a runtime scalar in every lane."""
+    vtype = ir.VectorType(value.type, count)
+    return _shuffle(builder, builder.insert_element(ir.Constant(vtype, None), value, _const(0)), None, [0] * count)
+
+
+def _half_value(builder, bits: ir.Value) -> ir.Value:
+    """float32 from a float16 bit pattern (i16): vcvtph2ps with F16C."""
+    return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+
+
+def _half(builder, w, off) -> ir.Value:
+    return _half_value(builder, _load(builder, w, off, _I16))
+
+
+def _fma(builder, a, b, c) -> ir.Value:
+    """a * b + c rounded once (llvm.fma: the hardware instruction, or libm's fmaf)."""
+    name = "llvm.fma.f32" if a.type == _F32 else f"llvm.fma.v{a.type.count}f32"
+    return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name), [a, b, c])
 
 
 def _v8(values: list[int]) -> ir.Constant:
@@ -234,123 +256,6 @@ q4_0_block = _block_intrinsic(_unpack_q4_0, _emit_q_0, "Q4_0 block (32): out[16 
 q8_0_block = _block_intrinsic(_unpack_q8_0, _emit_q_0, "Q8_0 block (32): out[16 t + k] = lane k of sum q x (token t).")
 
 
-# ---- Q4_K: 256 elements; the 32 bytes at 16 + 32 k hold sub-block 2k (low nibbles) and
-# 2k + 1 (high nibbles) ---------------------------------------------------------------------
-
-
-def _unpack_q4_k(builder, w, off):
-    codes = []
-    for k in range(4):
-        packed = _load(builder, w, builder.add(off, _const(16 + 32 * k)), _V32I8)
-        codes.append(builder.and_(packed, _splat(0x0F, _V32I8)))
-        codes.append(builder.lshr(packed, _splat(4, _V32I8)))
-    return codes, *_k_scales_mins(builder, w, off)
-
-
-def _min_products(builder, mins, sums):
-    """<8 x i32>: min_j * (sum of the activation codes of 32-element sub-block j)."""
-    sub_sums = builder.add(_shuffle(builder, sums, None, list(range(0, 16, 2))), _shuffle(builder, sums, None, list(range(1, 16, 2))))
-    return builder.mul(mins, sub_sums)
-
-
-def _scaled_dot(builder, codes, scales, x_at, j):
-    return builder.mul(_dot4(builder, _zero(), codes[j], x_at(j)), _shuffle(builder, scales, None, [j] * 8))
-
-
-@_emitter(uses_sums=True)
-def _emit_q4_k(builder, state, x_at, sums):
-    codes, scales, mins = state
-    pairs = [builder.add(_scaled_dot(builder, codes, scales, x_at, 2 * p), _scaled_dot(builder, codes, scales, x_at, 2 * p + 1)) for p in range(4)]
-    m = _min_products(builder, mins, sums)
-    min_pairs = builder.add(_shuffle(builder, m, None, [0, 2, 4, 6]), _shuffle(builder, m, None, [1, 3, 5, 7]))
-    both = builder.shuffle_vector(_sums4(builder, *pairs), min_pairs, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
-    return [(0, both)]
-
-
-q4_k_block = _block_intrinsic(
-    _unpack_q4_k, _emit_q4_k,
-    "Q4_K block (256), token t: out[16 t + p] = sum over sub-blocks 2p, 2p + 1 of scale * sum(q x) "
-    "(ggml's repacked GEMM adds pairs); out[16 t + 4 + p] = the same pairs' min * sum(x).",
-)
-
-
-# ---- Q5_K: as Q4_K (qs at 48 + 32 k) plus a fifth bit: bit j of byte l at 16 is element l
-# of sub-block j -----------------------------------------------------------------------------
-
-
-def _unpack_q5_k(builder, w, off):
-    high = _load(builder, w, builder.add(off, _const(16)), _V32I8)
-    codes = []
-    for k in range(4):
-        packed = _load(builder, w, builder.add(off, _const(48 + 32 * k)), _V32I8)
-        for j, nibble in ((2 * k, builder.and_(packed, _splat(0x0F, _V32I8))), (2 * k + 1, builder.lshr(packed, _splat(4, _V32I8)))):
-            bit = builder.and_(builder.lshr(high, _splat(j, _V32I8)), _splat(1, _V32I8))
-            codes.append(builder.or_(nibble, builder.shl(bit, _splat(4, _V32I8))))
-    return codes, *_k_scales_mins(builder, w, off)
-
-
-@_emitter(uses_sums=True)
-def _emit_q5_k(builder, state, x_at, sums):
-    codes, scales, mins = state
-    lanes = _zero()
-    for j in range(8):
-        lanes = builder.add(lanes, _scaled_dot(builder, codes, scales, x_at, j))
-    m = _min_products(builder, mins, sums)
-    return [(0, lanes), (8, _sums4(builder, m, _zero(), _zero(), _zero()))]
-
-
-q5_k_block = _block_intrinsic(
-    _unpack_q5_k, _emit_q5_k,
-    "Q5_K block (256), token t: out[16 t + k] = lane k of sum scale * q x (ggml's vec_dot lanes); "
-    "out[16 t + 8] = sum of min * sum(x).",
-)
-
-
-# ---- Q6_K: two halves of 128; per half, 64 bytes of low nibbles (ql) and 32 of top bits (qh):
-#   element      l        32 + l         64 + l        96 + l       (l < 32)
-#   low 4 bits   ql[l]&15 ql[32+l]&15    ql[l]>>4      ql[32+l]>>4
-#   top 2 bits   qh[l]&3  (qh[l]>>2)&3   (qh[l]>>4)&3  (qh[l]>>6)&3
-# then 16 signed 8-bit scales, one per 16 elements. Codes are used unsigned (0..63) and
-# 32 * scale * sum(x) taken off per lane afterwards, as ggml does: lane k loses the terms
-# of 16-element groups 2k and 2k + 1 (not its own elements; the total is the same). ------------
-
-
-def _unpack_q6_k(builder, w, off):
-    codes = []
-    for half in range(2):
-        ql0 = _load(builder, w, builder.add(off, _const(64 * half)), _V32I8)
-        ql1 = _load(builder, w, builder.add(off, _const(64 * half + 32)), _V32I8)
-        qh = _load(builder, w, builder.add(off, _const(128 + 32 * half)), _V32I8)
-        lows = (
-            builder.and_(ql0, _splat(0x0F, _V32I8)), builder.and_(ql1, _splat(0x0F, _V32I8)),
-            builder.lshr(ql0, _splat(4, _V32I8)), builder.lshr(ql1, _splat(4, _V32I8)),
-        )
-        for m, low in enumerate(lows):
-            top = builder.and_(builder.lshr(qh, _splat(2 * m, _V32I8)), _splat(3, _V32I8))
-            codes.append(builder.or_(low, builder.shl(top, _splat(4, _V32I8))))
-    scales = builder.sext(_load(builder, w, builder.add(off, _const(192)), ir.VectorType(_I8, 16)), ir.VectorType(_I32, 16))
-    return codes, scales
-
-
-@_emitter(uses_sums=True)
-def _emit_q6_k(builder, state, x_at, sums):
-    codes, scales = state
-    lanes = _zero()
-    for c in range(8):  # 32 elements = 16-element groups 2c (lanes 0-3) and 2c + 1 (lanes 4-7)
-        p = _dot4(builder, _zero(), codes[c], x_at(c))
-        lanes = builder.add(lanes, builder.mul(p, _shuffle(builder, scales, None, [2 * c] * 4 + [2 * c + 1] * 4)))
-    weighted = builder.mul(scales, sums)  # (16,)
-    bias = builder.add(_shuffle(builder, weighted, None, list(range(0, 16, 2))), _shuffle(builder, weighted, None, list(range(1, 16, 2))))
-    return [(0, builder.sub(lanes, builder.shl(bias, _splat(5, _V8I32))))]
-
-
-q6_k_block = _block_intrinsic(
-    _unpack_q6_k, _emit_q6_k,
-    "Q6_K block (256), token t: out[16 t + k] = lane k of ggml's vec_dot: sum scale * (q + 32) x "
-    "minus 32 * (scale * sum(x)) of groups 2k and 2k + 1.",
-)
-
-
 # ---- float ----------------------------------------------------------------------------------
 
 
@@ -361,9 +266,7 @@ def fma32(typingctx, a, b, c):
     sig = types.float32(types.float32, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
-        return builder.call(fn, list(args))
+        return _fma(builder, *args)
 
     return sig, codegen
 
@@ -374,8 +277,7 @@ def half_to_float(typingctx, bits):
     sig = types.float32(types.uint16)
 
     def codegen(context, builder, signature, args):
-        half = builder.bitcast(args[0], ir.HalfType())
-        return builder.fpext(half, ir.FloatType())
+        return _half_value(builder, args[0])
 
     return sig, codegen
 
@@ -471,6 +373,12 @@ def _zero16() -> ir.Constant:
 # "total" for the block, "pairs" of 32-element sub-blocks, or the eight "lanes").
 
 
+def _min_products(builder, mins, sums):
+    """<8 x i32>: min_j * (sum of the activation codes of 32-element sub-block j)."""
+    sub_sums = builder.add(_shuffle(builder, sums, None, list(range(0, 16, 2))), _shuffle(builder, sums, None, list(range(1, 16, 2))))
+    return builder.mul(mins, sub_sums)
+
+
 def _sums_of_4(builder, accs: list[ir.Value]) -> ir.Value:
     """<4 x i32>: the lane sums of four <16 x i32>."""
     return _sums4(builder, *(_fold(builder, a) for a in accs))
@@ -508,8 +416,16 @@ def _unpack_row_k(codes_of):
 _unpack_row_q4_k, _unpack_row_q5_k = _unpack_row_k(_codes_q4_k), _unpack_row_k(_codes_q5_k)
 
 
+# Q6_K: two halves of 128; per half, 64 bytes of low nibbles (ql) and 32 of top bits (qh):
+#   element      l        32 + l         64 + l        96 + l       (l < 32)
+#   low 4 bits   ql[l]&15 ql[32+l]&15    ql[l]>>4      ql[32+l]>>4
+#   top 2 bits   qh[l]&3  (qh[l]>>2)&3   (qh[l]>>4)&3  (qh[l]>>6)&3
+# then 16 signed 8-bit scales, one per 16 elements. Codes are used unsigned (0..63) and
+# 32 * scale * sum(x) taken off per lane afterwards, as ggml does: lane k loses the terms
+# of 16-element groups 2k and 2k + 1 (not its own elements; the total is the same).
+
+
 def _unpack_row_q6_k(builder, w, off):
-    """(see _unpack_q6_k for the layout)"""
     scales = builder.sext(_load(builder, w, builder.add(off, _const(192)), ir.VectorType(_I8, 16)), ir.VectorType(_I32, 16))
     codes, words = [], []
     for half in range(2):
@@ -552,16 +468,6 @@ def _ints_q6_k(builder, state, x_at64, sums, grain):
     return (lanes if grain == "lanes" else _hsum(builder, lanes)), None
 
 
-def _half(builder, w, off) -> ir.Value:
-    bits = _load(builder, w, off, _I16)
-    return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
-
-
-def _fma(builder, a, b, c) -> ir.Value:
-    name = "llvm.fma.f32" if a.type == _F32 else "llvm.fma.v8f32"
-    return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name), [a, b, c])
-
-
 class _Acc:
     """One token's float accumulators (allocas that LLVM keeps in registers)."""
 
@@ -598,9 +504,7 @@ def _step_pairs(builder, acc, ints, scales, dx):
 def _step_lanes(builder, acc, ints, scales, dx):
     """vec_dot: lanes = fma(d * dx, lanes_int, lanes); Q5_K's mins acc_min = fma(-dx * dmin, msum, acc_min)."""
     lanes, msum = ints
-    dd = builder.fmul(scales[0], dx)
-    splat = _shuffle(builder, builder.insert_element(ir.Constant(_V8F32, None), dd, _const(0)), None, [0] * 8)
-    acc.fma_into(acc.lanes, splat, builder.sitofp(lanes, _V8F32))
+    acc.fma_into(acc.lanes, _splat_value(builder, builder.fmul(scales[0], dx), 8), builder.sitofp(lanes, _V8F32))
     if msum is not None:
         acc.fma_into(acc.acc_min, builder.fmul(builder.fneg(dx), scales[1]), builder.sitofp(msum, _F32))
 
@@ -681,7 +585,7 @@ def _row_intrinsic(qtype: str, mode: str, n_tok: int):
 
         return sig, codegen
 
-    typer.__doc__ = f"{qtype.upper()} row against {n_tok} token(s), {mode} sums ({_row_intrinsic.__doc__.split(':')[0]})."
+    typer.__doc__ = f"{qtype.upper()} row against {n_tok} token(s), {mode} sums. " + (_row_intrinsic.__doc__ or "")
     return intrinsic(typer)
 
 
@@ -722,26 +626,6 @@ def _transpose8(builder, vecs: list[ir.Value], elem: ir.Type) -> list[ir.Value]:
                 nxt[i + step] = _shuffle(builder, a, b, [j + step if j & step == 0 else 8 + j for j in range(8)])
         v = nxt
     return [builder.bitcast(x, vecs[0].type) for x in v]
-
-
-def _dot4_512(builder, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
-    """_dot4 on 64 bytes: <16 x i32> acc + the four products of bytes 4k..4k+3 in lane k."""
-    if VNNI512:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [acc, builder.bitcast(u, _V16I32), builder.bitcast(s, _V16I32)])
-    v64i32 = ir.VectorType(_I32, 64)
-    products = builder.mul(builder.zext(u, v64i32), builder.sext(s, v64i32))
-    for e in range(4):
-        acc = builder.add(acc, _shuffle(builder, products, None, [4 * k + e for k in range(16)]))
-    return acc
-
-
-def _splat_f(builder, value: ir.Value) -> ir.Value:
-    return _shuffle(builder, builder.insert_element(ir.Constant(_V8F32, None), value, _const(0)), None, [0] * 8)
-
-
-def _splat_i(builder, value: ir.Value) -> ir.Value:
-    return _shuffle(builder, builder.insert_element(ir.Constant(_V8I32, None), value, _const(0)), None, [0] * 8)
 
 
 def _rows8_intrinsic(qtype: str, mode: str):
@@ -801,17 +685,17 @@ def _rows8_intrinsic(qtype: str, mode: str):
                                 xq = _load(builder, q_p, builder.add(x_base, _const(64 * p + 8 * g)), _I64)
                                 xv = builder.bitcast(builder.insert_element(ir.Constant(ir.VectorType(_I64, 8), None), xq, _const(0)), ir.VectorType(_I64, 8))
                                 xv = _shuffle(builder, xv, None, [0] * 8)
-                                a = _dot4_512(builder, a, codes[p][g], builder.bitcast(xv, _V64I8))
+                                a = _dot4(builder, a, codes[p][g], builder.bitcast(xv, _V64I8))
                             halves.append(builder.mul(a, sc_w[2 * p + h]))
                         both = builder.add(*halves)
                         pairs.append(builder.add(_shuffle(builder, both, None, list(range(0, 16, 2))), _shuffle(builder, both, None, list(range(1, 16, 2)))))
                         min_pairs.append(builder.add(
-                            builder.mul(mn_t[2 * p], _splat_i(builder, builder.extract_element(sub_sums, _const(2 * p)))),
-                            builder.mul(mn_t[2 * p + 1], _splat_i(builder, builder.extract_element(sub_sums, _const(2 * p + 1)))),
+                            builder.mul(mn_t[2 * p], _splat_value(builder, builder.extract_element(sub_sums, _const(2 * p)), 8)),
+                            builder.mul(mn_t[2 * p + 1], _splat_value(builder, builder.extract_element(sub_sums, _const(2 * p + 1)), 8)),
                         ))
                     slot_acc, slot_min = acc_slot(t, 0), acc_slot(t, 1)
                     acc_v, acc_m = _load(builder, acc_p, slot_acc, _V8F32), _load(builder, acc_p, slot_min, _V8F32)
-                    dxv = _splat_f(builder, dx)
+                    dxv = _splat_value(builder, dx, 8)
                     if mode == "pairs":  # one fma per pair of sub-blocks
                         dd, dm = builder.fmul(dvec, dxv), builder.fmul(dmin, dxv)
                         for p in range(4):
@@ -873,7 +757,7 @@ def scores16(typingctx, q, qoff, kt, koff, kstride, hd, out, ooff, n_valid):
 
         def add_product(i, element, condition=None):
             qv = _load(builder, q_p, builder.mul(builder.add(qoff, element), _const(4)), _F32)
-            splat = _shuffle(builder, builder.insert_element(ir.Constant(_V16F32, None), qv, _const(0)), None, [0] * 16)
+            splat = _splat_value(builder, qv, 16)
             keys = _load(builder, k_p, builder.mul(builder.add(koff, builder.mul(element, kstride)), _const(4)), _V16F32)
             total = builder.fadd(builder.load(acc_slots[i]), builder.fmul(splat, keys))
             builder.store(total if condition is None else builder.select(condition, total, builder.load(acc_slots[i])), acc_slots[i])
