@@ -1,13 +1,12 @@
-"""Elementwise operations with llama.cpp's CPU arithmetic (``numerics="ggml"``).
+"""The non-matmul operations of a layer with llama.cpp's CPU arithmetic (``numerics="ggml"``).
 
 llama.cpp does not compute exp, SiLU, softmax or RMSNorm the textbook way: on x86 with
 AVX-512 it evaluates exp with a polynomial (``ggml_v_expf``), sums softmax terms with a
-fixed reduction tree, squares in float32 and sums in double for RMSNorm. A one-ulp
-difference anywhere can flip the rounding of an 8-bit activation code in the next
-quantized matmul, so these are reproduced operation for operation: exp, softmax and the
-attention products in Numba kernels (``phi3ref.kernels``) with hardware fused multiply-adds;
-RoPE's multiply-adds here in numpy, emulated in float64 (the product of two float32 values
-is exact there, so only a double rounding at a tie can differ from a hardware FMA).
+fixed reduction tree, squares in float32 and sums in double for RMSNorm, fuses the first
+product of each RoPE line into its addition, and rounds what it converts to float16. A
+one-ulp difference anywhere can flip the rounding of an 8-bit activation code in the next
+quantized matmul, so these are reproduced operation for operation, each by one Numba
+kernel of :mod:`phi3ref.kernels` (fused, parallel over rows where the rows are many).
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ import numpy as np
 
 from . import kernels
 
-__all__ = ["attention_scores", "attention_values", "cos_sin", "expf", "fma", "rms_scale", "silu", "softmax"]
+__all__ = [
+    "attention_scores", "attention_values", "cos_sin", "expf", "rms_norm", "rope", "round_to_f16",
+    "softmax", "store_f16", "swiglu",
+]
 
-_F32, _F64 = np.float32, np.float64
-
-
-def fma(a, b, c) -> np.ndarray:
-    """float32 fma(a, b, c) = a * b + c with one rounding (to float32)."""
-    return (np.asarray(a, _F64) * np.asarray(b, _F64) + np.asarray(c, _F64)).astype(_F32)
+_F32 = np.float32
 
 
 def expf(x: np.ndarray) -> np.ndarray:
@@ -42,45 +39,92 @@ def cos_sin(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return kernels.libm_cos_sin(np.ascontiguousarray(theta, _F32))
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    """ggml_vec_swiglu_f32's SiLU, x / (1 + exp(-x)), per row of the last axis."""
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_rms_norm times the norm's weight, per row of x (n_tokens, n): squares in
+    float32, their sum in double, the mean rounded to float32 (:func:`phi3ref.kernels.rms_norm_ggml`)."""
     x = np.asarray(x, _F32)
-    return x / (_F32(1) + expf(-x))
+    out = np.empty(x.shape, dtype=_F32)
+    kernels.rms_norm_ggml(x, np.asarray(weight, _F32), _F32(eps), out, nb.get_num_threads())
+    return out
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """ggml_soft_max (scale 1, mask already added) over the last axis: exp by the vector
-    exp, lane sums in float32 accumulated in double, times the float32 reciprocal
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int) -> np.ndarray:
+    """x (n_tokens, n_heads, head_dim) rotated NEOX-style by the angles of each token,
+    cos / sin (n_tokens, n_rot / 2): ggml's rotate_pairs with its fused multiply-adds
+    (:func:`phi3ref.kernels.rope_neox_ggml`)."""
+    x = np.asarray(x, _F32)
+    out = np.empty(x.shape, dtype=_F32)
+    kernels.rope_neox_ggml(x, np.ascontiguousarray(cos, _F32), np.ascontiguousarray(sin, _F32), n_rot, out)
+    return out
+
+
+def swiglu(gate_up: np.ndarray, n_ff: int) -> np.ndarray:
+    """ggml_vec_swiglu_f32: silu(gate) * up per row of the fused projection's output
+    (n_tokens, 2 n_ff), gate first (:func:`phi3ref.kernels.swiglu_ggml`)."""
+    gate_up = np.asarray(gate_up, _F32)
+    out = np.empty((gate_up.shape[0], n_ff), dtype=_F32)
+    kernels.swiglu_ggml(gate_up, n_ff, out, nb.get_num_threads())
+    return out
+
+
+def _key_ranges(first: np.ndarray | None, last: np.ndarray | None, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token key ranges for the attention kernels; None means every key."""
+    if first is None or last is None:
+        return np.zeros(1, np.int64), np.full(1, n_keys - 1, np.int64)
+    return np.asarray(first, np.int64), np.asarray(last, np.int64)
+
+
+def softmax(scores: np.ndarray, first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
+    """ggml_soft_max over the last axis. With ``first`` / ``last`` (one entry per token,
+    the rows cycling over the tokens), row r sees only the keys first[t] .. last[t]
+    (inclusive), as llama.cpp's causal mask allows them; the others get probability 0
     (:func:`phi3ref.kernels.softmax_ggml`)."""
     x = np.ascontiguousarray(scores, _F32)
+    rows = x.reshape(-1, x.shape[-1])  # (rows, n)
+    first, last = _key_ranges(first, last, x.shape[-1])
     out = np.empty_like(x)
-    kernels.softmax_ggml(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]), nb.get_num_threads())
+    kernels.softmax_ggml(rows, first, last, out.reshape(rows.shape), nb.get_num_threads())
     return out
 
 
-def attention_scores(q: np.ndarray, k_cache: np.ndarray, end: int) -> np.ndarray:
+def round_to_f16(x: np.ndarray) -> np.ndarray:
+    """Round x (float32, C-contiguous) in place to float16 values, as ggml's conversion
+    to float16 rounds an operand; returns x."""
+    if x.dtype != _F32 or not x.flags.c_contiguous:
+        raise ValueError(f"round_to_f16 needs a C-contiguous float32 array, got {x.dtype} {x.shape}")
+    kernels.round_to_f16(x, nb.get_num_threads())
+    return x
+
+
+def store_f16(cache: np.ndarray, x: np.ndarray) -> None:
+    """Write x (n_tokens, ...) float32 into ``cache``, a float16 slice of the KV cache of the
+    same shape, rounding as ggml's float16 conversion does."""
+    if cache.shape != x.shape or cache.dtype != np.float16:
+        raise ValueError(f"store_f16: cannot write {x.dtype} {x.shape} into {cache.dtype} {cache.shape}")
+    n = x.shape[0]
+    kernels.store_f16(np.asarray(x, _F32).reshape(n, -1), cache.view(np.uint16).reshape(n, -1))
+
+
+def attention_scores(q: np.ndarray, k_cache: np.ndarray, end: int, first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
     """q (n_head_kv, rows, head_dim), float16-valued, against the float16 keys of positions
     < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, end), summed
-    as llamafile's tinyBLAS sums on AVX-512 (:func:`phi3ref.kernels.attention_scores_f16`)."""
+    as llamafile's tinyBLAS sums on AVX-512 (:func:`phi3ref.kernels.attention_scores_f16`).
+    With ``first`` / ``last`` (as for :func:`softmax`), scores of keys a row does not see
+    may be left out (-inf); without, every score is computed."""
     q = np.ascontiguousarray(q, _F32)
+    first, last = _key_ranges(first, last, end)
     out = np.empty((q.shape[0], q.shape[1], end), dtype=_F32)
-    kernels.attention_scores_f16(q, k_cache.view(np.uint16), end, out, nb.get_num_threads())
+    kernels.attention_scores_f16(q, np.ascontiguousarray(k_cache).view(np.uint16), end, first, last, out, nb.get_num_threads())
     return out
 
 
-def attention_values(probs: np.ndarray, v_cache: np.ndarray, end: int) -> np.ndarray:
+def attention_values(probs: np.ndarray, v_cache: np.ndarray, end: int, first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
     """probs (n_head_kv, rows, end), float16-valued, times the float16 values of positions
     < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, head_dim)
-    (:func:`phi3ref.kernels.attention_values_f16`)."""
+    (:func:`phi3ref.kernels.attention_values_f16`). With ``first`` / ``last`` (as for
+    :func:`softmax`), the positions a row does not see (probability 0) are skipped."""
     probs = np.ascontiguousarray(probs, _F32)
+    first, last = _key_ranges(first, last, end)
     out = np.empty((probs.shape[0], probs.shape[1], v_cache.shape[-1]), dtype=_F32)
-    kernels.attention_values_f16(probs, v_cache.view(np.uint16), end, out, nb.get_num_threads())
+    kernels.attention_values_f16(probs, np.ascontiguousarray(v_cache).view(np.uint16), end, first, last, out, nb.get_num_threads())
     return out
-
-
-def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:
-    """ggml_rms_norm's per-row scale 1 / sqrt(mean(x^2) + eps): squares in float32, their
-    sum in double, the mean rounded to float32."""
-    x = np.asarray(x, _F32)
-    mean = ((x * x).astype(_F64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(_F32)
-    return _F32(1) / np.sqrt(mean + _F32(eps))

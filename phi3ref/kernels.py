@@ -41,9 +41,9 @@ from numba import njit, prange
 
 from . import quants
 from .simd import (
-    OUT_STRIDE, ROW_TOKENS, fma32, half_to_float, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
+    OUT_STRIDE, ROW_TOKENS, dot16_f16, float_to_half, fma32, half_to_float, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
     q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled,
-    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores16,
+    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores16,
 )
 
 __all__ = [
@@ -72,6 +72,11 @@ __all__ = [
     "attention_scores_f16",
     "attention_values_f16",
     "softmax_ggml",
+    "round_to_f16",
+    "store_f16",
+    "rms_norm_ggml",
+    "rope_neox_ggml",
+    "swiglu_ggml",
     "warmup",
 ]
 
@@ -726,30 +731,37 @@ def _rows_k(w, qtype, mode, r0, r1, q, d, s, out):
 
 
 ROWS8_MIN_TOKENS = 4  # below this, a token's row kernel streams the weights faster
+# tokens that meet a thread's whole slice of weights in the eight-row kernels: each tile
+# streams the slice from memory once, so bigger tiles read the weights less often, while
+# a block's activations of the tile (tile x 256 bytes, rows n_in apart) must stay in L1/L2.
+# On full-size Phi-3 matrices 64 was ~15% faster than 32; 128 no faster.
+ROWS8_TOKEN_TILE = 64
 
 
 @njit(inline="always")
 def has_rows8_path(qtype, mode, n_tok):
-    """Whether phi3ref.simd's eight-row kernels cover this product (Q4_K / Q5_K batches
-    summed per token, not in vec_dot lanes)."""
-    return (qtype == Q4_K or qtype == Q5_K) and mode != MODE_LANES and n_tok >= ROWS8_MIN_TOKENS
+    """Whether phi3ref.simd's eight-row kernels cover this product (Q4_K / Q5_K / Q6_K
+    batches summed per token, not in vec_dot lanes)."""
+    return (qtype == Q4_K or qtype == Q5_K or qtype == Q6_K) and mode != MODE_LANES and n_tok >= ROWS8_MIN_TOKENS
 
 
 @njit(inline="always")
 def _rows8_k(w, qtype, mode, r0, r1, q, d, s, out, acc):
     """Rows r0..r1 (a multiple of 8 of them) with the eight-row kernels, tokens in tiles of
-    TOKEN_TILE; Q4_K's GEMM takes tokens up to the last multiple of four, its GEMV the rest."""
+    ROWS8_TOKEN_TILE; Q4_K's GEMM takes tokens up to the last multiple of four, its GEMV the rest."""
     n_tok = out.shape[0]
     grouped_end = n_tok - n_tok % ROW_TOKENS
-    for t0 in range(0, n_tok, TOKEN_TILE):
-        t1 = min(n_tok, t0 + TOKEN_TILE)
+    for t0 in range(0, n_tok, ROWS8_TOKEN_TILE):
+        t1 = min(n_tok, t0 + ROWS8_TOKEN_TILE)
         g1 = max(t0, min(t1, grouped_end))
         for r in range(r0, r1, 8):
             if mode == MODE_TILED:
                 if qtype == Q4_K:
                     q4_k_rows8_tiled(w, r, q, d, s, t0, t1 - t0, acc, out)
-                else:
+                elif qtype == Q5_K:
                     q5_k_rows8_tiled(w, r, q, d, s, t0, t1 - t0, acc, out)
+                else:
+                    q6_k_rows8_tiled(w, r, q, d, s, t0, t1 - t0, acc, out)
             else:
                 if g1 > t0:
                     q4_k_rows8_pairs(w, r, q, d, s, t0, g1 - t0, acc, out)
@@ -773,7 +785,7 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
     if has_rows8_path(qtype, mode, n_tok):
         per8 = (n_rows // 8 + n_threads - 1) // n_threads * 8  # whole groups of eight rows per thread
         for th in prange(n_threads):
-            acc = np.empty(TOKEN_TILE * 16, dtype=np.float32)
+            acc = np.empty(ROWS8_TOKEN_TILE * 16, dtype=np.float32)
             _rows8_k(w, qtype, mode, th * per8, min(n_rows // 8 * 8, (th + 1) * per8), q, d, s, out, acc)
         if n_rows % 8:  # the last rows, one at a time
             _rows_k(w, qtype, mode, n_rows // 8 * 8, n_rows, q, d, s, out)
@@ -826,14 +838,17 @@ def _reduce16(acc, j):
 
 
 SCORES16_MIN_ROWS = 8  # from this many query rows per head the keys are transposed first
+VALUES_CHUNK = 16  # (head, query row) items whose value sums grow together when rows are few
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def _attention_scores_by_16(q, k_cache, end, out, n_threads):
+def _attention_scores_by_16(q, k_cache, end, first, last, out, n_threads):
     """attention_scores_f16 for many query rows: the keys are converted to float32 once,
     transposed (n_head_kv, head_dim, positions padded to 16), and phi3ref.simd.scores16
-    computes sixteen positions per call."""
+    computes sixteen positions per call; chunks of sixteen keys that a row does not see
+    are -inf."""
     n_kv, rows, hd = q.shape
+    n_sets = first.size
     end_pad = (end + 15) // 16 * 16
     keys = np.empty((n_kv, hd, end_pad), dtype=np.float32)
     for h in prange(n_kv):
@@ -847,60 +862,76 @@ def _attention_scores_by_16(q, k_cache, end, out, n_threads):
     for th in prange(n_threads):
         for item in range(th * per, min(n_items, (th + 1) * per)):
             h = item // rows  # item = h * rows + r: q[h, r] and out[h, r] start at item * hd, item * end
+            r = item % rows
+            lo, hi = first[r % n_sets], last[r % n_sets]
             for p0 in range(0, end, 16):
-                scores16(q, item * hd, keys, h * hd * end_pad + p0, end_pad, hd, out, item * end + p0, min(16, end - p0))
+                n_valid = min(16, end - p0)
+                if p0 + 15 < lo or p0 > hi:
+                    for i in range(n_valid):
+                        out[h, r, p0 + i] = -np.inf
+                else:
+                    scores16(q, item * hd, keys, h * hd * end_pad + p0, end_pad, hd, out, item * end + p0, n_valid)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def attention_scores_f16(q, k_cache, end, out, n_threads):
+def attention_scores_f16(q, k_cache, end, first, last, out, n_threads):
     """out[h, r, p] = q[h, r] . k_cache[p, h] for positions p < end, summed over head_dim
     in tinyBLAS's lanes. q: (n_head_kv, rows, head_dim) float32 holding float16 values;
     k_cache: (n_ctx, n_head_kv, head_dim) uint16 float16 bit patterns (the cache itself, no
-    copy); out: (n_head_kv, rows, end) float32."""
+    copy); out: (n_head_kv, rows, end) float32. Row r needs only the keys first[t] ..
+    last[t] (t = r % len(first), as in softmax_ggml): keys it does not need may be left out
+    (-inf) — whole chunks of sixteen for many rows, single keys for few."""
     n_kv, rows, hd = q.shape
     if rows >= SCORES16_MIN_ROWS:
-        _attention_scores_by_16(q, k_cache, end, out, n_threads)
+        _attention_scores_by_16(q, k_cache, end, first, last, out, n_threads)
         return
+    n_sets = first.size
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
-    full = hd - hd % 16  # whole 16-lane chunks; the rest goes to lanes 0.. as tinyBLAS does
     for th in prange(n_threads):
-        acc = np.empty((16, 1), dtype=np.float32)
-        for item in range(th * per, min(n_items, (th + 1) * per)):
-            h, r = item // rows, item % rows
-            qv = q[h, r]
-            for p in range(end):
-                kv = k_cache[p, h]
-                for i in range(16):
-                    acc[i, 0] = 0
-                for c in range(0, full, 16):
-                    for i in range(16):  # a constant trip count: LLVM keeps the lanes in a vector
-                        acc[i, 0] += qv[c + i] * half_to_float(kv[c + i])
-                for i in range(hd - full):
-                    acc[i, 0] += qv[full + i] * half_to_float(kv[full + i])
-                out[h, r, p] = _reduce16(acc, 0)
+        # positions outermost: a position's keys for this thread's heads are contiguous in the cache
+        for p in range(end):
+            for item in range(th * per, min(n_items, (th + 1) * per)):
+                h, r = item // rows, item % rows  # q[h, r] starts at item * hd
+                if first[r % n_sets] <= p <= last[r % n_sets]:
+                    out[h, r, p] = dot16_f16(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
+                else:
+                    out[h, r, p] = -np.inf
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def attention_values_f16(probs, v_cache, end, out, n_threads):
+def attention_values_f16(probs, v_cache, end, first, last, out, n_threads):
     """out[h, r, j] = sum over positions p < end of probs[h, r, p] * v_cache[p, h, j], lanes
     over positions (lane p % 16). probs: (n_head_kv, rows, end) float32 holding float16
-    values; v_cache: (n_ctx, n_head_kv, head_dim) uint16; out: (n_head_kv, rows, head_dim)."""
+    values; v_cache: (n_ctx, n_head_kv, head_dim) uint16; out: (n_head_kv, rows, head_dim).
+    Row r adds only positions first[t] .. last[t] (t = r % len(first)): the others have
+    probability 0 after the causal mask, and a 0 product adds nothing (ggml multiplies them
+    anyway, which differs only for an infinite or NaN value in the cache)."""
     n_kv, rows, hd = out.shape
+    n_sets = first.size
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
+    # Few query rows (decoding): VALUES_CHUNK (head, row) items at a time, positions outside,
+    # so that each position's values of those heads are read once, contiguously. Many rows:
+    # one item at a time, its sixteen lanes of accumulators staying in L1.
+    chunk = VALUES_CHUNK if rows < SCORES16_MIN_ROWS else 1
     for th in prange(n_threads):
-        acc = np.empty((16, hd), dtype=np.float32)
-        for item in range(th * per, min(n_items, (th + 1) * per)):
-            h, r = item // rows, item % rows
+        acc = np.empty((chunk, 16, hd), dtype=np.float32)
+        i0, i1 = th * per, min(n_items, (th + 1) * per)
+        for c0 in range(i0, i1, chunk):
+            c1 = min(i1, c0 + chunk)
             acc[:] = 0
             for p in range(end):
-                pr = probs[h, r, p]
                 lane = p % 16
+                for item in range(c0, c1):
+                    h, r = item // rows, item % rows
+                    if first[r % n_sets] <= p <= last[r % n_sets]:
+                        pr = probs[h, r, p]
+                        for j in range(hd):
+                            acc[item - c0, lane, j] += pr * half_to_float(v_cache[p, h, j])
+            for item in range(c0, c1):
                 for j in range(hd):
-                    acc[lane, j] += pr * half_to_float(v_cache[p, h, j])
-            for j in range(hd):
-                out[h, r, j] = _reduce16(acc, j)
+                    out[item // rows, item % rows, j] = _reduce16(acc[item - c0], j)
 
 
 def _hexf(literal: str) -> np.float32:
@@ -924,37 +955,126 @@ def _v_expf(x):
     b = fma32(-n, _EXP_LN2_LO, fma32(-n, _EXP_LN2_HI, x))
     u = b * b
     j = fma32(fma32(fma32(_EXP_C5, b, _EXP_C4), u, fma32(_EXP_C3, b, _EXP_C2)), u, fma32(_EXP_C1, b, np.float32(1)))
-    if abs(n) > np.float32(192):  # an ordered compare, as ggml's: NaN passes through
-        return np.float32(0) if n <= 0 else np.float32(np.inf)
-    return np.float32(np.ldexp(np.float64(j), np.int64(n)))  # _mm512_scalef_ps: one rounding
+    # _mm512_scalef_ps(j, n) = j * 2^n with one rounding: the product is exact in float64.
+    # Written as selects, without calls, so that LLVM vectorizes loops over _v_expf.
+    overflow = abs(n) > np.float32(192)  # an ordered compare, as ggml's: NaN passes through
+    n_int = np.int64(n) if abs(n) <= np.float32(192) else np.int64(0)  # (for NaN, j is NaN)
+    scaled = np.float32(np.float64(j) * pow2_f64(n_int))
+    return (np.float32(0) if n <= 0 else np.float32(np.inf)) if overflow else scaled
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def softmax_ggml(scores, out, n_threads):
-    """ggml_soft_max (scale 1, mask already added) of each row of scores (rows, n): exp(x -
-    max) by the vector exp, each 16 lanes' sum reduced in float32 and accumulated in double,
-    then multiplied by the float32 reciprocal. llama.cpp's KV cache view is a multiple of
-    256 cells (the unused ones -inf), so every element takes the vector path."""
+def softmax_ggml(scores, first, last, out, n_threads):
+    """ggml_soft_max (scale 1) with llama.cpp's causal mask, on each row of scores (rows, n):
+    row r sees the keys first[t] .. last[t] (inclusive, t = r % len(first): rows cycle over
+    the tokens), every other entry is masked (-inf in llama.cpp's mask, so exactly 0 in
+    out). exp(x - max) by the vector exp, each 16 lanes' sum (lanes from key 0) reduced in
+    float32 and accumulated in double, then multiplied by the float32 reciprocal; a chunk
+    of masked keys adds 0. llama.cpp's KV cache view is a multiple of 256 cells, so every
+    element takes the vector path."""
     n_rows, n = scores.shape
+    n_sets = first.size
     per = (n_rows + n_threads - 1) // n_threads
     for th in prange(n_threads):
-        acc = np.empty((16, 1), dtype=np.float32)
+        lanes = np.empty((16, 1), dtype=np.float32)
         for r in range(th * per, min(n_rows, (th + 1) * per)):
+            lo, hi = first[r % n_sets], min(last[r % n_sets], n - 1)
             mx = np.float32(-np.inf)
-            for i in range(n):
+            for i in range(lo, hi + 1):
                 mx = max(mx, scores[r, i])
+            for i in range(lo):
+                out[r, i] = 0
+            for i in range(hi + 1, n):
+                out[r, i] = 0
+            for i in range(lo, hi + 1):
+                out[r, i] = _v_expf(scores[r, i] - mx)
             total = 0.0
-            for c in range(0, n, 16):
+            for c in range(lo - lo % 16, hi + 1, 16):
                 for i in range(16):
-                    acc[i, 0] = 0
-                for i in range(min(16, n - c)):
-                    e = _v_expf(scores[r, c + i] - mx)
-                    out[r, c + i] = e
-                    acc[i, 0] = e
-                total += np.float64(_reduce16(acc, 0))
+                    lanes[i, 0] = out[r, c + i] if c + i < n else np.float32(0)
+                total += np.float64(_reduce16(lanes, 0))
             inv = np.float32(1.0 / total)
-            for i in range(n):
+            for i in range(lo, hi + 1):
                 out[r, i] = out[r, i] * inv
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def round_to_f16(x, n_threads):
+    """Round every element of x (float32, C-contiguous) in place to the nearest float16
+    value: what ggml's conversion to float16 does to a product's operand."""
+    flat = x.reshape(-1)
+    per = (flat.size + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        for i in range(th * per, min(flat.size, (th + 1) * per)):
+            flat[i] = half_to_float(float_to_half(flat[i]))
+
+
+@njit(cache=True, fastmath=FASTMATH_GGML)
+def store_f16(x, out):
+    """out = x converted to float16 (bit patterns, uint16), row by row: (rows, n) each;
+    the KV cache's store."""
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            out[r, i] = float_to_half(x[r, i])
+
+
+# ======================================================================================
+# the rest of a layer in ggml's numerics: RMSNorm, RoPE, SwiGLU
+# ======================================================================================
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def rms_norm_ggml(x, weight, eps, out, n_threads):
+    """ggml_rms_norm followed by ggml_mul with the norm's weight, on each row of x (rows, n):
+    the float32 squares summed in double in order, the mean rounded to float32, scale =
+    1 / sqrtf(mean + eps); out = (x * scale) * weight."""
+    n_rows, n = x.shape
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            total = 0.0
+            for i in range(n):
+                total += np.float64(x[r, i] * x[r, i])
+            mean = np.float32(total / n)
+            scale = np.float32(1) / np.sqrt(mean + eps)
+            for i in range(n):
+                out[r, i] = (x[r, i] * scale) * weight[i]
+
+
+@njit(cache=True, fastmath=FASTMATH_GGML)
+def rope_neox_ggml(x, cos, sin, n_rot, out):
+    """ggml's NEOX rotation (rotate_pairs) of x (n_tokens, n_heads, head_dim) by the angles
+    of each token, cos / sin (n_tokens, n_rot / 2): dim i with dim i + n_rot / 2, the first
+    product of each line fused into the addition (ggml is compiled with contraction);
+    dims from n_rot on copied."""
+    n_tok, n_heads, hd = x.shape
+    half = n_rot // 2
+    for t in range(n_tok):
+        for h in range(n_heads):
+            for i in range(half):
+                x1, x2, c, s = x[t, h, i], x[t, h, half + i], cos[t, i], sin[t, i]
+                out[t, h, i] = fma32(x1, c, -(x2 * s))
+                out[t, h, half + i] = fma32(x1, s, x2 * c)
+            for i in range(n_rot, hd):
+                out[t, h, i] = x[t, h, i]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def swiglu_ggml(gate_up, n_ff, out, n_threads):
+    """ggml_vec_swiglu_f32 on each row of gate_up (rows, 2 n_ff), gate first then up
+    (Phi-3's fused projection): out = silu(gate) * up, silu(x) = x / (1 + exp(-x)); the
+    vector exp for the row's whole 16-lane chunks, the C library's expf for the rest."""
+    n_rows = gate_up.shape[0]
+    full = n_ff - n_ff % 16
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            for i in range(full):
+                g = gate_up[r, i]
+                out[r, i] = g / (np.float32(1) + _v_expf(-g)) * gate_up[r, n_ff + i]
+            for i in range(full, n_ff):
+                g = gate_up[r, i]
+                out[r, i] = g / (np.float32(1) + np.exp(-g)) * gate_up[r, n_ff + i]
 
 
 @njit(cache=True)
@@ -1009,11 +1129,19 @@ def warmup() -> float:
     libm_cos_sin(x)
     expf_ggml(x, np.empty_like(x))
     fma_f32(1.0, 1.0, 1.0)
-    softmax_ggml(x, np.empty_like(x), nb.get_num_threads())
+    one = np.zeros(1, np.int64)
+    softmax_ggml(x, one, one, np.empty_like(x), nb.get_num_threads())
+    round_to_f16(x.copy(), nb.get_num_threads())
+    rms_norm_ggml(x, x[0], np.float32(1e-5), np.empty_like(x), nb.get_num_threads())
+    swiglu_ggml(x, 128, np.empty((2, 128), np.float32), nb.get_num_threads())
+    heads = x.reshape(2, 4, 64)
+    for layout in (heads, x[:, :128].reshape(2, 2, 64)):  # contiguous, and a view of a fused projection
+        rope_neox_ggml(layout, x[:, :32], x[:, :32], 64, np.empty(layout.shape, np.float32))
+        store_f16(layout.reshape(2, -1), np.empty((2, layout[0].size), np.uint16))
     cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
     scores = np.empty((1, 2, 3), dtype=np.float32)
-    attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, scores, nb.get_num_threads())
-    attention_values_f16(scores, cache16, 3, np.empty((1, 2, 16), np.float32), nb.get_num_threads())
+    attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, nb.get_num_threads())
+    attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), nb.get_num_threads())
     for qtype, t in QUANT_TYPES.items():
         if t.block_size == 1:
             continue

@@ -294,44 +294,51 @@ class Attention:
         # store this step's keys and values; attend over everything cached so far
         start, end = int(positions[0]), int(positions[-1]) + 1
         cache = model.cache
-        cache.k[self.layer, start:end] = k
-        cache.v[self.layer, start:end] = v
-        keys = cache.k[self.layer, :end].transpose(1, 0, 2)  # (n_head_kv, end, head_dim)
-        values = cache.v[self.layer, :end].transpose(1, 0, 2)  # (n_head_kv, end, head_dim)
+        if model.ggml:
+            ggml_ops.store_f16(cache.k[self.layer, start:end], k)  # rounded as ggml rounds to float16
+            ggml_ops.store_f16(cache.v[self.layer, start:end], v)
+        else:
+            cache.k[self.layer, start:end] = k
+            cache.v[self.layer, start:end] = v
 
-        # causal mask, narrowed by the sliding window when one applies
-        key_pos = np.arange(end)
-        delta = positions[:, None] - key_pos[None, :]  # (n_tokens, end)
-        allowed = delta >= 0
-        if model.window is not None:
-            allowed &= delta < model.window
-        mask = np.where(allowed, np.float32(0), np.float32(-np.inf))  # (n_tokens, end)
+        # causal mask, narrowed by the sliding window when one applies: the token at
+        # positions[t] sees the keys first_key[t] .. positions[t]
+        if model.window is None:
+            first_key = np.zeros_like(positions)
+        else:
+            first_key = np.maximum(positions - model.window + 1, 0)
 
         group = self.n_head // self.n_head_kv  # query heads per KV head
         qh = q.transpose(1, 0, 2).reshape(self.n_head_kv, group * n_tok, self.head_dim)  # (n_head_kv, group * n_tokens, head_dim)
         if model.ggml:
             # llama.cpp scales q before the product, then converts it to the cache's float16
-            qh = (qh * scale).astype(np.float16).astype(np.float32)
-            scores = ggml_ops.attention_scores(qh, cache.k[self.layer], end)  # (n_head_kv, group * n_tokens, end)
+            qh = ggml_ops.round_to_f16(np.ascontiguousarray(qh) * scale)
+            # The mask is applied inside the kernels (rows cycle over the tokens): masked
+            # scores are not computed unless traced (llama.cpp's kq holds them all).
+            seen = (None, None) if model.tracing else (first_key, positions)
+            scores = ggml_ops.attention_scores(qh, cache.k[self.layer], end, *seen)  # (n_head_kv, group * n_tokens, end)
+            model.record(f"kq-{self.layer}", scores.reshape(self.n_head_kv, group, n_tok, end))
+            probs = ggml_ops.softmax(scores, first_key, positions)  # (n_head_kv, group * n_tokens, end)
+            model.record(f"kq_soft_max-{self.layer}", probs.reshape(self.n_head_kv, group, n_tok, end))
+            probs = ggml_ops.round_to_f16(probs)  # converted for the float16 V product
+            out = ggml_ops.attention_values(probs, cache.v[self.layer], end, first_key, positions)  # (n_head_kv, group * n_tokens, head_dim)
         else:
+            keys = cache.k[self.layer, :end].transpose(1, 0, 2)  # (n_head_kv, end, head_dim)
+            values = cache.v[self.layer, :end].transpose(1, 0, 2)  # (n_head_kv, end, head_dim)
+            key_pos = np.arange(end)
+            allowed = (key_pos >= first_key[:, None]) & (key_pos <= positions[:, None])  # (n_tokens, end)
+            mask = np.where(allowed, np.float32(0), np.float32(-np.inf))
             scores = (qh @ keys.transpose(0, 2, 1)) * scale
-        scores = model.record(f"kq-{self.layer}", scores.reshape(self.n_head_kv, group, n_tok, end)) + mask  # (n_head_kv, group, n_tokens, end)
-        probs = model.record(f"kq_soft_max-{self.layer}", softmax(scores, model.ggml))
-        probs = probs.reshape(self.n_head_kv, group * n_tok, end)
-        if model.ggml:
-            probs = probs.astype(np.float16).astype(np.float32)  # converted for the float16 V product
-            out = ggml_ops.attention_values(probs, cache.v[self.layer], end)  # (n_head_kv, group * n_tokens, head_dim)
-        else:
-            out = probs @ values
+            scores = model.record(f"kq-{self.layer}", scores.reshape(self.n_head_kv, group, n_tok, end)) + mask  # (n_head_kv, group, n_tokens, end)
+            probs = model.record(f"kq_soft_max-{self.layer}", softmax(scores))
+            out = probs.reshape(self.n_head_kv, group * n_tok, end) @ values  # (n_head_kv, group * n_tokens, head_dim)
         out = out.reshape(self.n_head, n_tok, self.head_dim).transpose(1, 0, 2)  # (n_tokens, n_head, head_dim)
         merged = model.record(f"kqv_out-{self.layer}", out.reshape(n_tok, self.n_head * self.head_dim))  # (n_tokens, n_head * head_dim)
         return self.out.matmul(merged, model.numerics)  # (n_tokens, n_embd)
 
 
-def softmax(scores: np.ndarray, ggml: bool) -> np.ndarray:
+def softmax(scores: np.ndarray) -> np.ndarray:
     """Softmax over the last axis (masked entries are -inf)."""
-    if ggml:
-        return ggml_ops.softmax(scores)
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -353,9 +360,12 @@ class MLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         numerics, record = self.model.numerics, self.model.record
         gate_up = record(f"ffn_up-{self.index}", self.gate_up.matmul(x, numerics))  # (n_tokens, 2 n_ff)
-        gate, up = gate_up[:, : self.n_ff], gate_up[:, self.n_ff :]  # (n_tokens, n_ff) each
-        act = ggml_ops.silu(gate) if numerics == "ggml" else silu(gate)
-        h = record(f"ffn_swiglu-{self.index}", act * up)  # (n_tokens, n_ff)
+        if numerics == "ggml":
+            h = ggml_ops.swiglu(gate_up, self.n_ff)  # (n_tokens, n_ff)
+        else:
+            gate, up = gate_up[:, : self.n_ff], gate_up[:, self.n_ff :]  # (n_tokens, n_ff) each
+            h = silu(gate) * up
+        record(f"ffn_swiglu-{self.index}", h)
         return self.down.matmul(h, numerics)  # (n_tokens, n_embd)
 
 
@@ -380,10 +390,9 @@ class RMSNorm:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.ggml:
-            scale = ggml_ops.rms_scale(x, self.eps)  # (n_tokens, 1)
-        else:
-            mean_sq = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
-            scale = 1 / np.sqrt(mean_sq + self.eps)  # (n_tokens, 1), torch.rsqrt
+            return ggml_ops.rms_norm(x, self.weight, self.eps)
+        mean_sq = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+        scale = 1 / np.sqrt(mean_sq + self.eps)  # (n_tokens, 1), torch.rsqrt
         return (x * scale) * self.weight
 
 
@@ -440,16 +449,14 @@ class RotaryEmbedding:
 
     def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Rotate x (n_tokens, n_heads, head_dim) by the angles of each token."""
+        if self.ggml:
+            # ggml's rotate_pairs, compiled with contraction: the first product of each
+            # line is fused into the addition of the second (rounded) one
+            return ggml_ops.rope(x, cos, sin, self.n_rot)
         half = self.n_rot // 2
         c, s = cos[:, None, :], sin[:, None, :]  # (n_tokens, 1, n_rot / 2)
         x1, x2 = x[..., :half], x[..., half : self.n_rot]  # (n_tokens, n_heads, n_rot / 2) each
         out = x.copy()
-        if self.ggml:
-            # ggml's rotate_pairs, compiled with contraction: the first product of each
-            # line is fused into the addition of the second (rounded) one
-            out[..., :half] = ggml_ops.fma(x1, c, -(x2 * s))
-            out[..., half : self.n_rot] = ggml_ops.fma(x1, s, x2 * c)
-            return out
         out[..., :half] = x1 * c - x2 * s
         out[..., half : self.n_rot] = x2 * c + x1 * s
         return out

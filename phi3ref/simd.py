@@ -40,11 +40,11 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 __all__ = [
-    "OUT_STRIDE", "ROW_TOKENS", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float",
+    "OUT_STRIDE", "ROW_TOKENS", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float", "float_to_half", "pow2_f64",
     "q4_0_block", "q8_0_block",
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
     "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
-    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "scores16",
+    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores16", "dot16_f16",
 ]
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -282,6 +282,32 @@ def half_to_float(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def float_to_half(typingctx, value):
+    """The bit pattern (uint16) of float32 ``value`` rounded to the nearest float16 (ties to
+    even, overflow to infinity: vcvtps2ph, as numpy's astype(float16)). A plain conversion,
+    so LLVM vectorizes loops over it."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+
+    return sig, codegen
+
+
+@intrinsic
+def pow2_f64(typingctx, n):
+    """2.0 ** n as float64 for -1022 <= n <= 1023, built from its exponent bits (no call,
+    so loops over it vectorize)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        bits = builder.shl(builder.add(args[0], _const(1023)), _const(52))
+        return builder.bitcast(bits, ir.DoubleType())
+
+    return sig, codegen
+
+
 # ---- one token against a whole row: the GEMV kernels of decoding ----------------------------
 # For a single token the tile kernels above spend more time storing and re-reading their
 # integer sums than computing them. The row kernels below loop over a row's blocks inside the
@@ -437,6 +463,17 @@ def _unpack_row_q6_k(builder, w, off):
             c = 4 * half + 2 * pair  # 32-element chunks c and c + 1, 16-element groups 2c .. 2c + 3
             words.append(_words(builder, scales, [2 * c, 2 * c + 1, 2 * c + 2, 2 * c + 3], 8))
     return codes, words, scales
+
+
+def _codes_q6_k(builder, w, off) -> list[ir.Value]:
+    """Four <64 x i8>: the unsigned 6-bit codes (0..63) of elements 64p .. 64p + 63."""
+    return _unpack_row_q6_k(builder, w, off)[0]
+
+
+def _q6_k_scales(builder, w, off) -> tuple[ir.Value, ir.Value]:
+    """Two <8 x i32>: the signed scales of 16-element groups 0..7 and 8..15."""
+    scales = builder.sext(_load(builder, w, builder.add(off, _const(192)), ir.VectorType(_I8, 16)), _V16I32)
+    return _shuffle(builder, scales, None, list(range(8))), _shuffle(builder, scales, None, list(range(8, 16)))
 
 
 def _products(builder, state, x_at64, separate: bool) -> list[ir.Value]:
@@ -634,7 +671,8 @@ def _rows8_intrinsic(qtype: str, mode: str):
     ``q`` (codes), ``d`` (block scales) and ``sums`` (int32 sums of 16 codes), summed in
     ``mode`` ("pairs", "seq_min" or "tiled"); out[t, r0:r0 + 8] for each token t. ``acc``
     is float32 scratch of 16 per token."""
-    block_bytes, codes_of = {"q4_k": (144, _codes_q4_k), "q5_k": (176, _codes_q5_k)}[qtype]
+    block_bytes, codes_of = {"q4_k": (144, _codes_q4_k), "q5_k": (176, _codes_q5_k), "q6_k": (210, _codes_q6_k)}[qtype]
+    assert qtype != "q6_k" or mode == "tiled"  # ggml sums Q6_K batches only in the tiled GEMM
 
     def typer(typingctx, w, r0, q, d, sums, t0, n_tok, acc, out):
         sig = types.void(w, r0, q, d, sums, t0, n_tok, acc, out)
@@ -659,59 +697,83 @@ def _rows8_intrinsic(qtype: str, mode: str):
                 rows = []
                 for i in range(8):
                     off = builder.add(builder.mul(builder.add(r0, _const(i)), row_bytes), builder.mul(b, _const(block_bytes)))
-                    rows.append((off, codes_of(builder, w_p, off), *_k_scales_mins(builder, w_p, off)))
-                # codes[p][g]: 8-byte group g of sub-block pair p, row i in qword i
+                    scales_mins = _q6_k_scales(builder, w_p, off) if qtype == "q6_k" else _k_scales_mins(builder, w_p, off)
+                    rows.append((off, codes_of(builder, w_p, off), *scales_mins))
+                # codes[p][g]: 8-byte group g of the p-th 64 codes (Q4_K / Q5_K: sub-blocks
+                # 2p, 2p + 1; Q6_K: 16-element groups 4p .. 4p + 3), row i in qword i
                 codes = [_transpose8(builder, [r[1][p] for r in rows], _I64) for p in range(4)]
-                sc_t = _transpose8(builder, [r[2] for r in rows], _I32)  # sc_t[j] lane i = scale j of row i
-                mn_t = _transpose8(builder, [r[3] for r in rows], _I32)
-                sc_w = [_shuffle(builder, sc_t[j], None, [i // 2 for i in range(16)]) for j in range(8)]
+                # sc_t[j] lane i = scale j of row i (Q6_K: 16 scales, two 8 x 8 transposes)
+                sc_t = [v for part in range(2 if qtype == "q6_k" else 1) for v in _transpose8(builder, [r[2 + part] for r in rows], _I32)]
+                sc_w = [_shuffle(builder, v, None, [i // 2 for i in range(16)]) for v in sc_t]
+                d_at = 208 if qtype == "q6_k" else 0
                 dvec, dmin = ir.Constant(_V8F32, None), ir.Constant(_V8F32, None)
                 for i, r in enumerate(rows):
-                    dvec = builder.insert_element(dvec, _half(builder, w_p, r[0]), _const(i))
-                    dmin = builder.insert_element(dmin, _half(builder, w_p, builder.add(r[0], _const(2))), _const(i))
+                    dvec = builder.insert_element(dvec, _half(builder, w_p, builder.add(r[0], _const(d_at))), _const(i))
+                    if qtype != "q6_k":
+                        dmin = builder.insert_element(dmin, _half(builder, w_p, builder.add(r[0], _const(2))), _const(i))
+                if qtype != "q6_k":
+                    mn_t = _transpose8(builder, [r[3] for r in rows], _I32)
                 with cgutils.for_range(builder, n_tok) as token_loop:
                     t = token_loop.index
                     tt = builder.add(t0, t)
                     x_base = builder.add(builder.mul(tt, n_in), builder.mul(b, _const(256)))
                     dx = _load(builder, d_p, builder.mul(builder.add(builder.mul(tt, n_blocks), b), _const(4)), _F32)
                     bsums = _load(builder, s_p, builder.mul(builder.add(builder.mul(tt, builder.sdiv(n_in, _const(16))), builder.mul(b, _const(16))), _const(4)), _V16I32)
-                    sub_sums = builder.add(_shuffle(builder, bsums, None, list(range(0, 16, 2))), _shuffle(builder, bsums, None, list(range(1, 16, 2))))
-                    pairs, min_pairs = [], []
-                    for p in range(4):
-                        halves = []
-                        for h in range(2):  # sub-blocks 2p + h
-                            a = _zero16()
-                            for g in range(4 * h, 4 * h + 4):
-                                xq = _load(builder, q_p, builder.add(x_base, _const(64 * p + 8 * g)), _I64)
-                                xv = builder.bitcast(builder.insert_element(ir.Constant(ir.VectorType(_I64, 8), None), xq, _const(0)), ir.VectorType(_I64, 8))
-                                xv = _shuffle(builder, xv, None, [0] * 8)
-                                a = _dot4(builder, a, codes[p][g], builder.bitcast(xv, _V64I8))
-                            halves.append(builder.mul(a, sc_w[2 * p + h]))
-                        both = builder.add(*halves)
-                        pairs.append(builder.add(_shuffle(builder, both, None, list(range(0, 16, 2))), _shuffle(builder, both, None, list(range(1, 16, 2)))))
-                        min_pairs.append(builder.add(
-                            builder.mul(mn_t[2 * p], _splat_value(builder, builder.extract_element(sub_sums, _const(2 * p)), 8)),
-                            builder.mul(mn_t[2 * p + 1], _splat_value(builder, builder.extract_element(sub_sums, _const(2 * p + 1)), 8)),
-                        ))
-                    slot_acc, slot_min = acc_slot(t, 0), acc_slot(t, 1)
-                    acc_v, acc_m = _load(builder, acc_p, slot_acc, _V8F32), _load(builder, acc_p, slot_min, _V8F32)
-                    dxv = _splat_value(builder, dx, 8)
-                    if mode == "pairs":  # one fma per pair of sub-blocks
-                        dd, dm = builder.fmul(dvec, dxv), builder.fmul(dmin, dxv)
-                        for p in range(4):
-                            acc_v = _fma(builder, dd, builder.sitofp(pairs[p], _V8F32), acc_v)
-                            acc_m = _fma(builder, dm, builder.sitofp(min_pairs[p], _V8F32), acc_m)
+
+                    def x_group(p, g):  # the token's 8 codes of group g of the p-th 64, in every qword
+                        xq = _load(builder, q_p, builder.add(x_base, _const(64 * p + 8 * g)), _I64)
+                        xv = builder.insert_element(ir.Constant(ir.VectorType(_I64, 8), None), xq, _const(0))
+                        return builder.bitcast(_shuffle(builder, xv, None, [0] * 8), _V64I8)
+
+                    if qtype == "q6_k":
+                        # scale_k * (codes . x) over the 16 groups k, minus ggml's 32 * scale_k * bsum_k
+                        total, bias = _zero16(), _splat(0, _V8I32)
+                        for k in range(16):
+                            p, g = k // 4, 2 * (k % 4)
+                            a = _dot4(builder, _dot4(builder, _zero16(), codes[p][g], x_group(p, g)), codes[p][g + 1], x_group(p, g + 1))
+                            total = builder.add(total, builder.mul(a, sc_w[k]))
+                            bias = builder.add(bias, builder.mul(sc_t[k], _splat_value(builder, builder.extract_element(bsums, _const(k)), 8)))
+                        row_totals = builder.add(_shuffle(builder, total, None, list(range(0, 16, 2))), _shuffle(builder, total, None, list(range(1, 16, 2))))
+                        isum = builder.sitofp(builder.sub(row_totals, builder.shl(bias, _splat(5, _V8I32))), _V8F32)
+                        slot_acc = acc_slot(t, 0)
+                        r = builder.fmul(isum, dvec)  # the tiled GEMM's float step, without mins
+                        acc_v = builder.fadd(_load(builder, acc_p, slot_acc, _V8F32), builder.fmul(r, _splat_value(builder, dx, 8)))
+                        _store(builder, acc_p, slot_acc, acc_v)
                     else:
-                        isum = builder.sitofp(builder.add(builder.add(pairs[0], pairs[1]), builder.add(pairs[2], pairs[3])), _V8F32)
-                        msum = builder.sitofp(builder.add(builder.add(min_pairs[0], min_pairs[1]), builder.add(min_pairs[2], min_pairs[3])), _V8F32)
-                        if mode == "seq_min":
-                            acc_v = _fma(builder, builder.fmul(dvec, dxv), isum, acc_v)
-                            acc_m = _fma(builder, builder.fmul(dmin, dxv), msum, acc_m)
-                        else:  # tiled
-                            r = _fma(builder, builder.fneg(dmin), msum, builder.fmul(isum, dvec))
-                            acc_v = builder.fadd(acc_v, builder.fmul(r, dxv))
-                    _store(builder, acc_p, slot_acc, acc_v)
-                    _store(builder, acc_p, slot_min, acc_m)
+                        sub_sums = builder.add(_shuffle(builder, bsums, None, list(range(0, 16, 2))), _shuffle(builder, bsums, None, list(range(1, 16, 2))))
+                        pairs, min_pairs = [], []
+                        for p in range(4):
+                            halves = []
+                            for h in range(2):  # sub-blocks 2p + h
+                                a = _zero16()
+                                for g in range(4 * h, 4 * h + 4):
+                                    a = _dot4(builder, a, codes[p][g], x_group(p, g))
+                                halves.append(builder.mul(a, sc_w[2 * p + h]))
+                            both = builder.add(*halves)
+                            pairs.append(builder.add(_shuffle(builder, both, None, list(range(0, 16, 2))), _shuffle(builder, both, None, list(range(1, 16, 2)))))
+                            min_pairs.append(builder.add(
+                                builder.mul(mn_t[2 * p], _splat_value(builder, builder.extract_element(sub_sums, _const(2 * p)), 8)),
+                                builder.mul(mn_t[2 * p + 1], _splat_value(builder, builder.extract_element(sub_sums, _const(2 * p + 1)), 8)),
+                            ))
+                        slot_acc, slot_min = acc_slot(t, 0), acc_slot(t, 1)
+                        acc_v, acc_m = _load(builder, acc_p, slot_acc, _V8F32), _load(builder, acc_p, slot_min, _V8F32)
+                        dxv = _splat_value(builder, dx, 8)
+                        if mode == "pairs":  # one fma per pair of sub-blocks
+                            dd, dm = builder.fmul(dvec, dxv), builder.fmul(dmin, dxv)
+                            for p in range(4):
+                                acc_v = _fma(builder, dd, builder.sitofp(pairs[p], _V8F32), acc_v)
+                                acc_m = _fma(builder, dm, builder.sitofp(min_pairs[p], _V8F32), acc_m)
+                        else:
+                            isum = builder.sitofp(builder.add(builder.add(pairs[0], pairs[1]), builder.add(pairs[2], pairs[3])), _V8F32)
+                            msum = builder.sitofp(builder.add(builder.add(min_pairs[0], min_pairs[1]), builder.add(min_pairs[2], min_pairs[3])), _V8F32)
+                            if mode == "seq_min":
+                                acc_v = _fma(builder, builder.fmul(dvec, dxv), isum, acc_v)
+                                acc_m = _fma(builder, builder.fmul(dmin, dxv), msum, acc_m)
+                            else:  # tiled
+                                r = _fma(builder, builder.fneg(dmin), msum, builder.fmul(isum, dvec))
+                                acc_v = builder.fadd(acc_v, builder.fmul(r, dxv))
+                        _store(builder, acc_p, slot_acc, acc_v)
+                        _store(builder, acc_p, slot_min, acc_m)
             with cgutils.for_range(builder, n_tok) as loop:
                 t = loop.index
                 acc_v = _load(builder, acc_p, acc_slot(t, 0), _V8F32)
@@ -731,6 +793,7 @@ q4_k_rows8_pairs = _rows8_intrinsic("q4_k", "pairs")
 q4_k_rows8_seq_min = _rows8_intrinsic("q4_k", "seq_min")
 q4_k_rows8_tiled = _rows8_intrinsic("q4_k", "tiled")
 q5_k_rows8_tiled = _rows8_intrinsic("q5_k", "tiled")
+q6_k_rows8_tiled = _rows8_intrinsic("q6_k", "tiled")
 
 
 # ---- attention scores, sixteen positions at a time ------------------------------------------
@@ -779,5 +842,47 @@ def scores16(typingctx, q, qoff, kt, koff, kstride, hd, out, ooff, n_valid):
             value = builder.extract_element(total, loop.index)
             _store(builder, out_p, builder.mul(builder.add(ooff, loop.index), _const(4)), value)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dot16_f16(typingctx, q, qoff, k, koff, hd):
+    """One attention score in llamafile tinyBLAS's order: the dot product of float32
+    q[qoff : qoff + hd] with float16 keys k[koff : koff + hd] (uint16 bit patterns), lane i
+    of 16 taking elements i, i + 16, ... (the last hd % 16 to lanes 0..), the lanes then
+    added pairwise (_mm512_reduce_add_ps). The keys are converted sixteen at a time
+    (vcvtph2ps): the form for few query rows, where transposing the keys first would not
+    pay. Both arrays C-contiguous."""
+    sig = types.float32(q, qoff, k, koff, hd)
+
+    def codegen(context, builder, signature, args):
+        q_p, k_p = _data(context, builder, signature.args[0], args[0]), _data(context, builder, signature.args[2], args[2])
+        qoff, koff, hd = (_i64(builder, args[i]) for i in (1, 3, 4))
+        v16i16, v16half = ir.VectorType(_I16, 16), ir.VectorType(ir.HalfType(), 16)
+        full = builder.sub(hd, builder.srem(hd, _const(16)))
+        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16))
+        with cgutils.for_range(builder, builder.sdiv(full, _const(16))) as loop:
+            c0 = builder.mul(loop.index, _const(16))
+            qv = _load(builder, q_p, builder.mul(builder.add(qoff, c0), _const(4)), _V16F32)
+            kb = _load(builder, k_p, builder.mul(builder.add(koff, c0), _const(2)), v16i16)
+            kv = builder.fpext(builder.bitcast(kb, v16half), _V16F32)
+            builder.store(builder.fadd(builder.load(acc_slot), builder.fmul(qv, kv)), acc_slot)
+        tail = builder.sub(hd, full)
+        with builder.if_then(builder.icmp_signed(">", tail, _const(0)), likely=False):
+            acc = builder.load(acc_slot)
+            for i in range(16):  # element full + i, if it exists (index clamped so nothing is read past hd)
+                exists = builder.icmp_signed("<", _const(i), tail)
+                element = builder.select(exists, builder.add(full, _const(i)), builder.sub(hd, _const(1)))
+                qv = _load(builder, q_p, builder.mul(builder.add(qoff, element), _const(4)), _F32)
+                kv = _half(builder, k_p, builder.mul(builder.add(koff, element), _const(2)))
+                lane = builder.extract_element(acc, _const(i))
+                acc = builder.insert_element(acc, builder.select(exists, builder.fadd(lane, builder.fmul(qv, kv)), lane), _const(i))
+            builder.store(acc, acc_slot)
+        acc = builder.load(acc_slot)
+        halves = builder.fadd(_shuffle(builder, acc, None, list(range(8, 16))), _shuffle(builder, acc, None, list(range(8))))
+        quarters = builder.fadd(_shuffle(builder, halves, None, [4, 5, 6, 7]), _shuffle(builder, halves, None, [0, 1, 2, 3]))
+        q = [builder.extract_element(quarters, _const(i)) for i in range(4)]
+        return builder.fadd(builder.fadd(q[0], q[2]), builder.fadd(q[1], q[3]))
 
     return sig, codegen

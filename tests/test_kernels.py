@@ -265,13 +265,24 @@ def test_attention_products_match_lane_reference(head_dim, rows):
     v_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     q = rng.standard_normal((n_kv, rows, head_dim)).astype(np.float16).astype(np.float32)
     keys = k_cache[:end].transpose(1, 0, 2)  # (n_kv, end, head_dim)
-    scores = np.empty((n_kv, rows, end), np.float32)
-    kernels.attention_scores_f16(q, k_cache.view(np.uint16), end, scores, THREADS)
-    assert np.array_equal(scores, dot_f16_reference(q, keys))
+    expected_scores = dot_f16_reference(q, keys)
+    assert np.array_equal(ggml_ops.attention_scores(q, k_cache, end), expected_scores)
     probs = rng.random((n_kv, rows, end)).astype(np.float16).astype(np.float32)
-    out = np.empty((n_kv, rows, head_dim), np.float32)
-    kernels.attention_values_f16(probs, v_cache.view(np.uint16), end, out, THREADS)
-    assert np.array_equal(out, dot_f16_reference(probs, v_cache[:end].transpose(1, 2, 0)))
+    values = v_cache[:end].transpose(1, 2, 0)  # (n_kv, head_dim, end)
+    assert np.array_equal(ggml_ops.attention_values(probs, v_cache, end), dot_f16_reference(probs, values))
+
+    # causal ranges (rows cycle over n_tok tokens): the keys a row sees are computed
+    # exactly, the others left out; values add only the positions seen
+    n_tok = 2 if rows == 4 else 11
+    last = np.arange(end - n_tok, end)
+    first = np.maximum(last - 19, 0)
+    seen = (np.arange(end) >= first[:, None]) & (np.arange(end) <= last[:, None])  # (n_tok, end)
+    seen_rows = np.broadcast_to(np.tile(seen, (rows // n_tok, 1)), (n_kv, rows, end))
+    ranged = ggml_ops.attention_scores(q, k_cache, end, first, last)
+    assert np.array_equal(ranged[seen_rows], expected_scores[seen_rows])
+    assert np.all((ranged[~seen_rows] == -np.inf) | (ranged[~seen_rows] == expected_scores[~seen_rows]))
+    masked_probs = np.where(seen_rows, probs, np.float32(0))
+    assert np.array_equal(ggml_ops.attention_values(probs, v_cache, end, first, last), dot_f16_reference(masked_probs, values))
 
 
 def hexf(literal: str) -> np.float32:
@@ -332,7 +343,85 @@ def test_softmax_matches_reference():
     x = (rng.standard_normal((7, 45)) * 8).astype(np.float32)
     x[:, 30:] = -np.inf  # masked
     x[3, 0] = 90.0  # a dominating score
-    out = np.empty_like(x)
-    kernels.softmax_ggml(x, out, THREADS)
+    out = ggml_ops.softmax(x)
     assert np.array_equal(out, softmax_reference(x))
     assert np.allclose(out.sum(-1), 1, atol=1e-6)
+
+
+def test_softmax_mask_ranges_equal_an_added_minus_inf_mask():
+    """Rows cycle over the tokens; token t sees keys first[t]..last[t]: the same numbers as
+    adding llama.cpp's -inf mask to the scores, keys outside exactly 0."""
+    rng = np.random.default_rng(12)
+    n_tok, n_keys = 5, 53
+    x = (rng.standard_normal((3, n_tok, n_keys)) * 6).astype(np.float32)  # (heads, tokens, keys)
+    last = np.array([17, 18, 30, 47, 52])
+    first = np.maximum(last - 20, 0)  # a sliding window: chunks of masked keys on both sides
+    keys = np.arange(n_keys)
+    allowed = (keys >= first[:, None]) & (keys <= last[:, None])
+    masked = np.where(allowed, x, np.float32(-np.inf))
+    out = ggml_ops.softmax(x, first, last)
+    assert np.array_equal(out, softmax_reference(masked))
+    assert np.all(out[:, ~allowed] == 0)
+
+
+def test_float16_rounding_and_store():
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((6, 70)) * np.logspace(-9, 5, 70)).astype(np.float32)
+    x[0, :4] = [65520.0, -7e4, np.inf, 6e-8]  # rounds to inf, overflows, stays, subnormal
+    with np.errstate(over="ignore"):
+        expected = x.astype(np.float16)
+    cache = np.zeros((8, 70), np.float16)
+    ggml_ops.store_f16(cache[2:8], x)
+    assert np.array_equal(cache[2:8].view(np.uint16), expected.view(np.uint16))
+    assert np.array_equal(ggml_ops.round_to_f16(x.copy()), expected.astype(np.float32))
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        ggml_ops.round_to_f16(x[:, ::2])
+    with pytest.raises(ValueError, match="cannot write"):
+        ggml_ops.store_f16(cache[:3], x)
+
+
+def test_rms_norm_matches_ggml_order():
+    """Squares in float32 summed in double in order, mean rounded to float32, (x * scale) * w."""
+    rng = np.random.default_rng(14)
+    x = (rng.standard_normal((4, 300)) * 3).astype(np.float32)
+    w = rng.standard_normal(300).astype(np.float32)
+    eps = np.float32(1e-5)
+    expected = np.empty_like(x)
+    for r in range(4):
+        total = 0.0
+        for v in (x[r] * x[r]).astype(np.float64):
+            total += v
+        scale = np.float32(1) / np.sqrt(np.float32(total / 300) + eps)
+        expected[r] = (x[r] * scale) * w
+    assert np.array_equal(ggml_ops.rms_norm(x, w, eps), expected)
+
+
+@pytest.mark.parametrize("n_rot", [16, 12])
+def test_rope_matches_fused_reference(n_rot):
+    """NEOX pairs (i, i + n_rot/2) with the first product fused into the addition; dims
+    from n_rot on (partial rotary) copied."""
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    theta = rng.random((3, n_rot // 2)).astype(np.float32) * 6
+    cos, sin = np.cos(theta), np.sin(theta)
+    half = n_rot // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:n_rot]
+    expected = x.copy()
+    expected[..., :half] = fma_reference(x1, c, -(x2 * s))
+    expected[..., half:n_rot] = fma_reference(x1, s, x2 * c)
+    out = ggml_ops.rope(x, cos, sin, n_rot)
+    assert np.array_equal(out, expected)
+    qkv = np.concatenate([x.reshape(3, 32), rng.standard_normal((3, 8)).astype(np.float32)], axis=1)
+    assert np.array_equal(ggml_ops.rope(qkv[:, :32].reshape(3, 2, 16), cos, sin, n_rot), out)  # a strided view, as the model passes
+
+
+def test_swiglu_matches_ggml_vector_loop():
+    """silu(gate) * up with the vector exp on whole 16-lane chunks of gate, libm's expf on
+    the rest (n_ff = 37: two chunks and five scalars)."""
+    rng = np.random.default_rng(16)
+    n_ff = 37
+    gate_up = (rng.standard_normal((3, 2 * n_ff)) * 4).astype(np.float32)
+    gate, up = gate_up[:, :n_ff], gate_up[:, n_ff:]
+    expected = gate / (np.float32(1) + ggml_ops.expf(-gate)) * up
+    assert np.array_equal(ggml_ops.swiglu(gate_up, n_ff), expected)
