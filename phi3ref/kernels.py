@@ -43,7 +43,7 @@ from . import quants
 from .simd import (
     OUT_STRIDE, ROW_TOKENS, dot16_f16, float_to_half, fma32, half_to_float, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
     q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled,
-    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores16,
+    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores16, values16,
 )
 
 __all__ = [
@@ -911,10 +911,16 @@ def attention_values_f16(probs, v_cache, end, first, last, out, n_threads):
     n_sets = first.size
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
+    if rows >= SCORES16_MIN_ROWS:  # many rows: sixteen outputs of one row per call, lanes in registers
+        for th in prange(n_threads):
+            for item in range(th * per, min(n_items, (th + 1) * per)):
+                h, t = item // rows, item % rows % n_sets
+                for j0 in range(0, hd, 16):
+                    values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, first[t], min(last[t], end - 1), out, item * hd + j0, min(16, hd - j0))
+        return
     # Few query rows (decoding): VALUES_CHUNK (head, row) items at a time, positions outside,
-    # so that each position's values of those heads are read once, contiguously. Many rows:
-    # one item at a time, its sixteen lanes of accumulators staying in L1.
-    chunk = VALUES_CHUNK if rows < SCORES16_MIN_ROWS else 1
+    # so that each position's values of those heads are read once, contiguously.
+    chunk = VALUES_CHUNK
     for th in prange(n_threads):
         acc = np.empty((chunk, 16, hd), dtype=np.float32)
         i0, i1 = th * per, min(n_items, (th + 1) * per)

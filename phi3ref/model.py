@@ -122,6 +122,12 @@ class Model:
         # Tied embeddings (Phi-4-mini): the output head is the token embedding matrix.
         self.output = weight("output.weight") if "output.weight" in gguf.tensors else self.token_embd
 
+        # Every matrix a forward pass reads in full is mapped in now (the token embedding,
+        # of which a pass reads a few rows, stays lazy unless it is the output head too).
+        for name, info in gguf.tensors.items():
+            if len(info.shape) == 2 and info.supported and (name != "token_embd.weight" or self.output is self.token_embd):
+                gguf.populate(name)
+
         self.cache = KVCache.allocate(config, n_ctx, np.float16 if self.ggml else np.float32)
         self.tokens: list[int] = []  # what the cache holds, position by position
         self.cache_uses_long_rope = False
@@ -482,8 +488,8 @@ def load(
 
     ``path``: a local .gguf file, or a Hugging Face Hub repository id (default
     ``microsoft/Phi-3-mini-4k-instruct-gguf``; ``filename`` / ``revision`` pick the file),
-    downloaded into huggingface_hub's cache. The file is memory-mapped; no weight is
-    decoded ahead of use. ``tokenizer``: None uses the file's own vocabulary; a path to a
+    downloaded into huggingface_hub's cache. The file is memory-mapped and its weight
+    matrices mapped in at load (read from disk if need be); no weight is decoded ahead of use. ``tokenizer``: None uses the file's own vocabulary; a path to a
     ``tokenizer.json``, or ``"hub"`` to fetch the base model's from the Hub. ``n_ctx`` is the
     KV cache size (default: the model's context, at most :data:`DEFAULT_MAX_CTX`).
     ``numerics``: ``"ggml"`` (llama.cpp's, the default), ``"exact"`` (float32, transformers'

@@ -44,7 +44,7 @@ __all__ = [
     "q4_0_block", "q8_0_block",
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
     "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
-    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores16", "dot16_f16",
+    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores16", "dot16_f16", "values16",
 ]
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -884,5 +884,67 @@ def dot16_f16(typingctx, q, qoff, k, koff, hd):
         quarters = builder.fadd(_shuffle(builder, halves, None, [4, 5, 6, 7]), _shuffle(builder, halves, None, [0, 1, 2, 3]))
         q = [builder.extract_element(quarters, _const(i)) for i in range(4)]
         return builder.fadd(builder.fadd(q[0], q[2]), builder.fadd(q[1], q[3]))
+
+    return sig, codegen
+
+
+@intrinsic
+def values16(typingctx, probs, poff, v, voff, vstride, lo, hi, out, ooff, n_valid):
+    """Sixteen attention outputs in llamafile tinyBLAS's order: out[ooff + i] (i < n_valid)
+    = the sum over positions p = lo..hi of probs[poff + p] * v[voff + p * vstride + i]
+    (float32 probabilities holding float16 values; float16 values as uint16 bit patterns),
+    position p in lane p % 16, the lanes then added pairwise. Lane l's sums for the sixteen
+    outputs are one vector, so all sixteen lanes stay in registers; positions go sixteen at
+    a time, aligned to multiples of 16, lanes outside lo..hi left alone. Products of
+    float16 values are exact, so tinyBLAS's fma is a multiply and an add. A partial chunk
+    (n_valid < 16) reads its values one by one, never past the row."""
+    sig = types.void(probs, poff, v, voff, vstride, lo, hi, out, ooff, n_valid)
+
+    def codegen(context, builder, signature, args):
+        p_p, v_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 2, 7))
+        poff, voff, vstride, lo, hi, ooff, n_valid = (_i64(builder, args[i]) for i in (1, 3, 4, 5, 6, 8, 9))
+        v16i16, v16half = ir.VectorType(_I16, 16), ir.VectorType(ir.HalfType(), 16)
+        acc_slots = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(16)]
+        full_width = builder.icmp_signed("==", n_valid, _const(16))
+
+        def values_at(p, whole: bool):
+            base = builder.add(voff, builder.mul(p, vstride))
+            if whole:
+                return builder.fpext(builder.bitcast(_load(builder, v_p, builder.mul(base, _const(2)), v16i16), v16half), _V16F32)
+            vec = ir.Constant(_V16F32, [0.0] * 16)
+            for i in range(16):  # element i if it exists (index clamped to the row)
+                element = builder.select(builder.icmp_signed("<", _const(i), n_valid), _const(i), _const(0))
+                vec = builder.insert_element(vec, _half(builder, v_p, builder.mul(builder.add(base, element), _const(2))), _const(i))
+            return vec
+
+        def chunk(c0, whole: bool, masked: bool):
+            for lane in range(16):
+                p = builder.add(c0, _const(lane))
+                seen = builder.and_(builder.icmp_signed(">=", p, lo), builder.icmp_signed("<=", p, hi)) if masked else None
+                p_read = builder.select(seen, p, lo) if masked else p  # nothing read outside lo..hi
+                prob = _splat_value(builder, _load(builder, p_p, builder.mul(builder.add(poff, p_read), _const(4)), _F32), 16)
+                total = builder.fadd(builder.load(acc_slots[lane]), builder.fmul(prob, values_at(p_read, whole)))
+                builder.store(builder.select(seen, total, builder.load(acc_slots[lane])) if masked else total, acc_slots[lane])
+
+        first_chunk, last_chunk = builder.sdiv(lo, _const(16)), builder.sdiv(hi, _const(16))
+        with cgutils.for_range(builder, builder.add(builder.sub(last_chunk, first_chunk), _const(1))) as loop:
+            c0 = builder.mul(builder.add(first_chunk, loop.index), _const(16))
+            inside = builder.and_(builder.icmp_signed(">=", c0, lo), builder.icmp_signed("<=", builder.add(c0, _const(15)), hi))
+            with builder.if_else(builder.and_(inside, full_width), likely=True) as (fast, careful):
+                with fast:
+                    chunk(c0, whole=True, masked=False)
+                with careful:
+                    with builder.if_else(full_width) as (whole, partial):
+                        with whole:
+                            chunk(c0, whole=True, masked=True)
+                        with partial:
+                            chunk(c0, whole=False, masked=True)
+        lanes = [builder.load(s) for s in acc_slots]
+        halves = [builder.fadd(lanes[8 + i], lanes[i]) for i in range(8)]
+        quarters = [builder.fadd(halves[4 + i], halves[i]) for i in range(4)]
+        total = builder.fadd(builder.fadd(quarters[0], quarters[2]), builder.fadd(quarters[1], quarters[3]))
+        with cgutils.for_range(builder, n_valid) as loop:
+            _store(builder, out_p, builder.mul(builder.add(ooff, loop.index), _const(4)), builder.extract_element(total, loop.index))
+        return context.get_dummy_value()
 
     return sig, codegen

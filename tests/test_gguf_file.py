@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -82,6 +83,27 @@ def test_tensor_views_are_memmapped(tiny_model):
             assert f.read(info.n_bytes) == raw.tobytes()
         norm = gf.dequantize_tensor("blk.0.attn_norm.weight")
         assert norm.shape == (256,) and norm.dtype == np.float32
+
+
+def _resident_kib(path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="populating a mapping is a Linux madvise")
+def test_populate_maps_a_tensor_in(tiny_model):
+    path = tiny_model("phi3-mini", "Q4_K_M").resolve()
+    with GGUFFile(path) as gf:
+        name = "blk.1.ffn_up.weight"
+        before = _resident_kib(path)
+        gf.populate(name)
+        assert _resident_kib(path) - before >= gf.tensor_info(name).n_bytes // 1024 - 8
 
 
 # ---- one crafted error each ---------------------------------------------------------
