@@ -19,7 +19,11 @@ a plain numpy reference. Two families:
   unpacked once per tile of tokens; other types take ``matmul_ggml_unpacked``, the plain
   scalar form that the SIMD path is tested against bit for bit.
 * ``attention_scores_f16`` / ``attention_values_f16`` / ``softmax_ggml``: llama.cpp's
-  attention arithmetic over the float16 KV cache, read in place.
+  attention arithmetic over the float16 KV cache, read in place, the causal mask applied
+  inside (keys a row cannot see are skipped).
+* ``rms_norm_ggml``, ``rope_neox_ggml``, ``swiglu_ggml``, ``round_to_f16``, ``store_f16``:
+  the rest of a layer in ggml's arithmetic, one fused pass each (:mod:`phi3ref.ggml_ops`
+  calls them).
 
 ``libm_cos_sin`` gives the C library's float32 cosf / sinf, which ggml calls; ``expf_ggml``
 ggml's vector exp.
@@ -1137,12 +1141,13 @@ def warmup() -> float:
     fma_f32(1.0, 1.0, 1.0)
     one = np.zeros(1, np.int64)
     softmax_ggml(x, one, one, np.empty_like(x), nb.get_num_threads())
-    round_to_f16(x.copy(), nb.get_num_threads())
+    round_to_f16(x.reshape(2, 4, 64).copy(), nb.get_num_threads())  # (n_head_kv, rows, head_dim), as attention rounds
     rms_norm_ggml(x, x[0], np.float32(1e-5), np.empty_like(x), nb.get_num_threads())
     swiglu_ggml(x, 128, np.empty((2, 128), np.float32), nb.get_num_threads())
     heads = x.reshape(2, 4, 64)
     for layout in (heads, x[:, :128].reshape(2, 2, 64)):  # contiguous, and a view of a fused projection
-        rope_neox_ggml(layout, x[:, :32], x[:, :32], 64, np.empty(layout.shape, np.float32))
+        angles = np.ascontiguousarray(x[:, :32])  # (n_tokens, n_rot / 2)
+        rope_neox_ggml(layout, angles, angles, 64, np.empty(layout.shape, np.float32))
         store_f16(layout.reshape(2, -1), np.empty((2, layout[0].size), np.uint16))
     cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
     scores = np.empty((1, 2, 3), dtype=np.float32)

@@ -425,3 +425,24 @@ def test_swiglu_matches_ggml_vector_loop():
     gate, up = gate_up[:, :n_ff], gate_up[:, n_ff:]
     expected = gate / (np.float32(1) + ggml_ops.expf(-gate)) * up
     assert np.array_equal(ggml_ops.swiglu(gate_up, n_ff), expected)
+
+
+def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
+    """In a fresh process, warmup() then a prompt and a decoded token: the forward pass must
+    not add a signature to any kernel (it would compile on a user's first prompt)."""
+    code = (
+        "import numba, phi3ref\n"
+        "from phi3ref import kernels\n"
+        "def signatures():\n"
+        "    return {n: len(f.signatures) for n, f in vars(kernels).items() if isinstance(f, numba.core.registry.CPUDispatcher)}\n"
+        "kernels.warmup()\n"
+        "before = signatures()\n"
+        "model = phi3ref.load(%r, n_ctx=64)\n"
+        "model.forward(list(range(100, 120)), 0)\n"
+        "model.forward([5], 20)\n"
+        "after = signatures()\n"
+        "print({n: (before[n], after[n]) for n in after if after[n] != before[n]})\n"
+    ) % str(tiny_model("phi3-mini", "Q4_K_M"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "{}", f"compiled after warmup (kernel: signatures before, after): {done.stdout}"
