@@ -30,6 +30,7 @@ those phi3ref cannot compute with) are used, so any GGUF can at least be inspect
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import struct
@@ -431,11 +432,17 @@ class GGUFFile:
 _MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14+ (Python's mmap module does not name it)
 
 
+@functools.lru_cache(maxsize=None)
+def _libc_madvise():
+    """libc's madvise(2), looked up once (a model populates hundreds of tensors)."""
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 def _madvise(address: int, length: int, advice: int) -> int:
     """libc madvise(2); 0 on success."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(address, length, advice)
+    return _libc_madvise()(address, length, advice)
 
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:

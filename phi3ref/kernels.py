@@ -924,12 +924,11 @@ def attention_values_f16(probs, v_cache, end, first, last, out, n_threads):
         return
     # Few query rows (decoding): VALUES_CHUNK (head, row) items at a time, positions outside,
     # so that each position's values of those heads are read once, contiguously.
-    chunk = VALUES_CHUNK
     for th in prange(n_threads):
-        acc = np.empty((chunk, 16, hd), dtype=np.float32)
+        acc = np.empty((VALUES_CHUNK, 16, hd), dtype=np.float32)
         i0, i1 = th * per, min(n_items, (th + 1) * per)
-        for c0 in range(i0, i1, chunk):
-            c1 = min(i1, c0 + chunk)
+        for c0 in range(i0, i1, VALUES_CHUNK):
+            c1 = min(i1, c0 + VALUES_CHUNK)
             acc[:] = 0
             for p in range(end):
                 lane = p % 16

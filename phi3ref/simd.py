@@ -801,6 +801,23 @@ q6_k_rows8_tiled = _rows8_intrinsic("q6_k", "tiled")
 _V16F32 = ir.VectorType(_F32, 16)
 
 
+def _tail_element(builder, i: int, full: ir.Value, hd: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """(whether element full + i exists, its index clamped to hd - 1 so nothing is read past
+    the row): lane i's share of the hd % 16 elements after the whole chunks."""
+    exists = builder.icmp_signed("<", _const(i), builder.sub(hd, full))
+    return exists, builder.select(exists, builder.add(full, _const(i)), builder.sub(hd, _const(1)))
+
+
+def _store_lane_sums(builder, out_p, ooff: ir.Value, n_valid: ir.Value, lanes: list[ir.Value]) -> None:
+    """out[ooff + j] (j < n_valid) = element j of the pairwise sum of sixteen lane vectors
+    (_mm512_reduce_add_ps's order: 16 -> 8 -> 4 -> 2 -> 1, on every element at once)."""
+    halves = [builder.fadd(lanes[8 + i], lanes[i]) for i in range(8)]
+    quarters = [builder.fadd(halves[4 + i], halves[i]) for i in range(4)]
+    total = builder.fadd(builder.fadd(quarters[0], quarters[2]), builder.fadd(quarters[1], quarters[3]))
+    with cgutils.for_range(builder, n_valid) as loop:
+        _store(builder, out_p, builder.mul(builder.add(ooff, loop.index), _const(4)), builder.extract_element(total, loop.index))
+
+
 @intrinsic
 def scores16(typingctx, q, qoff, kt, koff, kstride, hd, out, ooff, n_valid):
     """Sixteen attention scores in llamafile tinyBLAS's order: out[ooff + j] (j < n_valid)
@@ -829,18 +846,10 @@ def scores16(typingctx, q, qoff, kt, koff, kstride, hd, out, ooff, n_valid):
             c0 = builder.mul(loop.index, _const(16))
             for i in range(16):
                 add_product(i, builder.add(c0, _const(i)))
-        tail = builder.sub(hd, full)
-        for i in range(16):  # element full + i, if it exists (index clamped so nothing is read past hd)
-            exists = builder.icmp_signed("<", _const(i), tail)
-            element = builder.select(exists, builder.add(full, _const(i)), builder.sub(hd, _const(1)))
+        for i in range(16):
+            exists, element = _tail_element(builder, i, full, hd)
             add_product(i, element, exists)
-        lanes = [builder.load(s) for s in acc_slots]
-        halves = [builder.fadd(lanes[8 + i], lanes[i]) for i in range(8)]
-        quarters = [builder.fadd(halves[4 + i], halves[i]) for i in range(4)]
-        total = builder.fadd(builder.fadd(quarters[0], quarters[2]), builder.fadd(quarters[1], quarters[3]))
-        with cgutils.for_range(builder, n_valid) as loop:
-            value = builder.extract_element(total, loop.index)
-            _store(builder, out_p, builder.mul(builder.add(ooff, loop.index), _const(4)), value)
+        _store_lane_sums(builder, out_p, ooff, n_valid, [builder.load(s) for s in acc_slots])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -868,12 +877,10 @@ def dot16_f16(typingctx, q, qoff, k, koff, hd):
             kb = _load(builder, k_p, builder.mul(builder.add(koff, c0), _const(2)), v16i16)
             kv = builder.fpext(builder.bitcast(kb, v16half), _V16F32)
             builder.store(builder.fadd(builder.load(acc_slot), builder.fmul(qv, kv)), acc_slot)
-        tail = builder.sub(hd, full)
-        with builder.if_then(builder.icmp_signed(">", tail, _const(0)), likely=False):
+        with builder.if_then(builder.icmp_signed("<", full, hd), likely=False):
             acc = builder.load(acc_slot)
-            for i in range(16):  # element full + i, if it exists (index clamped so nothing is read past hd)
-                exists = builder.icmp_signed("<", _const(i), tail)
-                element = builder.select(exists, builder.add(full, _const(i)), builder.sub(hd, _const(1)))
+            for i in range(16):
+                exists, element = _tail_element(builder, i, full, hd)
                 qv = _load(builder, q_p, builder.mul(builder.add(qoff, element), _const(4)), _F32)
                 kv = _half(builder, k_p, builder.mul(builder.add(koff, element), _const(2)))
                 lane = builder.extract_element(acc, _const(i))
@@ -939,12 +946,7 @@ def values16(typingctx, probs, poff, v, voff, vstride, lo, hi, out, ooff, n_vali
                             chunk(c0, whole=True, masked=True)
                         with partial:
                             chunk(c0, whole=False, masked=True)
-        lanes = [builder.load(s) for s in acc_slots]
-        halves = [builder.fadd(lanes[8 + i], lanes[i]) for i in range(8)]
-        quarters = [builder.fadd(halves[4 + i], halves[i]) for i in range(4)]
-        total = builder.fadd(builder.fadd(quarters[0], quarters[2]), builder.fadd(quarters[1], quarters[3]))
-        with cgutils.for_range(builder, n_valid) as loop:
-            _store(builder, out_p, builder.mul(builder.add(ooff, loop.index), _const(4)), builder.extract_element(total, loop.index))
+        _store_lane_sums(builder, out_p, ooff, n_valid, [builder.load(s) for s in acc_slots])
         return context.get_dummy_value()
 
     return sig, codegen
