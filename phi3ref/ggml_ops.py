@@ -1,12 +1,15 @@
 """The non-matmul operations of a layer with llama.cpp's CPU arithmetic (``numerics="ggml"``).
 
-llama.cpp does not compute exp, SiLU, softmax or RMSNorm the textbook way: on x86 with
-AVX-512 it evaluates exp with a polynomial (``ggml_v_expf``), sums softmax terms with a
-fixed reduction tree, squares in float32 and sums in double for RMSNorm, fuses the first
-product of each RoPE line into its addition, and rounds what it converts to float16. A
-one-ulp difference anywhere can flip the rounding of an 8-bit activation code in the next
-quantized matmul, so these are reproduced operation for operation, each by one Numba
-kernel of :mod:`phi3ref.kernels` (fused, parallel over rows where the rows are many).
+llama.cpp does not compute exp, SiLU, softmax or RMSNorm the textbook way: it evaluates
+exp with a polynomial (``ggml_v_expf``), sums softmax terms with a fixed reduction tree,
+squares in float32 and sums in double for RMSNorm, fuses the first product of each RoPE
+line into its addition, and rounds what it converts to float16. A one-ulp difference
+anywhere can flip the rounding of an 8-bit activation code in the next quantized matmul,
+so these are reproduced operation for operation, each by one Numba kernel of
+:mod:`phi3ref.kernels` (fused, parallel over rows where the rows are many). Where the
+arithmetic depends on the instruction set llama.cpp was built for (the exp polynomial,
+vector widths, the attention products' lanes), the functions take the
+:class:`phi3ref.isa.Level` to follow.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numba as nb
 import numpy as np
 
 from . import kernels
+from .isa import Level
 
 __all__ = [
     "attention_scores", "attention_values", "cos_sin", "expf", "rms_norm", "rope", "round_to_f16",
@@ -24,13 +28,13 @@ __all__ = [
 _F32 = np.float32
 
 
-def expf(x: np.ndarray) -> np.ndarray:
-    """exp along the last axis as a ggml vector loop does it: lanes of 16 through the
-    ``ggml_v_expf`` polynomial, the remaining ``n % 16`` through libm
-    (:func:`phi3ref.kernels.expf_ggml`)."""
+def expf(x: np.ndarray, level: Level) -> np.ndarray:
+    """exp along the last axis as a ggml vector loop does it at ``level``: whole vectors
+    (16 or 8 values) through that level's ``ggml_v_expf`` polynomial, the rest through
+    libm (:func:`phi3ref.kernels.expf_ggml`)."""
     x = np.ascontiguousarray(x, _F32)
     out = np.empty_like(x)
-    kernels.expf_ggml(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
+    kernels.expf_ggml(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]), level.lanes, level.exp_scalef)
     return out
 
 
@@ -58,12 +62,12 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int) -> np.ndar
     return out
 
 
-def swiglu(gate_up: np.ndarray, n_ff: int) -> np.ndarray:
-    """ggml_vec_swiglu_f32: silu(gate) * up per row of the fused projection's output
-    (n_tokens, 2 n_ff), gate first (:func:`phi3ref.kernels.swiglu_ggml`)."""
+def swiglu(gate_up: np.ndarray, n_ff: int, level: Level) -> np.ndarray:
+    """ggml_vec_swiglu_f32 at ``level``: silu(gate) * up per row of the fused projection's
+    output (n_tokens, 2 n_ff), gate first (:func:`phi3ref.kernels.swiglu_ggml`)."""
     gate_up = np.asarray(gate_up, _F32)
     out = np.empty((gate_up.shape[0], n_ff), dtype=_F32)
-    kernels.swiglu_ggml(gate_up, n_ff, out, nb.get_num_threads())
+    kernels.swiglu_ggml(gate_up, n_ff, out, level.lanes, level.exp_scalef, nb.get_num_threads())
     return out
 
 
@@ -74,16 +78,16 @@ def _key_ranges(first: np.ndarray | None, last: np.ndarray | None, n_keys: int) 
     return np.asarray(first, np.int64), np.asarray(last, np.int64)
 
 
-def softmax(scores: np.ndarray, first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
-    """ggml_soft_max over the last axis. With ``first`` / ``last`` (one entry per token,
-    the rows cycling over the tokens), row r sees only the keys first[t] .. last[t]
-    (inclusive), as llama.cpp's causal mask allows them; the others get probability 0
-    (:func:`phi3ref.kernels.softmax_ggml`)."""
+def softmax(scores: np.ndarray, level: Level, first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
+    """ggml_soft_max over the last axis at ``level``. With ``first`` / ``last`` (one entry
+    per token, the rows cycling over the tokens), row r sees only the keys first[t] ..
+    last[t] (inclusive), as llama.cpp's causal mask allows them; the others get
+    probability 0 (:func:`phi3ref.kernels.softmax_ggml`)."""
     x = np.ascontiguousarray(scores, _F32)
     rows = x.reshape(-1, x.shape[-1])  # (rows, n)
     first, last = _key_ranges(first, last, x.shape[-1])
     out = np.empty_like(x)
-    kernels.softmax_ggml(rows, first, last, out.reshape(rows.shape), nb.get_num_threads())
+    kernels.softmax_ggml(rows, first, last, out.reshape(rows.shape), level.lanes, level.exp_scalef, nb.get_num_threads())
     return out
 
 
@@ -105,26 +109,38 @@ def store_f16(cache: np.ndarray, x: np.ndarray) -> None:
     kernels.store_f16(np.asarray(x, _F32).reshape(n, -1), cache.view(np.uint16).reshape(n, -1))
 
 
-def attention_scores(q: np.ndarray, k_cache: np.ndarray, end: int, first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
+def attention_scores(
+    q: np.ndarray, k_cache: np.ndarray, end: int, level: Level, *, batched: bool,
+    first: np.ndarray | None = None, last: np.ndarray | None = None,
+) -> np.ndarray:
     """q (n_head_kv, rows, head_dim), float16-valued, against the float16 keys of positions
     < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, end), summed
-    as llamafile's tinyBLAS sums on AVX-512 (:func:`phi3ref.kernels.attention_scores_f16`).
-    With ``first`` / ``last`` (as for :func:`softmax`), scores of keys a row does not see
-    may be left out (-inf); without, every score is computed."""
+    as llama.cpp at ``level`` sums its kq product — tinyBLAS when the batch has two tokens
+    or more (``batched``), ggml_vec_dot_f16 otherwise
+    (:func:`phi3ref.kernels.attention_scores_f16`). With ``first`` / ``last`` (as for
+    :func:`softmax`), scores of keys a row does not see may be left out (-inf); without,
+    every score is computed."""
     q = np.ascontiguousarray(q, _F32)
     first, last = _key_ranges(first, last, end)
     out = np.empty((q.shape[0], q.shape[1], end), dtype=_F32)
-    kernels.attention_scores_f16(q, np.ascontiguousarray(k_cache).view(np.uint16), end, first, last, out, nb.get_num_threads())
+    k16 = np.ascontiguousarray(k_cache).view(np.uint16)
+    kernels.attention_scores_f16(q, k16, end, first, last, out, level.lanes, bool(batched), nb.get_num_threads())
     return out
 
 
-def attention_values(probs: np.ndarray, v_cache: np.ndarray, end: int, first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
+def attention_values(
+    probs: np.ndarray, v_cache: np.ndarray, end: int, level: Level, *, batched: bool,
+    first: np.ndarray | None = None, last: np.ndarray | None = None,
+) -> np.ndarray:
     """probs (n_head_kv, rows, end), float16-valued, times the float16 values of positions
-    < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, head_dim)
-    (:func:`phi3ref.kernels.attention_values_f16`). With ``first`` / ``last`` (as for
-    :func:`softmax`), the positions a row does not see (probability 0) are skipped."""
+    < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, head_dim),
+    summed as llama.cpp at ``level`` sums its kqv product (tinyBLAS for a batch,
+    ggml_vec_dot_f16 for one token; :func:`phi3ref.kernels.attention_values_f16`). With
+    ``first`` / ``last`` (as for :func:`softmax`), the positions a row does not see
+    (probability 0) are skipped."""
     probs = np.ascontiguousarray(probs, _F32)
     first, last = _key_ranges(first, last, end)
     out = np.empty((probs.shape[0], probs.shape[1], v_cache.shape[-1]), dtype=_F32)
-    kernels.attention_values_f16(probs, np.ascontiguousarray(v_cache).view(np.uint16), end, first, last, out, nb.get_num_threads())
+    v16 = np.ascontiguousarray(v_cache).view(np.uint16)
+    kernels.attention_values_f16(probs, v16, end, first, last, out, level.lanes, bool(batched), nb.get_num_threads())
     return out

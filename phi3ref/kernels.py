@@ -41,13 +41,15 @@ import time
 import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from . import quants
 from .simd import (
-    OUT_STRIDE, ROW_TOKENS, dot16_f16, float_to_half, fma32, half_to_float, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
+    OUT_STRIDE, ROW_TOKENS, bits_f32, f32_bits, float_to_half, fma32, half_to_float, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
     q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled,
-    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores16, values16,
+    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores8, scores16,
+    values8, values16, vecdot_f16_8, vecdot_f16_16,
 )
 
 __all__ = [
@@ -473,36 +475,41 @@ def _quantize_q8_k(x, q, d, bsums):
 #            after block: the repacked 8x8 GEMV/GEMM kernels of Q4_0 and IQ4_NL
 #   SEQ_MIN  the same with a second accumulator for the mins, subtracted at the end:
 #            the repacked Q4_K (and, with AVX-512, Q2_K) kernels; their GEMM, which takes
-#            the tokens four at a time, accumulates every 64 elements instead of every 256
-#            (the GEMV does the remaining n_tokens % 4 tokens)
+#            the tokens four at a time, accumulates every 64 elements (Q4_K) or 128 (Q2_K)
+#            instead of every 256 (the GEMV does the remaining n_tokens % 4 tokens)
 #   LANES    eight float lanes; lane k takes the integer sum of elements 4k..4k+3 of every
 #            32 (what _mm256_maddubs_epi16 + _mm256_madd_epi16 or VNNI leave per lane), is
 #            fma-accumulated block after block and the lanes are added pairwise at the end
-#            (hsum_float_8); mins, where a type has them, go to a scalar added last: ggml's
-#            vec_dot for Q8_0, Q5_0, Q4_1, Q5_1, Q5_K, Q6_K, Q3_K, IQ4_XS and llamafile's
-#            tinyBLAS for Q8_0 / Q5_0 batches.
+#            (hsum_float_8): ggml's vec_dot for Q8_0, Q5_0, Q4_1, Q5_1, Q2_K..Q6_K, IQ4_XS
+#            and llamafile's tinyBLAS for Q8_0 / Q4_0 / Q5_0 / IQ4_NL batches. Mins, where
+#            a type has them: Q4_1 / Q5_1 / Q5_K a scalar added last; Q4_K four lanes of
+#            pairs of sub-blocks, added (0 + 2) + (1 + 3) last; Q2_K into the same eight
+#            lanes, before each block's products
+#   LANES2   IQ4_NL's vec_dot (one token, not repacked): LANES with two accumulators, for
+#            the even and the odd blocks, added lane by lane at the end; an odd last block
+#            is fma-added to the sum
 #   TILED    ggml's tiled K-quant GEMM, taken for batches of 8 or more tokens by K-quant
 #            weights that are not repacked: per 256-block r = float(isum) * d_w, then
-#            r = fma(-dmin_w, float(min sum), r), and out += r * d_x.
-# llama.cpp repacks a Q4_0 / IQ4_NL / Q4_K / Q2_K weight when its row count is a multiple
-# of 8. Where a case is not reproduced exactly (Q2_K / Q4_K vec_dot for row counts that are
-# not, float weights), the nearest scheme is used.
-MODE_SEQ, MODE_SEQ_MIN, MODE_LANES, MODE_TILED = 0, 1, 2, 3
+#            r = fma(-dmin_w, float(min sum), r), and out = fma(r, d_x, out).
+# llama.cpp repacks a Q4_0 / IQ4_NL / Q4_K weight (Q2_K only with AVX-512) when its row
+# count is a multiple of 8. Float weights are phi3ref.kernels.matmul_float_ggml's.
+MODE_SEQ, MODE_SEQ_MIN, MODE_LANES, MODE_TILED, MODE_LANES2 = 0, 1, 2, 3, 4
 
 
 @njit(inline="always")
-def accumulation_mode(qtype, n_rows, n_tokens):
-    """The summation scheme llama.cpp's x86 backend uses for a weight (see above)."""
+def accumulation_mode(qtype, n_rows, n_tokens, repack_q2_k):
+    """The summation scheme llama.cpp's x86 backend uses for a weight (see above);
+    ``repack_q2_k``: whether the level repacks Q2_K (phi3ref.isa.Level.repack_q2_k)."""
     repacked = n_rows % 8 == 0
     if (qtype == Q4_0 or qtype == IQ4_NL) and repacked:
         return MODE_SEQ
-    if (qtype == Q4_K or qtype == Q2_K) and repacked:
+    if (qtype == Q4_K or (qtype == Q2_K and repack_q2_k)) and repacked:
         return MODE_SEQ_MIN
     k_quant = qtype == Q2_K or qtype == Q3_K or qtype == Q4_K or qtype == Q5_K or qtype == Q6_K or qtype == IQ4_XS
     if k_quant and n_tokens >= 8:
         return MODE_TILED
-    if qtype == Q4_K or qtype == Q2_K:
-        return MODE_SEQ_MIN
+    if qtype == IQ4_NL and n_tokens == 1:
+        return MODE_LANES2
     return MODE_LANES
 
 
@@ -524,45 +531,65 @@ def _hsum8(lanes):
 def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts):
     """An unpacked weight row against token t's converted activations, summed as llama.cpp
     sums it (``mode``): integer code products weighted by the integer sub-block scales, one
-    float scale per block; mins through the activations' block sums, never per element."""
+    float scale per block; mins through the activations' block sums, never per element.
+    ``lanes``: 16 float32 scratch (two sets of eight), ``parts``: 16 int32 scratch."""
     bs, sub, kind = block_layout(qtype)
     n_blocks = wq.shape[0] // bs
     spb = bs // sub  # sub-blocks per block
     acc = np.float32(0)  # SEQ / SEQ_MIN accumulator
     acc_min = np.float32(0)  # SEQ_MIN mins, LANES scalar mins
-    for k in range(8):
+    for k in range(16):
         lanes[k] = 0
-    # the repacked Q4_K GEMM (tokens in groups of four) sums its mins per pair below
-    q4_k_gemm = mode == MODE_SEQ_MIN and qtype == Q4_K and t < n_tok - n_tok % 4
+    # the repacked K GEMM (tokens in groups of four) sums per group of sub-blocks below:
+    # Q4_K two of 32 elements, Q2_K eight of 16
+    k_gemm = mode == MODE_SEQ_MIN and t < n_tok - n_tok % 4
+    group = 2 if qtype == Q4_K else 8
     for b in range(n_blocks):
         dx = d[t, b]
         # mins: ggml's sum over the block of min x (sum of the activation codes it covers)
         msum = 0
-        if kind == 1 and not q4_k_gemm:
+        if kind == 1 and not k_gemm:
             for j in range(spb):
                 part = 0
                 for k in range(sub // 16):
                     part += np.int32(s[t, (b * bs + j * sub) // 16 + k])
                 msum += wmn[b * spb + j] * part
-        if mode == MODE_LANES:
-            if qtype == Q6_K:
-                # Q6_K multiplies the unsigned codes (0..63) and takes 32 * scale * bsum
-                # off each lane: lane k covers 16-element groups 2k and 2k+1
+        if mode == MODE_LANES or mode == MODE_LANES2:
+            # LANES2 (IQ4_NL's vec_dot) alternates two sets of lanes, odd last block apart
+            base = 8 * (b % 2) if mode == MODE_LANES2 else 0
+            tail = mode == MODE_LANES2 and b == n_blocks - 1 and n_blocks % 2 == 1
+            if qtype == Q2_K:  # mins first, into the same lanes: lane k has sub-blocks 2k, 2k + 1
                 for k in range(8):
+                    g0 = b * 16 + 2 * k
+                    prod = wmn[g0] * np.int32(s[t, g0]) + wmn[g0 + 1] * np.int32(s[t, g0 + 1])
+                    lanes[k] = _fma(-dx * wm[b], np.float32(prod), lanes[k])
+            elif qtype == Q4_K:  # mins in four lanes: lane p has sub-blocks 2p, 2p + 1 (32 each)
+                for p in range(4):
+                    j0 = b * 8 + 2 * p
+                    g = 2 * j0  # Q8_K sums of 16 codes: two per sub-block
+                    prod = wmn[j0] * (np.int32(s[t, g]) + np.int32(s[t, g + 1])) + wmn[j0 + 1] * (np.int32(s[t, g + 2]) + np.int32(s[t, g + 3]))
+                    lanes[8 + p] = _fma(-dx * wm[b], np.float32(prod), lanes[8 + p])
+            total = 0
+            for k in range(8):
+                lane = 0
+                if qtype == Q6_K:
+                    # Q6_K multiplies the unsigned codes (0..63) and takes 32 * scale * bsum
+                    # off each lane: lane k covers 16-element groups 2k and 2k+1
                     g0, g1 = 2 * k, 2 * k + 1
                     lane = -32 * (wsc[b * 16 + g0] * np.int32(s[t, b * 16 + g0]) + wsc[b * 16 + g1] * np.int32(s[t, b * 16 + g1]))
                     for c in range(bs // 32):
                         for e in range(32 * c + 4 * k, 32 * c + 4 * k + 4):
                             lane += wsc[(b * bs + e) // sub] * (np.int32(wq[b * bs + e]) + 32) * np.int32(q[t, b * bs + e])
-                    lanes[k] = _fma(wd[b] * dx, np.float32(lane), lanes[k])
-            else:
-                for k in range(8):
-                    lane = 0
+                else:
                     for c in range(bs // 32):
                         for e in range(32 * c + 4 * k, 32 * c + 4 * k + 4):
                             lane += wsc[(b * bs + e) // sub] * np.int32(wq[b * bs + e]) * np.int32(q[t, b * bs + e])
-                    lanes[k] = _fma(wd[b] * dx, np.float32(lane), lanes[k])
-            if kind == 1:  # Q5_K: summs += (-d_x * dmin) * min_sum
+                total += lane
+                if not tail:
+                    lanes[base + k] = _fma(wd[b] * dx, np.float32(lane), lanes[base + k])
+            if tail:  # the scalar loop after the pairs: sumf += d * (sumi1 + sumi2), below
+                acc, acc_min = dx * wd[b], np.float32(total)
+            if kind == 1 and qtype == Q5_K:  # summs += (-d_x * dmin) * min_sum
                 acc_min = _fma(-dx * wm[b], np.float32(msum), acc_min)
             elif kind == 2:  # Q4_1 / Q5_1: summs += m * s, s = fp16(d_x * sum(q_x))
                 acc_min = _fma(wm[b], np.float32(s[t, b]), acc_min)
@@ -580,20 +607,30 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, p
                 r = np.float32(isum) * wd[b]
                 if kind == 1:
                     r = _fma(-wm[b], np.float32(msum), r)
-                acc = acc + r * dx
-            elif q4_k_gemm:
-                # repacked GEMM: one fma per pair of 32-element sub-blocks
-                for pair in range(4):
-                    j0 = b * 8 + 2 * pair
-                    g = 2 * j0  # Q8_K sums of 16 codes: four per pair
-                    mp = I32(wmn[j0] * (I32(s[t, g]) + I32(s[t, g + 1])) + wmn[j0 + 1] * (I32(s[t, g + 2]) + I32(s[t, g + 3])))
-                    acc = _fma(wd[b] * dx, np.float32(I32(parts[2 * pair] + parts[2 * pair + 1])), acc)
-                    acc_min = _fma(wm[b] * dx, np.float32(mp), acc_min)
+                acc = _fma(r, dx, acc)
+            elif k_gemm:
+                # repacked GEMM: one fma per group of sub-blocks, the mins likewise
+                for g0 in range(0, spb, group):
+                    isum_g, msum_g = I32(0), I32(0)
+                    for j in range(g0, g0 + group):
+                        isum_g = I32(isum_g + parts[j])
+                        for k in range(sub // 16):  # Q8_K sums of 16 codes
+                            msum_g = I32(msum_g + wmn[b * spb + j] * I32(s[t, (b * bs + j * sub) // 16 + k]))
+                    acc = _fma(wd[b] * dx, np.float32(isum_g), acc)
+                    acc_min = _fma(wm[b] * dx, np.float32(msum_g), acc_min)
             else:
                 acc = _fma(wd[b] * dx, np.float32(isum), acc)
                 if kind == 1:
                     acc_min = _fma(wm[b] * dx, np.float32(msum), acc_min)
+    if mode == MODE_LANES2:
+        for k in range(8):
+            lanes[k] = lanes[k] + lanes[8 + k]
+        return _fma(acc, acc_min, _hsum8(lanes)) if n_blocks % 2 == 1 else _hsum8(lanes)
     if mode == MODE_LANES:
+        if qtype == Q4_K:
+            return _hsum8(lanes) + ((lanes[8] + lanes[10]) + (lanes[9] + lanes[11]))
+        if kind == 0 or qtype == Q2_K:
+            return _hsum8(lanes)
         return _hsum8(lanes) + acc_min
     if mode == MODE_SEQ_MIN:
         return acc - acc_min
@@ -653,7 +690,7 @@ def _simd_token(mode, ints, scales, d, tt, t, nt, n_blocks, lanes):
             for k in range(8):
                 lanes[k] = _fma(dd, np.float32(ints[o + k]), lanes[k])
     if mode == MODE_LANES:
-        return _hsum8(lanes) + np.float32(0)
+        return _hsum8(lanes)
     return acc
 
 
@@ -774,17 +811,19 @@ def _rows8_k(w, qtype, mode, r0, r1, q, d, s, out, acc):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
+def matmul_ggml(w, qtype, q, d, s, out, table, repack_q2_k, n_threads):
     """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
     weights. ``q, d, s`` come from :func:`quantize_activations` in the weight type's
-    activation format. Q4_0, Q8_0, Q4_K, Q5_K and Q6_K take the SIMD paths (a few tokens:
-    phi3ref.simd's row kernels for the K-quants; otherwise each weight block unpacked once
-    per tile of tokens), every other type :func:`matmul_ggml_unpacked`."""
+    activation format; ``repack_q2_k`` is the level's (phi3ref.isa). Q4_0, Q8_0, Q4_K,
+    Q5_K and Q6_K take the SIMD paths (a few tokens: phi3ref.simd's row kernels for the
+    K-quants; otherwise each weight block unpacked once per tile of tokens), every other
+    type (and Q4_K's vec_dot, for row counts llama.cpp does not repack)
+    :func:`matmul_ggml_unpacked`."""
     n_rows, n_tok = w.shape[0], out.shape[0]
-    if not has_simd_path(qtype):
-        matmul_ggml_unpacked(w, qtype, q, d, s, out, table, n_threads)
+    mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
+    if not has_simd_path(qtype) or (qtype == Q4_K and mode == MODE_LANES):
+        matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads)
         return
-    mode = accumulation_mode(qtype, n_rows, n_tok)
     per = (n_rows + n_threads - 1) // n_threads
     if has_rows8_path(qtype, mode, n_tok):
         per8 = (n_rows // 8 + n_threads - 1) // n_threads * 8  # whole groups of eight rows per thread
@@ -807,16 +846,16 @@ def matmul_ggml(w, qtype, q, d, s, out, table, n_threads):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, n_threads):
+def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads):
     """:func:`matmul_ggml` for any block type, the plain way: each weight row is unpacked
     to codes and scales once (:func:`unpack_row`), then dotted with every token's codes in
     scalar loops. The reference the SIMD path is tested against, bit for bit."""
     n_rows, n_tok, n_in = w.shape[0], out.shape[0], q.shape[1]
-    mode = accumulation_mode(qtype, n_rows, n_tok)
+    mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
     per = (n_rows + n_threads - 1) // n_threads
     for th in prange(n_threads):
         wq, wsc, wmn, wd, wm = _row_scratch(n_in)
-        lanes = np.zeros(8, dtype=np.float32)
+        lanes = np.zeros(16, dtype=np.float32)
         parts = np.zeros(16, dtype=np.int32)
         for r in range(th * per, min(n_rows, (th + 1) * per)):
             unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
@@ -825,35 +864,86 @@ def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, n_threads):
 
 
 # ======================================================================================
-# attention in ggml's numerics: float16 KV cache, products summed as llamafile's tinyBLAS
-# does on AVX-512 (16 float lanes, lane i takes elements i, i + 16, ... in order, then the
-# lanes reduced pairwise); products of two float16 values are exact in float32, so its
-# fused multiply-adds are plain float32 additions here.
+# attention in ggml's numerics: the float16 KV cache and llama.cpp's two products over it.
+# A batch of two tokens or more goes through llamafile's tinyBLAS (``lanes`` float lanes:
+# lane i takes elements i, i + lanes, ... in order, the lanes then reduced in a tree), when
+# the product's shape allows it (scores: head_dim a multiple of lanes; values: head_dim a
+# multiple of 4; llama.cpp's KV view is a multiple of 256 cells, so the positions always
+# are); otherwise, and for a single token, ggml_vec_dot_f16 (four accumulators of
+# ``lanes`` lanes, see phi3ref.simd). Products of two float16 values are exact in float32,
+# so the fused multiply-adds of both are plain float32 additions here.
 # ======================================================================================
 
 
 @njit(inline="always")
-def _reduce16(acc, j):
-    """_mm512_reduce_add_ps of acc[0..15, j]: halves added pairwise (16 -> 8 -> 4 -> 2 -> 1)."""
-    h0, h1, h2, h3 = acc[8, j] + acc[0, j], acc[9, j] + acc[1, j], acc[10, j] + acc[2, j], acc[11, j] + acc[3, j]
-    h4, h5, h6, h7 = acc[12, j] + acc[4, j], acc[13, j] + acc[5, j], acc[14, j] + acc[6, j], acc[15, j] + acc[7, j]
-    q0, q1, q2, q3 = h4 + h0, h5 + h1, h6 + h2, h7 + h3
-    return (q0 + q2) + (q1 + q3)
+def tinyblas_scores(batched, head_dim, lanes):
+    """Whether llama.cpp's kq product goes through tinyBLAS (else ggml_vec_dot_f16)."""
+    return batched and head_dim % lanes == 0
 
 
-SCORES16_MIN_ROWS = 8  # from this many query rows per head the keys are transposed first
-VALUES_CHUNK = 16  # (head, query row) items whose value sums grow together when rows are few
+@njit(inline="always")
+def tinyblas_values(batched, head_dim):
+    """Whether llama.cpp's kqv product goes through tinyBLAS (else ggml_vec_dot_f16)."""
+    return batched and head_dim % 4 == 0
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def _attention_scores_by_16(q, k_cache, end, first, last, out, n_threads):
-    """attention_scores_f16 for many query rows: the keys are converted to float32 once,
-    transposed (n_head_kv, head_dim, positions padded to 16), and phi3ref.simd.scores16
-    computes sixteen positions per call; chunks of sixteen keys that a row does not see
-    are -inf."""
+@njit(inline="always")
+def _tree(v, o, n):
+    """v[o .. o + n] (n = 8 or 16) summed as _reduce_halves in phi3ref.simd: the upper half
+    onto the lower until four remain, then (0 + 2) + (1 + 3)."""
+    if n == 16:
+        a0, a1, a2, a3 = v[o + 8] + v[o], v[o + 9] + v[o + 1], v[o + 10] + v[o + 2], v[o + 11] + v[o + 3]
+        a4, a5, a6, a7 = v[o + 12] + v[o + 4], v[o + 13] + v[o + 5], v[o + 14] + v[o + 6], v[o + 15] + v[o + 7]
+        b0, b1, b2, b3 = a4 + a0, a5 + a1, a6 + a2, a7 + a3
+    else:
+        b0, b1, b2, b3 = v[o + 4] + v[o], v[o + 5] + v[o + 1], v[o + 6] + v[o + 2], v[o + 7] + v[o + 3]
+    return (b0 + b2) + (b1 + b3)
+
+
+@njit(inline="always")
+def _vec_reduce(acc, lanes, tmp):
+    """GGML_F16_VEC_REDUCE of acc[0 .. 4 lanes] (four accumulators of ``lanes`` lanes, one
+    after the other): (0 + 2) + (1 + 3) lane by lane, then the lanes: the tree for 16, the
+    AVX hadd order ((0 + 4) + (1 + 5)) + ((2 + 6) + (3 + 7)) for 8. ``tmp``: >= lanes floats."""
+    for i in range(lanes):
+        tmp[i] = (acc[i] + acc[2 * lanes + i]) + (acc[lanes + i] + acc[3 * lanes + i])
+    if lanes == 16:
+        return _tree(tmp, 0, 16)
+    return ((tmp[0] + tmp[4]) + (tmp[1] + tmp[5])) + ((tmp[2] + tmp[6]) + (tmp[3] + tmp[7]))
+
+
+SCORES_CHUNK = 16  # positions per call of phi3ref.simd's scores kernels
+
+
+@njit(inline="always")
+def _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads):
+    """ggml_vec_dot_f16 per (head, row, position); positions outermost, so that a position's
+    keys of this thread's heads are read contiguously from the cache."""
     n_kv, rows, hd = q.shape
     n_sets = first.size
-    end_pad = (end + 15) // 16 * 16
+    n_items = n_kv * rows
+    per = (n_items + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        for p in range(end):
+            for item in range(th * per, min(n_items, (th + 1) * per)):
+                h, r = item // rows, item % rows  # q[h, r] starts at item * hd
+                if first[r % n_sets] <= p <= last[r % n_sets]:
+                    if lanes == 16:
+                        out[h, r, p] = vecdot_f16_16(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
+                    else:
+                        out[h, r, p] = vecdot_f16_8(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
+                else:
+                    out[h, r, p] = -np.inf
+
+
+@njit(inline="always")
+def _scores_tinyblas(q, k_cache, end, first, last, out, lanes, n_threads):
+    """tinyBLAS's kq: the keys converted to float32 once and transposed (n_head_kv, head_dim,
+    positions padded to 16), then phi3ref.simd's scores kernels compute sixteen positions
+    per call; chunks of sixteen keys that a row does not see are -inf."""
+    n_kv, rows, hd = q.shape
+    n_sets = first.size
+    end_pad = (end + SCORES_CHUNK - 1) // SCORES_CHUNK * SCORES_CHUNK
     keys = np.empty((n_kv, hd, end_pad), dtype=np.float32)
     for h in prange(n_kv):
         for j in range(hd):
@@ -868,79 +958,240 @@ def _attention_scores_by_16(q, k_cache, end, first, last, out, n_threads):
             h = item // rows  # item = h * rows + r: q[h, r] and out[h, r] start at item * hd, item * end
             r = item % rows
             lo, hi = first[r % n_sets], last[r % n_sets]
-            for p0 in range(0, end, 16):
-                n_valid = min(16, end - p0)
-                if p0 + 15 < lo or p0 > hi:
+            for p0 in range(0, end, SCORES_CHUNK):
+                n_valid = min(SCORES_CHUNK, end - p0)
+                if p0 + SCORES_CHUNK - 1 < lo or p0 > hi:
                     for i in range(n_valid):
                         out[h, r, p0 + i] = -np.inf
-                else:
+                elif lanes == 16:
                     scores16(q, item * hd, keys, h * hd * end_pad + p0, end_pad, hd, out, item * end + p0, n_valid)
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def attention_scores_f16(q, k_cache, end, first, last, out, n_threads):
-    """out[h, r, p] = q[h, r] . k_cache[p, h] for positions p < end, summed over head_dim
-    in tinyBLAS's lanes. q: (n_head_kv, rows, head_dim) float32 holding float16 values;
-    k_cache: (n_ctx, n_head_kv, head_dim) uint16 float16 bit patterns (the cache itself, no
-    copy); out: (n_head_kv, rows, end) float32. Row r needs only the keys first[t] ..
-    last[t] (t = r % len(first), as in softmax_ggml): keys it does not need may be left out
-    (-inf) — whole chunks of sixteen for many rows, single keys for few."""
-    n_kv, rows, hd = q.shape
-    if rows >= SCORES16_MIN_ROWS:
-        _attention_scores_by_16(q, k_cache, end, first, last, out, n_threads)
-        return
-    n_sets = first.size
-    n_items = n_kv * rows
-    per = (n_items + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        # positions outermost: a position's keys for this thread's heads are contiguous in the cache
-        for p in range(end):
-            for item in range(th * per, min(n_items, (th + 1) * per)):
-                h, r = item // rows, item % rows  # q[h, r] starts at item * hd
-                if first[r % n_sets] <= p <= last[r % n_sets]:
-                    out[h, r, p] = dot16_f16(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
                 else:
-                    out[h, r, p] = -np.inf
+                    scores8(q, item * hd, keys, h * hd * end_pad + p0, end_pad, hd, out, item * end + p0, n_valid)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def attention_values_f16(probs, v_cache, end, first, last, out, n_threads):
-    """out[h, r, j] = sum over positions p < end of probs[h, r, p] * v_cache[p, h, j], lanes
-    over positions (lane p % 16). probs: (n_head_kv, rows, end) float32 holding float16
-    values; v_cache: (n_ctx, n_head_kv, head_dim) uint16; out: (n_head_kv, rows, head_dim).
-    Row r adds only positions first[t] .. last[t] (t = r % len(first)): the others have
-    probability 0 after the causal mask, and a 0 product adds nothing (ggml multiplies them
-    anyway, which differs only for an infinite or NaN value in the cache)."""
+def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_threads):
+    """out[h, r, p] = q[h, r] . k_cache[p, h] for positions p < end, as llama.cpp's kq
+    product sums it: tinyBLAS with ``lanes`` lanes when ``batched`` (the batch has two
+    tokens or more) and head_dim is a multiple of lanes, else ggml_vec_dot_f16. q:
+    (n_head_kv, rows, head_dim) float32 holding float16 values; k_cache: (n_ctx, n_head_kv,
+    head_dim) uint16 float16 bit patterns (the cache itself, no copy); out: (n_head_kv,
+    rows, end) float32. Row r needs only the keys first[t] .. last[t] (t = r % len(first),
+    as in softmax_ggml): keys it does not need may be left out (-inf) — whole chunks of
+    sixteen in the tinyBLAS form, single keys in the other."""
+    if tinyblas_scores(batched, q.shape[2], lanes):
+        _scores_tinyblas(q, k_cache, end, first, last, out, lanes, n_threads)
+    else:
+        _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads)
+
+
+VALUES_CHUNK = 4  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
+
+
+@njit(inline="always")
+def _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads):
+    """ggml_vec_dot_f16 of each value row (one output element over the positions) with a
+    row of probabilities: position p in lane p % lanes of accumulator (p // lanes) % 4.
+    VALUES_CHUNK items at a time, positions outside, so that each position's values of
+    those heads are read once, contiguously. llama.cpp's KV view is a multiple of 256
+    cells, so no position is left over for the double tail."""
     n_kv, rows, hd = out.shape
     n_sets = first.size
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
-    if rows >= SCORES16_MIN_ROWS:  # many rows: sixteen outputs of one row per call, lanes in registers
-        for th in prange(n_threads):
-            for item in range(th * per, min(n_items, (th + 1) * per)):
-                h, t = item // rows, item % rows % n_sets
-                for j0 in range(0, hd, 16):
-                    values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, first[t], min(last[t], end - 1), out, item * hd + j0, min(16, hd - j0))
-        return
-    # Few query rows (decoding): VALUES_CHUNK (head, row) items at a time, positions outside,
-    # so that each position's values of those heads are read once, contiguously.
+    step = 4 * lanes
     for th in prange(n_threads):
-        acc = np.empty((VALUES_CHUNK, 16, hd), dtype=np.float32)
+        acc = np.empty((VALUES_CHUNK, hd, step), dtype=np.float32)
+        tmp = np.empty(16, dtype=np.float32)
         i0, i1 = th * per, min(n_items, (th + 1) * per)
         for c0 in range(i0, i1, VALUES_CHUNK):
             c1 = min(i1, c0 + VALUES_CHUNK)
             acc[:] = 0
             for p in range(end):
-                lane = p % 16
+                slot = p % step
                 for item in range(c0, c1):
                     h, r = item // rows, item % rows
                     if first[r % n_sets] <= p <= last[r % n_sets]:
                         pr = probs[h, r, p]
                         for j in range(hd):
-                            acc[item - c0, lane, j] += pr * half_to_float(v_cache[p, h, j])
+                            acc[item - c0, j, slot] += pr * half_to_float(v_cache[p, h, j])
             for item in range(c0, c1):
                 for j in range(hd):
-                    out[item // rows, item % rows, j] = _reduce16(acc[item - c0], j)
+                    out[item // rows, item % rows, j] = _vec_reduce(acc[item - c0, j], lanes, tmp)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, n_threads):
+    """out[h, r, j] = sum over positions p < end of probs[h, r, p] * v_cache[p, h, j], as
+    llama.cpp's kqv product sums it: tinyBLAS with ``lanes`` lanes over positions (lane
+    p % lanes) when ``batched`` and head_dim is a multiple of 4, else ggml_vec_dot_f16.
+    probs: (n_head_kv, rows, end) float32 holding float16 values; v_cache: (n_ctx,
+    n_head_kv, head_dim) uint16; out: (n_head_kv, rows, head_dim). Row r adds only
+    positions first[t] .. last[t] (t = r % len(first)): the others have probability 0
+    after the causal mask, and a 0 product adds nothing (ggml multiplies them anyway, which
+    differs only for an infinite or NaN value in the cache)."""
+    n_kv, rows, hd = out.shape
+    if not tinyblas_values(batched, hd):
+        _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads)
+        return
+    n_sets = first.size
+    n_items = n_kv * rows
+    per = (n_items + n_threads - 1) // n_threads
+    for th in prange(n_threads):  # sixteen outputs of one row per call, lanes in registers
+        for item in range(th * per, min(n_items, (th + 1) * per)):
+            h, t = item // rows, item % rows % n_sets
+            for j0 in range(0, hd, 16):
+                lo, hi, n_valid = first[t], min(last[t], end - 1), min(16, hd - j0)
+                if lanes == 16:
+                    values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+                else:
+                    values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+
+
+# ======================================================================================
+# float weights (F32, F16, BF16) in ggml's numerics. ggml converts the activations to the
+# weight's type first (F16 / BF16: rounded to nearest even), then: one token through
+# ggml_vec_dot_f32 / _f16 / _bf16 (four accumulators of ``lanes`` lanes, except BF16's
+# own layout), a batch through llamafile's tinyBLAS (kn lanes, fma per element, the tree)
+# when the row length is a multiple of kn and the row count of 4, else vec_dot again.
+# With AVX512-BF16, BF16 products go through vdpbf16ps (pairs, odd element first,
+# subnormals flushed). Products of two float16 / bfloat16 values are exact in float32.
+# ======================================================================================
+
+FLOAT_F32, FLOAT_F16, FLOAT_BF16 = 0, 1, 2
+
+
+def _float_row(w, r, row, table):
+    """row = W[r] as float32: float32 weights copied, 16-bit ones decoded through table."""
+    row[:] = w[r] if w.dtype == np.float32 else table[w[r]]
+
+
+@overload(_float_row, inline="always")
+def _float_row_impl(w, r, row, table):
+    if w.dtype == types.float32:
+        def copy(w, r, row, table):
+            for i in range(row.shape[0]):
+                row[i] = w[r, i]
+        return copy
+
+    def decode(w, r, row, table):
+        for i in range(row.shape[0]):
+            row[i] = table[w[r, i]]
+    return decode
+
+
+@njit(inline="always")
+def _ftz(v):
+    """v with a subnormal result flushed to zero of the same sign (vdpbf16ps's FTZ / DAZ)."""
+    return v * np.float32(0) if abs(v) < np.float32(1.1754944e-38) else v
+
+
+@njit(inline="always")
+def _dp_pair(acc, w0, x0, w1, x1):
+    """One lane of vdpbf16ps: the odd pair's product added first, then the even one's,
+    each rounded, inputs and results that are subnormal taken as zero."""
+    acc = _ftz(acc + _ftz(w1) * _ftz(x1))
+    return _ftz(acc + _ftz(w0) * _ftz(x0))
+
+
+@njit(inline="always")
+def _float_vec_dot(kind, row, x, t, n, lanes, bf16_dot, acc, tmp):
+    """ggml_vec_dot_{f32,f16,bf16} of row (float32 values) with token t's activations."""
+    if kind == FLOAT_BF16:
+        total = 0.0
+        if bf16_dot:  # two dpbf16 accumulators over 64 elements: [0, 32) and [32, 64)
+            whole = n - n % 64
+            for k in range(32):
+                acc[k] = 0
+            for c in range(0, whole, 64):
+                for half in range(2):
+                    for i in range(16):
+                        e = c + 32 * half + 2 * i
+                        acc[16 * half + i] = _dp_pair(acc[16 * half + i], row[e], x[t, e], row[e + 1], x[t, e + 1])
+            total += np.float64(_tree(acc, 0, 16))
+            total += np.float64(_tree(acc, 16, 16))
+        elif lanes == 16:  # two accumulators: elements 32 c + i and 32 c + 16 + i
+            whole = n - n % 32
+            for k in range(32):
+                acc[k] = 0
+            for c in range(0, whole, 32):
+                for i in range(32):
+                    acc[i] = acc[i] + row[c + i] * x[t, c + i]
+            total += np.float64(_tree(acc, 0, 16))
+            total += np.float64(_tree(acc, 16, 16))
+        else:  # four of eight lanes: elements 32 c + 8 j + i, then (1 + 3) + (2 + 4)
+            whole = n - n % 32
+            for k in range(32):
+                acc[k] = 0
+            for c in range(0, whole, 32):
+                for i in range(32):
+                    acc[i] = acc[i] + row[c + i] * x[t, c + i]
+            for i in range(8):
+                tmp[i] = (acc[i] + acc[16 + i]) + (acc[8 + i] + acc[24 + i])
+            total += np.float64(_tree(tmp, 0, 8))
+        for e in range(whole, n):
+            total += np.float64(row[e] * x[t, e])
+        return np.float32(total)
+    # F32 / F16: GGML_F32_VEC / GGML_F16_VEC, four accumulators of ``lanes`` lanes
+    step = 4 * lanes
+    whole = n - n % step
+    for k in range(step):
+        acc[k] = 0
+    for c in range(0, whole, step):
+        for k in range(step):
+            acc[k] = _fma(row[c + k], x[t, c + k], acc[k])
+    reduced = _vec_reduce(acc, lanes, tmp)
+    if kind == FLOAT_F32:  # leftovers in float: sumf += x * y, contracted
+        for e in range(whole, n):
+            reduced = _fma(row[e], x[t, e], reduced)
+        return reduced
+    total = np.float64(reduced)  # F16: leftovers in double
+    for e in range(whole, n):
+        total += np.float64(row[e] * x[t, e])
+    return np.float32(total)
+
+
+@njit(inline="always")
+def _float_tinyblas(kind, row, x, t, n, kn, bf16_dot, acc):
+    """llamafile tinyBLAS for one output: kn lanes, lane i taking elements i, i + kn, ...
+    by fma, then the tree; BF16 with vdpbf16ps (kn = 32): sixteen lanes of pairs."""
+    if kind == FLOAT_BF16 and bf16_dot:
+        for i in range(16):
+            acc[i] = 0
+        for c in range(0, n, 32):
+            for i in range(16):
+                e = c + 2 * i
+                acc[i] = _dp_pair(acc[i], row[e], x[t, e], row[e + 1], x[t, e + 1])
+        return _tree(acc, 0, 16)
+    for i in range(kn):
+        acc[i] = 0
+    for c in range(0, n, kn):
+        for i in range(kn):
+            acc[i] = _fma(row[c + i], x[t, c + i], acc[i])
+    return _tree(acc, 0, kn)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
+def matmul_float_ggml(w, kind, x, out, table, lanes, bf16_dot, n_threads):
+    """out[t, r] = dot(W[r], x[t]) for float weights as llama.cpp sums it: ``kind``
+    FLOAT_F32 (w float32), FLOAT_F16 / FLOAT_BF16 (w uint16 bit patterns, decoded through
+    ``table``); x (n_tokens, n_in) float32, already rounded to the weight's type; the
+    level's ``lanes`` and ``bf16_dot`` (phi3ref.isa)."""
+    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
+    kn = 32 if (kind == FLOAT_BF16 and bf16_dot) else lanes
+    tiny = n_tok >= 2 and n_in % kn == 0 and n_rows % 4 == 0
+    per = (n_rows + n_threads - 1) // n_threads
+    for th in prange(n_threads):
+        row = np.empty(n_in, dtype=np.float32)
+        acc = np.empty(64, dtype=np.float32)
+        tmp = np.empty(16, dtype=np.float32)
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            _float_row(w, r, row, table)
+            for t in range(n_tok):
+                if tiny:
+                    out[t, r] = _float_tinyblas(kind, row, x, t, n_in, kn, bf16_dot, acc)
+                else:
+                    out[t, r] = _float_vec_dot(kind, row, x, t, n_in, lanes, bf16_dot, acc, tmp)
 
 
 def _hexf(literal: str) -> np.float32:
@@ -948,15 +1199,16 @@ def _hexf(literal: str) -> np.float32:
     return np.float32(float.fromhex(literal))
 
 
-# ggml_v_expf's constants, as its source spells them
+# ggml_v_expf's constants, as its source spells them (both forms share them)
 _EXP_SHIFTER, _EXP_LOG2E = _hexf("0x1.8p23"), _hexf("0x1.715476p+0")
 _EXP_LN2_HI, _EXP_LN2_LO = _hexf("0x1.62e4p-1"), _hexf("0x1.7f7d1cp-20")
 _EXP_C5, _EXP_C4, _EXP_C3 = _hexf("0x1.0e4020p-7"), _hexf("0x1.573e2ep-5"), _hexf("0x1.555e66p-3")
 _EXP_C2, _EXP_C1 = _hexf("0x1.fffdb6p-2"), _hexf("0x1.ffffecp-1")
+_U32 = 0xFFFFFFFF
 
 
 @njit(inline="always")
-def _v_expf(x):
+def _v_expf_scalef(x):
     """ggml_v_expf (AVX-512) for one lane: exp(x) = 2^n * p(b), n = round(x / ln 2), b the
     remainder; |n| > 192 gives 0 or inf (masked scores are -inf)."""
     z = fma32(x, _EXP_LOG2E, _EXP_SHIFTER)
@@ -965,27 +1217,54 @@ def _v_expf(x):
     u = b * b
     j = fma32(fma32(fma32(_EXP_C5, b, _EXP_C4), u, fma32(_EXP_C3, b, _EXP_C2)), u, fma32(_EXP_C1, b, np.float32(1)))
     # _mm512_scalef_ps(j, n) = j * 2^n with one rounding: the product is exact in float64.
-    # Written as selects, without calls, so that LLVM vectorizes loops over _v_expf.
+    # Written as selects, without calls, so that LLVM vectorizes loops over _v_expf_scalef.
     overflow = abs(n) > np.float32(192)  # an ordered compare, as ggml's: NaN passes through
     n_int = np.int64(n) if abs(n) <= np.float32(192) else np.int64(0)  # (for NaN, j is NaN)
     scaled = np.float32(np.float64(j) * pow2_f64(n_int))
     return (np.float32(0) if n <= 0 else np.float32(np.inf)) if overflow else scaled
 
 
+@njit(inline="always")
+def _v_expf_bits(x):
+    """ggml_v_expf (AVX2, also SSE and NEON) for one lane: the same polynomial without its
+    constant term, j = p(b) - 1, and 2^n as k from the exponent bits of z: exp = k + j * k.
+    Where |n| > 126 the scale is split in two (s2 * s1) so that it does not overflow, and
+    |n| > 192 gives s1 * s1 (0 or inf). Selects only, so loops over it vectorize."""
+    z = fma32(x, _EXP_LOG2E, _EXP_SHIFTER)
+    n = z - _EXP_SHIFTER
+    b = fma32(-n, _EXP_LN2_LO, fma32(-n, _EXP_LN2_HI, x))
+    e = (np.uint64(f32_bits(z)) << np.uint64(23)) & _U32  # _mm256_slli_epi32(z, 23)
+    k = bits_f32(np.uint32((e + 0x3F800000) & _U32))  # + the bits of 1.0f
+    u = b * b
+    j = fma32(fma32(fma32(_EXP_C5, b, _EXP_C4), u, fma32(_EXP_C3, b, _EXP_C2)), u, _EXP_C1 * b)
+    g = np.uint64(0x82000000) if n <= 0 else np.uint64(0)
+    s1 = bits_f32(np.uint32((g + 0x7F000000) & _U32))
+    s2 = bits_f32(np.uint32((e - g) & _U32))
+    an = abs(n)
+    big = s1 * s1 if an > np.float32(192) else fma32(s2, j, s2) * s1
+    return big if an > np.float32(126) else fma32(k, j, k)
+
+
+@njit(inline="always")
+def _v_expf(x, scalef):
+    """ggml_v_expf in the level's form (``scalef``: AVX-512's, else AVX2's)."""
+    return _v_expf_scalef(x) if scalef else _v_expf_bits(x)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def softmax_ggml(scores, first, last, out, n_threads):
+def softmax_ggml(scores, first, last, out, lanes, scalef, n_threads):
     """ggml_soft_max (scale 1) with llama.cpp's causal mask, on each row of scores (rows, n):
     row r sees the keys first[t] .. last[t] (inclusive, t = r % len(first): rows cycle over
     the tokens), every other entry is masked (-inf in llama.cpp's mask, so exactly 0 in
-    out). exp(x - max) by the vector exp, each 16 lanes' sum (lanes from key 0) reduced in
-    float32 and accumulated in double, then multiplied by the float32 reciprocal; a chunk
-    of masked keys adds 0. llama.cpp's KV cache view is a multiple of 256 cells, so every
-    element takes the vector path."""
+    out). exp(x - max) by the level's vector exp, each ``lanes`` values' sum (chunks from
+    key 0) reduced in float32 and accumulated in double, then multiplied by the float32
+    reciprocal; a chunk of masked keys adds 0. llama.cpp's KV cache view is a multiple of
+    256 cells, so every element takes the vector path."""
     n_rows, n = scores.shape
     n_sets = first.size
     per = (n_rows + n_threads - 1) // n_threads
     for th in prange(n_threads):
-        lanes = np.empty((16, 1), dtype=np.float32)
+        chunk = np.empty(16, dtype=np.float32)
         for r in range(th * per, min(n_rows, (th + 1) * per)):
             lo, hi = first[r % n_sets], min(last[r % n_sets], n - 1)
             mx = np.float32(-np.inf)
@@ -996,12 +1275,12 @@ def softmax_ggml(scores, first, last, out, n_threads):
             for i in range(hi + 1, n):
                 out[r, i] = 0
             for i in range(lo, hi + 1):
-                out[r, i] = _v_expf(scores[r, i] - mx)
+                out[r, i] = _v_expf(scores[r, i] - mx, scalef)
             total = 0.0
-            for c in range(lo - lo % 16, hi + 1, 16):
-                for i in range(16):
-                    lanes[i, 0] = out[r, c + i] if c + i < n else np.float32(0)
-                total += np.float64(_reduce16(lanes, 0))
+            for c in range(lo - lo % lanes, hi + 1, lanes):
+                for i in range(lanes):
+                    chunk[i] = out[r, c + i] if c + i < n else np.float32(0)
+                total += np.float64(_tree(chunk, 0, lanes))
             inv = np.float32(1.0 / total)
             for i in range(lo, hi + 1):
                 out[r, i] = out[r, i] * inv
@@ -1069,18 +1348,19 @@ def rope_neox_ggml(x, cos, sin, n_rot, out):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def swiglu_ggml(gate_up, n_ff, out, n_threads):
+def swiglu_ggml(gate_up, n_ff, out, lanes, scalef, n_threads):
     """ggml_vec_swiglu_f32 on each row of gate_up (rows, 2 n_ff), gate first then up
     (Phi-3's fused projection): out = silu(gate) * up, silu(x) = x / (1 + exp(-x)); the
-    vector exp for the row's whole 16-lane chunks, the C library's expf for the rest."""
+    level's vector exp for the row's whole chunks of ``lanes``, the C library's expf for
+    the rest."""
     n_rows = gate_up.shape[0]
-    full = n_ff - n_ff % 16
+    full = n_ff - n_ff % lanes
     per = (n_rows + n_threads - 1) // n_threads
     for th in prange(n_threads):
         for r in range(th * per, min(n_rows, (th + 1) * per)):
             for i in range(full):
                 g = gate_up[r, i]
-                out[r, i] = g / (np.float32(1) + _v_expf(-g)) * gate_up[r, n_ff + i]
+                out[r, i] = g / (np.float32(1) + _v_expf(-g, scalef)) * gate_up[r, n_ff + i]
             for i in range(full, n_ff):
                 g = gate_up[r, i]
                 out[r, i] = g / (np.float32(1) + np.exp(-g)) * gate_up[r, n_ff + i]
@@ -1108,15 +1388,15 @@ def libm_cos_sin(theta):
 
 
 @njit(cache=True, fastmath=FASTMATH_GGML)
-def expf_ggml(x, out):
-    """exp of each row of x (rows, n) as a ggml vector loop computes it: lanes of 16
-    through ggml_v_expf, the remaining n % 16 through the C library's expf (Numba lowers
-    float32 np.exp to that call)."""
+def expf_ggml(x, out, lanes, scalef):
+    """exp of each row of x (rows, n) as a ggml vector loop computes it: whole chunks of
+    ``lanes`` through the level's ggml_v_expf, the remaining n % lanes through the C
+    library's expf (Numba lowers float32 np.exp to that call)."""
     n_rows, n = x.shape
-    full = n - n % 16
+    full = n - n % lanes
     for r in range(n_rows):
         for i in range(full):
-            out[r, i] = _v_expf(x[r, i])
+            out[r, i] = _v_expf(x[r, i], scalef)
         for i in range(full, n):
             out[r, i] = np.exp(x[r, i])
 
@@ -1135,14 +1415,17 @@ def warmup() -> float:
     out = np.empty((2, 4), dtype=np.float32)
     matmul_f32(read_only(np.zeros((4, 256), np.float32)), x, out, nb.get_num_threads())
     matmul_f16(read_only(np.zeros((4, 256), np.uint16)), x, out, F16_TABLE, nb.get_num_threads())
+    matmul_float_ggml(read_only(np.zeros((4, 256), np.float32)), FLOAT_F32, x, out, F16_TABLE, 16, False, nb.get_num_threads())
+    matmul_float_ggml(read_only(np.zeros((4, 256), np.uint16)), FLOAT_F16, x, out, F16_TABLE, 16, False, nb.get_num_threads())
     libm_cos_sin(x)
-    expf_ggml(x, np.empty_like(x))
+    for lanes, scalef in ((16, True), (8, False)):  # the levels' forms (phi3ref.isa)
+        expf_ggml(x, np.empty_like(x), lanes, scalef)
     fma_f32(1.0, 1.0, 1.0)
     one = np.zeros(1, np.int64)
-    softmax_ggml(x, one, one, np.empty_like(x), nb.get_num_threads())
+    softmax_ggml(x, one, one, np.empty_like(x), 16, True, nb.get_num_threads())
     round_to_f16(x.reshape(2, 4, 64).copy(), nb.get_num_threads())  # (n_head_kv, rows, head_dim), as attention rounds
     rms_norm_ggml(x, x[0], np.float32(1e-5), np.empty_like(x), nb.get_num_threads())
-    swiglu_ggml(x, 128, np.empty((2, 128), np.float32), nb.get_num_threads())
+    swiglu_ggml(x, 128, np.empty((2, 128), np.float32), 16, True, nb.get_num_threads())
     heads = x.reshape(2, 4, 64)
     for layout in (heads, x[:, :128].reshape(2, 2, 64)):  # contiguous, and a view of a fused projection
         angles = np.ascontiguousarray(x[:, :32])  # (n_tokens, n_rot / 2)
@@ -1150,8 +1433,8 @@ def warmup() -> float:
         store_f16(layout.reshape(2, -1), np.empty((2, layout[0].size), np.uint16))
     cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
     scores = np.empty((1, 2, 3), dtype=np.float32)
-    attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, nb.get_num_threads())
-    attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), nb.get_num_threads())
+    attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, 16, True, nb.get_num_threads())
+    attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), 16, True, nb.get_num_threads())
     for qtype, t in QUANT_TYPES.items():
         if t.block_size == 1:
             continue
@@ -1159,5 +1442,5 @@ def warmup() -> float:
         w = read_only(np.zeros((4, 256 // t.block_size * t.type_size), dtype=np.uint8))
         matmul_exact(w, qt, x, out, F16_TABLE, nb.get_num_threads())
         q, d, s = quantize_activations(x, activation_type(qt))
-        matmul_ggml(w, qt, q, d, s, out, F16_TABLE, nb.get_num_threads())
+        matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, nb.get_num_threads())
     return time.perf_counter() - start

@@ -31,14 +31,19 @@ import numpy as np
 from . import ggml_ops
 from .config import Phi3Config
 from .gguf_file import GGUFError, GGUFFile
+from .isa import Level
+from .isa import resolve as resolve_isa
 from .tokenizer import Tokenizer
 from .weights import NUMERICS, Weight
 
-__all__ = ["KVCache", "Model", "load", "DEFAULT_MAX_CTX"]
+__all__ = ["KVCache", "Model", "load", "DEFAULT_MAX_CTX", "DEFAULT_UBATCH"]
 
 # The KV cache is preallocated; without an explicit n_ctx it holds at most this many
 # positions (Phi-3.5's 131072 would take 48 GB in float16 for the mini model).
 DEFAULT_MAX_CTX = 4096
+# Prompts run in batches of at most this many tokens: llama.cpp's default n_ubatch (its
+# kernels, and so its sums, depend on a batch's size).
+DEFAULT_UBATCH = 512
 
 
 # ======================================================================================
@@ -86,6 +91,8 @@ class Model:
         n_ctx: int | None = None,
         numerics: str = "ggml",
         sliding_window: bool = True,
+        isa: str | Level | None = None,
+        n_ubatch: int = DEFAULT_UBATCH,
     ):
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
@@ -94,11 +101,16 @@ class Model:
         config.check_tensors(gguf)
         self.numerics = numerics
         self.ggml = numerics == "ggml"
+        # which llama.cpp x86 build "ggml" follows (phi3ref.isa); chosen once, read by the kernels
+        self.isa = resolve_isa(isa)
         if n_ctx is None:
             n_ctx = min(config.n_ctx_train, DEFAULT_MAX_CTX)
         if not isinstance(n_ctx, int) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.n_ctx = n_ctx
+        if not isinstance(n_ubatch, int) or isinstance(n_ubatch, bool) or n_ubatch <= 0:
+            raise ValueError(f"n_ubatch must be a positive integer, got {n_ubatch!r}")
+        self.n_ubatch = n_ubatch
         # Phi-3 files declare a sliding window (2047 for Phi-3-mini-4k); transformers
         # applies it, llama.cpp ignores it. sliding_window=False ignores it too.
         self.window = config.sliding_window if sliding_window else None
@@ -116,6 +128,9 @@ class Model:
             short_factors=vector("rope_factors_short.weight") if config.has_rope_factors else None,
             long_factors=vector("rope_factors_long.weight") if config.has_rope_factors else None,
             ggml=self.ggml,
+            # llama.cpp picks the LongRoPE factors once, by its context size (which it
+            # rounds up to a multiple of 256); transformers by the sequence's length
+            context=-(-n_ctx // 256) * 256 if self.ggml else None,
         )
         self.blocks = [Block(i, config, weight, vector, self) for i in range(config.n_layer)]
         self.output_norm = RMSNorm(vector("output_norm.weight"), config.rms_eps, self.ggml)
@@ -163,7 +178,10 @@ class Model:
         layer, named as llama.cpp names its graph nodes (``attn_norm-0``, ``wqkv-0``, ``kq-0``,
         ``kq_soft_max-0``, ``kqv_out-0``, ``ffn_norm-0``, ``ffn_up-0``, ``ffn_swiglu-0``,
         ``ffn_out-0``, ``l_out-0``, ..., ``result_norm``, ``result_output``), plus
-        ``attn_out-0`` (the attention output after its projection, unnamed in llama.cpp)."""
+        ``attn_out-0`` (the attention output after its projection, unnamed in llama.cpp).
+        The tokens run as one batch: at most ``n_ubatch`` of them."""
+        if len(tokens) > self.n_ubatch:
+            raise ValueError(f"trace() runs one batch: {len(tokens)} tokens is more than n_ubatch={self.n_ubatch}")
         self._trace = {}
         try:
             self.logits(tokens)
@@ -212,23 +230,40 @@ class Model:
             # Phi-3 LongRoPE: crossing the original context switches every position to the
             # long factors (transformers computes all positions with the factors of the
             # full length), so the cached keys are recomputed with them first.
-            prefix = np.asarray(self.tokens[:start_pos], dtype=np.int64)
-            self._layers(prefix, 0, long_rope)
+            self._batches(np.asarray(self.tokens[:start_pos], dtype=np.int64), 0, long_rope, all_logits=None)
         self.cache_uses_long_rope = long_rope
-        x = self._layers(ids, start_pos, long_rope)
+        logits = self._batches(ids, start_pos, long_rope, all_logits)
         self.tokens[start_pos:] = ids.tolist()
-        if not all_logits:
-            x = x[-1:]  # (1, n_embd)
-        x = self.record("result_norm", self.output_norm(x))
-        return self.record("result_output", self.output.matmul(x, self.numerics))  # (n_tokens, n_vocab)
+        return logits
 
-    def _layers(self, ids: np.ndarray, start_pos: int, long_rope: bool) -> np.ndarray:
+    def _batches(self, ids: np.ndarray, start_pos: int, long_rope: bool, all_logits: bool | None) -> np.ndarray:
+        """Run ``ids`` from ``start_pos`` in batches of at most ``n_ubatch`` tokens, as
+        llama.cpp splits a prompt into micro-batches (the kernels it picks, and so the
+        sums, depend on a batch's size). Logits of every position (``all_logits``), of the
+        last one, or (None) of none: like llama.cpp, the last layer's feed-forward and the
+        head run only for the positions whose logits are wanted."""
+        outputs = []
+        for s in range(0, ids.size, self.n_ubatch):
+            batch = ids[s : s + self.n_ubatch]
+            if all_logits:
+                keep = slice(None)
+            elif all_logits is None or s + self.n_ubatch < ids.size:
+                keep = slice(0, 0)
+            else:
+                keep = slice(-1, None)
+            x = self._layers(batch, start_pos + s, long_rope, keep)  # (kept positions, n_embd)
+            if x.shape[0]:
+                x = self.record("result_norm", self.output_norm(x))
+                outputs.append(self.record("result_output", self.output.matmul(x, self.numerics, self.isa)))  # (kept, n_vocab)
+        return np.concatenate(outputs) if outputs else np.empty((0, self.config.n_vocab), np.float32)
+
+    def _layers(self, ids: np.ndarray, start_pos: int, long_rope: bool, keep: slice) -> np.ndarray:
         positions = np.arange(start_pos, start_pos + ids.size)
         cos, sin = self.rope.cos_sin(positions, long_rope)  # (n_tokens, n_rot / 2) each
         x = self.token_embd.rows(ids)  # (n_tokens, n_embd)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x, positions, cos, sin)
-        return x
+        return self.blocks[-1](x, positions, cos, sin, keep)
 
 
 # ======================================================================================
@@ -247,10 +282,13 @@ class Block:
         self.mlp = MLP(index, weight(p + "ffn_up.weight"), weight(p + "ffn_down.weight"), config.n_ff, model)
         self.index, self.model = index, model
 
-    def __call__(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, keep: slice = slice(None)) -> np.ndarray:
+        """The block for the tokens at ``positions``; ``keep`` selects the rows that go on
+        through the feed-forward (the last layer keeps only the positions whose logits are
+        wanted, as llama.cpp does)."""
         i, record = self.index, self.model.record
         h = record(f"attn_norm-{i}", self.attn_norm(x))
-        x = x + record(f"attn_out-{i}", self.attn(h, positions, cos, sin))  # (n_tokens, n_embd)
+        x = (x + record(f"attn_out-{i}", self.attn(h, positions, cos, sin)))[keep]  # (kept tokens, n_embd)
         h = record(f"ffn_norm-{i}", self.ffn_norm(x))
         return record(f"l_out-{i}", x + record(f"ffn_out-{i}", self.mlp(h)))  # (n_tokens, n_embd)
 
@@ -277,17 +315,17 @@ class Attention:
             self.q, self.k, self.v = (weight(p + n) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight"))
         self.out = weight(p + "attn_output.weight")
 
-    def _project(self, x: np.ndarray, numerics: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _project(self, x: np.ndarray, numerics: str, isa: Level) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
         if self.qkv is not None:
-            qkv = self.qkv.matmul(x, numerics)  # (n_tokens, q_dim + 2 kv_dim)
+            qkv = self.qkv.matmul(x, numerics, isa)  # (n_tokens, q_dim + 2 kv_dim)
             return qkv[:, :q_dim], qkv[:, q_dim : q_dim + kv_dim], qkv[:, q_dim + kv_dim :]
-        return self.q.matmul(x, numerics), self.k.matmul(x, numerics), self.v.matmul(x, numerics)
+        return self.q.matmul(x, numerics, isa), self.k.matmul(x, numerics, isa), self.v.matmul(x, numerics, isa)
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         model = self.model
         n_tok = x.shape[0]
-        q, k, v = self._project(x, model.numerics)
+        q, k, v = self._project(x, model.numerics, model.isa)
         if model.tracing:
             model.record(f"wqkv-{self.layer}", np.concatenate([q, k, v], axis=1))
         q = q.reshape(n_tok, self.n_head, self.head_dim)  # (n_tokens, n_head, head_dim)
@@ -322,12 +360,14 @@ class Attention:
             # The mask is applied inside the kernels (rows cycle over the tokens): masked
             # scores are not computed unless traced (llama.cpp's kq holds them all).
             seen = (None, None) if model.tracing else (first_key, positions)
-            scores = ggml_ops.attention_scores(qh, cache.k[self.layer], end, *seen)  # (n_head_kv, group * n_tokens, end)
+            # llama.cpp's kernels for both products differ for one token and for a batch
+            isa, batched = model.isa, n_tok >= 2
+            scores = ggml_ops.attention_scores(qh, cache.k[self.layer], end, isa, batched=batched, first=seen[0], last=seen[1])  # (n_head_kv, group * n_tokens, end)
             model.record(f"kq-{self.layer}", scores.reshape(self.n_head_kv, group, n_tok, end))
-            probs = ggml_ops.softmax(scores, first_key, positions)  # (n_head_kv, group * n_tokens, end)
+            probs = ggml_ops.softmax(scores, isa, first_key, positions)  # (n_head_kv, group * n_tokens, end)
             model.record(f"kq_soft_max-{self.layer}", probs.reshape(self.n_head_kv, group, n_tok, end))
             probs = ggml_ops.round_to_f16(probs)  # converted for the float16 V product
-            out = ggml_ops.attention_values(probs, cache.v[self.layer], end, first_key, positions)  # (n_head_kv, group * n_tokens, head_dim)
+            out = ggml_ops.attention_values(probs, cache.v[self.layer], end, isa, batched=batched, first=first_key, last=positions)  # (n_head_kv, group * n_tokens, head_dim)
         else:
             keys = cache.k[self.layer, :end].transpose(1, 0, 2)  # (n_head_kv, end, head_dim)
             values = cache.v[self.layer, :end].transpose(1, 0, 2)  # (n_head_kv, end, head_dim)
@@ -340,7 +380,7 @@ class Attention:
             out = probs.reshape(self.n_head_kv, group * n_tok, end) @ values  # (n_head_kv, group * n_tokens, head_dim)
         out = out.reshape(self.n_head, n_tok, self.head_dim).transpose(1, 0, 2)  # (n_tokens, n_head, head_dim)
         merged = model.record(f"kqv_out-{self.layer}", out.reshape(n_tok, self.n_head * self.head_dim))  # (n_tokens, n_head * head_dim)
-        return self.out.matmul(merged, model.numerics)  # (n_tokens, n_embd)
+        return self.out.matmul(merged, model.numerics, model.isa)  # (n_tokens, n_embd)
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -365,14 +405,14 @@ class MLP:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         numerics, record = self.model.numerics, self.model.record
-        gate_up = record(f"ffn_up-{self.index}", self.gate_up.matmul(x, numerics))  # (n_tokens, 2 n_ff)
+        gate_up = record(f"ffn_up-{self.index}", self.gate_up.matmul(x, numerics, self.model.isa))  # (n_tokens, 2 n_ff)
         if numerics == "ggml":
-            h = ggml_ops.swiglu(gate_up, self.n_ff)  # (n_tokens, n_ff)
+            h = ggml_ops.swiglu(gate_up, self.n_ff, self.model.isa)  # (n_tokens, n_ff)
         else:
             gate, up = gate_up[:, : self.n_ff], gate_up[:, self.n_ff :]  # (n_tokens, n_ff) each
             h = silu(gate) * up
         record(f"ffn_swiglu-{self.index}", h)
-        return self.down.matmul(h, numerics)  # (n_tokens, n_embd)
+        return self.down.matmul(h, numerics, self.model.isa)  # (n_tokens, n_embd)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -417,17 +457,23 @@ class RotaryEmbedding:
     ones beyond it, and cos / sin are scaled by the attention factor.
     """
 
-    def __init__(self, config: Phi3Config, *, short_factors: np.ndarray | None, long_factors: np.ndarray | None, ggml: bool):
+    def __init__(
+        self, config: Phi3Config, *, short_factors: np.ndarray | None, long_factors: np.ndarray | None, ggml: bool,
+        context: int | None = None,
+    ):
         self.n_rot = config.n_rot
         self.base = config.rope_base
         self.orig_ctx = config.rope_orig_ctx
         self.short, self.long = short_factors, long_factors
         self.attn_factor = np.float32(config.longrope_attn_factor)
         self.ggml = ggml
+        self.context = context  # when given, the factors follow the context size, not the sequence
 
     def use_long(self, seq_len: int) -> bool:
-        """Whether a sequence of ``seq_len`` positions takes the long factors."""
-        return self.long is not None and self.orig_ctx is not None and seq_len > self.orig_ctx
+        """Whether a sequence of ``seq_len`` positions takes the long factors (with a fixed
+        ``context``, as llama.cpp decides it: whether that context exceeds the original)."""
+        length = seq_len if self.context is None else self.context
+        return self.long is not None and self.orig_ctx is not None and length > self.orig_ctx
 
     def cos_sin(self, positions: np.ndarray, long: bool) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin of the rotation angles, (n_tokens, n_rot / 2) float32 each."""
@@ -483,6 +529,8 @@ def load(
     numerics: str = "ggml",
     threads: int | None = None,
     sliding_window: bool = True,
+    isa: str | Level | None = None,
+    n_ubatch: int = DEFAULT_UBATCH,
 ) -> Model:
     """Open a Phi-3 family GGUF file as a :class:`Model`.
 
@@ -495,6 +543,11 @@ def load(
     ``numerics``: ``"ggml"`` (llama.cpp's, the default), ``"exact"`` (float32, transformers'
     numbers) or ``"numpy"`` (exact, plain numpy). ``threads``: Numba threads (default: all
     cores). ``sliding_window=False`` ignores the file's sliding window, as llama.cpp does.
+    ``isa``: the instruction-set level of the llama.cpp build that ``numerics="ggml"``
+    reproduces (``"avx2"``, ``"avx512"``, ``"avx512bf16"``; default $PHI3REF_ISA, else what a
+    native build on this CPU uses; see :mod:`phi3ref.isa`). ``n_ubatch``: prompts run in
+    batches of at most this many tokens, as llama.cpp's micro-batches (default 512, its
+    default).
     """
     from . import hub
 
@@ -505,7 +558,7 @@ def load(
     local = hub.resolve_model(path or hub.DEFAULT_REPO, filename=filename, revision=revision)
     gguf = GGUFFile(local)
     try:
-        model = Model(gguf, n_ctx=n_ctx, numerics=numerics, sliding_window=sliding_window)
+        model = Model(gguf, n_ctx=n_ctx, numerics=numerics, sliding_window=sliding_window, isa=isa, n_ubatch=n_ubatch)
     except (GGUFError, ValueError):
         gguf.close()
         raise

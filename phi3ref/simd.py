@@ -44,7 +44,8 @@ __all__ = [
     "q4_0_block", "q8_0_block",
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
     "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
-    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores16", "dot16_f16", "values16",
+    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores8", "scores16", "values8", "values16",
+    "vecdot_f16_8", "vecdot_f16_16", "f32_bits", "bits_f32",
 ]
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -308,6 +309,28 @@ def pow2_f64(typingctx, n):
     return sig, codegen
 
 
+@intrinsic
+def f32_bits(typingctx, value):
+    """The bit pattern of float32 ``value`` as uint32 (a register move, no call)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _I32)
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_f32(typingctx, bits):
+    """The float32 with bit pattern ``bits`` (uint32)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _F32)
+
+    return sig, codegen
+
+
 # ---- one token against a whole row: the GEMV kernels of decoding ----------------------------
 # For a single token the tile kernels above spend more time storing and re-reading their
 # integer sums than computing them. The row kernels below loop over a row's blocks inside the
@@ -547,12 +570,12 @@ def _step_lanes(builder, acc, ints, scales, dx):
 
 
 def _step_tiled(builder, acc, ints, scales, dx):
-    """Tiled GEMM: r = isum * d; r = fma(-dmin, msum, r) (with mins); acc = acc + r * dx."""
+    """Tiled GEMM: r = isum * d; r = fma(-dmin, msum, r) (with mins); acc = fma(r, dx, acc)."""
     isum, msum = ints
     r = builder.fmul(builder.sitofp(isum, _F32), scales[0])
     if msum is not None:
         r = _fma(builder, builder.fneg(scales[1]), builder.sitofp(msum, _F32), r)
-    builder.store(builder.fadd(builder.load(acc.acc), builder.fmul(r, dx)), acc.acc)
+    acc.fma_into(acc.acc, r, dx)
 
 
 def _finish_seq_min(builder, acc):
@@ -737,7 +760,7 @@ def _rows8_intrinsic(qtype: str, mode: str):
                         isum = builder.sitofp(builder.sub(row_totals, builder.shl(bias, _splat(5, _V8I32))), _V8F32)
                         slot_acc = acc_slot(t, 0)
                         r = builder.fmul(isum, dvec)  # the tiled GEMM's float step, without mins
-                        acc_v = builder.fadd(_load(builder, acc_p, slot_acc, _V8F32), builder.fmul(r, _splat_value(builder, dx, 8)))
+                        acc_v = _fma(builder, r, _splat_value(builder, dx, 8), _load(builder, acc_p, slot_acc, _V8F32))
                         _store(builder, acc_p, slot_acc, acc_v)
                     else:
                         sub_sums = builder.add(_shuffle(builder, bsums, None, list(range(0, 16, 2))), _shuffle(builder, bsums, None, list(range(1, 16, 2))))
@@ -771,7 +794,7 @@ def _rows8_intrinsic(qtype: str, mode: str):
                                 acc_m = _fma(builder, builder.fmul(dmin, dxv), msum, acc_m)
                             else:  # tiled
                                 r = _fma(builder, builder.fneg(dmin), msum, builder.fmul(isum, dvec))
-                                acc_v = builder.fadd(acc_v, builder.fmul(r, dxv))
+                                acc_v = _fma(builder, r, dxv, acc_v)
                         _store(builder, acc_p, slot_acc, acc_v)
                         _store(builder, acc_p, slot_min, acc_m)
             with cgutils.for_range(builder, n_tok) as loop:
@@ -796,157 +819,187 @@ q5_k_rows8_tiled = _rows8_intrinsic("q5_k", "tiled")
 q6_k_rows8_tiled = _rows8_intrinsic("q6_k", "tiled")
 
 
-# ---- attention scores, sixteen positions at a time ------------------------------------------
+# ---- attention: the float16 products in llamafile tinyBLAS's and ggml_vec_dot_f16's orders --
+# llama.cpp computes both attention products over its float16 KV cache with llamafile's
+# tinyBLAS when the batch has two tokens or more (``kn`` float lanes, 16 with AVX-512 and 8
+# with AVX2: lane i takes elements i, i + kn, ... in order, then the lanes are reduced in
+# a tree), and with ggml_vec_dot_f16 for one token (four accumulators of ``epr`` lanes over
+# steps of 4 * epr elements, reduced as GGML_F16_VEC_REDUCE does, the elements after the
+# last whole step added in double). Products of two float16 values are exact in float32, so
+# every fused multiply-add of those kernels is a multiply and an add here.
 
 _V16F32 = ir.VectorType(_F32, 16)
 
 
-def _tail_element(builder, i: int, full: ir.Value, hd: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """(whether element full + i exists, its index clamped to hd - 1 so nothing is read past
-    the row): lane i's share of the hd % 16 elements after the whole chunks."""
-    exists = builder.icmp_signed("<", _const(i), builder.sub(hd, full))
-    return exists, builder.select(exists, builder.add(full, _const(i)), builder.sub(hd, _const(1)))
+def _reduce_halves(builder, lanes: list[ir.Value]) -> ir.Value:
+    """Lanes (scalars or vectors, added element-wise) summed as _mm512_reduce_add_ps (16)
+    and tinyBLAS's hsum / ggml's hsum_float_8 (8) sum them: the upper half added onto the
+    lower until four remain, then (0 + 2) + (1 + 3)."""
+    while len(lanes) > 4:
+        half = len(lanes) // 2
+        lanes = [builder.fadd(lanes[half + i], lanes[i]) for i in range(half)]
+    return builder.fadd(builder.fadd(lanes[0], lanes[2]), builder.fadd(lanes[1], lanes[3]))
+
+
+def _reduce_hadd8(builder, lanes: list[ir.Value]) -> ir.Value:
+    """Eight lanes summed as GGML_F32x8_REDUCE's tail does (lo + hi, then two _mm_hadd_ps):
+    ((0 + 4) + (1 + 5)) + ((2 + 6) + (3 + 7))."""
+    t = [builder.fadd(lanes[i], lanes[i + 4]) for i in range(4)]
+    return builder.fadd(builder.fadd(t[0], t[1]), builder.fadd(t[2], t[3]))
+
+
+def _vec_reduce(builder, accs: list[ir.Value]) -> ir.Value:
+    """GGML_F16_VEC_REDUCE of four <epr x float> accumulators: (0 + 2) + (1 + 3) lane-wise,
+    then the lanes: _mm512_reduce_add_ps for 16, the AVX tree for 8."""
+    v = builder.fadd(builder.fadd(accs[0], accs[2]), builder.fadd(accs[1], accs[3]))
+    lanes = [builder.extract_element(v, _const(i)) for i in range(v.type.count)]
+    return _reduce_halves(builder, lanes) if len(lanes) == 16 else _reduce_hadd8(builder, lanes)
 
 
 def _store_lane_sums(builder, out_p, ooff: ir.Value, n_valid: ir.Value, lanes: list[ir.Value]) -> None:
-    """out[ooff + j] (j < n_valid) = element j of the pairwise sum of sixteen lane vectors
-    (_mm512_reduce_add_ps's order: 16 -> 8 -> 4 -> 2 -> 1, on every element at once)."""
-    halves = [builder.fadd(lanes[8 + i], lanes[i]) for i in range(8)]
-    quarters = [builder.fadd(halves[4 + i], halves[i]) for i in range(4)]
-    total = builder.fadd(builder.fadd(quarters[0], quarters[2]), builder.fadd(quarters[1], quarters[3]))
+    """out[ooff + j] (j < n_valid) = element j of the tree sum of the lane vectors
+    (:func:`_reduce_halves`, on every element at once)."""
+    total = _reduce_halves(builder, lanes)
     with cgutils.for_range(builder, n_valid) as loop:
         _store(builder, out_p, builder.mul(builder.add(ooff, loop.index), _const(4)), builder.extract_element(total, loop.index))
 
 
-@intrinsic
-def scores16(typingctx, q, qoff, kt, koff, kstride, hd, out, ooff, n_valid):
-    """Sixteen attention scores in llamafile tinyBLAS's order: out[ooff + j] (j < n_valid)
-    = the dot product of q[qoff : qoff + hd] with keys kt[koff + e * kstride + j] (e < hd;
-    float32 keys, transposed so that sixteen positions are contiguous). tinyBLAS gives lane
-    i the elements i, i + 16, ... (the last hd % 16 to lanes 0..), then adds the lanes
-    pairwise; here lane i of each position is its own vector over the sixteen positions, so
-    the additions are the same, on sixteen positions at once. Products of float16 values
-    are exact in float32, so tinyBLAS's fma is a multiply and an add."""
-    sig = types.void(q, qoff, kt, koff, kstride, hd, out, ooff, n_valid)
-
-    def codegen(context, builder, signature, args):
-        q_p, k_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 2, 6))
-        qoff, koff, kstride, hd, ooff, n_valid = (_i64(builder, args[i]) for i in (1, 3, 4, 5, 7, 8))
-        full = builder.sub(hd, builder.srem(hd, _const(16)))
-        acc_slots = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(16)]
-
-        def add_product(i, element, condition=None):
-            qv = _load(builder, q_p, builder.mul(builder.add(qoff, element), _const(4)), _F32)
-            splat = _splat_value(builder, qv, 16)
-            keys = _load(builder, k_p, builder.mul(builder.add(koff, builder.mul(element, kstride)), _const(4)), _V16F32)
-            total = builder.fadd(builder.load(acc_slots[i]), builder.fmul(splat, keys))
-            builder.store(total if condition is None else builder.select(condition, total, builder.load(acc_slots[i])), acc_slots[i])
-
-        with cgutils.for_range(builder, builder.sdiv(full, _const(16))) as loop:
-            c0 = builder.mul(loop.index, _const(16))
-            for i in range(16):
-                add_product(i, builder.add(c0, _const(i)))
-        for i in range(16):
-            exists, element = _tail_element(builder, i, full, hd)
-            add_product(i, element, exists)
-        _store_lane_sums(builder, out_p, ooff, n_valid, [builder.load(s) for s in acc_slots])
-        return context.get_dummy_value()
-
-    return sig, codegen
+def _halves16(builder, v_p, element: ir.Value) -> ir.Value:
+    """<16 x float> from sixteen float16 bit patterns at element offset ``element`` (vcvtph2ps)."""
+    v16i16, v16half = ir.VectorType(_I16, 16), ir.VectorType(ir.HalfType(), 16)
+    return builder.fpext(builder.bitcast(_load(builder, v_p, builder.mul(element, _const(2)), v16i16), v16half), _V16F32)
 
 
-@intrinsic
-def dot16_f16(typingctx, q, qoff, k, koff, hd):
-    """One attention score in llamafile tinyBLAS's order: the dot product of float32
-    q[qoff : qoff + hd] with float16 keys k[koff : koff + hd] (uint16 bit patterns), lane i
-    of 16 taking elements i, i + 16, ... (the last hd % 16 to lanes 0..), the lanes then
-    added pairwise (_mm512_reduce_add_ps). The keys are converted sixteen at a time
-    (vcvtph2ps): the form for few query rows, where transposing the keys first would not
-    pay. Both arrays C-contiguous."""
-    sig = types.float32(q, qoff, k, koff, hd)
+def _scores_intrinsic(kn: int):
+    @intrinsic
+    def scores(typingctx, q, qoff, kt, koff, kstride, hd, out, ooff, n_valid):
+        sig = types.void(q, qoff, kt, koff, kstride, hd, out, ooff, n_valid)
 
-    def codegen(context, builder, signature, args):
-        q_p, k_p = _data(context, builder, signature.args[0], args[0]), _data(context, builder, signature.args[2], args[2])
-        qoff, koff, hd = (_i64(builder, args[i]) for i in (1, 3, 4))
-        v16i16, v16half = ir.VectorType(_I16, 16), ir.VectorType(ir.HalfType(), 16)
-        full = builder.sub(hd, builder.srem(hd, _const(16)))
-        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16))
-        with cgutils.for_range(builder, builder.sdiv(full, _const(16))) as loop:
-            c0 = builder.mul(loop.index, _const(16))
-            qv = _load(builder, q_p, builder.mul(builder.add(qoff, c0), _const(4)), _V16F32)
-            kb = _load(builder, k_p, builder.mul(builder.add(koff, c0), _const(2)), v16i16)
-            kv = builder.fpext(builder.bitcast(kb, v16half), _V16F32)
-            builder.store(builder.fadd(builder.load(acc_slot), builder.fmul(qv, kv)), acc_slot)
-        with builder.if_then(builder.icmp_signed("<", full, hd), likely=False):
-            acc = builder.load(acc_slot)
-            for i in range(16):
-                exists, element = _tail_element(builder, i, full, hd)
-                qv = _load(builder, q_p, builder.mul(builder.add(qoff, element), _const(4)), _F32)
-                kv = _half(builder, k_p, builder.mul(builder.add(koff, element), _const(2)))
-                lane = builder.extract_element(acc, _const(i))
-                acc = builder.insert_element(acc, builder.select(exists, builder.fadd(lane, builder.fmul(qv, kv)), lane), _const(i))
-            builder.store(acc, acc_slot)
-        acc = builder.load(acc_slot)
-        halves = builder.fadd(_shuffle(builder, acc, None, list(range(8, 16))), _shuffle(builder, acc, None, list(range(8))))
-        quarters = builder.fadd(_shuffle(builder, halves, None, [4, 5, 6, 7]), _shuffle(builder, halves, None, [0, 1, 2, 3]))
-        q = [builder.extract_element(quarters, _const(i)) for i in range(4)]
-        return builder.fadd(builder.fadd(q[0], q[2]), builder.fadd(q[1], q[3]))
+        def codegen(context, builder, signature, args):
+            q_p, k_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 2, 6))
+            qoff, koff, kstride, hd, ooff, n_valid = (_i64(builder, args[i]) for i in (1, 3, 4, 5, 7, 8))
+            acc_slots = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(kn)]
+            with cgutils.for_range(builder, builder.sdiv(hd, _const(kn))) as loop:
+                c0 = builder.mul(loop.index, _const(kn))
+                for i in range(kn):
+                    element = builder.add(c0, _const(i))
+                    qv = _splat_value(builder, _load(builder, q_p, builder.mul(builder.add(qoff, element), _const(4)), _F32), 16)
+                    keys = _load(builder, k_p, builder.mul(builder.add(koff, builder.mul(element, kstride)), _const(4)), _V16F32)
+                    builder.store(builder.fadd(builder.load(acc_slots[i]), builder.fmul(qv, keys)), acc_slots[i])
+            _store_lane_sums(builder, out_p, ooff, n_valid, [builder.load(s) for s in acc_slots])
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    scores.__doc__ = (
+        f"Sixteen attention scores in tinyBLAS's order with {kn} lanes: out[ooff + j] (j < n_valid) = the "
+        "dot product of q[qoff : qoff + hd] with keys kt[koff + e * kstride + j] (e < hd; float32 keys "
+        f"transposed so that sixteen positions are contiguous; hd a multiple of {kn}, as tinyBLAS requires). "
+        f"Lane i takes elements i, i + {kn}, ...; each lane is a vector over the sixteen positions, so the "
+        "additions are tinyBLAS's, on sixteen positions at once."
+    )
+    return scores
 
 
-@intrinsic
-def values16(typingctx, probs, poff, v, voff, vstride, lo, hi, out, ooff, n_valid):
-    """Sixteen attention outputs in llamafile tinyBLAS's order: out[ooff + i] (i < n_valid)
-    = the sum over positions p = lo..hi of probs[poff + p] * v[voff + p * vstride + i]
-    (float32 probabilities holding float16 values; float16 values as uint16 bit patterns),
-    position p in lane p % 16, the lanes then added pairwise. Lane l's sums for the sixteen
-    outputs are one vector, so all sixteen lanes stay in registers; positions go sixteen at
-    a time, aligned to multiples of 16, lanes outside lo..hi left alone. Products of
-    float16 values are exact, so tinyBLAS's fma is a multiply and an add. A partial chunk
-    (n_valid < 16) reads its values one by one, never past the row."""
-    sig = types.void(probs, poff, v, voff, vstride, lo, hi, out, ooff, n_valid)
+def _vecdot_f16_intrinsic(epr: int):
+    step = 4 * epr
+    vtype = ir.VectorType(_F32, epr)
 
-    def codegen(context, builder, signature, args):
-        p_p, v_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 2, 7))
-        poff, voff, vstride, lo, hi, ooff, n_valid = (_i64(builder, args[i]) for i in (1, 3, 4, 5, 6, 8, 9))
-        v16i16, v16half = ir.VectorType(_I16, 16), ir.VectorType(ir.HalfType(), 16)
-        acc_slots = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(16)]
-        full_width = builder.icmp_signed("==", n_valid, _const(16))
+    @intrinsic
+    def vecdot(typingctx, q, qoff, k, koff, n):
+        sig = types.float32(q, qoff, k, koff, n)
 
-        def values_at(p, whole: bool):
-            base = builder.add(voff, builder.mul(p, vstride))
-            if whole:
-                return builder.fpext(builder.bitcast(_load(builder, v_p, builder.mul(base, _const(2)), v16i16), v16half), _V16F32)
-            vec = ir.Constant(_V16F32, [0.0] * 16)
-            for i in range(16):  # element i if it exists (index clamped to the row)
-                element = builder.select(builder.icmp_signed("<", _const(i), n_valid), _const(i), _const(0))
-                vec = builder.insert_element(vec, _half(builder, v_p, builder.mul(builder.add(base, element), _const(2))), _const(i))
-            return vec
+        def codegen(context, builder, signature, args):
+            q_p, k_p = _data(context, builder, signature.args[0], args[0]), _data(context, builder, signature.args[2], args[2])
+            qoff, koff, n = (_i64(builder, args[i]) for i in (1, 3, 4))
+            vi16, vhalf = ir.VectorType(_I16, epr), ir.VectorType(ir.HalfType(), epr)
+            whole = builder.sub(n, builder.srem(n, _const(step)))
+            slots = [cgutils.alloca_once_value(builder, ir.Constant(vtype, [0.0] * epr)) for _ in range(4)]
+            with cgutils.for_range(builder, builder.sdiv(whole, _const(step))) as loop:
+                for j in range(4):
+                    e = builder.add(builder.mul(loop.index, _const(step)), _const(j * epr))
+                    qv = _load(builder, q_p, builder.mul(builder.add(qoff, e), _const(4)), vtype)
+                    kv = builder.fpext(builder.bitcast(_load(builder, k_p, builder.mul(builder.add(koff, e), _const(2)), vi16), vhalf), vtype)
+                    builder.store(builder.fadd(builder.load(slots[j]), builder.fmul(qv, kv)), slots[j])
+            total = cgutils.alloca_once_value(builder, builder.fpext(_vec_reduce(builder, [builder.load(s) for s in slots]), ir.DoubleType()))
+            with cgutils.for_range(builder, builder.sub(n, whole)) as loop:  # leftovers, in double
+                e = builder.add(whole, loop.index)
+                qv = _load(builder, q_p, builder.mul(builder.add(qoff, e), _const(4)), _F32)
+                kv = _half(builder, k_p, builder.mul(builder.add(koff, e), _const(2)))
+                builder.store(builder.fadd(builder.load(total), builder.fpext(builder.fmul(qv, kv), ir.DoubleType())), total)
+            return builder.fptrunc(builder.load(total), _F32)
 
-        def chunk(c0, whole: bool, masked: bool):
-            for lane in range(16):
-                p = builder.add(c0, _const(lane))
-                seen = builder.and_(builder.icmp_signed(">=", p, lo), builder.icmp_signed("<=", p, hi)) if masked else None
-                p_read = builder.select(seen, p, lo) if masked else p  # nothing read outside lo..hi
-                prob = _splat_value(builder, _load(builder, p_p, builder.mul(builder.add(poff, p_read), _const(4)), _F32), 16)
-                total = builder.fadd(builder.load(acc_slots[lane]), builder.fmul(prob, values_at(p_read, whole)))
-                builder.store(builder.select(seen, total, builder.load(acc_slots[lane])) if masked else total, acc_slots[lane])
+        return sig, codegen
 
-        first_chunk, last_chunk = builder.sdiv(lo, _const(16)), builder.sdiv(hi, _const(16))
-        with cgutils.for_range(builder, builder.add(builder.sub(last_chunk, first_chunk), _const(1))) as loop:
-            c0 = builder.mul(builder.add(first_chunk, loop.index), _const(16))
-            inside = builder.and_(builder.icmp_signed(">=", c0, lo), builder.icmp_signed("<=", builder.add(c0, _const(15)), hi))
-            with builder.if_else(builder.and_(inside, full_width), likely=True) as (fast, careful):
-                with fast:
-                    chunk(c0, whole=True, masked=False)
-                with careful:
-                    with builder.if_else(full_width) as (whole, partial):
-                        with whole:
-                            chunk(c0, whole=True, masked=True)
-                        with partial:
-                            chunk(c0, whole=False, masked=True)
-        _store_lane_sums(builder, out_p, ooff, n_valid, [builder.load(s) for s in acc_slots])
-        return context.get_dummy_value()
+    vecdot.__doc__ = (
+        f"ggml_vec_dot_f16 with {epr}-lane vectors: the dot product of float32 q[qoff : qoff + n] (holding "
+        "float16 values) with float16 k[koff : koff + n] (uint16 bit patterns). Four accumulators take "
+        f"element 4 * {epr} * t + {epr} * j + i in lane i of accumulator j; they are reduced as "
+        f"GGML_F16_VEC_REDUCE does; the n % {step} elements after the last whole step are added in double, "
+        "and the double sum is rounded to float32."
+    )
+    return vecdot
 
-    return sig, codegen
+
+def _values_intrinsic(kn: int):
+    @intrinsic
+    def values(typingctx, probs, poff, v, voff, vstride, lo, hi, out, ooff, n_valid):
+        sig = types.void(probs, poff, v, voff, vstride, lo, hi, out, ooff, n_valid)
+
+        def codegen(context, builder, signature, args):
+            p_p, v_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 2, 7))
+            poff, voff, vstride, lo, hi, ooff, n_valid = (_i64(builder, args[i]) for i in (1, 3, 4, 5, 6, 8, 9))
+            acc_slots = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(kn)]
+            full_width = builder.icmp_signed("==", n_valid, _const(16))
+
+            def values_at(p, whole: bool):
+                base = builder.add(voff, builder.mul(p, vstride))
+                if whole:
+                    return _halves16(builder, v_p, base)
+                vec = ir.Constant(_V16F32, [0.0] * 16)
+                for i in range(16):  # element i if it exists (index clamped to the row)
+                    element = builder.select(builder.icmp_signed("<", _const(i), n_valid), _const(i), _const(0))
+                    vec = builder.insert_element(vec, _half(builder, v_p, builder.mul(builder.add(base, element), _const(2))), _const(i))
+                return vec
+
+            def chunk(c0, whole: bool, masked: bool):
+                for lane in range(kn):
+                    p = builder.add(c0, _const(lane))
+                    seen = builder.and_(builder.icmp_signed(">=", p, lo), builder.icmp_signed("<=", p, hi)) if masked else None
+                    p_read = builder.select(seen, p, lo) if masked else p  # nothing read outside lo..hi
+                    prob = _splat_value(builder, _load(builder, p_p, builder.mul(builder.add(poff, p_read), _const(4)), _F32), 16)
+                    total = builder.fadd(builder.load(acc_slots[lane]), builder.fmul(prob, values_at(p_read, whole)))
+                    builder.store(builder.select(seen, total, builder.load(acc_slots[lane])) if masked else total, acc_slots[lane])
+
+            first_chunk, last_chunk = builder.sdiv(lo, _const(kn)), builder.sdiv(hi, _const(kn))
+            with cgutils.for_range(builder, builder.add(builder.sub(last_chunk, first_chunk), _const(1))) as loop:
+                c0 = builder.mul(builder.add(first_chunk, loop.index), _const(kn))
+                inside = builder.and_(builder.icmp_signed(">=", c0, lo), builder.icmp_signed("<=", builder.add(c0, _const(kn - 1)), hi))
+                with builder.if_else(builder.and_(inside, full_width), likely=True) as (fast, careful):
+                    with fast:
+                        chunk(c0, whole=True, masked=False)
+                    with careful:
+                        with builder.if_else(full_width) as (whole, partial):
+                            with whole:
+                                chunk(c0, whole=True, masked=True)
+                            with partial:
+                                chunk(c0, whole=False, masked=True)
+            _store_lane_sums(builder, out_p, ooff, n_valid, [builder.load(s) for s in acc_slots])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    values.__doc__ = (
+        f"Sixteen attention outputs in tinyBLAS's order with {kn} lanes: out[ooff + i] (i < n_valid) = the "
+        "sum over positions p = lo..hi of probs[poff + p] * v[voff + p * vstride + i] (float32 probabilities "
+        f"holding float16 values; float16 values as uint16 bit patterns), position p in lane p % {kn}, the "
+        "lanes then reduced in tinyBLAS's tree. Each lane is a vector over the sixteen outputs, so all lanes "
+        f"stay in registers; positions go {kn} at a time, lanes outside lo..hi left alone. A partial chunk "
+        "(n_valid < 16) reads its values one by one, never past the row."
+    )
+    return values
+
+
+scores8, scores16 = _scores_intrinsic(8), _scores_intrinsic(16)
+values8, values16 = _values_intrinsic(8), _values_intrinsic(16)
+vecdot_f16_8, vecdot_f16_16 = _vecdot_f16_intrinsic(8), _vecdot_f16_intrinsic(16)

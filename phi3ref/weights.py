@@ -18,11 +18,15 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from . import kernels
+from .isa import Level
+from .isa import resolve as resolve_isa
 from .quants import QUANT_TYPES, dequantize
 
 __all__ = ["NUMERICS", "Weight"]
 
 NUMERICS = ("ggml", "exact", "numpy")
+
+_FLOAT_KINDS = {QT.F32: kernels.FLOAT_F32, QT.F16: kernels.FLOAT_F16, QT.BF16: kernels.FLOAT_BF16}
 
 # rows decoded at a time by the numpy path: bounds its float32 scratch to ~32 MiB
 _STRIP_ELEMENTS = 1 << 23
@@ -61,8 +65,9 @@ class Weight:
         """The rows ``ids`` decoded to float32: the embedding lookup (ggml_get_rows)."""
         return dequantize(self.raw[np.asarray(ids)], self.qtype)
 
-    def matmul(self, x: np.ndarray, numerics: str) -> np.ndarray:
-        """``x @ W.T``: x (n_tokens, n_in) float32 -> (n_tokens, n_rows) float32."""
+    def matmul(self, x: np.ndarray, numerics: str, isa: Level | None = None) -> np.ndarray:
+        """``x @ W.T``: x (n_tokens, n_in) float32 -> (n_tokens, n_rows) float32. ``isa``:
+        the instruction-set level "ggml" follows (default :func:`phi3ref.isa.resolve`'s)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"{self.name}: input of shape {x.shape} does not match weight shape {self.shape}")
@@ -82,15 +87,15 @@ class Weight:
                 kernels.matmul_exact(self.raw, qt, x, out, kernels.F16_TABLE, nb.get_num_threads())
             return out
         if numerics == "ggml":
+            isa = resolve_isa(isa)
             act = kernels.activation_type(qt)
             q, d, s = kernels.quantize_activations(x, act)
-            if self.qtype == QT.F32:
-                kernels.matmul_f32(self._float_view, x, out, nb.get_num_threads())
-            elif self._float_view is not None:
-                # ggml converts the activations to the weight's 16-bit type, then dots in float32
-                kernels.matmul_f16(self._float_view, d, out, self._table(), nb.get_num_threads())
+            if self._float_view is not None:
+                # ggml converts the activations to the weight's type (d holds them), then
+                # sums in the level's lanes
+                kernels.matmul_float_ggml(self._float_view, _FLOAT_KINDS[self.qtype], d, out, self._table(), isa.lanes, isa.bf16_dot, nb.get_num_threads())
             else:
-                kernels.matmul_ggml(self.raw, qt, q, d, s, out, kernels.F16_TABLE, nb.get_num_threads())
+                kernels.matmul_ggml(self.raw, qt, q, d, s, out, kernels.F16_TABLE, isa.repack_q2_k, nb.get_num_threads())
             return out
         raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
 

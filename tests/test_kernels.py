@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from phi3ref import QUANT_TYPES, dequantize, ggml_ops, kernels, quantize
+from phi3ref import QUANT_TYPES, dequantize, ggml_ops, isa, kernels, quantize
 from phi3ref.quants import QUANTIZABLE_TYPES
 from phi3ref.weights import Weight
 
@@ -200,8 +200,8 @@ def check_simd_path(qtypes=SIMD_TYPES, threads: int = THREADS) -> None:
                     q, d, s = kernels.quantize_activations(x, kernels.activation_type(int(qtype)))
                     fast = np.empty((n_tokens, rows), np.float32)
                     plain = np.empty((n_tokens, rows), np.float32)
-                    kernels.matmul_ggml(raw, int(qtype), q, d, s, fast, kernels.F16_TABLE, threads)
-                    kernels.matmul_ggml_unpacked(raw, int(qtype), q, d, s, plain, kernels.F16_TABLE, threads)
+                    kernels.matmul_ggml(raw, int(qtype), q, d, s, fast, kernels.F16_TABLE, True, threads)
+                    kernels.matmul_ggml_unpacked(raw, int(qtype), q, d, s, plain, kernels.F16_TABLE, True, threads)
                     assert np.array_equal(fast.view(np.uint32), plain.view(np.uint32)), (qtype.name, rows, n_tokens, scale)
 
 
@@ -230,59 +230,99 @@ def test_fma32_rounds_once():
     assert np.float32(a * a) + c == np.float32(2.0**-11)
 
 
-# ---- attention --------------------------------------------------------------------------
+# ---- attention, exp, softmax: per instruction-set level ---------------------------------
+
+LEVELS = [isa.LEVELS["avx2"], isa.LEVELS["avx512"]]  # the two forms of everything below
 
 
-def reduce16(v: np.ndarray) -> np.ndarray:
-    """_mm512_reduce_add_ps over the last axis (16 lanes): halves added pairwise."""
-    t8 = v[..., 8:16] + v[..., 0:8]
-    t4 = t8[..., 4:8] + t8[..., 0:4]
-    t2 = t4[..., 0:2] + t4[..., 2:4]
-    return t2[..., 0] + t2[..., 1]
+def reduce_tree(v: np.ndarray) -> np.ndarray:
+    """_mm512_reduce_add_ps (16 lanes) / tinyBLAS's hsum of 8 over the last axis: the upper
+    half added onto the lower until four remain, then (0 + 2) + (1 + 3)."""
+    while v.shape[-1] > 4:
+        half = v.shape[-1] // 2
+        v = v[..., half:] + v[..., :half]
+    return (v[..., 0] + v[..., 2]) + (v[..., 1] + v[..., 3])
 
 
-def dot_f16_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b.T per batch (a: (batch, m, k), b: (batch, n, k)) in tinyBLAS's 16 lanes:
-    lane i adds the products of elements i, i + 16, ... in order."""
+def tinyblas_reference(a: np.ndarray, b: np.ndarray, kn: int) -> np.ndarray:
+    """a @ b.T per batch (a: (batch, m, k), b: (batch, n, k), k a multiple of kn) in
+    tinyBLAS's kn lanes: lane i adds the products of elements i, i + kn, ... in order."""
     a, b = a.astype(np.float32), b.astype(np.float32)
-    batch, m, k = a.shape
-    acc = np.zeros((batch, m, b.shape[1], 16), np.float32)
-    for s in range(0, k, 16):
-        w = min(16, k - s)
-        acc[..., :w] += a[:, :, None, s : s + w] * b[:, None, :, s : s + w]
-    return reduce16(acc)
+    acc = np.zeros((a.shape[0], a.shape[1], b.shape[1], kn), np.float32)
+    for s in range(0, a.shape[2], kn):
+        acc += a[:, :, None, s : s + kn] * b[:, None, :, s : s + kn]
+    return reduce_tree(acc)
 
 
-@pytest.mark.parametrize("head_dim", [96, 40, 128])
-@pytest.mark.parametrize("rows", [4, 11], ids=["few-rows", "keys-transposed"])
-def test_attention_products_match_lane_reference(head_dim, rows):
-    """Both forms of the scores kernel (few query rows: keys read in place; more: keys
-    transposed, sixteen positions at once) and the values kernel, against numpy lanes."""
+def vecdot_f16_reference(a: np.ndarray, b: np.ndarray, epr: int) -> np.ndarray:
+    """a @ b.T per batch as ggml_vec_dot_f16 with epr-lane vectors: four accumulators over
+    steps of 4 epr elements, (0 + 2) + (1 + 3), the lanes reduced (the tree for 16, the AVX
+    hadd order for 8), the elements after the last whole step added in double."""
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    k, step = a.shape[2], 4 * epr
+    whole = k - k % step
+    acc = np.zeros((4, a.shape[0], a.shape[1], b.shape[1], epr), np.float32)
+    for s in range(0, whole, step):
+        for j in range(4):
+            e = s + j * epr
+            acc[j] += a[:, :, None, e : e + epr] * b[:, None, :, e : e + epr]
+    v = (acc[0] + acc[2]) + (acc[1] + acc[3])
+    if epr == 16:
+        total = reduce_tree(v)
+    else:
+        total = ((v[..., 0] + v[..., 4]) + (v[..., 1] + v[..., 5])) + ((v[..., 2] + v[..., 6]) + (v[..., 3] + v[..., 7]))
+    total = total.astype(np.float64)
+    for e in range(whole, k):
+        total += (a[:, :, None, e] * b[:, None, :, e]).astype(np.float64)
+    return total.astype(np.float32)
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+@pytest.mark.parametrize("head_dim", [96, 40, 128, 36])
+@pytest.mark.parametrize("batched", [True, False], ids=["batch", "one-token"])
+def test_attention_products_match_reference(level, head_dim, batched):
+    """kq and kqv as llama.cpp sums them at each level: tinyBLAS for a batch when the shape
+    allows it (scores: head_dim a multiple of the lanes; values: of 4), ggml_vec_dot_f16
+    otherwise, against numpy lane references; then with causal key ranges."""
     rng = np.random.default_rng(9)
-    n_ctx, n_kv, end = 50, 3, 37
-    assert (rows >= kernels.SCORES16_MIN_ROWS) == (rows == 11)
+    n_ctx, n_kv, end, rows = 300, 3, 261, 6
     k_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     v_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     q = rng.standard_normal((n_kv, rows, head_dim)).astype(np.float16).astype(np.float32)
     keys = k_cache[:end].transpose(1, 0, 2)  # (n_kv, end, head_dim)
-    expected_scores = dot_f16_reference(q, keys)
-    assert np.array_equal(ggml_ops.attention_scores(q, k_cache, end), expected_scores)
+    kn = level.lanes
+    if batched and head_dim % kn == 0:
+        expected_scores = tinyblas_reference(q, keys, kn)
+    else:
+        expected_scores = vecdot_f16_reference(q, keys, kn)
+    assert np.array_equal(ggml_ops.attention_scores(q, k_cache, end, level, batched=batched), expected_scores)
     probs = rng.random((n_kv, rows, end)).astype(np.float16).astype(np.float32)
     values = v_cache[:end].transpose(1, 2, 0)  # (n_kv, head_dim, end)
-    assert np.array_equal(ggml_ops.attention_values(probs, v_cache, end), dot_f16_reference(probs, values))
+    # llama.cpp's KV view is a multiple of 256 positions: the vec_dot form has no tail there
+    padded = np.zeros((n_kv, rows, 512), np.float32)
+    padded[:, :, :end] = probs
+    padded_values = np.zeros((n_kv, head_dim, 512), np.float32)
+    padded_values[:, :, :end] = values
+    if batched and head_dim % 4 == 0:
+        expected_values = tinyblas_reference(padded, padded_values, kn)
+    else:
+        expected_values = vecdot_f16_reference(padded, padded_values, kn)
+    assert np.array_equal(ggml_ops.attention_values(probs, v_cache, end, level, batched=batched), expected_values)
 
-    # causal ranges (rows cycle over n_tok tokens): the keys a row sees are computed
-    # exactly, the others left out; values add only the positions seen
-    n_tok = 2 if rows == 4 else 11
-    last = np.arange(end - n_tok, end)
-    first = np.maximum(last - 19, 0)
-    seen = (np.arange(end) >= first[:, None]) & (np.arange(end) <= last[:, None])  # (n_tok, end)
-    seen_rows = np.broadcast_to(np.tile(seen, (rows // n_tok, 1)), (n_kv, rows, end))
-    ranged = ggml_ops.attention_scores(q, k_cache, end, first, last)
+    # causal ranges (rows cycle over 3 tokens): the keys a row sees are computed exactly,
+    # the others left out; values add only the positions seen
+    last = np.arange(end - 3, end)
+    first = np.maximum(last - 40, 0)
+    seen = (np.arange(end) >= first[:, None]) & (np.arange(end) <= last[:, None])  # (3, end)
+    seen_rows = np.broadcast_to(np.tile(seen, (rows // 3, 1)), (n_kv, rows, end))
+    ranged = ggml_ops.attention_scores(q, k_cache, end, level, batched=batched, first=first, last=last)
     assert np.array_equal(ranged[seen_rows], expected_scores[seen_rows])
     assert np.all((ranged[~seen_rows] == -np.inf) | (ranged[~seen_rows] == expected_scores[~seen_rows]))
-    masked_probs = np.where(seen_rows, probs, np.float32(0))
-    assert np.array_equal(ggml_ops.attention_values(probs, v_cache, end, first, last), dot_f16_reference(masked_probs, values))
+    masked = np.zeros_like(padded)
+    masked[:, :, :end] = np.where(seen_rows, probs, np.float32(0))
+    reference = tinyblas_reference if (batched and head_dim % 4 == 0) else vecdot_f16_reference
+    got = ggml_ops.attention_values(probs, v_cache, end, level, batched=batched, first=first, last=last)
+    assert np.array_equal(got, reference(masked, padded_values, kn))
 
 
 def hexf(literal: str) -> np.float32:
@@ -294,61 +334,77 @@ def fma_reference(a, b, c):
     return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
 
 
-def v_expf_reference(x: np.ndarray) -> np.ndarray:
-    """ggml_v_expf (AVX-512), written from ggml's C with numpy."""
+def v_expf_reference(x: np.ndarray, level) -> np.ndarray:
+    """ggml_v_expf, written from ggml's C with numpy: the AVX-512 form (_mm512_scalef_ps)
+    or the AVX2 one (2^n from exponent bits, split where |n| > 126)."""
     x = np.asarray(x, np.float32)
     with np.errstate(all="ignore"):
         r = hexf("0x1.8p23")
-        n = fma_reference(x, hexf("0x1.715476p+0"), r) - r
+        z = fma_reference(x, hexf("0x1.715476p+0"), r)
+        n = z - r
         b = fma_reference(-n, hexf("0x1.7f7d1cp-20"), fma_reference(-n, hexf("0x1.62e4p-1"), x))
         u = b * b
-        j = fma_reference(
-            fma_reference(fma_reference(hexf("0x1.0e4020p-7"), b, hexf("0x1.573e2ep-5")), u,
-                          fma_reference(hexf("0x1.555e66p-3"), b, hexf("0x1.fffdb6p-2"))),
-            u,
-            fma_reference(hexf("0x1.ffffecp-1"), b, np.float32(1)),
-        )
-        res = np.ldexp(j, np.nan_to_num(np.clip(n, -300, 300)).astype(np.int32)).astype(np.float32)  # _mm512_scalef_ps
-        return np.where(np.abs(n) > 192, np.where(n <= 0, np.float32(0), np.float32(np.inf)), res).astype(np.float32)
+        poly = fma_reference(fma_reference(hexf("0x1.0e4020p-7"), b, hexf("0x1.573e2ep-5")), u,
+                             fma_reference(hexf("0x1.555e66p-3"), b, hexf("0x1.fffdb6p-2")))
+        if level.exp_scalef:
+            j = fma_reference(poly, u, fma_reference(hexf("0x1.ffffecp-1"), b, np.float32(1)))
+            res = np.ldexp(j, np.nan_to_num(np.clip(n, -300, 300)).astype(np.int32)).astype(np.float32)
+            return np.where(np.abs(n) > 192, np.where(n <= 0, np.float32(0), np.float32(np.inf)), res).astype(np.float32)
+        j = fma_reference(poly, u, hexf("0x1.ffffecp-1") * b)
+        e = z.view(np.uint32) << np.uint32(23)
+        k = (e + np.float32(1).view(np.uint32)).view(np.float32)
+        g = np.where(n <= 0, np.uint32(0x82000000), np.uint32(0))
+        s1 = (g + np.uint32(0x7F000000)).view(np.float32)
+        s2 = (e - g).view(np.float32)
+        special = np.where(np.abs(n) > 192, s1 * s1, fma_reference(s2, j, s2) * s1)
+        return np.where(np.abs(n) > 126, special, fma_reference(k, j, k)).astype(np.float32)
 
 
-def test_expf_matches_ggml_vector_loop():
-    """Full 16-lane vectors through the polynomial, the tail through the C library's expf."""
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+def test_expf_matches_ggml_vector_loop(level):
+    """Whole vectors through the level's polynomial, the tail through the C library's expf."""
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((5, 37)) * 30).astype(np.float32)
-    x[0, :3] = [-np.inf, 0, 150]  # masked, exact, overflowing
+    x[0, :5] = [-np.inf, 0, 150, -100, 88.5]  # masked, exact, overflowing, |n| > 126 both ways
     x[1, 3] = np.nan
-    out = ggml_ops.expf(x)
-    assert np.array_equal(out[:, :32], v_expf_reference(x[:, :32]), equal_nan=True)
+    x[2, :4] = [-87.5, -89.0, 87.9, -103.5]  # around the split scale and subnormal results
+    out = ggml_ops.expf(x, level)
+    full = 37 - 37 % level.lanes
+    assert np.array_equal(out[:, :full], v_expf_reference(x[:, :full], level), equal_nan=True)
     assert np.isnan(out[1, 3]) and out[0, 0] == 0 and out[0, 1] == 1 and out[0, 2] == np.inf
-    tail = np.array([[libm.expf(float(v)) for v in row] for row in x[:, 32:]], np.float32)
-    assert np.array_equal(out[:, 32:], tail)
+    tail = np.array([[libm.expf(float(v)) for v in row] for row in x[:, full:]], np.float32)
+    assert np.array_equal(out[:, full:], tail)
+    # the two forms are different functions (not only different widths)
+    wide = (rng.standard_normal(4096) * 20).astype(np.float32)
+    assert not np.array_equal(v_expf_reference(wide, LEVELS[0]), v_expf_reference(wide, LEVELS[1]))
 
 
-def softmax_reference(x: np.ndarray) -> np.ndarray:
-    """ggml_soft_max with the numpy polynomial, rows padded to 16 lanes with -inf."""
-    n = x.shape[-1]
-    width = -(-n // 16) * 16
+def softmax_reference(x: np.ndarray, level) -> np.ndarray:
+    """ggml_soft_max with the numpy polynomial, rows padded to whole vectors with -inf."""
+    n, kn = x.shape[-1], level.lanes
+    width = -(-n // kn) * kn
     padded = np.full((*x.shape[:-1], width), -np.inf, dtype=np.float32)
     padded[..., :n] = x
-    e = v_expf_reference(padded - padded.max(axis=-1, keepdims=True))
-    total = reduce16(e.reshape(*e.shape[:-1], width // 16, 16)).astype(np.float64).sum(axis=-1)
+    e = v_expf_reference(padded - padded.max(axis=-1, keepdims=True), level)
+    total = reduce_tree(e.reshape(*e.shape[:-1], width // kn, kn)).astype(np.float64).sum(axis=-1)
     return (e * (1.0 / total).astype(np.float32)[..., None])[..., :n]
 
 
-def test_softmax_matches_reference():
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+def test_softmax_matches_reference(level):
     rng = np.random.default_rng(10)
     x = (rng.standard_normal((7, 45)) * 8).astype(np.float32)
     x[:, 30:] = -np.inf  # masked
     x[3, 0] = 90.0  # a dominating score
-    out = ggml_ops.softmax(x)
-    assert np.array_equal(out, softmax_reference(x))
+    out = ggml_ops.softmax(x, level)
+    assert np.array_equal(out, softmax_reference(x, level))
     assert np.allclose(out.sum(-1), 1, atol=1e-6)
 
 
-def test_softmax_mask_ranges_equal_an_added_minus_inf_mask():
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+def test_softmax_mask_ranges_equal_an_added_minus_inf_mask(level):
     """Rows cycle over the tokens; token t sees keys first[t]..last[t]: the same numbers as
     adding llama.cpp's -inf mask to the scores, keys outside exactly 0."""
     rng = np.random.default_rng(12)
@@ -359,8 +415,8 @@ def test_softmax_mask_ranges_equal_an_added_minus_inf_mask():
     keys = np.arange(n_keys)
     allowed = (keys >= first[:, None]) & (keys <= last[:, None])
     masked = np.where(allowed, x, np.float32(-np.inf))
-    out = ggml_ops.softmax(x, first, last)
-    assert np.array_equal(out, softmax_reference(masked))
+    out = ggml_ops.softmax(x, level, first, last)
+    assert np.array_equal(out, softmax_reference(masked, level))
     assert np.all(out[:, ~allowed] == 0)
 
 
@@ -416,15 +472,16 @@ def test_rope_matches_fused_reference(n_rot):
     assert np.array_equal(ggml_ops.rope(qkv[:, :32].reshape(3, 2, 16), cos, sin, n_rot), out)  # a strided view, as the model passes
 
 
-def test_swiglu_matches_ggml_vector_loop():
-    """silu(gate) * up with the vector exp on whole 16-lane chunks of gate, libm's expf on
-    the rest (n_ff = 37: two chunks and five scalars)."""
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+def test_swiglu_matches_ggml_vector_loop(level):
+    """silu(gate) * up with the level's vector exp on whole vectors of gate, libm's expf on
+    the rest (n_ff = 37: two or four vectors and five scalars)."""
     rng = np.random.default_rng(16)
     n_ff = 37
     gate_up = (rng.standard_normal((3, 2 * n_ff)) * 4).astype(np.float32)
     gate, up = gate_up[:, :n_ff], gate_up[:, n_ff:]
-    expected = gate / (np.float32(1) + ggml_ops.expf(-gate)) * up
-    assert np.array_equal(ggml_ops.swiglu(gate_up, n_ff), expected)
+    expected = gate / (np.float32(1) + ggml_ops.expf(-gate, level)) * up
+    assert np.array_equal(ggml_ops.swiglu(gate_up, n_ff, level), expected)
 
 
 def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
