@@ -1,6 +1,6 @@
 """phi3ref against llama.cpp on the full-size synthetic Phi-3-mini Q4_K_M, side by side.
 
-    python benchmarks/bench.py [--rounds 3] [--threads 2] [--transformers] [--out benchmarks/results]
+    python benchmarks/bench.py [--rounds 3] [--threads 2] [--transformers] [--avx2] [--out benchmarks/results]
 
 Every measurement runs in a fresh process; the runtimes alternate within each round and
 the medians over rounds are reported, with the ratios phi3ref / llama.cpp as the headline
@@ -9,6 +9,12 @@ load time, prefill speed for 128- and 512-token prompts (fresh context each), de
 over 64 tokens after the 128-token prompt, peak RSS, and for phi3ref the time from process
 start to the first generated token and the JIT compile time of a cold Numba cache (once).
 Writes results.json, results.md and results.png (with matplotlib) to --out.
+
+``--avx2`` measures both runtimes as an AVX2-only CPU (Haswell ... Zen 3) runs them, on
+any machine with AVX2: llama.cpp built for the avx2 level (phi3ref.llama_builds, no
+AVX-512, no VNNI) and phi3ref's kernels compiled for Haswell (NUMBA_CPU_NAME, its own
+Numba cache) computing the avx2 level. Without it: the installed (native) llama.cpp and
+phi3ref as this CPU runs them.
 Needs the ``bench`` extra (llama-cpp-python, matplotlib); transformers with --transformers.
 """
 
@@ -131,8 +137,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--transformers", action="store_true", help="also measure HF transformers (fp32, slow, ~18 GB)")
+    parser.add_argument("--avx2", action="store_true", help="both runtimes as on an AVX2-only CPU (see above)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    from phi3ref import isa
+
+    envs = {"phi3ref": dict(os.environ), "llama.cpp": dict(os.environ), "transformers": dict(os.environ)}
+    if args.avx2:
+        from phi3ref import llama_builds
+
+        if not isa.LEVELS["avx2"].runs_on(isa.host_features()):
+            raise SystemExit("--avx2: this CPU has no AVX2")
+        numba_cache = Path(tempfile.gettempdir()) / "phi3ref-bench-haswell-numba"
+        envs["phi3ref"].update(isa.haswell_numba_env(), PHI3REF_ISA="avx2", NUMBA_CACHE_DIR=str(numba_cache))
+        envs["llama.cpp"]["LLAMA_CPP_LIB_PATH"] = str(llama_builds.build(isa.LEVELS["avx2"]))
+        instruction_set = "AVX2 (both runtimes built for Haswell: no AVX-512, no VNNI)"
+    else:
+        features = isa.host_features()
+        instruction_set = " ".join(sorted(f for f in features if f in isa.REPORTED_FEATURES)) + " (native)"
 
     model, _ = ensure_full_model(args.model)
     file_bytes = model.stat().st_size
@@ -143,21 +165,22 @@ def main() -> None:
 
     # JIT compile with a cold Numba cache, once, in a throw-away cache folder
     with tempfile.TemporaryDirectory() as cold:
-        cold_run = run(PHI3REF, str(model), str(args.threads), "first-token", env={**os.environ, "NUMBA_CACHE_DIR": cold})
+        cold_run = run(PHI3REF, str(model), str(args.threads), "first-token", env={**envs["phi3ref"], "NUMBA_CACHE_DIR": cold})
     samples: dict[str, list[dict]] = {name: [] for name in runtimes}
     first_token = []
     for r in range(args.rounds):
         order = list(runtimes) if r % 2 == 0 else list(reversed(runtimes))
         for name in order:
             extra = ("full",) if name == "phi3ref" else ()
-            samples[name].append(run(runtimes[name], str(model), str(args.threads), *extra))
+            samples[name].append(run(runtimes[name], str(model), str(args.threads), *extra, env=envs[name]))
             print(f"round {r + 1}/{args.rounds} {name}: {samples[name][-1]}", file=sys.stderr, flush=True)
-        first_token.append(run(PHI3REF, str(model), str(args.threads), "first-token")["first_token_s"])
+        first_token.append(run(PHI3REF, str(model), str(args.threads), "first-token", env=envs["phi3ref"])["first_token_s"])
 
     medians = {name: {k: statistics.median(s[k] for s in runs) for k, _, _ in METRICS} for name, runs in samples.items()}
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "instruction_set": instruction_set,
         "threads": args.threads,
         "rounds": args.rounds,
         "model": str(model),
@@ -173,7 +196,8 @@ def main() -> None:
 
     lines = [
         f"Full-size synthetic Phi-3-mini Q4_K_M ({file_bytes / 1e9:.2f} GB), {results['machine']}, {args.threads} threads, "
-        f"{results['date']}; medians of {args.rounds} rounds (`python benchmarks/bench.py --rounds {args.rounds}`).",
+        f"{results['date']}; instruction set: {instruction_set}; medians of {args.rounds} rounds "
+        f"(`python benchmarks/bench.py --rounds {args.rounds}{' --avx2' if args.avx2 else ''}`).",
         "",
         "| | " + " | ".join(runtimes) + " | phi3ref / llama.cpp |",
         "|---|" + "---|" * (len(runtimes) + 1),

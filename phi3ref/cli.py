@@ -9,6 +9,7 @@ import sys
 from . import __version__
 from .gguf_file import GGUFError
 from .hub import HubError
+from .llama_builds import BuildError
 
 TUTORIAL_PROMPT = "Write a haiku about ice hockey"
 DEMO = "demo"
@@ -178,6 +179,22 @@ def _cmd_write_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import DEFAULT_QUANTS, format_report, run
+
+    quants = tuple(q.strip() for q in args.quants.split(",") if q.strip()) if args.quants else DEFAULT_QUANTS
+    progress = None if args.json else (lambda step: print(f"... {step}", file=sys.stderr, flush=True))
+    report = run(levels=args.level, quants=quants, threads=args.threads, progress=progress)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(report))
+    if report.get("llama_cpp_python") is None:
+        return 3
+    return 0 if report["bit_exact"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing import PRESETS, QUANT_MIXES
 
@@ -210,10 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", action="store_true", help="only the last position")
     p.set_defaults(run=_cmd_logits)
 
+    p = sub.add_parser(
+        "selfcheck", help="does this CPU reproduce llama.cpp bit for bit? (per op, on small synthetic models)",
+        description="Write small synthetic models, trace them beside llama.cpp and report, per operation, whether "
+        "phi3ref's ggml numerics are bit-identical. Exit status 0: bit for bit; 1: a difference; 3: "
+        "llama-cpp-python is not installed, nothing compared.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for programs")
+    p.add_argument(
+        "--level", action="append", default=None, metavar="LEVEL",
+        help="check against llama.cpp built for this level (avx2, avx512, avx512bf16, or 'all' this CPU runs; "
+        "repeatable; built once from llama-cpp-python's sources, about 2 minutes each) instead of the installed one",
+    )
+    p.add_argument("--quants", default=None, help="comma-separated weight types (default: Q4_K_M,Q8_0,F16)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(run=_cmd_selfcheck)
+
     p = sub.add_parser("write-model", help="write a synthetic Phi-3 family model (real layout and vocabulary, random weights)")
     p.add_argument("output", help="path of the .gguf to write")
     p.add_argument("--preset", default="phi3-mini", choices=list(PRESETS))
-    p.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "heads", "full"],
+                   help="tiny; heads: tiny with the real head sizes; full: the real model's size")
     p.add_argument("--quant", default="Q4_K_M", choices=list(QUANT_MIXES))
     p.add_argument("--pure", action="store_true", help="every matrix in the base type of --quant")
     p.add_argument("--seed", type=int, default=0)
@@ -226,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (GGUFError, HubError, FileNotFoundError) as e:
+    except (GGUFError, HubError, BuildError, FileNotFoundError) as e:
         print(f"phi3ref: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,10 +4,15 @@
   the file's config and phi3ref-dequantized weights. (transformers' own GGUF loader does
   not read partial rotary, LongRoPE or the sliding window, so the model is assembled here;
   its weights are bit-identical to what that loader produces — see the tests.)
-* :func:`llama_cpp_logits`: llama.cpp through llama-cpp-python, every position's logits.
+* :func:`llama_cpp_logits`: llama.cpp through llama-cpp-python, every position's logits;
+  :func:`llama_cpp_generation_logits`: a prompt, then one token at a time through the KV
+  cache (llama.cpp takes other kernels for single tokens).
 * :func:`llama_cpp_trace`: llama.cpp's intermediate tensors by name, to hold beside
   :meth:`phi3ref.Model.trace` layer by layer.
-* :func:`compare`: max |Δ|, top-1 agreement and KL divergence between two logit arrays.
+* each of them with ``level=``: llama.cpp built at a phi3ref.isa level
+  (:mod:`phi3ref.llama_builds`), run in a child process.
+* :func:`compare`: max |Δ|, top-1 agreement and KL divergence between two logit arrays;
+  :func:`compare_traces`: a phi3ref trace against llama.cpp's, tensor by tensor.
 
 The runtimes are optional dependencies (``pip install phi3ref[crosscheck]``).
 """
@@ -22,8 +27,13 @@ import numpy as np
 
 from .config import Phi3Config
 from .gguf_file import GGUFFile
+from .isa import Level
+from .isa import resolve as resolve_isa
 
-__all__ = ["Comparison", "compare", "llama_cpp_logits", "llama_cpp_trace", "transformers_logits", "transformers_model"]
+__all__ = [
+    "Comparison", "TensorMatch", "compare", "compare_traces", "llama_cpp_calls", "llama_cpp_generation_logits", "llama_cpp_logits", "llama_cpp_trace",
+    "llama_cpp_quantize", "transformers_logits", "transformers_model",
+]
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,41 @@ def compare(a: np.ndarray, b: np.ndarray) -> Comparison:
         top1=float((a.argmax(-1) == b.argmax(-1)).mean()),
         kl=float(kl),
     )
+
+
+@dataclass(frozen=True)
+class TensorMatch:
+    """One intermediate tensor of a trace held against llama.cpp's of the same name."""
+
+    name: str  # llama.cpp's graph node name, e.g. "kqv_out-3"
+    equal: bool  # bit for bit (NaNs in the same places count as equal)
+    max_abs: float  # max |ours - theirs|
+
+
+def compare_traces(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> list[TensorMatch]:
+    """phi3ref's :meth:`~phi3ref.Model.trace` against :func:`llama_cpp_trace` of the same
+    tokens: one TensorMatch per tensor both name, in phi3ref's order (the order computed,
+    so the first unequal one is where the two runtimes part)."""
+    matches = []
+    for name, value in ours.items():
+        if name not in theirs:
+            continue
+        ref = theirs[name]
+        if name.startswith("kq") and value.ndim == 4:
+            # ours (n_head_kv, group, n_tokens, n_kv); llama.cpp's (1, n_head, n_tokens, n_kv
+            # padded to a multiple of 256) with the padding masked
+            value = value.reshape(-1, value.shape[2], value.shape[3])  # (n_head, n_tokens, n_kv)
+            ref = ref.reshape(-1, ref.shape[-2], ref.shape[-1])[:, :, : value.shape[-1]]  # (n_head, n_tokens, n_kv)
+        if ref.size != value.size:
+            raise ValueError(f"trace tensor {name}: {value.shape} here, {ref.shape} in llama.cpp")
+        ref = ref.reshape(value.shape)
+        finite = np.isfinite(value) & np.isfinite(ref)
+        same_bits = np.array_equal(value.view(np.uint32), ref.view(np.uint32))
+        equal = same_bits or np.array_equal(value, ref, equal_nan=True)
+        diff = np.abs(value[finite].astype(np.float64) - ref[finite]) if finite.any() else np.zeros(1)
+        max_abs = float(diff.max()) if np.array_equal(np.isfinite(value), np.isfinite(ref)) else float("inf")
+        matches.append(TensorMatch(name, bool(equal), 0.0 if equal else max_abs))
+    return matches
 
 
 def transformers_model(path: str | os.PathLike[str], *, sliding_window: bool = True):
@@ -131,24 +176,95 @@ def transformers_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, 
     return out.logits[0].float().numpy()
 
 
-def llama_cpp_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, n_ctx: int | None = None, threads: int | None = None) -> np.ndarray:
-    """Every position's logits from llama.cpp (llama-cpp-python, ``logits_all=True``)."""
-    import llama_cpp
+# ---- llama.cpp --------------------------------------------------------------------------
+# Through llama-cpp-python's low-level API, with llama.cpp's defaults where phi3ref has the
+# same knob (micro-batches of 512, no flash attention, as llama_cpp.Llama) and phi3ref's
+# own default context (which picks LongRoPE's factors in llama.cpp). ``level``: None runs
+# the installed llama-cpp-python in this process (built natively for this CPU); a
+# phi3ref.isa level (or its name) runs llama.cpp built at that level
+# (phi3ref.llama_builds) in a child process, since a process loads one libllama.
 
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n_ctx or max(len(tokens), 16),
-        n_batch=max(len(tokens), 16),
-        n_ubatch=max(len(tokens), 16),
-        logits_all=True,
-        n_threads=threads or os.cpu_count() or 1,
-        verbose=False,
-    )
+
+def _default_ctx(path: str | os.PathLike[str]) -> int:
+    from .model import DEFAULT_MAX_CTX
+
+    with GGUFFile(path) as gf:
+        return min(Phi3Config.from_gguf(gf).n_ctx_train, DEFAULT_MAX_CTX)
+
+
+class _LlamaCpp:
+    """One llama.cpp context over a file (n_ctx, micro-batch, threads, an eval callback)."""
+
+    def __init__(self, path, n_ctx, n_ubatch, threads, callback=None):
+        import logging
+
+        import llama_cpp as lc
+
+        # llama-cpp-python prints llama.cpp's log unless its logger says otherwise
+        quiet = logging.getLogger("llama-cpp-python")
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.ERROR)
+        self.lc = lc
+        lc.llama_backend_init()
+        self.model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        n_ctx = n_ctx or _default_ctx(path)
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_ctx  # a whole request is one logical batch, split into micro-batches
+        params.n_ubatch = min(n_ubatch, n_ctx)
+        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama sets it
+        if callback is not None:
+            params.cb_eval = callback
+            params.cb_eval_user_data = None
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            raise RuntimeError(f"llama.cpp could not make a context of {n_ctx} for {path}")
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.n_past = 0
+
+    def decode(self, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
+        """Run ``tokens`` after what the context holds; the logits of every position, or of the last."""
+        lc, n = self.lc, len(tokens)
+        batch = lc.llama_batch_init(n, 0, 1)
+        try:
+            batch.n_tokens = n
+            for i, tok in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(tok), self.n_past + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+            if lc.llama_decode(self.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+        finally:
+            lc.llama_batch_free(batch)
+        self.n_past += n
+        rows = n if all_logits else 1
+        return np.ctypeslib.as_array(lc.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)).copy()
+
+    def close(self) -> None:
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model)
+
+
+def _logits_here(path, tokens, n_ctx=None, n_ubatch=512, threads=None):
+    runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads)
     try:
-        llm.eval(list(tokens))
-        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+        return runtime.decode(list(tokens), all_logits=True)
     finally:
-        llm.close()
+        runtime.close()
+
+
+def _generation_here(path, prompt, continuation, n_ctx=None, n_ubatch=512, threads=None):
+    runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads)
+    try:
+        rows = [runtime.decode(list(prompt), all_logits=False)[0]]
+        rows += [runtime.decode([tok], all_logits=False)[0] for tok in continuation]
+        return np.array(rows)
+    finally:
+        runtime.close()
 
 
 # Byte offsets in ggml's `struct ggml_tensor` (ggml.h of the llama.cpp that llama-cpp-python
@@ -157,12 +273,7 @@ def llama_cpp_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, n_c
 _T_TYPE, _T_NE, _T_NB, _T_DATA, _T_NAME = 0, 16, 48, 248, 256
 
 
-def llama_cpp_trace(path: str | os.PathLike[str], tokens: Sequence[int], *, n_ctx: int | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
-    """llama.cpp's float32 intermediate tensors for one batch of ``tokens``, by graph node
-    name (``attn_norm-0``, ``wqkv-0``, ``kq_soft_max-0``, ... ``result_output``), through the
-    scheduler's eval callback. Arrays come in ggml's order (innermost dimension last after
-    numpy's reversal): e.g. ``wqkv-0`` is (1, 1, n_tokens, n_qkv). Where a name repeats, the
-    last tensor of that name is kept."""
+def _trace_here(path, tokens, n_ctx=None, n_ubatch=512, threads=None):
     import ctypes
 
     import llama_cpp as lc
@@ -186,24 +297,108 @@ def llama_cpp_trace(path: str | os.PathLike[str], tokens: Sequence[int], *, n_ct
             store[ctypes.string_at(base + _T_NAME).decode()] = view.copy()
         return True
 
-    n = len(tokens)
-    lc.llama_backend_init()
-    model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {path}")
-    params = lc.llama_context_default_params()
-    params.n_ctx = n_ctx or max(n, 16)
-    params.n_batch = params.n_ubatch = max(n, 16)
-    params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
-    params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama sets it
-    params.cb_eval = collect
-    params.cb_eval_user_data = None
-    ctx = lc.llama_init_from_model(model, params)
+    runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads, callback=collect)
     try:
-        ids = (lc.llama_token * n)(*tokens)
-        if lc.llama_decode(ctx, lc.llama_batch_get_one(ids, n)) != 0:
-            raise RuntimeError("llama_decode failed")
+        runtime.decode(list(tokens), all_logits=True)
     finally:
-        lc.llama_free(ctx)
-        lc.llama_model_free(model)
+        runtime.close()
     return store
+
+
+_HERE = {"logits": _logits_here, "generation": _generation_here, "trace": _trace_here}
+
+
+def llama_cpp_calls(calls: Sequence[tuple[str, dict]], *, level: str | Level | None = None, threads: int | None = None) -> list:
+    """Several llama.cpp requests at once — ("logits" | "generation" | "trace", keyword
+    arguments of :func:`llama_cpp_logits` / :func:`llama_cpp_generation_logits` /
+    :func:`llama_cpp_trace`) — in one process: this one (``level`` None) or one child
+    that loads llama.cpp built at ``level`` (built first if need be; phi3ref.llama_builds)."""
+    calls = [(kind, {"threads": threads, **kwargs}) for kind, kwargs in calls]
+    for kind, _ in calls:
+        if kind not in _HERE:
+            raise ValueError(f"unknown llama.cpp request {kind!r}; one of {', '.join(_HERE)}")
+    if level is None:
+        return [_HERE[kind](**kwargs) for kind, kwargs in calls]
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    from . import llama_builds
+
+    lib = llama_builds.build(resolve_isa(level))
+    with tempfile.TemporaryDirectory() as tmp:
+        request, answer = os.path.join(tmp, "calls.pkl"), os.path.join(tmp, "results.pkl")
+        with open(request, "wb") as f:
+            pickle.dump(calls, f)
+        env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(lib)}
+        done = subprocess.run([sys.executable, "-m", "phi3ref.crosscheck", request, answer], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama.cpp ({resolve_isa(level)}, {lib}) failed:\n{done.stderr[-3000:]}")
+        with open(answer, "rb") as f:
+            return pickle.load(f)
+
+
+def llama_cpp_logits(
+    path: str | os.PathLike[str], tokens: Sequence[int], *, n_ctx: int | None = None, n_ubatch: int = 512,
+    threads: int | None = None, level: str | Level | None = None,
+) -> np.ndarray:
+    """Every position's logits from llama.cpp for ``tokens`` in one request: (len(tokens),
+    n_vocab). ``n_ctx`` defaults to phi3ref's (the model's context, at most
+    phi3ref.model.DEFAULT_MAX_CTX); ``level``: see :func:`llama_cpp_calls`."""
+    kwargs = {"path": str(path), "tokens": list(tokens), "n_ctx": n_ctx, "n_ubatch": n_ubatch}
+    return llama_cpp_calls([("logits", kwargs)], level=level, threads=threads)[0]
+
+
+def llama_cpp_generation_logits(
+    path: str | os.PathLike[str], prompt: Sequence[int], continuation: Sequence[int], *, n_ctx: int | None = None,
+    n_ubatch: int = 512, threads: int | None = None, level: str | Level | None = None,
+) -> np.ndarray:
+    """The generation path: ``prompt`` in one request (its last logits), then each token of
+    ``continuation`` alone through the KV cache: (1 + len(continuation), n_vocab), row i the
+    logits after the prompt and i continuation tokens."""
+    kwargs = {"path": str(path), "prompt": list(prompt), "continuation": list(continuation), "n_ctx": n_ctx, "n_ubatch": n_ubatch}
+    return llama_cpp_calls([("generation", kwargs)], level=level, threads=threads)[0]
+
+
+def llama_cpp_trace(
+    path: str | os.PathLike[str], tokens: Sequence[int], *, n_ctx: int | None = None, n_ubatch: int = 512,
+    threads: int | None = None, level: str | Level | None = None,
+) -> dict[str, np.ndarray]:
+    """llama.cpp's float32 intermediate tensors for one batch of ``tokens`` (every position
+    output), by graph node name (``attn_norm-0``, ``wqkv-0``, ``kq_soft_max-0``, ...
+    ``result_output``), through the scheduler's eval callback. Arrays come in ggml's order
+    (innermost dimension last after numpy's reversal): e.g. ``wqkv-0`` is (1, 1, n_tokens,
+    n_qkv). Where a name repeats (several micro-batches), the last tensor of that name is kept."""
+    kwargs = {"path": str(path), "tokens": list(tokens), "n_ctx": n_ctx, "n_ubatch": n_ubatch}
+    return llama_cpp_calls([("trace", kwargs)], level=level, threads=threads)[0]
+
+
+def llama_cpp_quantize(source: str | os.PathLike[str], dest: str | os.PathLike[str], ftype: str, *, threads: int = 2) -> str:
+    """Quantize the GGUF ``source`` to ``dest`` with llama.cpp's own quantizer
+    (``llama_model_quantize``), ``ftype`` a llama.cpp file type name such as ``"Q2_K"``,
+    ``"Q3_K_M"``, ``"IQ4_NL"``, ``"IQ4_XS"`` (the types phi3ref cannot write itself)."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    code = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{ftype}", None)
+    if code is None:
+        raise ValueError(f"llama.cpp has no file type {ftype!r} (LLAMA_FTYPE_MOSTLY_{ftype})")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = code
+    params.nthread = threads
+    if lc.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {ftype}")
+    return str(dest)
+
+
+if __name__ == "__main__":  # the child of llama_cpp_calls(level=...): requests in, results out
+    import pickle
+    import sys
+
+    with open(sys.argv[1], "rb") as f:
+        requests = pickle.load(f)
+    results = [_HERE[kind](**kwargs) for kind, kwargs in requests]
+    with open(sys.argv[2], "wb") as f:
+        pickle.dump(results, f)

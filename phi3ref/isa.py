@@ -29,13 +29,16 @@ import os
 import platform
 from dataclasses import dataclass
 
-__all__ = ["LEVELS", "Level", "host_features", "host_level", "resolve", "ENV_VAR"]
+__all__ = ["LEVELS", "Level", "host_features", "host_level", "haswell_numba_env", "is_x86", "native_gaps", "resolve", "ENV_VAR", "REPORTED_FEATURES"]
 
 ENV_VAR = "PHI3REF_ISA"
 
 # llama.cpp's CMake options for a non-native x86 build (ggml/CMakeLists.txt); each level
 # switches on its own on top of GGML_NATIVE=OFF with everything else off.
-_X86_OPTIONS = ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI")
+_X86_OPTIONS = (
+    "SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI",
+    "AMX_TILE", "AMX_INT8", "AMX_BF16",
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,50 @@ LEVELS: dict[str, Level] = {
 }
 
 
+# the CPU features that decide a llama.cpp build's kernels, as reports list them
+REPORTED_FEATURES = frozenset({
+    "sse4.2", "avx", "f16c", "fma", "avx2", "bmi2", "avxvnni", "avx512f", "avx512cd", "avx512vl", "avx512dq",
+    "avx512bw", "avx512vnni", "avx512vbmi", "avx512bf16", "gfni", "amx-tile", "amx-int8", "amx-bf16",
+})
+
+
+def is_x86() -> bool:
+    """Whether this machine is x86-64 (the only architecture whose ggml sums phi3ref follows)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def native_gaps(features: set[str] | frozenset[str]) -> list[str]:
+    """What a native llama.cpp build on a CPU with ``features`` computes that no phi3ref
+    level reproduces (empty: phi3ref's :func:`host_level` is that build's arithmetic)."""
+    gaps = []
+    if not LEVELS["avx2"].runs_on(features):
+        gaps.append(
+            "this CPU lacks AVX2/FMA/F16C (or is not x86): a native llama.cpp build sums in its own orders "
+            "(NEON, dotprod, i8mm, or scalar), which phi3ref does not follow; phi3ref computes the avx2 level"
+        )
+    if {"amx-int8", "avx512vnni"} <= set(features):
+        gaps.append(
+            "this CPU has AMX: a native llama.cpp build multiplies Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS "
+            "weights with its AMX kernels, which phi3ref does not follow; compare against llama.cpp built for a "
+            "phi3ref level (phi3ref.llama_builds, `phi3ref selfcheck --level`)"
+        )
+    return gaps
+
+
+# LLVM's feature set of a Haswell CPU (AVX2, FMA, F16C, BMI2; no AVX-512, VNNI or GFNI)
+_HASWELL_FEATURES = (
+    "+64bit,+aes,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+invpcid,+lzcnt,+mmx,+movbe,"
+    "+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt"
+)
+
+
+def haswell_numba_env() -> dict[str, str]:
+    """Environment variables that make a new process compile phi3ref's kernels for an
+    AVX2-only CPU (Haswell) whatever this CPU is: how tests and benchmarks run the
+    instruction forms of such CPUs on a wider machine (give it its own NUMBA_CACHE_DIR)."""
+    return {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": _HASWELL_FEATURES}
+
+
 def host_features() -> frozenset[str]:
     """The host CPU's features, by LLVM's names (``avx2``, ``avx512f``, ``avx512bf16``, ...)."""
     import llvmlite.binding as llvm
@@ -122,7 +169,7 @@ def host_level(features: set[str] | frozenset[str] | None = None) -> Level:
     sums in yet other orders that phi3ref does not reproduce; phi3ref then computes the
     ``avx2`` level (see docs/model.md, "Other CPUs")."""
     if features is None:
-        features = host_features() if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") else frozenset()
+        features = host_features() if is_x86() else frozenset()
     for name in ("avx512bf16", "avx512", "avx2"):
         if LEVELS[name].runs_on(features):
             return LEVELS[name]

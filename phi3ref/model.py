@@ -90,7 +90,7 @@ class Model:
         *,
         n_ctx: int | None = None,
         numerics: str = "ggml",
-        sliding_window: bool = True,
+        sliding_window: bool | None = None,
         isa: str | Level | None = None,
         n_ubatch: int = DEFAULT_UBATCH,
     ):
@@ -112,7 +112,10 @@ class Model:
             raise ValueError(f"n_ubatch must be a positive integer, got {n_ubatch!r}")
         self.n_ubatch = n_ubatch
         # Phi-3 files declare a sliding window (2047 for Phi-3-mini-4k); transformers
-        # applies it, llama.cpp ignores it. sliding_window=False ignores it too.
+        # applies it, llama.cpp ignores it ("Phi SWA is currently disabled"): by default
+        # "exact" / "numpy" apply it and "ggml" does not.
+        if sliding_window is None:
+            sliding_window = not self.ggml
         self.window = config.sliding_window if sliding_window else None
 
         def weight(name: str) -> Weight:
@@ -333,7 +336,12 @@ class Attention:
         v = v.reshape(n_tok, self.n_head_kv, self.head_dim)  # (n_tokens, n_head_kv, head_dim)
         q = model.rope.apply(q, cos, sin)
         k = model.rope.apply(k, cos, sin)
-        scale = np.float32(1.0 / math.sqrt(self.head_dim))
+        # 1 / sqrt(head_dim): transformers in double, then float32; llama.cpp 1.0f / sqrtf()
+        # (for a head size of 96 they differ in the last bit)
+        if model.ggml:
+            scale = np.float32(1) / np.sqrt(np.float32(self.head_dim))
+        else:
+            scale = np.float32(1.0 / math.sqrt(self.head_dim))
 
         # store this step's keys and values; attend over everything cached so far
         start, end = int(positions[0]), int(positions[-1]) + 1
@@ -528,7 +536,7 @@ def load(
     n_ctx: int | None = None,
     numerics: str = "ggml",
     threads: int | None = None,
-    sliding_window: bool = True,
+    sliding_window: bool | None = None,
     isa: str | Level | None = None,
     n_ubatch: int = DEFAULT_UBATCH,
 ) -> Model:
@@ -542,7 +550,8 @@ def load(
     KV cache size (default: the model's context, at most :data:`DEFAULT_MAX_CTX`).
     ``numerics``: ``"ggml"`` (llama.cpp's, the default), ``"exact"`` (float32, transformers'
     numbers) or ``"numpy"`` (exact, plain numpy). ``threads``: Numba threads (default: all
-    cores). ``sliding_window=False`` ignores the file's sliding window, as llama.cpp does.
+    cores). ``sliding_window``: apply the file's sliding window (default: with "exact" and
+    "numpy", as transformers does; not with "ggml", as llama.cpp does not).
     ``isa``: the instruction-set level of the llama.cpp build that ``numerics="ggml"``
     reproduces (``"avx2"``, ``"avx512"``, ``"avx512bf16"``; default $PHI3REF_ISA, else what a
     native build on this CPU uses; see :mod:`phi3ref.isa`). ``n_ubatch``: prompts run in

@@ -40,7 +40,7 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 __all__ = [
-    "OUT_STRIDE", "ROW_TOKENS", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float", "float_to_half", "pow2_f64",
+    "OUT_STRIDE", "ROW_TOKENS", "AVX2", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float", "float_to_half", "pow2_f64",
     "q4_0_block", "q8_0_block",
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
     "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
@@ -60,16 +60,19 @@ def _cpu_features() -> set[str]:
     return {f[1:] for f in feats.split(",") if f.startswith("+")}
 
 
-def _use_vnni() -> tuple[bool, bool, bool]:
-    """(256-bit VNNI, 512-bit VNNI with AVX-512 BW, 512-bit GFNI) for this process."""
+def _simd_forms() -> tuple[bool, bool, bool, bool]:
+    """(256-bit VNNI, 512-bit VNNI with AVX-512 BW, 512-bit GFNI, AVX2) for this process."""
     if os.environ.get("PHI3REF_SIMD", "").lower() == "generic":
-        return False, False, False
+        return False, False, False, False
     features = _cpu_features()
     vnni512 = {"avx512vnni", "avx512bw", "avx512vl"} <= features
-    return vnni512 or "avxvnni" in features, vnni512, vnni512 and "gfni" in features
+    return vnni512 or "avxvnni" in features, vnni512, vnni512 and "gfni" in features, "avx2" in features
 
 
-VNNI, VNNI512, GFNI512 = _use_vnni()
+# Which instructions the intrinsics below are written with; every choice gives the same
+# integers. AVX2 without VNNI multiplies bytes with vpmaddubsw + vpmaddwd, as ggml's AVX2
+# kernels do (pairs of products saturate at 16 bits there, never for these codes).
+VNNI, VNNI512, GFNI512, AVX2 = _simd_forms()
 OUT_STRIDE = 16  # int32 outputs per token of every block kernel
 
 
@@ -104,6 +107,28 @@ def _const(n: int) -> ir.Constant:
     return ir.Constant(_I64, n)
 
 
+def _pmadd_x86(builder, u: ir.Value, s: ir.Value, words: ir.Value | None) -> ir.Value:
+    """AVX2's byte products, 256 bits at a time: vpmaddubsw (u unsigned, s signed <32 x i8>
+    -> <16 x i16> pair sums) then vpmaddwd with ``words`` (<16 x i16>; None: ones) -> <8 x i32>,
+    lane k the four products of bytes 4k..4k+3 (times their two words)."""
+    v16i16 = ir.VectorType(_I16, 16)
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [_V32I8, _V32I8]), "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [v16i16, v16i16]), "llvm.x86.avx2.pmadd.wd")
+    return builder.call(maddwd, [builder.call(maddubs, [u, s]), words if words is not None else _splat(1, v16i16)])
+
+
+def _per_half(builder, fn, *vectors: ir.Value) -> ir.Value:
+    """fn applied to the lower and the upper halves of 512-bit vectors (None passes through),
+    the two 256-bit results side by side."""
+    def half(v, h):
+        if v is None:
+            return None
+        n = v.type.count // 2
+        return _shuffle(builder, v, None, list(range(h * n, (h + 1) * n)))
+    lo, hi = fn(*(half(v, 0) for v in vectors)), fn(*(half(v, 1) for v in vectors))
+    return _shuffle(builder, lo, hi, list(range(2 * lo.type.count)))
+
+
 def _dot4(builder, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
     """acc + (sum of u[4k + e] * s[4k + e], e < 4) in lane k: u unsigned and s signed bytes
     (<32 x i8> with acc <8 x i32>, or <64 x i8> with acc <16 x i32>)."""
@@ -113,6 +138,9 @@ def _dot4(builder, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
             builder.module, ir.FunctionType(acc.type, [acc.type] * 3), f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
         )
         return builder.call(fn, [acc, builder.bitcast(u, acc.type), builder.bitcast(s, acc.type)])
+    if AVX2:
+        pairs = (lambda a, b: _pmadd_x86(builder, a, b, None))
+        return builder.add(acc, pairs(u, s) if lanes == 8 else _per_half(builder, pairs, u, s))
     wide = ir.VectorType(_I32, 4 * lanes)
     products = builder.mul(builder.zext(u, wide), builder.sext(s, wide))
     for e in range(4):
@@ -242,13 +270,26 @@ def _unpack_q4_0(builder, w, off):
 
 def _unpack_q8_0(builder, w, off):
     q = _load(builder, w, builder.add(off, _const(2)), _V32I8)
+    if AVX2 and not VNNI:  # vpmaddubsw would saturate on q + 128: the signed codes, see _dot4_signed
+        return q, None
     return builder.xor(q, _splat(0x80, _V32I8)), 0x80
+
+
+def _dot4_signed(builder, acc: ir.Value, a: ir.Value, s: ir.Value) -> ir.Value:
+    """_dot4 of two signed <32 x i8> by ggml's AVX2 sign trick: |a| (unsigned) times s with
+    a's sign (vpsignb). Exact: pairs reach 2 * 128 * 127 < 2^15 (Q8_0 activations are
+    within +-127)."""
+    sign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I8, [_V32I8, _V32I8]), "llvm.x86.avx2.psign.b")
+    absolute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I8, [_V32I8, ir.IntType(1)]), "llvm.abs.v32i8")
+    return _dot4(builder, acc, builder.call(absolute, [a, ir.Constant(ir.IntType(1), 0)]), builder.call(sign, [s, a]))
 
 
 @_emitter(uses_sums=False)
 def _emit_q_0(builder, state, x_at, sums):
     codes, offset = state
     x = x_at(0)
+    if offset is None:  # signed codes (Q8_0 in the AVX2 form)
+        return [(0, _dot4_signed(builder, _zero(), codes, x))]
     lanes = _dot4(builder, _zero(), codes, x)
     return [(0, builder.sub(lanes, _dot4(builder, _zero(), _splat(offset, _V32I8), x)))]
 
@@ -386,6 +427,8 @@ def _madd_scaled(builder, acc: ir.Value, u: ir.Value, s: ir.Value, words: ir.Val
         dpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), "llvm.x86.avx512.vpdpwssd.512")
         pairs = builder.call(pmadd, [u, s])
         return builder.call(dpwssd, [acc, builder.bitcast(pairs, _V16I32), builder.bitcast(words, _V16I32)])
+    if AVX2:
+        return builder.add(acc, _per_half(builder, lambda a, b, w: _pmadd_x86(builder, a, b, w), u, s, words))
     v64i32 = ir.VectorType(_I32, 64)
     products = builder.mul(builder.zext(u, v64i32), builder.sext(s, v64i32))
     pairs = builder.add(_shuffle(builder, products, None, list(range(0, 64, 2))), _shuffle(builder, products, None, list(range(1, 64, 2))))

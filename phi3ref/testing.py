@@ -96,6 +96,20 @@ PRESETS: dict[str, dict[str, ModelShape]] = {
 }
 
 
+# "heads": tiny depth and width but each model's real attention geometry (head size 96 or
+# 128, partial rotary 96 of 128, the GQA ratio) and a 2048 context, so that the attention
+# kernels meet the head sizes, lane counts and KV lengths of the real files (the crosscheck
+# tier, `phi3ref selfcheck`).
+_REAL_HEADS = {
+    "phi3-mini": dict(n_embd=768, n_head=8, n_head_kv=8, n_rot=96),  # head 96
+    "phi3-medium": dict(n_embd=512, n_head=4, n_head_kv=1, n_rot=128),  # head 128, GQA 4
+    "phi3.5-mini": dict(n_embd=768, n_head=8, n_head_kv=8, n_rot=96),  # head 96, LongRoPE
+    "phi4-mini": dict(n_embd=768, n_head=6, n_head_kv=2, n_rot=96),  # head 128, rotary 96, GQA 3
+}
+for _name, _heads in _REAL_HEADS.items():
+    PRESETS[_name]["heads"] = replace(PRESETS[_name]["tiny"], n_ctx=2048, **_heads)
+
+
 def preset_shape(preset: str, size: str = "tiny") -> ModelShape:
     """The shape of a preset (``ValueError`` naming the choices for an unknown one)."""
     if preset not in PRESETS:
@@ -273,13 +287,15 @@ def write_model(
     tied_embeddings: bool | None = None,
     longrope: bool | None = None,
     sliding_window: int | None = None,
+    n_ctx: int | None = None,
     vocab: str | os.PathLike[str] | None = None,
     name: str | None = None,
 ) -> Path:
     """Write a synthetic Phi-3 family GGUF with random weights; return its path.
 
-    ``preset`` (:data:`PRESETS`) and ``size`` (``"tiny"`` or ``"full"``) give the shape; the
-    keyword overrides change single hyperparameters (``sliding_window=0``: none). ``quant`` is a llama.cpp file type from
+    ``preset`` (:data:`PRESETS`) and ``size`` (``"tiny"``, ``"heads"`` or ``"full"``) give the shape; the
+    keyword overrides change single hyperparameters (``sliding_window=0``: none;
+    ``n_ctx``: the training context). ``quant`` is a llama.cpp file type from
     :data:`QUANT_MIXES` (``"Q4_K_M"`` mixes Q4_K, Q5_K, Q6_K and F32 as llama.cpp does);
     ``pure`` stores every matrix in the mix's base type. The same arguments and ``seed``
     write the same bytes. Tensors are drawn, quantized and written one at a time, so a
@@ -290,7 +306,7 @@ def write_model(
         k: v
         for k, v in dict(
             n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
-            n_rot=n_rot, tied_embeddings=tied_embeddings, longrope=longrope, sliding_window=sliding_window,
+            n_rot=n_rot, tied_embeddings=tied_embeddings, longrope=longrope, sliding_window=sliding_window, n_ctx=n_ctx,
         ).items()
         if v is not None
     }

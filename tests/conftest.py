@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/craft.py
 
+from phi3ref import isa  # noqa: E402
 from phi3ref.testing import PRESETS, write_model  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -32,3 +33,33 @@ def tiny_model(model_dir: Path):
 
 
 ALL_PRESETS = list(PRESETS)
+
+
+# The instruction forms phi3ref.simd compiles to besides this CPU's own, each run in a child
+# process with its own Numba cache (Numba's cache cannot tell the forms apart): the portable
+# form (ARM, any CPU without VNNI: no x86 intrinsic at all) and the AVX2 form (Haswell to
+# Zen 3: vpmaddubsw, no AVX-512, VNNI or GFNI). ``forbidden``: x86 intrinsics (llvm.x86.*)
+# that form's code must not call, by substring.
+SIMD_FORMS = {
+    "generic": dict(env={"PHI3REF_SIMD": "generic"}, flags=(False, False, False, False), forbidden=("",)),
+    "avx2": dict(env=isa.haswell_numba_env(), flags=(False, False, False, True),
+                 forbidden=("avx512", "vgf2p8", "vpdpbusd")),
+}
+
+
+def simd_form_params() -> list:
+    """pytest params over SIMD_FORMS, the AVX2 form skipped where the CPU has no AVX2."""
+    avx2 = isa.LEVELS["avx2"].runs_on(isa.host_features()) if isa.is_x86() else False
+    return [
+        pytest.param(name, id=name, marks=pytest.mark.skipif(name == "avx2" and not avx2, reason="this CPU has no AVX2"))
+        for name in SIMD_FORMS
+    ]
+
+
+def simd_form_env(name: str, numba_cache: Path) -> dict[str, str]:
+    """The environment of a child process that compiles phi3ref in form ``name``."""
+    import os
+
+    env = {**os.environ, **SIMD_FORMS[name]["env"], "NUMBA_CACHE_DIR": str(numba_cache)}
+    env.pop("PHI3REF_ISA", None)
+    return env

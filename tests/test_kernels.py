@@ -12,6 +12,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
+from conftest import SIMD_FORMS, simd_form_env, simd_form_params
 from gguf import GGMLQuantizationType as QT
 
 from phi3ref import QUANT_TYPES, dequantize, ggml_ops, isa, kernels, quantize
@@ -211,14 +212,16 @@ def test_simd_path_is_bit_identical(qtype):
 
 
 @pytest.mark.slow
-def test_portable_simd_form_is_bit_identical(tmp_path):
-    """The portable form of phi3ref.simd (for CPUs without VNNI) gives the same integers:
-    run in a fresh process with PHI3REF_SIMD=generic and its own Numba cache."""
-    env = {**os.environ, "PHI3REF_SIMD": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+@pytest.mark.parametrize("form", simd_form_params())
+def test_other_simd_forms_are_bit_identical(form, tmp_path):
+    """The other instruction forms of phi3ref.simd (portable; AVX2 without VNNI) give the
+    same results: check_simd_path in a fresh process compiled in that form."""
     code = (
         "import sys; sys.path.insert(0, %r); import test_kernels as t; from phi3ref import simd; "
-        "assert not simd.VNNI; t.check_simd_path(); print('ok')" % str(Path(__file__).parent)
+        "assert (simd.VNNI, simd.VNNI512, simd.GFNI512, simd.AVX2) == %r; t.check_simd_path(); print('ok')"
+        % (str(Path(__file__).parent), SIMD_FORMS[form]["flags"])
     )
+    env = simd_form_env(form, tmp_path / "numba")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 

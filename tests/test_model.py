@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ALL_PRESETS
+from conftest import ALL_PRESETS, SIMD_FORMS, simd_form_env, simd_form_params
 
 import phi3ref
 from phi3ref.crosscheck import compare
@@ -83,6 +83,22 @@ def test_sliding_window(tmp_path):
     assert np.array_equal(with_window[:8], no_window[:8])  # inside the window: identical
     assert compare(with_window[8:], no_window[8:]).max_abs > 1e-3  # beyond it, early positions drop out
     assert np.array_equal(ignored, no_window)
+    # "ggml" follows llama.cpp, which disables Phi-3's sliding window, unless asked
+    ggml_default = phi3ref.load(windowed, numerics="ggml").logits(TOKENS)
+    assert np.array_equal(ggml_default, phi3ref.load(plain, numerics="ggml").logits(TOKENS))
+    assert not np.array_equal(phi3ref.load(windowed, numerics="ggml", sliding_window=True).logits(TOKENS)[8:], ggml_default[8:])
+
+
+def test_longrope_factors_follow_the_context_in_ggml(tiny_model):
+    """llama.cpp takes LongRoPE's long factors when its context (rounded up to 256) exceeds
+    the original one, for every position; transformers ("exact") when the sequence does."""
+    path = tiny_model("phi4-mini", "Q8_0")  # original context 256, trained 1024
+    short = phi3ref.load(path, numerics="ggml", n_ctx=256).logits(TOKENS)
+    long = phi3ref.load(path, numerics="ggml", n_ctx=257).logits(TOKENS)  # 512 after rounding
+    assert not np.array_equal(short[1:], long[1:])
+    exact_short = phi3ref.load(path, numerics="exact", n_ctx=256).logits(TOKENS)
+    exact_big_ctx = phi3ref.load(path, numerics="exact", n_ctx=1024).logits(TOKENS)
+    assert np.array_equal(exact_short, exact_big_ctx)  # the sequence is short either way
 
 
 def test_bad_input(tiny_model):
@@ -120,3 +136,65 @@ def test_memory_is_mapped_not_copied(tiny_model):
     model = phi3ref.load(tiny_model("phi3-mini", "Q4_K_M"))
     w = model.blocks[0].mlp.gate_up
     assert isinstance(w.raw.base, np.memmap) or isinstance(w.raw, np.memmap)
+
+
+# ---- the other instruction forms: what an ARM CPU (portable form) or an AVX2-only CPU runs
+# A child process compiled in that form (conftest.SIMD_FORMS) computes every numerics at
+# every level; its logits must equal this process's bit for bit, and none of its compiled
+# code may hold an intrinsic the form's CPUs lack (for the portable form: any x86 one).
+FORM_CHILD = r"""
+import json, re, sys, numpy as np, numba, phi3ref
+from phi3ref import simd
+flags, forbidden = json.loads(sys.argv[2])
+assert [simd.VNNI, simd.VNNI512, simd.GFNI512, simd.AVX2] == flags, "the form is not in force"
+tokens = list(range(200, 240))
+out = {}
+for i, path in enumerate(sys.argv[3:]):
+    for level in ("avx2", "avx512", "avx512bf16"):
+        out[f"{i}-ggml-{level}"] = phi3ref.load(path, isa=level).logits(tokens)
+    for numerics in ("exact", "numpy"):
+        out[f"{i}-{numerics}"] = phi3ref.load(path, numerics=numerics).logits(tokens)
+    for level in ("avx2", "avx512"):  # the decode kernels (one token at a time)
+        model = phi3ref.load(path, isa=level)
+        out[f"{i}-decode-{level}"] = np.array([model.forward(tokens[:30], 0)] + [model.forward([t], 30 + j) for j, t in enumerate(tokens[30:])])
+# x86 intrinsics in the compiled IR, but LLVM's own llvm.x86.atomic.* (its x86 lowering of
+# Numba's reference-count atomics: plain atomics on other targets)
+found = sorted({
+    f"{mod}.{name}: {x}" for mod, module in list(sys.modules.items()) if mod.startswith("phi3ref")
+    for name, fn in vars(module).items() if isinstance(fn, numba.core.registry.CPUDispatcher)
+    for sig in fn.signatures for x in re.findall(r"llvm\.x86\.[\w.]+", fn.inspect_llvm(sig))
+    if not x.startswith("llvm.x86.atomic.") and any(f in x for f in forbidden)
+})
+np.savez(sys.argv[1], **out)
+print("forbidden intrinsics in:", found)
+"""
+FORM_QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "BF16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", simd_form_params())
+def test_other_simd_forms_compute_the_same_model(form, tmp_path, tiny_model):
+    import json
+    import subprocess
+    import sys
+
+    paths = [str(tiny_model("phi4-mini" if q == "BF16" else "phi3-medium", q)) for q in FORM_QUANTS]
+    tokens = list(range(200, 240))
+    result = tmp_path / "form.npz"
+    spec = json.dumps([list(SIMD_FORMS[form]["flags"]), list(SIMD_FORMS[form]["forbidden"])])
+    done = subprocess.run(
+        [sys.executable, "-c", FORM_CHILD, str(result), spec, *paths],
+        env=simd_form_env(form, tmp_path / "numba"), capture_output=True, text=True, timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("forbidden intrinsics in: []"), done.stdout
+    theirs = np.load(result)
+    assert len(theirs.files) == 7 * len(paths)
+    for i, path in enumerate(paths):
+        here = {f"ggml-{level}": phi3ref.load(path, isa=level).logits(tokens) for level in ("avx2", "avx512", "avx512bf16")}
+        here.update({numerics: phi3ref.load(path, numerics=numerics).logits(tokens) for numerics in ("exact", "numpy")})
+        for level in ("avx2", "avx512"):
+            model = phi3ref.load(path, isa=level)
+            here[f"decode-{level}"] = np.array([model.forward(tokens[:30], 0)] + [model.forward([t], 30 + j) for j, t in enumerate(tokens[30:])])
+        for key, value in here.items():
+            assert np.array_equal(theirs[f"{i}-{key}"].view(np.uint32), value.view(np.uint32)), (path, key)

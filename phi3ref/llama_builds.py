@@ -1,0 +1,139 @@
+"""llama.cpp built at each instruction-set level, from the installed llama-cpp-python's sources.
+
+A llama.cpp build computes in the arithmetic of the instruction set it was compiled for
+(:mod:`phi3ref.isa`); llama-cpp-python compiles it natively, for the host alone. To hold
+phi3ref against every level a CPU can run (an AVX-512 machine checks its own level and
+AVX2's), :func:`build` compiles the same llama.cpp once per level — a non-native build
+with that level's GGML_* options — and :mod:`phi3ref.crosscheck` loads it through
+llama-cpp-python (``LLAMA_CPP_LIB_PATH``) in a child process.
+
+The sources are the llama-cpp-python source distribution of the installed version,
+fetched from the package index with pip; builds go to ``$PHI3REF_CACHE`` (default
+``~/.cache/phi3ref``), ``llama.cpp-<version>/<level>/``, once (about two minutes each on
+two cores). It needs cmake and a C/C++ compiler.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .isa import Level
+
+__all__ = ["BuildError", "build", "cache_root", "installed_version", "library_dir"]
+
+PACKAGE = "llama-cpp-python"
+# only what llama-cpp-python's bindings load; no tools, tests, examples or network code
+_CMAKE_ARGS = [
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+]
+
+
+class BuildError(RuntimeError):
+    """llama.cpp could not be fetched or built; the message says which step and why."""
+
+
+def installed_version() -> str:
+    """The installed llama-cpp-python's version (``BuildError`` if it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        raise BuildError(f"{PACKAGE} is not installed (pip install phi3ref[crosscheck])") from None
+
+
+def cache_root() -> Path:
+    """Where builds are kept: $PHI3REF_CACHE, else $XDG_CACHE_HOME/phi3ref, else ~/.cache/phi3ref."""
+    if os.environ.get("PHI3REF_CACHE"):
+        return Path(os.environ["PHI3REF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi3ref"
+
+
+def library_dir(level: Level, version: str | None = None) -> Path:
+    """The directory that holds (or will hold) libllama.so built at ``level``."""
+    return cache_root() / f"llama.cpp-{version or installed_version()}" / level.name / "build" / "bin"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (another process building the same thing waits)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run(cmd: list[str], step: str, log: Path, **kwargs) -> None:
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        raise BuildError(f"{step} failed (exit {done.returncode}); the end of {log}:\n" + "\n".join(tail))
+
+
+def _source_tree(version: str) -> Path:
+    """vendor/llama.cpp of llama-cpp-python's source distribution, fetched once."""
+    root = cache_root() / f"llama.cpp-{version}"
+    tree = root / "source" / "vendor" / "llama.cpp"
+    with _locked(root / "source.lock"):
+        if (tree / "CMakeLists.txt").exists():
+            return tree
+        log = root / "source.log"
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            _run(
+                [sys.executable, "-m", "pip", "download", f"{PACKAGE}=={version}", "--no-deps", "--no-binary", ":all:", "-d", tmp],
+                f"downloading the {PACKAGE} {version} sources", log,
+            )
+            archives = sorted(Path(tmp).glob("*.tar.gz"))
+            if not archives:
+                raise BuildError(f"pip downloaded no source archive of {PACKAGE} {version} (see {log})")
+            with tarfile.open(archives[0]) as archive:
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+                    archive.extractall(tmp, filter="data")
+                else:
+                    archive.extractall(tmp)
+            (top,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
+            shutil.rmtree(root / "source", ignore_errors=True)
+            top.rename(root / "source")
+    if not (tree / "CMakeLists.txt").exists():
+        raise BuildError(f"the {PACKAGE} {version} sources have no vendor/llama.cpp")
+    return tree
+
+
+def build(level: Level, *, jobs: int | None = None) -> Path:
+    """llama.cpp of the installed llama-cpp-python, built at ``level`` (once; cached):
+    the directory holding its libllama.so, for ``LLAMA_CPP_LIB_PATH``."""
+    for tool in ("cmake", "c++", "cc"):
+        if shutil.which(tool) is None:
+            raise BuildError(f"building llama.cpp needs {tool!r}, which is not on PATH")
+    version = installed_version()
+    lib = library_dir(level, version)
+    work = lib.parent.parent  # .../<level>
+    with _locked(work.parent / f"{level.name}.lock"):
+        if (lib / "libllama.so").exists() and (work / "done").exists():
+            return lib
+        tree = _source_tree(version)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        log = work / "build.log"
+        _run(["cmake", "-S", str(tree), "-B", str(work / "build"), *_CMAKE_ARGS, *level.cmake_args], f"configuring llama.cpp for {level}", log)
+        jobs = jobs or os.cpu_count() or 1
+        _run(["cmake", "--build", str(work / "build"), "--target", "llama", "-j", str(jobs)], f"building llama.cpp for {level}", log)
+        (work / "done").write_text(" ".join(level.cmake_args) + "\n")
+    return lib

@@ -1,0 +1,78 @@
+"""phi3ref selfcheck: the report on whether this CPU reproduces llama.cpp bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from phi3ref import isa, selfcheck
+from phi3ref.cli import main
+
+
+def test_without_llama_cpp_python_it_says_nothing_was_compared(monkeypatch, capsys):
+    from phi3ref import llama_builds
+
+    def missing() -> str:
+        raise llama_builds.BuildError("llama-cpp-python is not installed (pip install phi3ref[crosscheck])")
+
+    monkeypatch.setattr(llama_builds, "installed_version", missing)
+    assert main(["selfcheck"]) == 3
+    out = capsys.readouterr().out
+    assert f"level {isa.resolve().name}" in out and "nothing compared: llama-cpp-python is not installed" in out
+
+
+def test_unknown_weight_type_is_named():
+    with pytest.raises(ValueError, match="unknown weight type 'Q9_X'"):
+        selfcheck.run(quants=("Q9_X",))
+
+
+def test_unknown_level_is_named():
+    pytest.importorskip("llama_cpp")
+    with pytest.raises(ValueError, match="unknown level 'sse2'; one of avx2, avx512, avx512bf16, or 'all'"):
+        selfcheck.run(levels=["sse2"], quants=("Q8_0",))
+
+
+def test_a_level_this_cpu_cannot_run_is_refused(monkeypatch):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setattr(isa, "host_features", lambda: frozenset({"avx", "avx2", "fma", "f16c", "bmi2", "sse4.2"}))
+    with pytest.raises(ValueError, match="cannot run llama.cpp built for avx512 .lacks avx512bw"):
+        selfcheck.run(levels=["avx512"], quants=("Q8_0",))
+
+
+RUNNABLE = [lv.name for lv in isa.LEVELS.values() if lv.runs_on(isa.host_features())]
+
+
+@pytest.mark.crosscheck
+@pytest.mark.slow
+def test_selfcheck_reports_bit_for_bit(capsys):
+    pytest.importorskip("llama_cpp")
+    level = RUNNABLE[0]
+    assert main(["selfcheck", "--json", "--level", level, "--quants", "Q4_K_M"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (check,) = report["checks"]
+    assert check["bit_exact"] and check["level"] == level and check["first_difference"] is None
+    ops = {op["op"]: op for op in check["ops"]}
+    assert {"wqkv", "kq", "kq_soft_max", "kqv_out", "ffn_swiglu", "l_out", "result_output"} <= set(ops)
+    assert all(op["equal"] == op["tensors"] for op in ops.values())
+
+
+@pytest.mark.crosscheck
+@pytest.mark.slow
+@pytest.mark.skipif("avx512" not in RUNNABLE, reason="this CPU cannot run llama.cpp built for avx512")
+def test_selfcheck_names_the_first_op_that_differs(tmp_path):
+    """phi3ref at avx2 against llama.cpp built for avx512: the attention scores (8 lanes
+    against 16) are the first tensor to differ."""
+    pytest.importorskip("llama_cpp")
+    from phi3ref.testing import write_model
+
+    path = write_model(tmp_path / "m.gguf", preset="phi3-mini", size="heads", quant="Q8_0", seed=5)
+    result = selfcheck._check_one(path, "Q8_0", isa.LEVELS["avx2"], isa.LEVELS["avx512"], None)
+    assert not result.bit_exact and result.first_difference == "kq-0"
+    ops = {op.op: op for op in result.ops}
+    assert ops["attn_norm"].equal >= 1 and ops["kq"].equal < ops["kq"].tensors
+    cpu = {"features": [], "level": "avx2", "level_description": "", "runnable_levels": [], "not_reproduced": []}
+    check = {**dataclasses.asdict(result), "bit_exact": False, "seconds": 1}
+    text = selfcheck.format_report({"cpu": cpu, "llama_cpp_python": "x", "bit_exact": False, "checks": [check]})
+    assert "DIFFERS (first at kq-0)" in text
