@@ -1,6 +1,6 @@
 """phi3ref against llama.cpp on the full-size synthetic Phi-3-mini Q4_K_M, side by side.
 
-    python benchmarks/bench.py [--rounds 3] [--threads 2] [--transformers] [--avx2] [--out benchmarks/results]
+    python benchmarks/bench.py [--rounds 3] [--threads 2] [--transformers] [--level native] [--out benchmarks/results]
 
 Every measurement runs in a fresh process; the runtimes alternate within each round and
 the medians over rounds are reported, with the ratios phi3ref / llama.cpp as the headline
@@ -10,11 +10,12 @@ over 64 tokens after the 128-token prompt, peak RSS, and for phi3ref the time fr
 start to the first generated token and the JIT compile time of a cold Numba cache (once).
 Writes results.json, results.md and results.png (with matplotlib) to --out.
 
-``--avx2`` measures both runtimes as an AVX2-only CPU (Haswell ... Zen 3) runs them, on
-any machine with AVX2: llama.cpp built for the avx2 level (phi3ref.llama_builds, no
-AVX-512, no VNNI) and phi3ref's kernels compiled for Haswell (NUMBA_CPU_NAME, its own
-Numba cache) computing the avx2 level. Without it: the installed (native) llama.cpp and
-phi3ref as this CPU runs them.
+``--level``: ``native`` (default) measures the installed llama-cpp-python (built for this
+CPU) beside phi3ref as this CPU runs it; a phi3ref.isa level measures llama.cpp built for
+that level (phi3ref.llama_builds) beside phi3ref computing that level. ``--level avx2``
+runs both as an AVX2-only CPU (Haswell ... Zen 3) runs them, on any machine with AVX2:
+phi3ref's kernels are compiled for Haswell too (NUMBA_CPU_NAME, its own Numba cache), so
+neither runtime executes AVX-512, VNNI or GFNI.
 Needs the ``bench`` extra (llama-cpp-python, matplotlib); transformers with --transformers.
 """
 
@@ -137,24 +138,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--transformers", action="store_true", help="also measure HF transformers (fp32, slow, ~18 GB)")
-    parser.add_argument("--avx2", action="store_true", help="both runtimes as on an AVX2-only CPU (see above)")
+    parser.add_argument("--level", default="native", help="native, or a phi3ref.isa level: avx2, avx512, avx512bf16 (see above)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     from phi3ref import isa
 
+    features = isa.host_features()
     envs = {"phi3ref": dict(os.environ), "llama.cpp": dict(os.environ), "transformers": dict(os.environ)}
-    if args.avx2:
+    if args.level == "native":
+        instruction_set = " ".join(sorted(f for f in features if f in isa.REPORTED_FEATURES)) + " (native builds)"
+    else:
         from phi3ref import llama_builds
 
-        if not isa.LEVELS["avx2"].runs_on(isa.host_features()):
-            raise SystemExit("--avx2: this CPU has no AVX2")
-        numba_cache = Path(tempfile.gettempdir()) / "phi3ref-bench-haswell-numba"
-        envs["phi3ref"].update(isa.haswell_numba_env(), PHI3REF_ISA="avx2", NUMBA_CACHE_DIR=str(numba_cache))
-        envs["llama.cpp"]["LLAMA_CPP_LIB_PATH"] = str(llama_builds.build(isa.LEVELS["avx2"]))
-        instruction_set = "AVX2 (both runtimes built for Haswell: no AVX-512, no VNNI)"
-    else:
-        features = isa.host_features()
-        instruction_set = " ".join(sorted(f for f in features if f in isa.REPORTED_FEATURES)) + " (native)"
+        level = isa.resolve(args.level)
+        if not level.runs_on(features):
+            raise SystemExit(f"--level {level}: this CPU lacks {', '.join(sorted(level.features - features))}")
+        envs["phi3ref"]["PHI3REF_ISA"] = level.name
+        envs["llama.cpp"]["LLAMA_CPP_LIB_PATH"] = str(llama_builds.build(level))
+        instruction_set = f"llama.cpp built for {level.name} ({level.description}), phi3ref computing {level.name}"
+        if level.name == "avx2":
+            numba_cache = Path(tempfile.gettempdir()) / "phi3ref-bench-haswell-numba"
+            envs["phi3ref"].update(isa.haswell_numba_env(), NUMBA_CACHE_DIR=str(numba_cache))
+            instruction_set += " compiled for Haswell: neither executes AVX-512, VNNI or GFNI"
 
     model, _ = ensure_full_model(args.model)
     file_bytes = model.stat().st_size
@@ -197,7 +202,7 @@ def main() -> None:
     lines = [
         f"Full-size synthetic Phi-3-mini Q4_K_M ({file_bytes / 1e9:.2f} GB), {results['machine']}, {args.threads} threads, "
         f"{results['date']}; instruction set: {instruction_set}; medians of {args.rounds} rounds "
-        f"(`python benchmarks/bench.py --rounds {args.rounds}{' --avx2' if args.avx2 else ''}`).",
+        f"(`python benchmarks/bench.py --rounds {args.rounds} --level {args.level}`).",
         "",
         "| | " + " | ".join(runtimes) + " | phi3ref / llama.cpp |",
         "|---|" + "---|" * (len(runtimes) + 1),

@@ -9,8 +9,9 @@
   cache (llama.cpp takes other kernels for single tokens).
 * :func:`llama_cpp_trace`: llama.cpp's intermediate tensors by name, to hold beside
   :meth:`phi3ref.Model.trace` layer by layer.
-* each of them with ``level=``: llama.cpp built at a phi3ref.isa level
-  (:mod:`phi3ref.llama_builds`), run in a child process.
+* each of them in a child process (a crash in llama.cpp is an error here, not the end of
+  this process): the installed llama-cpp-python, or with ``level=`` llama.cpp built at a
+  phi3ref.isa level (:mod:`phi3ref.llama_builds`).
 * :func:`compare`: max |Δ|, top-1 agreement and KL divergence between two logit arrays;
   :func:`compare_traces`: a phi3ref trace against llama.cpp's, tensor by tensor.
 
@@ -311,30 +312,40 @@ _HERE = {"logits": _logits_here, "generation": _generation_here, "trace": _trace
 def llama_cpp_calls(calls: Sequence[tuple[str, dict]], *, level: str | Level | None = None, threads: int | None = None) -> list:
     """Several llama.cpp requests at once — ("logits" | "generation" | "trace", keyword
     arguments of :func:`llama_cpp_logits` / :func:`llama_cpp_generation_logits` /
-    :func:`llama_cpp_trace`) — in one process: this one (``level`` None) or one child
-    that loads llama.cpp built at ``level`` (built first if need be; phi3ref.llama_builds)."""
-    calls = [(kind, {"threads": threads, **kwargs}) for kind, kwargs in calls]
-    for kind, _ in calls:
-        if kind not in _HERE:
-            raise ValueError(f"unknown llama.cpp request {kind!r}; one of {', '.join(_HERE)}")
-    if level is None:
-        return [_HERE[kind](**kwargs) for kind, kwargs in calls]
+    :func:`llama_cpp_trace`) — in one child process, so that a crash inside llama.cpp
+    (``RuntimeError`` naming the signal) cannot take this process down: the installed
+    llama-cpp-python (``level`` None) or llama.cpp built at ``level`` (built first if need
+    be; :mod:`phi3ref.llama_builds`)."""
     import pickle
+    import signal
     import subprocess
     import sys
     import tempfile
 
-    from . import llama_builds
+    calls = [(kind, {"threads": threads, **kwargs}) for kind, kwargs in calls]
+    for kind, _ in calls:
+        if kind not in _HERE:
+            raise ValueError(f"unknown llama.cpp request {kind!r}; one of {', '.join(_HERE)}")
+    env = dict(os.environ)
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    what = "the installed llama-cpp-python"
+    if level is not None:
+        from . import llama_builds
 
-    lib = llama_builds.build(resolve_isa(level))
+        level = resolve_isa(level)
+        lib = llama_builds.build(level)
+        env["LLAMA_CPP_LIB_PATH"] = str(lib)
+        what = f"llama.cpp built for {level} ({lib})"
     with tempfile.TemporaryDirectory() as tmp:
         request, answer = os.path.join(tmp, "calls.pkl"), os.path.join(tmp, "results.pkl")
         with open(request, "wb") as f:
             pickle.dump(calls, f)
-        env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(lib)}
         done = subprocess.run([sys.executable, "-m", "phi3ref.crosscheck", request, answer], env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"llama.cpp ({resolve_isa(level)}, {lib}) failed:\n{done.stderr[-3000:]}")
+            how = f"exit status {done.returncode}"
+            if done.returncode < 0:
+                how = f"killed by {signal.Signals(-done.returncode).name}"
+            raise RuntimeError(f"{what} failed ({how})" + (f":\n{done.stderr[-3000:]}" if done.stderr.strip() else ""))
         with open(answer, "rb") as f:
             return pickle.load(f)
 

@@ -114,7 +114,7 @@ LEVELS: dict[str, Level] = {
 # the CPU features that decide a llama.cpp build's kernels, as reports list them
 REPORTED_FEATURES = frozenset({
     "sse4.2", "avx", "f16c", "fma", "avx2", "bmi2", "avxvnni", "avx512f", "avx512cd", "avx512vl", "avx512dq",
-    "avx512bw", "avx512vnni", "avx512vbmi", "avx512bf16", "gfni", "amx-tile", "amx-int8", "amx-bf16",
+    "avx512bw", "avx512vnni", "avx512vbmi", "avx512bf16", "avx512fp16", "gfni", "amx-tile", "amx-int8", "amx-bf16",
 })
 
 
@@ -137,6 +137,11 @@ def native_gaps(features: set[str] | frozenset[str]) -> list[str]:
             "this CPU has AMX: a native llama.cpp build multiplies Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS "
             "weights with its AMX kernels, which phi3ref does not follow; compare against llama.cpp built for a "
             "phi3ref level (phi3ref.llama_builds, `phi3ref selfcheck --level`)"
+        )
+    if "avx512fp16" in features:
+        gaps.append(
+            "this CPU has AVX512-FP16: a native llama.cpp build takes its float16 vector paths (simd-mappings.h), "
+            "which phi3ref does not follow; F16 weights differ from the first matrix product on"
         )
     return gaps
 

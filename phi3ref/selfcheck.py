@@ -151,9 +151,13 @@ def run(levels: list[str] | None = None, quants: tuple[str, ...] = DEFAULT_QUANT
                 if progress:
                     progress(f"{quant}: phi3ref at {level.name} vs {'the installed llama-cpp-python' if build is None else f'llama.cpp built for {build.name}'}")
                 t0 = time.perf_counter()
-                result = _check_one(path, quant, level, build, threads)
-                entry = asdict(result)
-                entry["bit_exact"] = result.bit_exact
+                try:
+                    result = _check_one(path, quant, level, build, threads)
+                except RuntimeError as e:  # llama.cpp failed or crashed in its child process
+                    runtime = "installed llama-cpp-python" if build is None else f"llama.cpp built for {build.name}"
+                    entry = {"runtime": runtime, "level": level.name, "quant": quant, "error": str(e).splitlines()[0], "bit_exact": False}
+                else:
+                    entry = {**asdict(result), "bit_exact": result.bit_exact}
                 entry["seconds"] = round(time.perf_counter() - t0, 1)
                 report["checks"].append(entry)
     report["bit_exact"] = all(c["bit_exact"] for c in report["checks"])
@@ -174,6 +178,9 @@ def format_report(report: dict) -> str:
         return "\n".join(lines)
     lines.append(f"llama-cpp-python {report['llama_cpp_python']}")
     for c in report["checks"]:
+        if "error" in c:
+            lines.append(f"\n{c['quant']}: phi3ref ({c['level']}) vs {c['runtime']}: NOT COMPARED: {c['error']}")
+            continue
         verdict = "bit for bit" if c["bit_exact"] else f"DIFFERS (first at {c['first_difference'] or 'the logits'})"
         lines.append(f"\n{c['quant']}: phi3ref ({c['level']}) vs {c['runtime']}: {verdict}  [{c['seconds']} s]")
         for op in c["ops"]:

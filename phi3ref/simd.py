@@ -221,6 +221,7 @@ def _block_intrinsic(unpack, emit, doc: str):
             x_p = _data(context, builder, ta[2], x_v)
             s_p = _data(context, builder, ta[4], s_v)
             out_p = _data(context, builder, ta[8], out_v)
+            _prefetch(builder, w_p, builder.add(_i64(builder, off_v), _const(PREFETCH_AHEAD)))
             state = unpack(builder, w_p, _i64(builder, off_v))
             xoff, soff, n_in = _i64(builder, xoff_v), _i64(builder, soff_v), _i64(builder, n_in_v)
             with cgutils.for_range(builder, _i64(builder, n_v)) as loop:
@@ -650,6 +651,20 @@ _TYPES = {  # block bytes, unpack, ints, byte offsets of the float16 d and dmin
 }
 
 
+# Decoding streams every weight byte once per token, so it runs at the memory's speed, and
+# the hardware prefetchers alone do not keep up with rows of a few blocks each (measured:
+# decode 3.9 tok/s without these hints on a 2-core Sapphire Rapids-class VM, 6.8 with them
+# at 1 KiB ahead, 6.4 at 512 bytes, 6.7 at 2 KiB). Row and block kernels ask for the cache
+# lines PREFETCH_AHEAD bytes past the block they read (the next rows', at a row's end).
+PREFETCH_AHEAD = 1024
+
+
+def _prefetch(builder, base: ir.Value, byte_offset: ir.Value) -> None:
+    """A read hint for the cache line at base + byte_offset (never faults)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
+    builder.call(fn, [builder.gep(base, [byte_offset]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
 def _row_intrinsic(qtype: str, mode: str, n_tok: int):
     """``kernel(w, off, x, xoff, d, doff, sums, soff, n_in, n_blocks, out, ooff, ostride)``:
     ``n_blocks`` weight blocks from byte ``off`` of ``w`` against ``n_tok`` consecutive
@@ -671,6 +686,8 @@ def _row_intrinsic(qtype: str, mode: str, n_tok: int):
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 off = builder.add(off0, builder.mul(b, _const(block_bytes)))
+                for line in range(0, block_bytes + 63, 64):
+                    _prefetch(builder, w_p, builder.add(off, _const(PREFETCH_AHEAD + line)))
                 state = unpack(builder, w_p, off)
                 scales = [_half(builder, w_p, builder.add(off, _const(o))) for o in scale_offsets]
                 for t, acc in enumerate(accs):

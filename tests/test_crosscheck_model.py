@@ -231,3 +231,9 @@ def test_greedy_generation_matches_llama_cpp(preset, quant, tiny_model):
     finally:
         llm.close()
     assert ours.tokens == theirs
+
+
+def test_a_failing_llama_cpp_is_an_error_here(tmp_path):
+    """llama.cpp runs in a child process: its failure (or crash) raises, naming how it ended."""
+    with pytest.raises(RuntimeError, match=r"the installed llama-cpp-python failed \(exit status 1\)"):
+        llama_cpp_calls([("logits", dict(path=str(tmp_path / "missing.gguf"), tokens=[1, 2]))])

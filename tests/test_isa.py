@@ -11,7 +11,7 @@ from phi3ref import isa
 AVX2 = {"sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"}
 SKYLAKE_X = AVX2 | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
 ZEN4 = SKYLAKE_X | {"avx512vnni", "avx512vbmi", "avx512bf16", "gfni"}
-SAPPHIRE_RAPIDS = ZEN4 | {"amx-tile", "amx-int8", "amx-bf16", "avxvnni"}
+SAPPHIRE_RAPIDS = ZEN4 | {"amx-tile", "amx-int8", "amx-bf16", "avxvnni", "avx512fp16"}
 
 
 @pytest.mark.parametrize("features,level", [
@@ -24,8 +24,8 @@ def test_host_level_is_the_widest_level_the_cpu_runs(features, level):
 
 def test_native_gaps_name_what_is_not_reproduced():
     assert isa.native_gaps(AVX2) == [] and isa.native_gaps(ZEN4) == []
-    (amx,) = isa.native_gaps(SAPPHIRE_RAPIDS)
-    assert "AMX" in amx and "Q4_K" in amx
+    amx, fp16 = isa.native_gaps(SAPPHIRE_RAPIDS)
+    assert "AMX" in amx and "Q4_K" in amx and "AVX512-FP16" in fp16
     (other,) = isa.native_gaps(set())
     assert "NEON" in other and "avx2 level" in other
 
