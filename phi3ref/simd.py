@@ -15,8 +15,7 @@ is why phi3ref can reproduce llama.cpp's per-lane float sums). On other CPUs it 
 as plain LLVM vector arithmetic, which LLVM lowers for any target. All integer sums are
 exact (no saturation, no overflow for these block sizes), so the results do not depend on
 the instruction chosen; only speed does. ``PHI3REF_SIMD=generic`` forces the portable form
-(tests use it, with a separate Numba cache directory, since Numba's cache cannot tell the
-two forms apart).
+(tests use it); each form is cached by Numba in a folder of its own (below).
 
 Every block kernel is called as ``kernel(w, off, x, xoff, sums, soff, n_in, n_tok, out)``:
 the weight row ``w`` (uint8) and the block's byte offset ``off``; the activation codes
@@ -40,7 +39,7 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 __all__ = [
-    "OUT_STRIDE", "ROW_TOKENS", "AVX2", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float", "float_to_half", "pow2_f64",
+    "OUT_STRIDE", "ROW_TOKENS", "AVX2", "FORM", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float", "float_to_half", "pow2_f64",
     "q4_0_block", "q8_0_block",
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
     "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
@@ -73,6 +72,68 @@ def _simd_forms() -> tuple[bool, bool, bool, bool]:
 # integers. AVX2 without VNNI multiplies bytes with vpmaddubsw + vpmaddwd, as ggml's AVX2
 # kernels do (pairs of products saturate at 16 bits there, never for these codes).
 VNNI, VNNI512, GFNI512, AVX2 = _simd_forms()
+FORM = "-".join(name for name, on in (("vnni", VNNI), ("vnni512", VNNI512), ("gfni512", GFNI512), ("avx2", AVX2)) if on) or "generic"
+
+
+# ---- Numba's on-disk cache of the kernels --------------------------------------------
+# Numba keys a cached function on its own source file (kernels.py) and the target CPU, not
+# on the intrinsics it inlines from this file nor on the form chosen above (PHI3REF_SIMD
+# leaves the target unchanged), so a cache written before an edit of this file, or in
+# another form, would be loaded as if current. phi3ref's functions are therefore cached
+# through a locator that puts each form in a folder of its own and stamps the entries with
+# this file's content hash as well.
+
+def _cache_locator_class(impl):
+    from numba.core import caching
+
+    class KernelCacheLocator(caching._CacheLocator):
+        """Numba's own choice of cache folder for a phi3ref function, with ``FORM`` as a
+        subfolder and simd.py's content hash in the source stamp."""
+
+        def __init__(self, inner):
+            self._inner = inner
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != os.path.dirname(os.path.abspath(__file__)):
+                return None
+            for other in impl._locator_classes:
+                if other is not cls:
+                    inner = other.from_function(py_func, py_file)
+                    if inner is not None:
+                        self = cls(inner)
+                        self.ensure_cache_path()
+                        return self
+            return None
+
+        def get_cache_path(self):
+            return os.path.join(self._inner.get_cache_path(), f"simd-{FORM}")
+
+        def get_source_stamp(self):
+            here = os.stat(__file__)
+            return self._inner.get_source_stamp(), caching._hash_source_file(__file__, here.st_mtime, here.st_size)
+
+        def get_disambiguator(self):
+            return self._inner.get_disambiguator()
+
+    return KernelCacheLocator
+
+
+def _install_cache_locator() -> None:
+    """Put KernelCacheLocator first among Numba's locators (before kernels.py's functions are
+    decorated: a function's cache is set up at decoration)."""
+    try:
+        from numba.core import caching
+
+        impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # the name since / before Numba 0.62
+        locators = impl._locator_classes
+    except (ImportError, AttributeError):  # another Numba: its own locators, and the caveat in docs/model.md
+        return
+    if not any(getattr(c, "__name__", "") == "KernelCacheLocator" for c in locators):
+        locators.insert(0, _cache_locator_class(impl))
+
+
+_install_cache_locator()
 OUT_STRIDE = 16  # int32 outputs per token of every block kernel
 
 

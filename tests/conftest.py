@@ -36,7 +36,7 @@ ALL_PRESETS = list(PRESETS)
 
 
 # The instruction forms phi3ref.simd compiles to besides this CPU's own, each run in a child
-# process with its own Numba cache (Numba's cache cannot tell the forms apart): the portable
+# process with a cold Numba cache of its own (so the form is compiled there): the portable
 # form (ARM, any CPU without VNNI: no x86 intrinsic at all) and the AVX2 form (Haswell to
 # Zen 3: vpmaddubsw, no AVX-512, VNNI or GFNI). ``forbidden``: x86 intrinsics (llvm.x86.*)
 # that form's code must not call, by substring.

@@ -226,6 +226,20 @@ def test_other_simd_forms_are_bit_identical(form, tmp_path):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def test_kernel_cache_knows_the_simd_form_and_source():
+    """Numba's cache of phi3ref's kernels sits in a folder per SIMD form and is stamped with
+    simd.py's content, so neither an edit of simd.py nor another form loads stale code."""
+    import hashlib
+
+    from phi3ref import simd
+
+    cache = kernels.matmul_ggml._cache
+    assert type(cache._impl.locator).__name__ == "KernelCacheLocator"
+    assert cache._cache_path.endswith(f"simd-{simd.FORM}")
+    stamp = cache._impl.locator.get_source_stamp()
+    assert stamp[1] == hashlib.sha256(Path(simd.__file__).read_bytes()).digest()
+
+
 def test_fma32_rounds_once():
     a, c = np.float32(1 + 2.0**-12), np.float32(-1)
     # a * a = 1 + 2^-11 + 2^-24 needs 25 bits: one rounding keeps the 2^-24, two lose it
