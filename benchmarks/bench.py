@@ -185,6 +185,7 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "level": args.level,
         "instruction_set": instruction_set,
         "threads": args.threads,
         "rounds": args.rounds,
@@ -240,7 +241,7 @@ def _chart(results: dict, runtimes: dict, path: Path) -> None:
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks([j + width * (len(runtimes) - 1) / 2 for j in range(len(speed))], [label for _, label in speed])
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"Phi-3-mini Q4_K_M, {results['machine']}, {results['date']}")
+    ax.set_title(f"Phi-3-mini Q4_K_M, {results['machine']}, {results['date']}, level {results.get('level', 'native')}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

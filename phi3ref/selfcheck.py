@@ -61,6 +61,10 @@ class CheckResult:
         return self.first_difference is None and self.prompt_max_abs == 0 and self.decode_max_abs == 0
 
 
+def _runtime_name(build: isa_levels.Level | None) -> str:
+    return "installed llama-cpp-python" if build is None else f"llama.cpp built for {build.name}"
+
+
 def _op_name(tensor: str) -> str:
     return re.sub(r"-\d+$", "", tensor)
 
@@ -90,9 +94,8 @@ def _check_one(path: Path, quant: str, level: isa_levels.Level, build: isa_level
         s.max_abs = max(s.max_abs, m.max_abs)
     first = next((m.name for m in matches if not m.equal), None)
     rows = [model.forward(decode_prompt, 0)] + [model.forward([t], DECODE_PROMPT + i) for i, t in enumerate(steps)]
-    runtime = "installed llama-cpp-python" if build is None else f"llama.cpp built for {build.name}"
     return CheckResult(
-        runtime=runtime, level=level.name, quant=quant, ops=list(ops.values()), first_difference=first,
+        runtime=_runtime_name(build), level=level.name, quant=quant, ops=list(ops.values()), first_difference=first,
         prompt_max_abs=compare(ours["result_output"], trace["result_output"].reshape(ours["result_output"].shape)).max_abs,
         decode_max_abs=compare(np.array(rows), gen).max_abs,
     )
@@ -149,13 +152,12 @@ def run(levels: list[str] | None = None, quants: tuple[str, ...] = DEFAULT_QUANT
             path = write_model(Path(tmp) / f"selfcheck-{quant}.gguf", preset="phi3-mini", size="heads", quant=quant, seed=5)
             for level, build in plan:
                 if progress:
-                    progress(f"{quant}: phi3ref at {level.name} vs {'the installed llama-cpp-python' if build is None else f'llama.cpp built for {build.name}'}")
+                    progress(f"{quant}: phi3ref at {level.name} vs {_runtime_name(build)}")
                 t0 = time.perf_counter()
                 try:
                     result = _check_one(path, quant, level, build, threads)
                 except RuntimeError as e:  # llama.cpp failed or crashed in its child process
-                    runtime = "installed llama-cpp-python" if build is None else f"llama.cpp built for {build.name}"
-                    entry = {"runtime": runtime, "level": level.name, "quant": quant, "error": str(e).splitlines()[0], "bit_exact": False}
+                    entry = {"runtime": _runtime_name(build), "level": level.name, "quant": quant, "error": str(e).splitlines()[0], "bit_exact": False}
                 else:
                     entry = {**asdict(result), "bit_exact": result.bit_exact}
                 entry["seconds"] = round(time.perf_counter() - t0, 1)

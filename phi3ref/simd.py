@@ -713,10 +713,12 @@ _TYPES = {  # block bytes, unpack, ints, byte offsets of the float16 d and dmin
 
 
 # Decoding streams every weight byte once per token, so it runs at the memory's speed, and
-# the hardware prefetchers alone do not keep up with rows of a few blocks each (measured:
-# decode 3.9 tok/s without these hints on a 2-core Sapphire Rapids-class VM, 6.8 with them
-# at 1 KiB ahead, 6.4 at 512 bytes, 6.7 at 2 KiB). Row and block kernels ask for the cache
-# lines PREFETCH_AHEAD bytes past the block they read (the next rows', at a row's end).
+# the hardware prefetchers alone do not keep up with rows of a few blocks each (on a 2-core
+# Sapphire Rapids-class VM, benchmarks/bench.py --level avx512bf16 printed decode 3.84
+# tok/s without these hints and 5.50 with them; 1 KiB ahead did better than 512 bytes or
+# 2 KiB). Row and block kernels ask for the cache lines PREFETCH_AHEAD bytes past the block
+# they read (the next rows', at a row's end). The eight-row prompt kernels, compute-bound,
+# did not gain from it.
 PREFETCH_AHEAD = 1024
 
 
