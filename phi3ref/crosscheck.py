@@ -180,10 +180,10 @@ def transformers_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, 
 # ---- llama.cpp --------------------------------------------------------------------------
 # Through llama-cpp-python's low-level API, with llama.cpp's defaults where phi3ref has the
 # same knob (micro-batches of 512, no flash attention, as llama_cpp.Llama) and phi3ref's
-# own default context (which picks LongRoPE's factors in llama.cpp). ``level``: None runs
-# the installed llama-cpp-python in this process (built natively for this CPU); a
-# phi3ref.isa level (or its name) runs llama.cpp built at that level
-# (phi3ref.llama_builds) in a child process, since a process loads one libllama.
+# own default context (which picks LongRoPE's factors in llama.cpp). Every request runs in a
+# child process (a process loads one libllama, and a crash in it stays there): ``level``
+# None loads the installed llama-cpp-python (built natively for this CPU), a phi3ref.isa
+# level (or its name) llama.cpp built at that level (phi3ref.llama_builds).
 
 
 def _default_ctx(path: str | os.PathLike[str]) -> int:
@@ -340,11 +340,14 @@ def llama_cpp_calls(calls: Sequence[tuple[str, dict]], *, level: str | Level | N
         request, answer = os.path.join(tmp, "calls.pkl"), os.path.join(tmp, "results.pkl")
         with open(request, "wb") as f:
             pickle.dump(calls, f)
-        done = subprocess.run([sys.executable, "-m", "phi3ref.crosscheck", request, answer], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "phi3ref.crosscheck", request, answer], env=env, capture_output=True, text=True, errors="replace")
         if done.returncode != 0:
             how = f"exit status {done.returncode}"
             if done.returncode < 0:
-                how = f"killed by {signal.Signals(-done.returncode).name}"
+                try:
+                    how = f"killed by {signal.Signals(-done.returncode).name}"
+                except ValueError:
+                    how = f"killed by signal {-done.returncode}"
             raise RuntimeError(f"{what} failed ({how})" + (f":\n{done.stderr[-3000:]}" if done.stderr.strip() else ""))
         with open(answer, "rb") as f:
             return pickle.load(f)
@@ -404,7 +407,7 @@ def llama_cpp_quantize(source: str | os.PathLike[str], dest: str | os.PathLike[s
     return str(dest)
 
 
-if __name__ == "__main__":  # the child of llama_cpp_calls(level=...): requests in, results out
+if __name__ == "__main__":  # the child of llama_cpp_calls: requests in, results out
     import pickle
     import sys
 

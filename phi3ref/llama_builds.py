@@ -108,7 +108,10 @@ def _source_tree(version: str) -> Path:
                     archive.extractall(tmp, filter="data")
                 else:
                     archive.extractall(tmp)
-            (top,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
+            tops = [p for p in Path(tmp).iterdir() if p.is_dir()]
+            if len(tops) != 1:
+                raise BuildError(f"the {PACKAGE} {version} source archive {archives[0].name} does not hold one top folder")
+            (top,) = tops
             shutil.rmtree(root / "source", ignore_errors=True)
             top.rename(root / "source")
     if not (tree / "CMakeLists.txt").exists():

@@ -138,9 +138,12 @@ def run(levels: list[str] | None = None, quants: tuple[str, ...] = DEFAULT_QUANT
     if levels is None:
         plan = [(chosen, None)]
     else:
-        names = [lv.name for lv in isa_levels.LEVELS.values() if lv.runs_on(features)] if levels == ["all"] else levels
+        names = [lv.name for lv in isa_levels.LEVELS.values() if lv.runs_on(features)] if [n.lower() for n in levels] == ["all"] else levels
         plan = []
+        if not names:
+            raise ValueError("this CPU runs none of phi3ref's levels (it lacks AVX2): no llama.cpp build to compare with")
         for name in names:
+            name = name.lower()
             if name not in isa_levels.LEVELS:
                 raise ValueError(f"unknown level {name!r}; one of {', '.join(isa_levels.LEVELS)}, or 'all'")
             level = isa_levels.LEVELS[name]

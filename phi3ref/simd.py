@@ -30,6 +30,7 @@ float16 -> float32 conversion.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import llvmlite.binding as llvm_binding
@@ -102,7 +103,10 @@ def _cache_locator_class(impl):
                     inner = other.from_function(py_func, py_file)
                     if inner is not None:
                         self = cls(inner)
-                        self.ensure_cache_path()
+                        try:
+                            self.ensure_cache_path()
+                        except OSError:  # the form's folder cannot be written: try the next place
+                            continue
                         return self
             return None
 
@@ -110,13 +114,16 @@ def _cache_locator_class(impl):
             return os.path.join(self._inner.get_cache_path(), f"simd-{FORM}")
 
         def get_source_stamp(self):
-            here = os.stat(__file__)
-            return self._inner.get_source_stamp(), caching._hash_source_file(__file__, here.st_mtime, here.st_size)
+            return self._inner.get_source_stamp(), _SOURCE_HASH
 
         def get_disambiguator(self):
             return self._inner.get_disambiguator()
 
     return KernelCacheLocator
+
+
+with open(__file__, "rb") as _source:
+    _SOURCE_HASH = hashlib.sha256(_source.read()).digest()  # this file's content, once per process
 
 
 def _install_cache_locator() -> None:
@@ -722,9 +729,14 @@ _TYPES = {  # block bytes, unpack, ints, byte offsets of the float16 d and dmin
 PREFETCH_AHEAD = 1024
 
 
+# the intrinsic's name carries its pointer type: "p0" with LLVM's opaque pointers (LLVM 17+),
+# "p0i8" with the typed pointers of older LLVMs (llvmlite before 0.45)
+_PREFETCH = "llvm.prefetch.p0" if llvm_binding.llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
+
+
 def _prefetch(builder, base: ir.Value, byte_offset: ir.Value) -> None:
     """A read hint for the cache line at base + byte_offset (never faults)."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), _PREFETCH)
     builder.call(fn, [builder.gep(base, [byte_offset]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 

@@ -76,3 +76,10 @@ def test_selfcheck_names_the_first_op_that_differs(tmp_path):
     check = {**dataclasses.asdict(result), "bit_exact": False, "seconds": 1}
     text = selfcheck.format_report({"cpu": cpu, "llama_cpp_python": "x", "bit_exact": False, "checks": [check]})
     assert "DIFFERS (first at kq-0)" in text
+
+
+def test_all_levels_on_a_cpu_that_runs_none_is_refused(monkeypatch):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setattr(isa, "host_features", lambda: frozenset({"sse4.2", "avx"}))
+    with pytest.raises(ValueError, match="runs none of phi3ref's levels"):
+        selfcheck.run(levels=["all"], quants=("Q8_0",))
