@@ -32,7 +32,7 @@ from .isa import Level
 from .isa import resolve as resolve_isa
 
 __all__ = [
-    "Comparison", "TensorMatch", "compare", "compare_traces", "llama_cpp_calls", "llama_cpp_generation_logits", "llama_cpp_logits", "llama_cpp_trace",
+    "Comparison", "TensorMatch", "compare", "compare_traces", "generation_logits", "llama_cpp_calls", "llama_cpp_generation_logits", "llama_cpp_logits", "llama_cpp_trace",
     "llama_cpp_quantize", "transformers_logits", "transformers_model",
 ]
 
@@ -386,6 +386,16 @@ def llama_cpp_trace(
     n_qkv). Where a name repeats (several micro-batches), the last tensor of that name is kept."""
     kwargs = {"path": str(path), "tokens": list(tokens), "n_ctx": n_ctx, "n_ubatch": n_ubatch}
     return llama_cpp_calls([("trace", kwargs)], level=level, threads=threads)[0]
+
+
+def generation_logits(model, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+    """phi3ref's side of :func:`llama_cpp_generation_logits`: ``prompt`` in one forward pass
+    of ``model`` (a :class:`phi3ref.Model`, its cache reset), then each token of
+    ``continuation`` alone through the KV cache: (1 + len(continuation), n_vocab)."""
+    model.reset()
+    rows = [model.forward(list(prompt), 0)]
+    rows += [model.forward([int(tok)], len(prompt) + i) for i, tok in enumerate(continuation)]
+    return np.array(rows)
 
 
 def llama_cpp_quantize(source: str | os.PathLike[str], dest: str | os.PathLike[str], ftype: str, *, threads: int = 2) -> str:

@@ -70,20 +70,19 @@ def _op_name(tensor: str) -> str:
 
 
 def _check_one(path: Path, quant: str, level: isa_levels.Level, build: isa_levels.Level | None, threads: int | None) -> CheckResult:
-    from .crosscheck import compare, compare_traces, llama_cpp_calls
+    from .crosscheck import compare, compare_traces, generation_logits, llama_cpp_calls
     from .model import load
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 32000, size=PROMPT_TOKENS).tolist()
     decode_prompt = rng.integers(100, 32000, size=DECODE_PROMPT).tolist()
     steps = rng.integers(100, 32000, size=DECODE_STEPS).tolist()
-    n_ctx = N_CTX
     trace, gen = llama_cpp_calls(
-        [("trace", dict(path=str(path), tokens=prompt, n_ctx=n_ctx)),
-         ("generation", dict(path=str(path), prompt=decode_prompt, continuation=steps, n_ctx=n_ctx))],
+        [("trace", dict(path=str(path), tokens=prompt, n_ctx=N_CTX)),
+         ("generation", dict(path=str(path), prompt=decode_prompt, continuation=steps, n_ctx=N_CTX))],
         level=build, threads=threads,
     )
-    model = load(path, n_ctx=n_ctx, isa=level, threads=threads)
+    model = load(path, n_ctx=N_CTX, isa=level, threads=threads)
     ours = model.trace(prompt)
     matches = compare_traces(ours, trace)
     ops: dict[str, OpSummary] = {}
@@ -93,11 +92,10 @@ def _check_one(path: Path, quant: str, level: isa_levels.Level, build: isa_level
         s.equal += m.equal
         s.max_abs = max(s.max_abs, m.max_abs)
     first = next((m.name for m in matches if not m.equal), None)
-    rows = [model.forward(decode_prompt, 0)] + [model.forward([t], DECODE_PROMPT + i) for i, t in enumerate(steps)]
     return CheckResult(
         runtime=_runtime_name(build), level=level.name, quant=quant, ops=list(ops.values()), first_difference=first,
         prompt_max_abs=compare(ours["result_output"], trace["result_output"].reshape(ours["result_output"].shape)).max_abs,
-        decode_max_abs=compare(np.array(rows), gen).max_abs,
+        decode_max_abs=compare(generation_logits(model, decode_prompt, steps), gen).max_abs,
     )
 
 

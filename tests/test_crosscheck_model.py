@@ -12,7 +12,7 @@ import pytest
 from conftest import ALL_PRESETS
 
 import phi3ref
-from phi3ref.crosscheck import compare, compare_traces, transformers_logits
+from phi3ref.crosscheck import compare, compare_traces, generation_logits, transformers_logits
 
 pytestmark = pytest.mark.crosscheck
 pytest.importorskip("torch")
@@ -146,10 +146,7 @@ def test_prompt_logits_equal_llama_cpp(level, preset, realistic_model):
 
 
 def _generation(path: Path, level: isa.Level, prompt: list[int], continuation: list[int]) -> np.ndarray:
-    model = phi3ref.load(path, isa=level, n_ctx=N_CTX)
-    rows = [model.forward(prompt, 0)]
-    rows += [model.forward([tok], len(prompt) + i) for i, tok in enumerate(continuation)]
-    return np.array(rows)
+    return generation_logits(phi3ref.load(path, isa=level, n_ctx=N_CTX), prompt, continuation)
 
 
 @pytest.mark.slow

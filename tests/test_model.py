@@ -8,7 +8,7 @@ import pytest
 from conftest import ALL_PRESETS, SIMD_FORMS, simd_form_env, simd_form_params
 
 import phi3ref
-from phi3ref.crosscheck import compare
+from phi3ref.crosscheck import compare, generation_logits
 from phi3ref.testing import write_model
 
 TOKENS = [1, 32010, 1724, 338, 263, 6432, 1048, 29973, 32007, 32001, 450, 4799, 338, 7254, 29889, 32007]
@@ -145,6 +145,7 @@ def test_memory_is_mapped_not_copied(tiny_model):
 FORM_CHILD = r"""
 import json, re, sys, numpy as np, numba, phi3ref
 from phi3ref import simd
+from phi3ref.crosscheck import generation_logits
 flags, forbidden = json.loads(sys.argv[2])
 assert [simd.VNNI, simd.VNNI512, simd.GFNI512, simd.AVX2] == flags, "the form is not in force"
 tokens = list(range(200, 240))
@@ -156,7 +157,7 @@ for i, path in enumerate(sys.argv[3:]):
         out[f"{i}-{numerics}"] = phi3ref.load(path, numerics=numerics).logits(tokens)
     for level in ("avx2", "avx512"):  # the decode kernels (one token at a time)
         model = phi3ref.load(path, isa=level)
-        out[f"{i}-decode-{level}"] = np.array([model.forward(tokens[:30], 0)] + [model.forward([t], 30 + j) for j, t in enumerate(tokens[30:])])
+        out[f"{i}-decode-{level}"] = generation_logits(model, tokens[:30], tokens[30:])
 # x86 intrinsics in the compiled IR, but LLVM's own llvm.x86.atomic.* (its x86 lowering of
 # Numba's reference-count atomics: plain atomics on other targets)
 found = sorted({
@@ -194,7 +195,6 @@ def test_other_simd_forms_compute_the_same_model(form, tmp_path, tiny_model):
         here = {f"ggml-{level}": phi3ref.load(path, isa=level).logits(tokens) for level in ("avx2", "avx512", "avx512bf16")}
         here.update({numerics: phi3ref.load(path, numerics=numerics).logits(tokens) for numerics in ("exact", "numpy")})
         for level in ("avx2", "avx512"):
-            model = phi3ref.load(path, isa=level)
-            here[f"decode-{level}"] = np.array([model.forward(tokens[:30], 0)] + [model.forward([t], 30 + j) for j, t in enumerate(tokens[30:])])
+            here[f"decode-{level}"] = generation_logits(phi3ref.load(path, isa=level), tokens[:30], tokens[30:])
         for key, value in here.items():
             assert np.array_equal(theirs[f"{i}-{key}"].view(np.uint32), value.view(np.uint32)), (path, key)
