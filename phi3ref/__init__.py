@@ -1,6 +1,7 @@
 """phi3ref: a pure-Python reference inference library for Microsoft's Phi-3 family in GGUF files."""
 
 from .config import Phi3Config, TensorSpec
+from .errors import ModelBusyError, NonFiniteError
 from .gguf_file import GGUFError, GGUFFile, TensorInfo, open_gguf
 from .generate import Chat, GenerationResult, generate
 from .hub import HubError
@@ -15,6 +16,8 @@ __all__ = [
     "Chat",
     "GenerationResult",
     "HubError",
+    "ModelBusyError",
+    "NonFiniteError",
     "SamplingParams",
     "Tokenizer",
     "generate",

@@ -1,18 +1,36 @@
 """Chat messages -> prompt text, with the model file's own Jinja template.
 
-A template read from a downloaded file is untrusted input: it runs in jinja2's immutable
-sandbox, which refuses attribute access to Python internals and mutation of the values
-it is given.
+A template read from a downloaded file is untrusted code. It runs in jinja2's immutable
+sandbox, which refuses attribute access to Python internals and mutation of the values it
+is given, and within limits that the sandbox does not set:
+
+* **time**: rendering (compiling included) stops after :data:`RENDER_SECONDS`; a trace
+  function checks the clock at every line of template code and every Python call, so
+  nested loops and ``lipsum(n=10**7)`` end;
+* **size**: the output stops at :data:`MAX_OUTPUT_CHARS` characters; ``*`` and ``+`` may
+  not build a string or list longer than that, nor ``*`` / ``**`` an integer of more than
+  :data:`MAX_INT_BITS` bits; no function, method or filter takes an integer argument, nor
+  a format string a field width, larger than :data:`MAX_ARGUMENT` (``'a' * 10**10``,
+  ``'%10000000000s' | format``, ``'x'.ljust(10**9)``); memory that grows by more than
+  :data:`MAX_MEMORY_GROWTH` bytes while rendering stops it.
+
+Every failure is a ``ValueError`` that says the template is at fault.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import functools
+import os
+import re
+import resource
+import sys
+import time
+from typing import Any, Mapping, Sequence
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["PHI3_TEMPLATE", "render_chat"]
+__all__ = ["PHI3_TEMPLATE", "render_chat", "RENDER_SECONDS", "MAX_OUTPUT_CHARS"]
 
 # The Phi-3 format, for files that carry no template: each message as <|role|>\n...<|end|>\n,
 # then the assistant's turn is opened.
@@ -24,9 +42,137 @@ PHI3_TEMPLATE = (
 
 ROLES = ("system", "user", "assistant")
 
+RENDER_SECONDS = 2.0  # a real chat template renders in milliseconds
+MAX_OUTPUT_CHARS = 4_000_000  # far more than any Phi-3 context holds (about 4 characters a token)
+MAX_ARGUMENT = 1_000_000
+MAX_INT_BITS = 4096
+MAX_MEMORY_GROWTH = 512 * 2**20
+
+
+class _LimitExceeded(Exception):
+    """A template went past one of the rendering limits."""
+
 
 def _raise(message: str) -> None:
     raise TemplateError(message)
+
+
+# %-format conversions and {}-format fields, for their widths and precisions
+_PERCENT_SPEC = re.compile(r"%[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*:([^{}]*)\}")
+
+
+def _check_format_string(fmt: str) -> None:
+    for m in _PERCENT_SPEC.finditer(fmt):
+        for n in m.groups():
+            if n == "*" or (n is not None and int(n) > MAX_ARGUMENT):
+                raise _LimitExceeded(f"the format {m.group(0)!r} asks for a width beyond {MAX_ARGUMENT}")
+    for m in _BRACE_SPEC.finditer(fmt):
+        if any(int(n) > MAX_ARGUMENT for n in re.findall(r"\d+", m.group(1))):
+            raise _LimitExceeded(f"the format field {m.group(0)!r} asks for a width beyond {MAX_ARGUMENT}")
+
+
+def _check_arguments(what: str, args: tuple, kwargs: dict) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and abs(value) > MAX_ARGUMENT:
+            raise _LimitExceeded(f"{what} was given {value}, beyond the limit of {MAX_ARGUMENT}")
+
+
+def _sized(value: Any) -> Any:
+    if isinstance(value, (str, bytes, list, tuple)) and len(value) > MAX_OUTPUT_CHARS:
+        raise _LimitExceeded(f"a value of {len(value):,} items, beyond the limit of {MAX_OUTPUT_CHARS:,}")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise _LimitExceeded(f"an integer of more than {MAX_INT_BITS} bits")
+    return value
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with the size limits of the module docstring."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT_CHARS:
+                    raise _LimitExceeded(f"{len(seq)} items times {n} is beyond the limit of {MAX_OUTPUT_CHARS:,}")
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise _LimitExceeded(f"a product of more than {MAX_INT_BITS} bits")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right * left.bit_length() > MAX_INT_BITS:
+                raise _LimitExceeded(f"{left} ** {right} has more than {MAX_INT_BITS} bits")
+        elif operator == "%" and isinstance(left, str):
+            _check_format_string(left)
+        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            if len(left) + len(right) > MAX_OUTPUT_CHARS:
+                raise _LimitExceeded(f"a concatenation beyond the limit of {MAX_OUTPUT_CHARS:,} items")
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's signature)
+        _check_arguments(getattr(__obj, "__name__", "a function"), args, kwargs)
+        return _sized(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, str) and attribute in ("format", "format_map"):
+            _check_format_string(obj)
+        return super().getattr(obj, attribute)
+
+
+def _bounded_filter(name: str, f: Any) -> Any:
+    @functools.wraps(f)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_arguments(f"the filter {name!r}", args, kwargs)
+        if name == "format" and args and isinstance(args[0], str):
+            _check_format_string(args[0])
+        return _sized(f(*args, **kwargs))
+
+    return bounded
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak (elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class _Watchdog:
+    """A trace function that ends rendering at the deadline or when memory has grown too
+    much: checked at every call and at every line of template code (the memory at most
+    every 5 ms: reading it costs a system call)."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+        self.memory_limit = _resident_bytes() + MAX_MEMORY_GROWTH
+        self.next_memory_check = 0.0
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now > self.deadline:
+            raise _LimitExceeded(f"rendering took more than {self.seconds} s")
+        if now >= self.next_memory_check:
+            self.next_memory_check = now + 0.005
+            if _resident_bytes() > self.memory_limit:
+                raise _LimitExceeded(f"rendering grew memory by more than {MAX_MEMORY_GROWTH // 2**20} MiB")
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        self.check()
+        return self.line if frame.f_code.co_filename == "<template>" else None
+
+    def line(self, frame: Any, event: str, arg: Any) -> Any:
+        self.check()
+        return self.line
+
+
+def _environment() -> _BoundedSandbox:
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.globals["raise_exception"] = _raise
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
+    return env
 
 
 def render_chat(
@@ -39,21 +185,37 @@ def render_chat(
 ) -> str:
     """Render ``messages`` ([{"role": "user", "content": "..."}, ...]) with ``template``
     (the file's ``tokenizer.chat_template``; the Phi-3 format when None). ``ValueError``
-    for malformed messages or a template that fails."""
+    for malformed messages or a template that fails or exceeds the module's limits."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
+            raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r:.200}")
         if m["role"] not in ROLES:
             raise ValueError(f"messages[{i}] has role {m['role']!r}; Phi-3 knows {', '.join(ROLES)}")
         clean.append({"role": m["role"], "content": m["content"]})
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.globals["raise_exception"] = _raise
+    if template is not None and not isinstance(template, str):
+        raise TypeError(f"template must be a str, got {type(template).__name__}")
+    watchdog = _Watchdog(RENDER_SECONDS)
+    previous = sys.gettrace()
+    sys.settrace(watchdog)
     try:
-        return env.from_string(template or PHI3_TEMPLATE).render(
+        env = _environment()
+        pieces, size = [], 0
+        for piece in env.from_string(template or PHI3_TEMPLATE).generate(
             messages=clean, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
-        )
+        ):
+            size += len(piece)
+            if size > MAX_OUTPUT_CHARS:
+                raise _LimitExceeded(f"the output grew beyond {MAX_OUTPUT_CHARS:,} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    except _LimitExceeded as e:
+        raise ValueError(f"the chat template exceeded a limit: {e}") from None
     except TemplateError as e:
         raise ValueError(f"the chat template failed: {e}") from None
+    except (Exception, RecursionError) as e:  # the template is untrusted code: any failure is its own
+        raise ValueError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
+    finally:
+        sys.settrace(previous)

@@ -10,6 +10,7 @@ from . import __version__
 from .gguf_file import GGUFError
 from .hub import HubError
 from .llama_builds import BuildError
+from .errors import ModelBusyError, NonFiniteError
 
 TUTORIAL_PROMPT = "Write a haiku about ice hockey"
 DEMO = "demo"
@@ -41,29 +42,51 @@ def _parse_tokens(text: str) -> list[int]:
 
 def _cmd_logits(args: argparse.Namespace) -> int:
     import time
+    from pathlib import Path
 
     import numpy as np
 
-    from .kernels import warmup
     from .model import load
 
+    # everything the command needs is checked before the model is opened or a kernel compiled
     tokens = _parse_tokens(args.tokens)
-    compile_s = warmup() if args.numerics != "numpy" else 0.0
+    _check_common(args)
+    if args.n_ctx is not None and args.n_ctx < len(tokens):
+        raise ValueError(f"--n-ctx {args.n_ctx} is less than the {len(tokens)} tokens of --tokens")
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"--model {args.model}: no such file (logits takes a local .gguf path)")
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"-o {args.output}: the folder {output.parent} does not exist")
     t0 = time.perf_counter()
     model = load(args.model, n_ctx=args.n_ctx or max(len(tokens), 16), numerics=args.numerics, threads=args.threads)
     t1 = time.perf_counter()
-    logits = model.logits(tokens)
+    # A first pass of (at most) two tokens compiles, or loads from Numba's cache, the
+    # kernels this model's types need, so that compile time is reported apart from run time.
+    model.logits(tokens[:2])
     t2 = time.perf_counter()
+    logits = model.logits(tokens)
+    t3 = time.perf_counter()
     if args.last:
         logits = logits[-1:]
-    np.save(args.output, logits)
+    np.save(output, logits)
     print(
         f"wrote {args.output}: logits {logits.shape[0]}x{logits.shape[1]} float32 ({args.numerics} numerics); "
-        f"last position argmax {int(logits[-1].argmax())}; compile {compile_s:.2f} s, load {t1 - t0:.2f} s, "
-        f"{len(tokens)} tokens in {t2 - t1:.2f} s",
+        f"last position argmax {int(logits[-1].argmax())}; load {t1 - t0:.2f} s, compile and a first pass of "
+        f"{min(2, len(tokens))} tokens {t2 - t1:.2f} s, {len(tokens)} tokens in {t3 - t2:.2f} s",
         file=sys.stderr,
     )
     return 0
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Flags every command checks before any download, compile or load."""
+    import numba
+
+    if args.n_ctx is not None and args.n_ctx <= 0:
+        raise ValueError(f"--n-ctx must be a positive integer, got {args.n_ctx}")
+    if args.threads is not None and not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"--threads must be from 1 to {numba.config.NUMBA_NUM_THREADS}, got {args.threads}")
 
 
 def _demo_model() -> str:
@@ -81,14 +104,31 @@ def _demo_model() -> str:
     return str(path)
 
 
+def _check_generation_flags(args: argparse.Namespace) -> None:
+    """Every generation flag, checked before a model is downloaded, written or loaded."""
+    from .sampler import SamplingParams
+
+    _check_common(args)
+    SamplingParams(**_sampling(args))
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.model == DEMO and (args.file or args.revision):
+        raise ValueError("--file and --revision name a file of a Hub repository; --model demo has none")
+
+
 def _load_for_generation(args: argparse.Namespace):
+    from .hub import resolve_model
     from .model import load
 
-    model = args.model
-    if model == DEMO:
+    _check_generation_flags(args)
+    if args.model == DEMO:
         print("phi3ref: --model demo is a tiny model with random weights and the real Phi-3 vocabulary: its output is noise.", file=sys.stderr)
-        model = _demo_model()
-    return load(model, filename=args.file, revision=args.revision, numerics=args.numerics, threads=args.threads, n_ctx=args.n_ctx)
+        path = _demo_model()
+    else:
+        path = resolve_model(args.model, filename=args.file, revision=args.revision, file_flag="--file")
+    return load(path, numerics=args.numerics, threads=args.threads, n_ctx=args.n_ctx)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -102,9 +142,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import secrets
 
     from .generate import generate
-    from .sampler import SamplingParams
 
-    SamplingParams(**_sampling(args))  # bad values fail before a model is loaded
     model = _load_for_generation(args)
     seed = args.seed if args.seed is not None else secrets.randbits(63)
     print(f"seed {seed} (repeat this run with --seed {seed})", file=sys.stderr)
@@ -123,9 +161,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .generate import Chat
-    from .sampler import SamplingParams
 
-    SamplingParams(**_sampling(args))
     model = _load_for_generation(args)
     chat = Chat(model, system=args.system, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop or (), **_sampling(args))
     print(f"seed {chat.seed}. Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -260,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (GGUFError, HubError, BuildError, FileNotFoundError) as e:
+    except (GGUFError, HubError, BuildError, FileNotFoundError, NonFiniteError, ModelBusyError) as e:
         print(f"phi3ref: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

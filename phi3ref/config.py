@@ -16,6 +16,11 @@ from .gguf_file import GGUFError, GGUFFile
 __all__ = ["ARCHITECTURE", "Phi3Config", "TensorSpec"]
 
 ARCHITECTURE = "phi3"
+# Bounds of the integer hyperparameters: llama.cpp keeps them in int32, and refuses more
+# than LLAMA_MAX_LAYERS blocks (a file claiming millions would otherwise make phi3ref
+# build millions of tensor specs before noticing the first missing tensor).
+MAX_INT = 2**31 - 1
+MAX_LAYERS = 512
 
 
 @dataclass(frozen=True)
@@ -100,42 +105,64 @@ class Phi3Config:
         def key(name: str) -> str:
             return f"{ARCHITECTURE}.{name}"
 
-        def positive(name: str, value: int | float) -> Any:
-            if not value > 0:
-                raise GGUFError(f"{gf.path}: {key(name)} must be positive, got {value}")
-            return value
+        def integer(name: str, default: int | None = None, lo: int = 1, hi: int = MAX_INT) -> int:
+            """An integer key (required unless a default is given), refused outside lo..hi."""
+            value = gf.get_int(key(name)) if default is None else gf.get_int(key(name), default)
+            if not lo <= value <= hi:
+                raise GGUFError(f"{gf.path}: {key(name)} = {value} is out of range (it must be from {lo} to {hi})")
+            return int(value)
 
-        n_embd = positive("embedding_length", gf.get_int(key("embedding_length")))
-        n_head = positive("attention.head_count", gf.get_int(key("attention.head_count")))
-        n_head_kv = positive("attention.head_count_kv", gf.get_int(key("attention.head_count_kv"), n_head))
+        def real(name: str, default: float | None = None) -> float:
+            """A positive, finite number (required unless a default is given)."""
+            value = gf.get_float(key(name)) if default is None else gf.get_float(key(name), default)
+            if not (math.isfinite(value) and value > 0):
+                raise GGUFError(f"{gf.path}: {key(name)} = {value} must be a positive finite number")
+            return float(value)
+
+        n_embd = integer("embedding_length")
+        n_head = integer("attention.head_count")
+        n_head_kv = integer("attention.head_count_kv", n_head)
         if n_head % n_head_kv:
             raise GGUFError(f"{gf.path}: {n_head} attention heads cannot be shared among {n_head_kv} KV heads")
         if key("attention.key_length") in gf:
-            head_dim = positive("attention.key_length", gf.get_int(key("attention.key_length")))
+            head_dim = integer("attention.key_length")
         elif n_embd % n_head:
             raise GGUFError(f"{gf.path}: embedding length {n_embd} is not a multiple of the {n_head} heads")
         else:
             head_dim = n_embd // n_head
-        value_dim = gf.get_int(key("attention.value_length"), head_dim)
+        value_dim = integer("attention.value_length", head_dim)
         if value_dim != head_dim:
             raise GGUFError(f"{gf.path}: key length {head_dim} != value length {value_dim} is not a Phi-3 layout")
-        n_rot = positive("rope.dimension_count", gf.get_int(key("rope.dimension_count"), head_dim))
-        if n_rot > head_dim or n_rot % 2:
-            raise GGUFError(f"{gf.path}: rope.dimension_count {n_rot} must be even and at most the head size {head_dim}")
+        n_rot = integer("rope.dimension_count", head_dim, hi=head_dim)
+        if n_rot % 2:
+            raise GGUFError(f"{gf.path}: {key('rope.dimension_count')} = {n_rot} must be even (RoPE rotates pairs)")
 
+        # The vocabulary: the embedding's rows, the tokenizer's tokens and phi3.vocab_size
+        # must agree where the file has them (a token without text, or text without a row,
+        # would fail mid-generation).
+        sizes = {}
         if key("vocab_size") in gf:
-            n_vocab = gf.get_int(key("vocab_size"))
-        elif "tokenizer.ggml.tokens" in gf:
-            n_vocab = len(gf.get_array("tokenizer.ggml.tokens"))
-        elif "token_embd.weight" in gf.tensors:
-            n_vocab = gf.tensors["token_embd.weight"].shape[0]
-        else:
+            sizes[key("vocab_size")] = integer("vocab_size")
+        if "tokenizer.ggml.tokens" in gf:
+            sizes["tokenizer.ggml.tokens"] = len(gf.get_array("tokenizer.ggml.tokens"))
+        if "token_embd.weight" in gf.tensors:
+            sizes["token_embd.weight"] = gf.tensors["token_embd.weight"].shape[0]
+        if not sizes:
             raise GGUFError(f"{gf.path}: cannot tell the vocabulary size (no {key('vocab_size')}, tokens or token_embd)")
-        positive("vocab_size", n_vocab)
+        if len(set(sizes.values())) > 1:
+            told = ", ".join(f"{where}: {n}" for where, n in sizes.items())
+            raise GGUFError(f"{gf.path}: the vocabulary sizes disagree ({told})")
+        n_vocab = next(iter(sizes.values()))
+        if not 1 <= n_vocab <= MAX_INT:
+            raise GGUFError(f"{gf.path}: a vocabulary of {n_vocab} tokens is out of range")
 
-        sliding_window = gf.get_int(key("attention.sliding_window"), 0) or None
-        orig_ctx = gf.get_int(key("rope.scaling.original_context_length"), 0) or None
-        attn_factor = gf.get_float(key("rope.scaling.attn_factor"), 0.0) or None
+        n_ctx_train = integer("context_length")
+        sliding_window = integer("attention.sliding_window", 0, lo=0) or None  # 0: none
+        orig_ctx = integer("rope.scaling.original_context_length", 0, lo=0) or None
+        if orig_ctx == 1:  # LongRoPE divides by log(original length)
+            raise GGUFError(f"{gf.path}: {key('rope.scaling.original_context_length')} = 1 is not a context length")
+        # an attention factor of 0 is llama.cpp's "not set"
+        attn_factor = real("rope.scaling.attn_factor") if gf.get_float(key("rope.scaling.attn_factor"), 0.0) else None
         has_long = "rope_factors_long.weight" in gf.tensors
         has_short = "rope_factors_short.weight" in gf.tensors
         if has_long != has_short:
@@ -145,20 +172,20 @@ class Phi3Config:
             raise GGUFError(f"{gf.path}: LongRoPE factors present but {key('rope.scaling.original_context_length')} is missing")
 
         return cls(
-            n_vocab=int(n_vocab),
-            n_ctx_train=int(positive("context_length", gf.get_int(key("context_length")))),
-            n_embd=int(n_embd),
-            n_ff=int(positive("feed_forward_length", gf.get_int(key("feed_forward_length")))),
-            n_layer=int(positive("block_count", gf.get_int(key("block_count")))),
-            n_head=int(n_head),
-            n_head_kv=int(n_head_kv),
-            head_dim=int(head_dim),
-            n_rot=int(n_rot),
-            rope_base=float(positive("rope.freq_base", gf.get_float(key("rope.freq_base"), 10000.0))),
-            rms_eps=float(positive("attention.layer_norm_rms_epsilon", gf.get_float(key("attention.layer_norm_rms_epsilon")))),
-            sliding_window=int(sliding_window) if sliding_window else None,
-            rope_orig_ctx=int(orig_ctx) if orig_ctx else None,
-            rope_attn_factor=float(attn_factor) if attn_factor else None,
+            n_vocab=n_vocab,
+            n_ctx_train=n_ctx_train,
+            n_embd=n_embd,
+            n_ff=integer("feed_forward_length"),
+            n_layer=integer("block_count", hi=MAX_LAYERS),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            n_rot=n_rot,
+            rope_base=real("rope.freq_base", 10000.0),
+            rms_eps=real("attention.layer_norm_rms_epsilon"),
+            sliding_window=sliding_window,
+            rope_orig_ctx=orig_ctx,
+            rope_attn_factor=attn_factor,
             has_rope_factors=has_long,
             # (a vocab-only file has neither tensor: not "tied")
             tied_embeddings="token_embd.weight" in gf.tensors and "output.weight" not in gf.tensors,

@@ -140,13 +140,17 @@ def _run(
     max_tokens: int,
     stop: Sequence[str],
     result: GenerationResult,
+    version: int,
 ) -> Iterator[str]:
-    """The loop itself; yields text pieces and fills ``result`` as it goes."""
+    """The loop itself; yields text pieces and fills ``result`` as it goes. ``version``:
+    the model's context version that ``start_pos`` was computed from; every pass checks
+    that no other caller has moved the context since (``ModelBusyError``)."""
     tokenizer = model.tokenizer
     stream = _TextStream(tokenizer, stop)
     timings = result.timings
     t0 = time.perf_counter()
-    logits = model.forward(prompt_ids[start_pos:], start_pos)
+    logits = model.forward(prompt_ids[start_pos:], start_pos, expect_version=version)
+    version += 1
     timings.prompt_tokens = len(prompt_ids) - start_pos
     timings.prompt_seconds = time.perf_counter() - t0
     history = list(prompt_ids)
@@ -158,7 +162,8 @@ def _run(
             result.finish_reason = "context"
             break
         if step > 0:  # feed the previous token back (lazily: none is wasted at the end)
-            logits = model.forward([history[-1]], pos - 1)
+            logits = model.forward([history[-1]], pos - 1, expect_version=version)
+            version += 1
         token = sample(logits, params, rng, history)
         history.append(token)
         if token in tokenizer.eog_ids:
@@ -231,24 +236,40 @@ def generate(
     iterator's ``result`` attribute holds the :class:`GenerationResult` once it is done).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-        raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-    if isinstance(stop, str):
-        stop = [stop]
+    _check_max_tokens(max_tokens)
+    stop = _check_stop(stop)
     seed = secrets.randbits(63) if seed is None else seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     m = get_model(model)
     ids = _prompt_ids(m.tokenizer, prompt, messages, system)
     _check_fits(m, len(ids))
-    m.reset()
     result = GenerationResult(text="", tokens=[], prompt_tokens=ids, finish_reason="length", seed=seed)
-    pieces = _run(m, ids, 0, params, np.random.default_rng(seed), max_tokens, stop, result)
+    rng = np.random.default_rng(seed)
     if stream:
-        return _Stream(pieces, result)
-    for _ in pieces:
-        pass
+        # A stream may be read in steps, interleaved with other work: it holds no lock,
+        # and stops with ModelBusyError if another call moves the model's context.
+        m.reset()
+        return _Stream(_run(m, ids, 0, params, rng, max_tokens, stop, result, m.cached()[1]), result)
+    with m.generation_lock:  # threads generating on one model take turns
+        m.reset()
+        for _ in _run(m, ids, 0, params, rng, max_tokens, stop, result, m.cached()[1]):
+            pass
     return result
+
+
+def _check_max_tokens(max_tokens: object) -> None:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+
+
+def _check_stop(stop: object) -> list[str]:
+    """``stop`` as a list of strings: one string, or a sequence of them."""
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    return list(stop)
 
 
 class _Stream:
@@ -278,30 +299,40 @@ class Chat:
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.seed = secrets.randbits(63) if seed is None else seed
         self.rng = np.random.default_rng(self.seed)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self.sampling = {"repeat_penalty": 1.2, "repeat_last_n": 64, **sampling}
         self.max_tokens = self.sampling.pop("max_tokens", 256)
-        self.stop = self.sampling.pop("stop", ())
-        SamplingParams(**self.sampling)  # validate now
+        _check_max_tokens(self.max_tokens)
+        self.stop = _check_stop(self.sampling.pop("stop", ()))
+        try:
+            SamplingParams(**self.sampling)  # validate now
+        except TypeError as e:
+            raise TypeError(f"Chat() got an unknown sampling parameter ({e})") from None
 
     def send(self, text: str, *, stream: bool = False) -> GenerationResult | Iterator[str]:
-        """Add a user message and generate the assistant's reply (kept in ``messages``)."""
-        self.messages.append({"role": "user", "content": text})
-        tok = self.model.tokenizer
-        ids = _prompt_ids(tok, None, self.messages, None)
+        """Add a user message and generate the assistant's reply; both are kept in
+        ``messages`` once the reply is complete (a turn that fails or is interrupted
+        leaves the conversation as it was)."""
+        if not isinstance(text, str):
+            raise TypeError(f"send() takes a str, got {type(text).__name__}")
+        turn = [{"role": "user", "content": text}]
+        ids = _prompt_ids(self.model.tokenizer, None, self.messages + turn, None)
         _check_fits(self.model, len(ids))
-        cached = self.model.tokens
-        common = 0
-        while common < min(len(cached), len(ids) - 1) and cached[common] == ids[common]:
-            common += 1
         result = GenerationResult(text="", tokens=[], prompt_tokens=ids, finish_reason="length", seed=self.seed)
-        pieces = _run(self.model, ids, common, SamplingParams(**self.sampling), self.rng, self.max_tokens, self.stop, result)
+        params = SamplingParams(**self.sampling)
 
-        def finish() -> Iterator[str]:
-            yield from pieces
-            self.messages.append({"role": "assistant", "content": result.text})
+        def turn_pieces() -> Iterator[str]:
+            cached, version = self.model.cached()
+            common = 0  # the prompt's prefix that the cache already holds
+            while common < min(len(cached), len(ids) - 1) and cached[common] == ids[common]:
+                common += 1
+            yield from _run(self.model, ids, common, params, self.rng, self.max_tokens, self.stop, result, version)
+            self.messages += [*turn, {"role": "assistant", "content": result.text}]
 
         if stream:
-            return _Stream(finish(), result)
-        for _ in finish():
-            pass
+            return _Stream(turn_pieces(), result)
+        with self.model.generation_lock:
+            for _ in turn_pieces():
+                pass
         return result

@@ -25,27 +25,35 @@ def _looks_like_repo(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.endswith(".gguf")
 
 
-def resolve_model(model: str | os.PathLike[str], *, filename: str | None = None, revision: str | None = None) -> Path:
+def resolve_model(
+    model: str | os.PathLike[str], *, filename: str | None = None, revision: str | None = None, file_flag: str = "filename=",
+) -> Path:
     """A local path to a GGUF file: ``model`` itself when it exists, else a Hub ``repo_id``
     whose ``filename`` (default: the repository's known file) is downloaded or taken from
     the cache. ``FileNotFoundError`` for a missing local path, :class:`HubError` when the
-    Hub cannot deliver."""
+    Hub cannot deliver. ``file_flag`` is how messages tell the caller to name a file (the
+    command line says ``--file``)."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path or a Hub repository id, got {model!r:.80}")
+    if filename is not None and not isinstance(filename, str):
+        raise TypeError(f"filename must be a str, got {filename!r:.80}")
     path = Path(model)
     if path.exists():
         if path.is_dir():
-            ggufs = sorted(path.glob("*.gguf"))
             if filename:
                 return path / filename
+            ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return ggufs[0]
-            raise FileNotFoundError(f"{path} is a folder with {len(ggufs)} .gguf files: name one with filename=")
+            listed = f" ({', '.join(p.name for p in ggufs[:5])}{', ...' if len(ggufs) > 5 else ''})" if ggufs else ""
+            raise FileNotFoundError(f"{path} is a folder with {len(ggufs)} .gguf files{listed}: name one with {file_flag}")
         return path
     name = str(model)
     if not _looks_like_repo(name):
         raise FileNotFoundError(f"{name}: no such file (nor a Hub repository id like {DEFAULT_REPO})")
     filename = filename or KNOWN_FILES.get(name)
     if filename is None:
-        raise ValueError(f"{name}: which .gguf file of this repository? pass filename=")
+        raise ValueError(f"{name}: which .gguf file of this Hub repository? name it with {file_flag}")
     return Path(_download(name, filename, revision))
 
 
@@ -59,7 +67,9 @@ def _download(repo_id: str, filename: str, revision: str | None) -> str:
             f"could not get {filename} from the Hugging Face Hub repository {repo_id}"
             f"{f' (revision {revision})' if revision else ''}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"Download it where you have a connection, then pass its local path, e.g. "
-            f"phi3ref.load('/path/to/{filename}') or `phi3ref generate --model /path/to/{filename}`."
+            f"phi3ref.load('/path/to/{filename}') or `phi3ref generate --model /path/to/{filename}`. "
+            f"Offline, HF_HUB_OFFLINE=1 takes files already in the Hugging Face cache without retrying the network; "
+            f"`phi3ref generate --model demo` runs a tiny random-weight model that needs no download."
         ) from e
 
 

@@ -29,29 +29,36 @@ def _token_text(tokens: list[str] | None, token_id: int | None) -> str | None:
 def _tokenizer_summary(gf: GGUFFile) -> dict[str, Any] | None:
     if "tokenizer.ggml.model" not in gf:
         return None
+    # (what the file says, however wrong: Tokenizer.from_gguf is the one that refuses)
     tokens = gf.get("tokenizer.ggml.tokens")
-    tokens = tokens if isinstance(tokens, list) else None
+    tokens = tokens if gf.value_types.get("tokenizer.ggml.tokens") == "array[string]" else None
+    merges = gf.get("tokenizer.ggml.merges")
     summary: dict[str, Any] = {
         "model": gf.get("tokenizer.ggml.model"),
         "pre": gf.get("tokenizer.ggml.pre"),
         "n_tokens": len(tokens) if tokens is not None else None,
-        "n_merges": len(gf.get("tokenizer.ggml.merges") or []),
+        "n_merges": len(merges) if isinstance(merges, (list, np.ndarray)) else 0,
         "add_bos": gf.get("tokenizer.ggml.add_bos_token"),
         "add_eos": gf.get("tokenizer.ggml.add_eos_token"),
         "chat_template": "tokenizer.chat_template" in gf,
     }
     special = {}
     for role in ("bos", "eos", "eot", "eom", "unknown", "padding", "sep", "cls", "mask"):
-        token_id = gf.get(f"tokenizer.ggml.{role}_token_id")
-        if token_id is not None:
-            special[role] = {"id": int(token_id), "text": _token_text(tokens, int(token_id))}
+        key = f"tokenizer.ggml.{role}_token_id"
+        if key not in gf:
+            continue
+        token_id = gf.get(key)
+        if isinstance(token_id, int) and not isinstance(token_id, bool):
+            special[role] = {"id": token_id, "text": _token_text(tokens, token_id)}
+        else:
+            special[role] = {"id": None, "text": None, "stored": f"{gf.value_types[key]} {str(token_id)[:40]}"}
     summary["special"] = special
     types = gf.get("tokenizer.ggml.token_type")
-    if isinstance(types, np.ndarray):
+    if isinstance(types, np.ndarray) and types.dtype.kind in "iu":
         values, counts = np.unique(types, return_counts=True)
         summary["token_types"] = {_TOKEN_TYPES.get(int(v), f"type {int(v)}"): int(c) for v, c in zip(values, counts)}
         if tokens is not None:
-            summary["control_tokens"] = [tokens[i] for i in np.flatnonzero(types == 3)[:32]]
+            summary["control_tokens"] = [tokens[i] for i in np.flatnonzero(types == 3)[:32] if i < len(tokens)]
     return summary
 
 
@@ -168,7 +175,8 @@ def format_report(info: dict[str, Any], *, show_metadata: bool = False) -> str:
         lines.append("")
         lines.append(f"tokenizer     {tok['model']} (pre: {tok['pre']}), {tok['n_tokens']} tokens, {tok['n_merges']} merges, add_bos={tok['add_bos']}, chat template: {'yes' if tok['chat_template'] else 'no'}")
         for role, sp in tok["special"].items():
-            lines.append(f"  {role:<10}{sp['id']:>8}  {sp['text']!r}")
+            shown = repr(sp["text"]) if sp["id"] is not None else f"(not a token id: {sp['stored']})"
+            lines.append(f"  {role:<10}{str(sp['id']):>8}  {shown}")
         if tok.get("token_types"):
             lines.append("  token types: " + ", ".join(f"{k} {v}" for k, v in tok["token_types"].items()))
         if tok.get("control_tokens"):

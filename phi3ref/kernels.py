@@ -36,6 +36,8 @@ All kernels are parallel over output rows, one contiguous slice of rows per thre
 
 from __future__ import annotations
 
+import ctypes
+import os
 import time
 
 import numba as nb
@@ -51,6 +53,29 @@ from .simd import (
     q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores8, scores16,
     values8, values16, vecdot_f16_8, vecdot_f16_16,
 )
+
+def _after_fork_in_child() -> None:
+    """Let a forked child run the kernels. Numba's OpenMP threading layer (its default on
+    Linux) kills a child that launches a parallel kernel after its parent did ("fork()
+    called from a process already using GNU OpenMP"), because GNU OpenMP's thread pool
+    does not survive fork(). The child records itself as the layer's owner (Numba's own
+    launch_threads does that) and runs on one thread, which takes no pool: the same
+    numbers (every kernel splits its work by rows, not sums, across threads), computed
+    more slowly. Numba's other layers (TBB, workqueue) survive fork() unaided."""
+    from numba.np.ufunc import parallel
+
+    if not getattr(parallel, "_is_initialized", False) or getattr(parallel, "_threading_layer", None) != "omp":
+        return
+    from numba.np.ufunc import omppool
+
+    if getattr(omppool, "openmp_vendor", "") != "GNU":
+        return
+    ctypes.CFUNCTYPE(None, ctypes.c_int)(omppool.launch_threads)(1)
+    nb.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 __all__ = [
     "FASTMATH",
@@ -441,7 +466,9 @@ def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarra
     raise ValueError(f"unknown activation format {act}")
 
 
-@njit(cache=True, fastmath=FASTMATH_GGML)
+# error_model="numpy": an infinite activation divides by -0 here as in C (giving inf, which
+# the model then reports), not a ZeroDivisionError from inside the kernel
+@njit(cache=True, fastmath=FASTMATH_GGML, error_model="numpy")
 def _quantize_q8_k(x, q, d, bsums):
     """quantize_row_q8_K_ref: per 256-block, the first value of largest magnitude sets
     iscale = -127 / max; codes nearest_int(iscale * x) (ties to even), at most 127."""

@@ -20,8 +20,12 @@ reads the quantized blocks directly; ``numerics`` picks how (see weights.py):
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,13 +34,14 @@ import numpy as np
 
 from . import ggml_ops
 from .config import Phi3Config
+from .errors import ModelBusyError, NonFiniteError
 from .gguf_file import GGUFError, GGUFFile
 from .isa import Level
 from .isa import resolve as resolve_isa
 from .tokenizer import Tokenizer
 from .weights import NUMERICS, Weight
 
-__all__ = ["KVCache", "Model", "load", "DEFAULT_MAX_CTX", "DEFAULT_UBATCH"]
+__all__ = ["KVCache", "Model", "check_finite", "load", "DEFAULT_MAX_CTX", "DEFAULT_UBATCH"]
 
 # The KV cache is preallocated; without an explicit n_ctx it holds at most this many
 # positions (Phi-3.5's 131072 would take 48 GB in float16 for the mini model).
@@ -44,6 +49,44 @@ DEFAULT_MAX_CTX = 4096
 # Prompts run in batches of at most this many tokens: llama.cpp's default n_ubatch (its
 # kernels, and so its sums, depend on a batch's size).
 DEFAULT_UBATCH = 512
+
+
+# Forward passes run one at a time in a process, whichever model they belong to: the
+# kernels already use every core. A fork waits for the pass under way to end (a child
+# must not inherit a half-written cache, nor a lock held by a thread it does not have).
+PASS_LOCK = threading.RLock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=PASS_LOCK.acquire, after_in_parent=PASS_LOCK.release, after_in_child=PASS_LOCK.release)
+
+
+@contextlib.contextmanager
+def _interrupts_as_keyboard_interrupt():
+    """A Ctrl-C whose handler runs as a Numba kernel returns surfaces as ``SystemError``
+    ("... returned a result with an exception set"), a chain of them caused by the
+    KeyboardInterrupt: it is re-raised as the KeyboardInterrupt it is."""
+    try:
+        yield
+    except SystemError as e:
+        cause: BaseException | None = e
+        for _ in range(16):  # the chain is short; a loop in it must not hang us
+            if cause is None or isinstance(cause, KeyboardInterrupt):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+
+
+def check_finite(x: np.ndarray, name: str, source: str) -> np.ndarray:
+    """``x`` unchanged, or :class:`NonFiniteError` naming ``name`` (llama.cpp's tensor name)
+    and ``source`` (the weights it came from) if it holds inf or NaN."""
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise NonFiniteError(
+            f"{name}: the forward pass produced {x[tuple(bad)]} at {tuple(int(i) for i in bad)} "
+            f"({source}): the weights hold inf or NaN, or the activations overflowed float32"
+        )
+    return x
 
 
 # ======================================================================================
@@ -65,6 +108,11 @@ class KVCache:
         # transparent huge pages, which a head-major layout would touch everywhere).
         shape = (config.n_layer, n_ctx, config.n_head_kv, config.head_dim)
         return cls(np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype))
+
+    @staticmethod
+    def nbytes(config: Phi3Config, n_ctx: int, dtype: type) -> int:
+        """Bytes of a cache for ``n_ctx`` positions (keys and values)."""
+        return 2 * config.n_layer * n_ctx * config.n_head_kv * config.head_dim * np.dtype(dtype).itemsize
 
     @property
     def n_ctx(self) -> int:
@@ -105,8 +153,21 @@ class Model:
         self.isa = resolve_isa(isa)
         if n_ctx is None:
             n_ctx = min(config.n_ctx_train, DEFAULT_MAX_CTX)
-        if not isinstance(n_ctx, int) or n_ctx <= 0:
+        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        if n_ctx > config.n_ctx_train:
+            # as llama.cpp, allowed with a warning: positions past the trained context are
+            # outside what the model has learned
+            warnings.warn(
+                f"n_ctx={n_ctx} is more than the {config.n_ctx_train} positions {gguf.path.name} was trained for",
+                stacklevel=3,
+            )
+        cache_bytes = KVCache.nbytes(config, n_ctx, np.float16 if self.ggml else np.float32)
+        if cache_bytes > _physical_memory():
+            raise ValueError(
+                f"n_ctx={n_ctx} needs a KV cache of {cache_bytes / 2**30:,.1f} GiB, more than this machine's "
+                f"{_physical_memory() / 2**30:,.1f} GiB of memory"
+            )
         self.n_ctx = n_ctx
         if not isinstance(n_ubatch, int) or isinstance(n_ubatch, bool) or n_ubatch <= 0:
             raise ValueError(f"n_ubatch must be a positive integer, got {n_ubatch!r}")
@@ -123,7 +184,15 @@ class Model:
             return Weight(name, gguf.tensor_bytes(name), info.qtype, info.shape)
 
         def vector(name: str) -> np.ndarray:
-            return np.ascontiguousarray(gguf.dequantize_tensor(name), dtype=np.float32)
+            # norm weights and rope factors are read whole: a non-finite (or, for a rope
+            # factor, non-positive) entry is refused now rather than becoming NaN logits
+            v = np.ascontiguousarray(gguf.dequantize_tensor(name), dtype=np.float32)
+            bad = ~np.isfinite(v) | ((v <= 0) if name.startswith("rope_factors") else False)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise GGUFError(f"{gguf.path}: tensor {name!r} holds {v[i]} at index {i}; its values must be finite"
+                                f"{' and positive' if name.startswith('rope_factors') else ''}")
+            return v
 
         self.token_embd = weight("token_embd.weight")
         self.rope = RotaryEmbedding(
@@ -146,9 +215,23 @@ class Model:
             if len(info.shape) == 2 and info.supported and (name != "token_embd.weight" or self.output is self.token_embd):
                 gguf.populate(name)
 
-        self.cache = KVCache.allocate(config, n_ctx, np.float16 if self.ggml else np.float32)
-        self.tokens: list[int] = []  # what the cache holds, position by position
+        try:
+            self.cache = KVCache.allocate(config, n_ctx, np.float16 if self.ggml else np.float32)
+        except MemoryError:
+            raise ValueError(f"n_ctx={n_ctx}: the KV cache of {cache_bytes / 2**30:,.1f} GiB cannot be allocated") from None
+        # What the cache holds, position by position. Replaced, never mutated, and always
+        # true of the cache: a pass cuts it to the positions it keeps before writing any
+        # (see forward()).
+        self.tokens: list[int] = []
         self.cache_uses_long_rope = False
+        # One pass at a time (calls from several threads wait their turn); the version
+        # changes with every change of the context, so that a generation can tell that
+        # another caller moved it (ModelBusyError) instead of continuing on a wrong cache.
+        self._lock = PASS_LOCK
+        self._version = 0
+        # held by a non-streaming generation from its first pass to its last: threads that
+        # generate on one model take turns
+        self.generation_lock = threading.Lock()
         # trace(): intermediate results by llama.cpp's tensor names ("attn_norm-0", ...)
         self._trace: dict[str, np.ndarray] | None = None
         self._tokenizer: Tokenizer | None = None
@@ -166,15 +249,30 @@ class Model:
     def tokenizer(self, tokenizer: "Tokenizer") -> None:
         self._tokenizer = tokenizer
 
+    @property
+    def context_version(self) -> int:
+        """A number that changes whenever the cached context does (a pass, a reset)."""
+        return self._version
+
+    def cached(self) -> tuple[list[int], int]:
+        """The tokens the cache holds and the :attr:`context_version`, read together (a
+        generation resumes from them: see :meth:`forward`'s ``expect_version``)."""
+        with self._lock:
+            return self.tokens, self._version
+
     def reset(self) -> None:
         """Forget the cached context."""
-        self.tokens = []
-        self.cache_uses_long_rope = False
+        with self._lock:
+            self.tokens = []
+            self.cache_uses_long_rope = False
+            self._version += 1
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position for ``tokens`` in a fresh context: (len(tokens), n_vocab) float32."""
-        self.reset()
-        return self._run(self._check_tokens(tokens, 0), 0, all_logits=True)
+        ids = self._check_tokens(tokens, 0)
+        with self._lock, _interrupts_as_keyboard_interrupt():
+            self.reset()
+            return self._run(ids, 0, all_logits=True)
 
     def trace(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
         """Run ``tokens`` in a fresh context and return the intermediate results of every
@@ -185,12 +283,13 @@ class Model:
         The tokens run as one batch: at most ``n_ubatch`` of them."""
         if len(tokens) > self.n_ubatch:
             raise ValueError(f"trace() runs one batch: {len(tokens)} tokens is more than n_ubatch={self.n_ubatch}")
-        self._trace = {}
-        try:
-            self.logits(tokens)
-            return self._trace
-        finally:
-            self._trace = None
+        with self._lock:
+            self._trace = {}
+            try:
+                self.logits(tokens)
+                return self._trace
+            finally:
+                self._trace = None
 
     @property
     def tracing(self) -> bool:
@@ -202,23 +301,44 @@ class Model:
             self._trace[name] = np.array(value, dtype=np.float32)
         return value
 
-    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], start_pos: int, *, expect_version: int | None = None) -> np.ndarray:
         """Process ``tokens`` at positions ``start_pos...`` (the cache must hold the first
         ``start_pos`` positions; anything after is overwritten). Returns the last position's
-        logits, (n_vocab,) float32."""
-        if not 0 <= start_pos <= len(self.tokens):
-            raise ValueError(f"start_pos {start_pos} is past the {len(self.tokens)} cached positions")
-        return self._run(self._check_tokens(tokens, start_pos), start_pos, all_logits=False)[-1]
+        logits, (n_vocab,) float32.
+
+        A pass that does not finish (an error, Ctrl-C) leaves ``tokens`` and the cache in
+        agreement: appending (``start_pos == len(tokens)``) leaves the model as it was; an
+        overwrite leaves the first ``start_pos`` positions. ``expect_version``: refuse
+        (:class:`ModelBusyError`) unless :attr:`context_version` still has this value, so
+        that a caller continuing its own context notices another caller's pass; after a
+        successful pass the version is ``expect_version + 1``."""
+        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
+            raise TypeError(f"start_pos must be an integer, got {start_pos!r}")
+        ids = self._check_tokens(tokens, start_pos)
+        with self._lock, _interrupts_as_keyboard_interrupt():
+            if expect_version is not None and expect_version != self._version:
+                raise ModelBusyError(
+                    "the model's context was changed by another call while a generation was using it "
+                    "(two generations at once on one model: finish or close one stream before starting "
+                    "another, or give each thread its own Model)"
+                )
+            if not 0 <= start_pos <= len(self.tokens):
+                raise ValueError(f"start_pos {start_pos} is past the {len(self.tokens)} cached positions")
+            return self._run(ids, int(start_pos), all_logits=False)[-1]
 
     # -- the forward pass --------------------------------------------------------------
 
     def _check_tokens(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        try:
+            ids = np.asarray([operator.index(t) for t in tokens], dtype=object)
+        except TypeError:
+            raise TypeError(f"tokens must be a sequence of integer token ids, got {tokens!r:.80}") from None
         if ids.size == 0:
             raise ValueError("tokens is empty")
         bad = (ids < 0) | (ids >= self.config.n_vocab)
         if bad.any():
             raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary (0..{self.config.n_vocab - 1})")
+        ids = ids.astype(np.int64)
         if start_pos + ids.size > self.n_ctx:
             raise ValueError(
                 f"{start_pos + ids.size} positions do not fit the context of {self.n_ctx} "
@@ -227,16 +347,24 @@ class Model:
         return ids
 
     def _run(self, ids: np.ndarray, start_pos: int, all_logits: bool) -> np.ndarray:
+        # The positions from start_pos on are about to be overwritten: from now on the
+        # cache holds only the first start_pos positions, whatever interrupts the pass.
+        kept = self.tokens[:start_pos]
+        self.tokens = kept
+        self._version += 1
         end = start_pos + ids.size
         long_rope = self.rope.use_long(end)
-        if long_rope != self.cache_uses_long_rope and start_pos > 0:
-            # Phi-3 LongRoPE: crossing the original context switches every position to the
-            # long factors (transformers computes all positions with the factors of the
-            # full length), so the cached keys are recomputed with them first.
-            self._batches(np.asarray(self.tokens[:start_pos], dtype=np.int64), 0, long_rope, all_logits=None)
-        self.cache_uses_long_rope = long_rope
+        if long_rope != self.cache_uses_long_rope:
+            if start_pos > 0:
+                # Phi-3 LongRoPE: crossing the original context switches every position to
+                # the long factors (transformers computes all positions with the factors of
+                # the full length), so the cached keys are recomputed with them first.
+                self.tokens = []  # no cached key is valid until they all are
+                self._batches(np.asarray(kept, dtype=np.int64), 0, long_rope, all_logits=None)
+            self.cache_uses_long_rope = long_rope
+            self.tokens = kept
         logits = self._batches(ids, start_pos, long_rope, all_logits)
-        self.tokens[start_pos:] = ids.tolist()
+        self.tokens = kept + ids.tolist()
         return logits
 
     def _batches(self, ids: np.ndarray, start_pos: int, long_rope: bool, all_logits: bool | None) -> np.ndarray:
@@ -257,13 +385,14 @@ class Model:
             x = self._layers(batch, start_pos + s, long_rope, keep)  # (kept positions, n_embd)
             if x.shape[0]:
                 x = self.record("result_norm", self.output_norm(x))
-                outputs.append(self.record("result_output", self.output.matmul(x, self.numerics, self.isa)))  # (kept, n_vocab)
+                logits = self.output.matmul(x, self.numerics, self.isa)  # (kept, n_vocab)
+                outputs.append(self.record("result_output", check_finite(logits, "result_output", f"the product with {self.output.name}")))
         return np.concatenate(outputs) if outputs else np.empty((0, self.config.n_vocab), np.float32)
 
     def _layers(self, ids: np.ndarray, start_pos: int, long_rope: bool, keep: slice) -> np.ndarray:
         positions = np.arange(start_pos, start_pos + ids.size)
         cos, sin = self.rope.cos_sin(positions, long_rope)  # (n_tokens, n_rot / 2) each
-        x = self.token_embd.rows(ids)  # (n_tokens, n_embd)
+        x = check_finite(self.token_embd.rows(ids), "inp_embd", "rows of token_embd.weight")  # (n_tokens, n_embd)
         for block in self.blocks[:-1]:
             x = block(x, positions, cos, sin)
         return self.blocks[-1](x, positions, cos, sin, keep)
@@ -292,8 +421,10 @@ class Block:
         i, record = self.index, self.model.record
         h = record(f"attn_norm-{i}", self.attn_norm(x))
         x = (x + record(f"attn_out-{i}", self.attn(h, positions, cos, sin)))[keep]  # (kept tokens, n_embd)
+        check_finite(x, f"attn_out-{i}", f"layer {i}'s attention, blk.{i}.attn_*")
         h = record(f"ffn_norm-{i}", self.ffn_norm(x))
-        return record(f"l_out-{i}", x + record(f"ffn_out-{i}", self.mlp(h)))  # (n_tokens, n_embd)
+        x = record(f"l_out-{i}", x + record(f"ffn_out-{i}", self.mlp(h)))  # (n_tokens, n_embd)
+        return check_finite(x, f"l_out-{i}", f"layer {i}'s feed-forward, blk.{i}.ffn_*")
 
 
 # ======================================================================================
@@ -525,6 +656,14 @@ class RotaryEmbedding:
 # ======================================================================================
 # Loading
 # ======================================================================================
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM (a KV cache larger than this cannot be used; unknown: no limit)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**63
 
 
 def load(

@@ -74,7 +74,8 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Divide by ``temperature`` (> 0): below 1 sharpens the distribution, above 1 flattens it."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 here (0 means greedy: use argmax), got {temperature}")
-    return np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+    with np.errstate(over="ignore"):  # a tiny temperature overflows to inf: sample() takes the argmax then
+        return np.asarray(logits, dtype=np.float32) / np.float32(temperature)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -100,7 +101,9 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     if p >= 1.0:
         return x.copy()
     probs = softmax(x)
-    order = np.argsort(-probs, kind="stable")
+    # by logit, as llama.cpp sorts: logits that differ in float32 can round to the same
+    # probability, and the most likely token must come first
+    order = np.argsort(-x, kind="stable")
     cumulative = np.cumsum(probs[order])
     n_keep = int(np.searchsorted(cumulative, p, side="left")) + 1  # first index reaching p, inclusive
     keep = np.zeros(x.size, dtype=bool)
@@ -120,12 +123,23 @@ def min_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
     """The next token id: the filters in the module's order, then a draw (argmax when the
-    temperature is 0)."""
+    temperature is 0). ``ValueError`` for logits that are NaN or +inf (no distribution),
+    all -inf (no token allowed), or ``recent`` ids outside the logits."""
     x = np.asarray(logits, dtype=np.float32)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"sample() takes a 1-D array of logits, got shape {x.shape}")
+    bad = np.isnan(x) | (x == np.inf)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"the logits hold {x[i]} at token {i}: they give no distribution to sample from")
+    if np.all(x == -np.inf):
+        raise ValueError("every logit is -inf: no token is allowed")
     if params.repeat_last_n > 0 and params.repeat_penalty != 1.0:
-        x = apply_repeat_penalty(x, list(recent)[-params.repeat_last_n :], params.repeat_penalty)
+        window = np.asarray(list(recent)[-params.repeat_last_n :], dtype=np.int64)
+        outside = (window < 0) | (window >= x.size)
+        if outside.any():
+            raise ValueError(f"recent token id {int(window[outside][0])} is outside the {x.size} logits")
+        x = apply_repeat_penalty(x, window, params.repeat_penalty)
     if params.temperature == 0:
         return int(np.argmax(x))
     if params.top_k is not None:
@@ -134,5 +148,8 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         x = top_p_filter(x, params.top_p)
     if params.min_p is not None:
         x = min_p_filter(x, params.min_p)
-    probs = softmax(apply_temperature(x, params.temperature))
+    scaled = apply_temperature(x, params.temperature)
+    if np.any(scaled == np.inf):  # a temperature so small that logits overflow: the limit is argmax
+        return int(np.argmax(x))
+    probs = softmax(scaled)
     return int(rng.choice(probs.size, p=probs))

@@ -17,7 +17,10 @@ is on; user-defined tokens always are.
 
 from __future__ import annotations
 
+import json
+import operator
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -87,6 +90,9 @@ class Tokenizer:
         self.add_bos, self.add_eos = add_bos, add_eos
         self.chat_template = chat_template
         self.kind = kind
+        # per id, the bytes decode() joins, for SentencePiece-style vocabularies (None: the
+        # backend decodes)
+        self._pieces: list[bytes] | None = _spm_pieces(backend)
         self._special_ids = frozenset(
             backend.token_to_id(t.content) for t in backend.get_added_tokens_decoder().values() if t.special
         )
@@ -104,32 +110,34 @@ class Tokenizer:
 
     @classmethod
     def _from_metadata(cls, gf: GGUFFile) -> "Tokenizer":
-        kind = gf.get("tokenizer.ggml.model")
-        if kind is None:
+        if "tokenizer.ggml.model" not in gf:
             raise GGUFError(f"{gf.path}: no tokenizer in the file (tokenizer.ggml.model is missing)")
-        tokens = gf.get_array("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens:
-            raise GGUFError(f"{gf.path}: tokenizer.ggml.tokens is not a list of strings")
+        kind = gf.get_str("tokenizer.ggml.model")
+        tokens = _typed_array(gf, "tokenizer.ggml.tokens", "strings")
+        if not tokens:
+            raise GGUFError(f"{gf.path}: tokenizer.ggml.tokens is empty")
         n = len(tokens)
-        types = np.asarray(gf.get_array("tokenizer.ggml.token_type", np.full(n, NORMAL)))
+        types = np.full(n, NORMAL, np.int64)
+        if "tokenizer.ggml.token_type" in gf:
+            types = np.asarray(_typed_array(gf, "tokenizer.ggml.token_type", "integers"), np.int64)
         if types.shape != (n,):
             raise GGUFError(f"{gf.path}: tokenizer.ggml.token_type has {types.size} entries for {n} tokens")
         types = types.copy()
         eog_texts = [i for i, t in enumerate(tokens) if t in EOG_TEXTS]
         types[eog_texts] = CONTROL
         if kind == "llama":
-            scores = np.asarray(gf.get_array("tokenizer.ggml.scores"), dtype=np.float64)
+            scores = np.asarray(_typed_array(gf, "tokenizer.ggml.scores", "numbers"), dtype=np.float64)
             if scores.shape != (n,):
                 raise GGUFError(f"{gf.path}: tokenizer.ggml.scores has {scores.size} entries for {n} tokens")
-            backend = _spm_backend(tokens, scores, types)
+            backend = _backend(gf, _spm_backend, tokens, scores, types)
         elif kind == "gpt2":
-            merges = gf.get_array("tokenizer.ggml.merges")
-            pre = gf.get("tokenizer.ggml.pre", "default")
+            merges = _typed_array(gf, "tokenizer.ggml.merges", "strings")
+            pre = gf.get_str("tokenizer.ggml.pre", "default")
             if pre not in PRE_TOKENIZER_REGEXES:
                 raise GGUFError(
                     f"{gf.path}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZER_REGEXES)})"
                 )
-            backend = _bpe_backend(tokens, merges, PRE_TOKENIZER_REGEXES[pre])
+            backend = _backend(gf, _bpe_backend, tokens, merges, PRE_TOKENIZER_REGEXES[pre])
         else:
             raise GGUFError(f"{gf.path}: tokenizer model {kind!r} is not supported (phi3ref reads 'llama' and 'gpt2')")
         # llama.cpp strips the whitespace after Phi-3's special tokens (all but <unk>, <s>
@@ -142,10 +150,10 @@ class Tokenizer:
         _add_special_tokens(backend, tokens, types, rstrip)
 
         def token_id(key: str) -> int | None:
-            value = gf.get(key)
-            if value is None:
+            if key not in gf:
                 return None
-            if not 0 <= int(value) < n:
+            value = gf.get_int(key)
+            if not 0 <= value < n:
                 raise GGUFError(f"{gf.path}: {key} = {value} is outside the vocabulary of {n} tokens")
             return int(value)
 
@@ -157,9 +165,9 @@ class Tokenizer:
             bos_id=bos,
             eos_id=eos,
             eog_ids=eog,
-            add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", kind == "llama")),
-            add_eos=bool(gf.get("tokenizer.ggml.add_eos_token", False)),
-            chat_template=gf.get("tokenizer.chat_template"),
+            add_bos=gf.get_bool("tokenizer.ggml.add_bos_token", kind == "llama"),
+            add_eos=gf.get_bool("tokenizer.ggml.add_eos_token", False),
+            chat_template=gf.get_str("tokenizer.chat_template", None),
             kind=kind,
         )
 
@@ -187,6 +195,8 @@ class Tokenizer:
 
     @property
     def n_vocab(self) -> int:
+        if self._pieces is not None:
+            return len(self._pieces)
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
@@ -194,6 +204,10 @@ class Tokenizer:
         ``special=False`` reads control-token texts such as ``<|user|>`` as plain text."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text cannot be encoded as UTF-8 ({e.reason} at index {e.start}: {text[e.start]!r})") from None
         self.backend.encode_special_tokens = not special
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
@@ -203,12 +217,26 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
-        """The text of ``ids`` (control tokens dropped with ``skip_special``)."""
-        ids = [int(i) for i in ids]
+        """The text of ``ids`` (control tokens dropped with ``skip_special``). Bytes that are
+        not valid UTF-8 become U+FFFD, one per maximal invalid sequence (the Unicode
+        Standard's practice, as Python's ``errors="replace"``), and valid neighbours are kept:
+        the text of a prefix of ``ids`` is a prefix of the text of ``ids``, up to a trailing
+        U+FFFD that more bytes may complete."""
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise TypeError(f"decode() takes a sequence of integer token ids, got {ids!r:.80}") from None
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        return self.backend.decode(ids, skip_special_tokens=skip_special)
+        if self._pieces is None:
+            return self.backend.decode(ids, skip_special_tokens=skip_special)
+        # SentencePiece vocabulary: each token's bytes (U+2581 as a space, <0xNN> as the
+        # byte), joined and decoded once, so a character split over byte tokens survives
+        # and an invalid byte costs only itself; the space prefixed at encoding is removed.
+        skip = self._special_ids if skip_special else frozenset()
+        text = b"".join(self._pieces[i] for i in ids if i not in skip).decode("utf-8", errors="replace")
+        return text[1:] if text.startswith(" ") else text
 
     def token_text(self, token_id: int) -> str:
         """The vocabulary entry of one id (as stored, e.g. '▁Hello' or '<0x0A>')."""
@@ -227,6 +255,61 @@ class Tokenizer:
 # ======================================================================================
 # building the backends
 # ======================================================================================
+
+
+_INTEGERS = {f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)}
+_ITEM_TYPES = {"strings": {"string"}, "integers": _INTEGERS, "numbers": _INTEGERS | {"float32", "float64"}}
+
+
+def _typed_array(gf: GGUFFile, key: str, what: str) -> list | np.ndarray:
+    """The array ``key``, refused (``GGUFError``) unless its items are ``what``: "strings",
+    "integers" or "numbers"."""
+    value = gf.get_array(key)
+    vtype = gf.value_types[key]
+    if vtype[len("array[") : -1] not in _ITEM_TYPES[what]:
+        raise GGUFError(f"{gf.path}: metadata key {key!r} should be an array of {what}, but it is {vtype}")
+    return value
+
+
+def _backend(gf: GGUFFile, build, *args) -> tokenizers.Tokenizer:
+    """``build(*args)``, with any failure of the tokenizers library (which raises bare
+    ``Exception``) reported as the file's fault."""
+    try:
+        return build(*args)
+    except GGUFError as e:
+        raise GGUFError(f"{gf.path}: {e}") from None
+    except Exception as e:
+        raise GGUFError(f"{gf.path}: the vocabulary cannot be built ({e})") from None
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+# The decoder chain of SentencePiece-style vocabularies: the one _spm_backend builds, and
+# that of Hugging Face's Llama / Phi-3 tokenizer.json
+_SPM_DECODER = [
+    {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+    {"type": "ByteFallback"},
+    {"type": "Fuse"},
+    {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+]
+
+
+def _spm_pieces(backend: tokenizers.Tokenizer) -> list[bytes] | None:
+    """The bytes each token decodes to, when ``backend`` decodes with the SentencePiece
+    chain (else None): ``<0xNN>`` the byte NN, anything else its UTF-8 with U+2581 as a
+    space, as tokenizers' Replace and ByteFallback decoders do. decode() joins them before
+    decoding UTF-8 once, where ByteFallback turns a whole run of byte tokens into U+FFFD
+    when one of them is invalid."""
+    decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
+    if decoder.get("type") != "Sequence" or decoder.get("decoders") != _SPM_DECODER:
+        return None
+    pieces = []
+    for i in range(backend.get_vocab_size(with_added_tokens=True)):
+        t = backend.id_to_token(i) or ""
+        m = _BYTE_TOKEN.fullmatch(t)
+        pieces.append(bytes([int(m.group(1), 16)]) if m else t.replace(SPACE, " ").encode("utf-8"))
+    return pieces
 
 
 def _spm_backend(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> tokenizers.Tokenizer:
@@ -263,10 +346,13 @@ def _bpe_backend(tokens: list[str], merges: list[str] | None, regex: str) -> tok
         raise GGUFError("a gpt2 vocabulary needs tokenizer.ggml.merges")
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = []
-    for m in merges:
+    for i, m in enumerate(merges):
         left, sep, right = m.partition(" ")
         if not sep:
-            raise GGUFError(f"malformed merge {m!r} in tokenizer.ggml.merges")
+            raise GGUFError(f"malformed merge #{i} {m!r} in tokenizer.ggml.merges")
+        for part in (left, right, left + right):
+            if part not in vocab:
+                raise GGUFError(f"merge #{i} {m!r} in tokenizer.ggml.merges names {part!r}, which is not in the vocabulary")
         pairs.append((left, right))
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
     backend.pre_tokenizer = pre_tokenizers.Sequence(

@@ -35,6 +35,16 @@ def tiny_model(model_dir: Path):
 ALL_PRESETS = list(PRESETS)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long fuzz campaigns run only when a -m expression names them (pytest -m fuzz)."""
+    if "fuzz" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="a long fuzz campaign: run with -m fuzz")
+    for item in items:
+        if "fuzz" in item.keywords:
+            item.add_marker(skip)
+
+
 # The instruction forms phi3ref.simd compiles to besides this CPU's own, each run in a child
 # process with a cold Numba cache of its own (so the form is compiled there): the portable
 # form (ARM, any CPU without VNNI: no x86 intrinsic at all) and the AVX2 form (Haswell to

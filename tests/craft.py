@@ -84,3 +84,145 @@ def phi3_metadata(n_embd: int = 64, n_head: int = 2, n_ff: int = 128, n_layer: i
         kv_u32(f"{arch}.rope.dimension_count", n_embd // n_head),
         kv_str_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(16)]),
     ]
+
+
+# -- rewriting real files: one lie at a time in an otherwise valid model ---------------------
+
+_SCALAR_FORMATS = {
+    VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
+    VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d",
+}
+_VT_BY_NAME = {vt.name.lower(): vt for vt in VT}
+
+
+def value_type(name: str) -> tuple[int, int | None]:
+    """GGUFFile.value_types' spelling ("uint32", "array[string]") -> (type, item type)."""
+    if name.startswith("array["):
+        inner = name[len("array[") : -1]
+        return VT.ARRAY, _VT_BY_NAME[inner] if inner != "array" else VT.ARRAY
+    return _VT_BY_NAME[name], None
+
+
+def encode_value(vtype: int, value, item: int | None = None) -> bytes:
+    """The bytes of one metadata value of GGUF type ``vtype`` (arrays: items of ``item``)."""
+    if vtype == VT.STRING:
+        return gguf_string(value)
+    if vtype == VT.ARRAY:
+        values = list(value)
+        if item == VT.STRING:
+            body = b"".join(gguf_string(v) for v in values)
+        elif item == VT.ARRAY:
+            raise ValueError("nested arrays are not rewritten")
+        else:
+            body = b"".join(struct.pack(_SCALAR_FORMATS[item], v) for v in values)
+        return struct.pack("<IQ", item, len(values)) + body
+    return struct.pack(_SCALAR_FORMATS[vtype], value)
+
+
+def rewrite_gguf(src: Path, dst: Path, *, set_kv: dict | None = None, drop: tuple[str, ...] = (), tensor_data: dict | None = None) -> Path:
+    """Copy the GGUF ``src`` to ``dst`` with metadata changed: ``set_kv`` maps a key to
+    ``(vtype, value)`` or ``(VT.ARRAY, values, item_type)`` (added if new), ``drop`` removes
+    keys; ``tensor_data`` maps a tensor name to replacement bytes (same length). Tensor
+    table and data are kept, with the data realigned after the new header."""
+    import numpy as np
+
+    from phi3ref.gguf_file import GGUFFile
+
+    set_kv = dict(set_kv or {})
+    with GGUFFile(src) as gf:
+        kvs = []
+        for key, value in gf.metadata.items():
+            if key in drop:
+                continue
+            if key in set_kv:
+                spec = set_kv.pop(key)
+                kvs.append(kv(key, spec[0], encode_value(*spec)))
+                continue
+            vtype, item = value_type(gf.value_types[key])
+            if vtype == VT.ARRAY and item not in (VT.STRING, VT.ARRAY):
+                body = struct.pack("<IQ", item, len(value)) + np.asarray(value).tobytes()
+                kvs.append(kv(key, vtype, body))
+            else:
+                kvs.append(kv(key, vtype, encode_value(vtype, value, item)))
+        kvs += [kv(key, spec[0], encode_value(*spec)) for key, spec in set_kv.items()]
+        infos, data = [], bytearray(Path(src).read_bytes()[gf.data_offset :])
+        for name, info in gf.tensors.items():
+            rel = info.offset - gf.data_offset
+            infos.append(tensor_info(name, list(reversed(info.shape)), int(info.qtype), rel))
+            if tensor_data and name in tensor_data:
+                raw = tensor_data[name]
+                assert len(raw) == info.n_bytes, (name, len(raw), info.n_bytes)
+                data[rel : rel + info.n_bytes] = raw
+        alignment = gf.alignment
+    return RawGGUF(kvs=kvs, tensors=infos, data=bytes(data), alignment=alignment).write(Path(dst))
+
+
+# -- small vocabularies: tokenizers that build in milliseconds, for the fuzz corpus ---------
+
+
+def small_spm_vocab(path: Path, n_normal: int = 48) -> Path:
+    """A vocab-only GGUF cut from the real Phi-3 vocabulary: <unk> <s> </s>, the 256 byte
+    tokens, the first ``n_normal`` merged tokens and Phi-3's control tokens (<|endoftext|>,
+    <|assistant|>, ... <|end|>, <|user|>), with their scores, types and the chat template."""
+    import numpy as np
+
+    from phi3ref.gguf_file import GGUFFile
+    from phi3ref.testing import vocab_path
+
+    with GGUFFile(vocab_path()) as gf:
+        tokens = gf.get_array("tokenizer.ggml.tokens")
+        keep = list(range(259 + n_normal)) + list(range(32000, 32011))
+        scores = np.asarray(gf.get_array("tokenizer.ggml.scores"))[keep]
+        types = np.asarray(gf.get_array("tokenizer.ggml.token_type"))[keep]
+        kvs = [
+            kv_str("tokenizer.ggml.model", "llama"),
+            kv_str("tokenizer.ggml.pre", "default"),
+            kv_str_array("tokenizer.ggml.tokens", [tokens[i] for i in keep]),
+            kv("tokenizer.ggml.scores", VT.ARRAY, encode_value(VT.ARRAY, scores.tolist(), VT.FLOAT32)),
+            kv("tokenizer.ggml.token_type", VT.ARRAY, encode_value(VT.ARRAY, types.tolist(), VT.INT32)),
+            kv_u32("tokenizer.ggml.bos_token_id", 1),
+            kv_u32("tokenizer.ggml.eos_token_id", keep.index(32000)),
+            kv_u32("tokenizer.ggml.unknown_token_id", 0),
+            kv("tokenizer.ggml.add_bos_token", VT.BOOL, b"\x01"),
+            kv_str("tokenizer.chat_template", gf.get_str("tokenizer.chat_template")),
+        ]
+    return RawGGUF(kvs=kvs).write(Path(path))
+
+
+def gpt2_vocab(path: Path, vocab_size: int = 400) -> Path:
+    """A vocab-only GGUF with a GPT-2-style byte-level BPE trained on a small corpus (as
+    Phi-4's vocabularies are stored), Phi-3's control tokens added as control tokens."""
+    import json
+
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from phi3ref.tokenizer import PRE_TOKENIZER_REGEXES
+
+    corpus = ["The quick brown fox jumps over the lazy dog. 1234 numbers!", "Ice hockey haiku: puck on the frozen lake.",
+              "naïve café — résumé 🦙", "Write a haiku about ice hockey"] * 50
+    specials = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    trained = tokenizers.Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(PRE_TOKENIZER_REGEXES["gpt2"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trained.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=specials)
+    trained.train_from_iterator(corpus, trainer)
+    spec = json.loads(trained.to_str())
+    tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    types = [3 if t in specials else 1 for t in tokens]
+    return RawGGUF(kvs=[
+        kv_str("tokenizer.ggml.model", "gpt2"),
+        kv_str("tokenizer.ggml.pre", "gpt2"),
+        kv_str_array("tokenizer.ggml.tokens", tokens),
+        kv_str_array("tokenizer.ggml.merges", merges),
+        kv("tokenizer.ggml.token_type", VT.ARRAY, encode_value(VT.ARRAY, types, VT.INT32)),
+        kv_u32("tokenizer.ggml.eos_token_id", tokens.index("<|endoftext|>")),
+        kv_u32("tokenizer.ggml.eot_token_id", tokens.index("<|end|>")),
+        kv("tokenizer.ggml.add_bos_token", VT.BOOL, b"\x00"),
+        kv_str("tokenizer.chat_template", "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"),
+    ]).write(Path(path))

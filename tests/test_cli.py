@@ -99,3 +99,36 @@ def test_logits_command(tiny_model, tmp_path):
 def test_logits_command_bad_tokens(tiny_model, tmp_path, tokens, message):
     out = run("logits", "--model", str(tiny_model("phi3-mini", "Q4_0")), "--tokens", tokens, "-o", str(tmp_path / "l.npy"))
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """Bad flags once were reported only after a download, a compile or a load."""
+    import time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where --model demo would be written
+    start = time.perf_counter()
+    for args, message in [
+        (("generate", "--max-tokens", "-5"), "--max-tokens must be >= 0"),
+        (("generate", "--n-ctx", "0"), "--n-ctx must be a positive integer"),
+        (("generate", "--seed", "-1"), "--seed must be >= 0"),
+        (("generate", "--threads", "0"), "--threads must be from 1"),
+        (("generate", "--model", "demo", "--file", "x.gguf"), "--model demo has none"),
+        (("logits", "--model", str(tmp_path / "nope.gguf"), "--tokens", "1", "-o", str(tmp_path / "l.npy")), "no such file"),
+        (("logits", "--model", str(tmp_path), "--tokens", "1", "-o", str(tmp_path / "l.npy")), "no such file"),
+        (("logits", "--model", str(vocab_path()), "--tokens", "1", "-o", str(tmp_path / "no" / "l.npy")), "does not exist"),
+        (("logits", "--model", str(vocab_path()), "--tokens", "1,2,3", "--n-ctx", "2", "-o", str(tmp_path / "l.npy")), "less than the 3 tokens"),
+    ]:
+        code = main(list(args))
+        assert code in (1, 2) and message in capsys.readouterr().err, args
+    assert not (tmp_path / "cache").exists()
+    assert time.perf_counter() - start < 30  # nothing was downloaded, written, compiled or loaded
+
+
+def test_cli_names_its_own_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    assert main(["generate", "--model", str(tmp_path), "--max-tokens", "1"]) == 1
+    assert "name one with --file" in capsys.readouterr().err
+    assert main(["generate", "--model", "someone/some-repo", "--max-tokens", "1"]) == 2
+    assert "name it with --file" in capsys.readouterr().err

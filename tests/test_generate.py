@@ -78,8 +78,8 @@ def test_eos_ends_generation(model, monkeypatch):
     """Make <|end|> the only possible token: generation ends at once with reason eos."""
     real = model.forward
 
-    def forced(tokens, start_pos):
-        logits = real(tokens, start_pos)
+    def forced(tokens, start_pos, **kw):
+        logits = real(tokens, start_pos, **kw)
         logits[:] = -1e9
         logits[32007] = 0
         return logits
@@ -146,7 +146,7 @@ def test_hub_offline_error(monkeypatch, tmp_path):
         resolve_model("microsoft/Phi-3-mini-4k-instruct-gguf")
     msg = str(info.value)
     assert "Phi-3-mini-4k-instruct-q4.gguf" in msg and "microsoft/Phi-3-mini-4k-instruct-gguf" in msg
-    assert "pass its local path" in msg
+    assert "pass its local path" in msg and "HF_HUB_OFFLINE=1" in msg and "--model demo" in msg
     with pytest.raises(ValueError, match="which .gguf file"):
         resolve_model("someone/some-repo")
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -184,3 +184,44 @@ def test_cli_errors(tmp_path):
     assert bad.returncode == 2 and "top_p" in bad.stderr
     missing = run_cli("generate", "--model", str(tmp_path / "nope.gguf"))
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_careless_generation_arguments(model):
+    with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
+        phi3ref.generate("x", model=model, stop=None)
+    with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
+        phi3ref.generate("x", model=model, stop=[5])
+    with pytest.raises(ValueError, match="cannot be encoded as UTF-8"):
+        phi3ref.generate("hi \ud800", model=model)
+    with pytest.raises(TypeError, match="unknown sampling parameter"):
+        phi3ref.Chat(model, bogus=1)
+    with pytest.raises(ValueError, match="max_tokens"):
+        phi3ref.Chat(model, max_tokens=-1)
+
+
+def test_a_failed_turn_leaves_the_conversation_as_it_was(model, monkeypatch):
+    chat = phi3ref.Chat(model, seed=3, max_tokens=3)
+    chat.send("Hello")
+    before = [dict(m) for m in chat.messages]
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(KeyboardInterrupt):
+        chat.send("Again")
+    assert chat.messages == before
+    monkeypatch.undo()
+    stream = chat.send("Again", stream=True)
+    assert chat.messages == before  # a stream's turn counts once it is read to the end
+    text = "".join(stream)
+    assert chat.messages[-1] == {"role": "assistant", "content": text} and len(chat.messages) == 4
+
+
+def test_invalid_bytes_stream_as_they_decode(model):
+    """Streaming once emitted '世' and then decoded the text as four U+FFFD."""
+    tok = model.tokenizer
+    ids = [tok.backend.token_to_id(t) for t in ("<0xE4>", "<0xB8>", "<0x96>", "<0xFF>", "▁a", "<0xE4>")]
+    stream = _TextStream(tok, [])
+    pieces = [stream.push(i)[0] for i in ids] + [stream.flush()]
+    assert "".join(pieces) == stream.text == "世\ufffd a\ufffd"

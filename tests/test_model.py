@@ -198,3 +198,140 @@ def test_other_simd_forms_compute_the_same_model(form, tmp_path, tiny_model):
             here[f"decode-{level}"] = generation_logits(phi3ref.load(path, isa=level), tokens[:30], tokens[30:])
         for key, value in here.items():
             assert np.array_equal(theirs[f"{i}-{key}"].view(np.uint32), value.view(np.uint32)), (path, key)
+
+
+# -- state that cannot be corrupted -----------------------------------------------------------
+
+
+class _Interrupt(BaseException):
+    """Raised from inside a layer, as a Ctrl-C would arrive there."""
+
+
+def _interrupt_at_layer(model, layer: int):
+    """Make layer ``layer`` raise _Interrupt; returns the function that undoes it."""
+    original = model.blocks[layer]
+
+    def interrupted(*args, **kwargs):
+        raise _Interrupt
+
+    model.blocks[layer] = interrupted
+    return lambda: model.blocks.__setitem__(layer, original)
+
+
+@pytest.mark.parametrize("numerics", ["ggml", "exact"])
+@pytest.mark.parametrize("start", [10, 4])  # an append, an overwrite of cached positions
+def test_an_interrupted_pass_leaves_tokens_and_cache_in_agreement(numerics, start, tiny_model):
+    """Ctrl-C inside forward() once left model.tokens claiming the old context while layer
+    0's cache held the new one: the next call returned logits off by 7 (silently)."""
+    path = tiny_model("phi3-mini", "Q4_K_M")
+    model, clean = phi3ref.load(path, numerics=numerics), phi3ref.load(path, numerics=numerics)
+    model.forward(TOKENS[:10], 0)
+    clean.forward(TOKENS[:10], 0)
+    restore = _interrupt_at_layer(model, 1)  # layer 0 has written its keys by then
+    with pytest.raises(_Interrupt):
+        model.forward([450, 4799, 338], start)
+    restore()
+    assert model.tokens == TOKENS[:start]  # an append leaves the model as it was
+    assert np.array_equal(model.forward([7254], start), clean.forward([7254], start))
+
+
+def test_an_interrupted_longrope_recompute_forgets_the_context(tiny_model):
+    model = phi3ref.load(tiny_model("phi3.5-mini", "Q4_K_M"), numerics="exact", n_ctx=600)
+    model.forward(TOKENS * 15, 0)  # 240 positions: short factors
+    restore = _interrupt_at_layer(model, 0)
+    with pytest.raises(_Interrupt):
+        model.forward(TOKENS * 2, 240)  # crosses 256: every cached key is recomputed first
+    restore()
+    assert model.tokens == [] and not model.cache_uses_long_rope
+
+
+def test_threads_take_turns_and_interleaved_streams_are_refused(tiny_model):
+    import threading
+
+    model = phi3ref.load(tiny_model("phi3-mini", "Q4_K_M"))
+    alone = {s: phi3ref.generate("Hi", model=model, max_tokens=8, seed=s).tokens for s in (1, 2)}
+    got = {}
+    threads = [threading.Thread(target=lambda s=s: got.__setitem__(s, phi3ref.generate("Hi", model=model, max_tokens=8, seed=s).tokens))
+               for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+    first = phi3ref.generate("Hi", model=model, max_tokens=8, seed=1, stream=True)
+    next(first)
+    second = list(phi3ref.generate("Hi", model=model, max_tokens=8, seed=2, stream=True))
+    with pytest.raises(phi3ref.ModelBusyError, match="two generations at once on one model"):
+        list(first)
+    assert "".join(second) == phi3ref.generate("Hi", model=model, max_tokens=8, seed=2).text
+
+
+def test_a_forked_child_runs_the_model(tiny_model):
+    """GNU OpenMP (Numba's default threading layer) killed a child forked after a pass."""
+    import multiprocessing
+
+    model = phi3ref.load(tiny_model("phi3-mini", "Q4_K_M"))
+    ref = model.logits(TOKENS[:4])
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(model.logits(TOKENS[:4])))  # the model travels by fork
+    child.start()
+    out = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and np.array_equal(out, ref)
+    assert np.array_equal(model.logits(TOKENS[:4]), ref)  # and the parent goes on with its threads
+
+
+@pytest.mark.parametrize("numerics", ["ggml", "exact", "numpy"])
+def test_non_finite_activations_are_reported(numerics, tiny_model, tmp_path):
+    """An F16 weight of inf once surfaced as NaN logits and numpy's "Probabilities contain
+    NaN" at sampling; every numerics now names the layer."""
+    from craft import rewrite_gguf
+
+    from phi3ref.gguf_file import GGUFFile
+
+    src = tiny_model("phi3-medium", "F16")
+    with GGUFFile(src) as gf:
+        info = gf.tensors["blk.1.ffn_down.weight"]
+        raw = bytearray(gf.tensor_bytes(info.name).tobytes())
+    raw[0:2] = b"\x00\x7c"  # +inf in float16
+    path = rewrite_gguf(src, tmp_path / "inf.gguf", tensor_data={info.name: bytes(raw)})
+    model = phi3ref.load(path, numerics=numerics)
+    for _ in range(2):  # and the model stays usable: the failed pass holds no positions
+        with pytest.raises(phi3ref.NonFiniteError, match="l_out-1: the forward pass produced inf .*layer 1's feed-forward"):
+            model.forward(TOKENS[:3], 0)
+        assert model.tokens == []
+
+
+def test_careless_calls(tiny_model):
+    model = phi3ref.load(tiny_model("phi3-mini", "Q4_0"), n_ctx=32)
+    with pytest.raises(ValueError, match="token id 9223372036854775808 is outside the vocabulary"):
+        model.logits([2**63])
+    with pytest.raises(TypeError, match="integer token ids"):
+        model.logits([1.5])
+    with pytest.raises(TypeError, match="start_pos must be an integer"):
+        model.forward([1], "0")
+    with pytest.raises(ValueError, match="needs a KV cache of .* GiB, more than this machine's"):
+        phi3ref.load(tiny_model("phi3-mini", "Q4_0"), n_ctx=10**12)
+    with pytest.warns(UserWarning, match="n_ctx=1024 is more than the 512 positions"):
+        phi3ref.load(tiny_model("phi3-mini", "Q4_0"), n_ctx=1024)
+
+
+def test_ctrl_c_inside_a_kernel_is_a_keyboard_interrupt():
+    """Python reports a signal handler's exception raised as a Numba kernel returns as a
+    chain of SystemErrors; Model passes re-raise the KeyboardInterrupt at its root."""
+    from phi3ref.model import _interrupts_as_keyboard_interrupt
+
+    def chained():
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise SystemError("_numba_unpickle returned a result with an exception set") from e
+        except SystemError as e:
+            raise SystemError("CPUDispatcher(libm_cos_sin) returned a result with an exception set") from e
+
+    with pytest.raises(KeyboardInterrupt), _interrupts_as_keyboard_interrupt():
+        chained()
+    with pytest.raises(SystemError), _interrupts_as_keyboard_interrupt():
+        raise SystemError("something else")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from phi3ref.sampler import (
     SamplingParams,
@@ -114,3 +117,66 @@ def test_filters_restrict_the_draw():
 def test_invalid_values_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+# -- refusals and properties ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "logits,message",
+    [
+        (np.array([0.0, np.nan, 1.0], np.float32), "hold nan at token 1"),
+        (np.array([0.0, np.inf], np.float32), "hold inf at token 1"),
+        (np.full(4, -np.inf, np.float32), "every logit is -inf"),
+    ],
+)
+def test_logits_without_a_distribution_are_refused(logits, message):
+    with pytest.raises(ValueError, match=message):
+        sample(logits, SamplingParams(), np.random.default_rng(0))
+
+
+def test_recent_ids_outside_the_logits_are_refused():
+    with pytest.raises(ValueError, match="recent token id 99 is outside the 3 logits"):
+        sample(np.zeros(3, np.float32), SamplingParams(repeat_penalty=1.3), np.random.default_rng(0), [99])
+
+
+def test_a_vanishing_temperature_is_argmax():
+    logits = np.array([1e30, 3e30, -2e30], np.float32)
+    assert sample(logits, SamplingParams(temperature=1e-30), np.random.default_rng(0)) == 1
+
+
+_LOGITS = hnp.arrays(np.float32, st.integers(1, 40), elements=st.floats(-1e4, 1e4, width=32))
+_PARAMS = st.builds(
+    SamplingParams,
+    temperature=st.one_of(st.just(0.0), st.floats(1e-3, 5.0)),
+    top_k=st.one_of(st.none(), st.integers(1, 50)),
+    top_p=st.one_of(st.none(), st.floats(1e-3, 1.0)),
+    min_p=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    repeat_penalty=st.floats(0.5, 2.0),
+    repeat_last_n=st.integers(0, 8),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(logits=_LOGITS, params=_PARAMS, seed=st.integers(0, 2**32), recent=st.lists(st.integers(0, 39), max_size=10))
+def test_sample_draws_an_allowed_token(logits, params, seed, recent):
+    """Whatever the settings, the token is an index of the logits that the filters kept,
+    and the same seed draws it again."""
+    recent = [r for r in recent if r < logits.size]
+    token = sample(logits, params, np.random.default_rng(seed), recent)
+    assert 0 <= token < logits.size
+    assert token == sample(logits, params, np.random.default_rng(seed), recent)
+    if params.top_k is not None:
+        penalized = apply_repeat_penalty(logits, recent[-params.repeat_last_n:] if params.repeat_last_n else [], params.repeat_penalty)
+        kept = top_k_filter(penalized, params.top_k)
+        assert kept[token] > -np.inf or params.temperature == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(logits=_LOGITS, k=st.integers(1, 50), p=st.floats(1e-3, 1.0))
+def test_filters_keep_the_best_token(logits, k, p):
+    best = int(np.argmax(logits))
+    for filtered in (top_k_filter(logits, k), top_p_filter(logits, p), min_p_filter(logits, p)):
+        assert filtered[best] == logits[best]
+        assert np.all((filtered == logits) | (filtered == -np.inf))
+    assert np.count_nonzero(top_k_filter(logits, k) > -np.inf) >= min(k, logits.size)

@@ -6,7 +6,9 @@ import struct
 
 import pytest
 from conftest import DATA
-from craft import RawGGUF, kv, kv_str, kv_str_array
+from craft import RawGGUF, gpt2_vocab, kv, kv_str, kv_str_array, rewrite_gguf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from gguf import GGUFValueType as VT
 
 from phi3ref import GGUFError
@@ -141,6 +143,97 @@ def test_from_tokenizer_json(tmp_path, tok):
     assert loaded.eog_ids == tok.eog_ids and loaded.bos_id == 1
     bare = Tokenizer.from_file(path)
     assert bare.encode(CHAT, add_bos=False) == tok.encode(CHAT, add_bos=False)
+    invalid = _ids(tok, "<0xE4>", "<0xB8>", "<0x96>", "<0xFF>")  # decoded as the GGUF's vocabulary is
+    assert loaded.decode(invalid) == bare.decode(invalid) == "世\ufffd"
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a tokenizer.json"):
         Tokenizer.from_file(tmp_path / "bad.json")
+
+
+# -- hostile vocabularies and careless input ------------------------------------------------
+
+
+def _ids(tok: Tokenizer, *texts: str) -> list[int]:
+    return [tok.backend.token_to_id(t) for t in texts]
+
+
+def test_invalid_bytes_cost_only_themselves(tok):
+    """A byte that is not UTF-8 becomes one U+FFFD; the character before it survives."""
+    world = _ids(tok, "<0xE4>", "<0xB8>", "<0x96>")
+    ff = _ids(tok, "<0xFF>")
+    assert tok.decode(world) == "世"
+    assert tok.decode(world + ff) == "世\ufffd"
+    assert tok.decode(ff + world + ff + _ids(tok, "▁a")) == "\ufffd世\ufffd a"
+    assert tok.decode(world[:2]) == "\ufffd"  # an incomplete sequence: one U+FFFD until it completes
+
+
+@pytest.mark.parametrize(
+    "key,spec,message",
+    [
+        ("tokenizer.ggml.bos_token_id", ("FLOAT32", float("inf")), "should be an integer, but it is float32"),
+        ("tokenizer.ggml.eot_token_id", ("ARRAY", [1, 2], "INT32"), "should be an integer, but it is array"),
+        ("tokenizer.ggml.eos_token_id", ("UINT32", 32064), "outside the vocabulary of 32064 tokens"),
+        ("tokenizer.chat_template", ("UINT32", 7), "should be a string, but it is uint32"),
+        ("tokenizer.ggml.model", ("UINT32", 1), "should be a string"),
+        ("tokenizer.ggml.add_bos_token", ("UINT32", 2), "should be a bool"),
+        ("tokenizer.ggml.tokens", ("ARRAY", list(range(32064)), "INT32"), "should be an array of strings"),
+        ("tokenizer.ggml.scores", ("ARRAY", ["0"] * 32064, "STRING"), "should be an array of numbers"),
+        ("tokenizer.ggml.token_type", ("ARRAY", [1.0] * 32064, "FLOAT32"), "should be an array of integers"),
+    ],
+)
+def test_metadata_of_the_wrong_type(key, spec, message, tmp_path):
+    vt = getattr(VT, spec[0])
+    full = (vt, spec[1], getattr(VT, spec[2])) if len(spec) == 3 else (vt, spec[1])
+    path = rewrite_gguf(vocab_path(), tmp_path / "lie.gguf", set_kv={key: full})
+    with pytest.raises(GGUFError, match=message):
+        Tokenizer.from_gguf(path)
+
+
+def test_gpt2_merges_naming_unknown_tokens(tmp_path):
+    """tokenizers raises a bare Exception for these; the file is blamed instead."""
+    good = gpt2_vocab(tmp_path / "gpt2.gguf")
+    bad = rewrite_gguf(good, tmp_path / "bad.gguf", set_kv={"tokenizer.ggml.merges": (VT.ARRAY, ["Ġ zzzz"], VT.STRING)})
+    with pytest.raises(GGUFError, match="merge #0 'Ġ zzzz' in tokenizer.ggml.merges names 'zzzz', which is not in the vocabulary"):
+        Tokenizer.from_gguf(bad)
+    bad = rewrite_gguf(good, tmp_path / "bad-pre.gguf", set_kv={"tokenizer.ggml.pre": (VT.ARRAY, ["gpt2"], VT.STRING)})
+    with pytest.raises(GGUFError, match="'tokenizer.ggml.pre' should be a string, but it is array"):
+        Tokenizer.from_gguf(bad)
+
+
+def test_careless_text_and_ids(tok):
+    with pytest.raises(ValueError, match="cannot be encoded as UTF-8"):
+        tok.encode("hi \ud800 there")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([2**63])
+    with pytest.raises(TypeError, match="integer token ids"):
+        tok.decode(["a"])
+
+
+# -- properties -----------------------------------------------------------------------------
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_TEXT)
+def test_decode_inverts_encode(tok, text):
+    """Any text (no special-token parsing) comes back from its ids exactly."""
+    assert tok.decode(tok.encode(text, add_bos=False, special=False)) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(0, 32063), max_size=24), cut=st.integers(0, 24))
+def test_decoding_a_prefix_gives_a_prefix(tok, ids, cut):
+    """The property streaming rests on: the text of a prefix of ids, less a trailing
+    U+FFFD that more bytes may complete, is a prefix of the text of all of them."""
+    for skip in (False, True):
+        head = tok.decode(ids[:cut], skip_special=skip).rstrip("\ufffd")
+        assert tok.decode(ids, skip_special=skip).startswith(head)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=16))
+def test_byte_tokens_decode_as_python_does(tok, data):
+    """Bytes spelled as <0xNN> tokens decode as Python decodes them with errors="replace"."""
+    ids = _ids(tok, *[f"<0x{b:02X}>" for b in data])
+    assert tok.decode(ids) == data.decode("utf-8", errors="replace").removeprefix(" ")
