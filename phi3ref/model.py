@@ -187,11 +187,12 @@ class Model:
             # norm weights and rope factors are read whole: a non-finite (or, for a rope
             # factor, non-positive) entry is refused now rather than becoming NaN logits
             v = np.ascontiguousarray(gguf.dequantize_tensor(name), dtype=np.float32)
-            bad = ~np.isfinite(v) | ((v <= 0) if name.startswith("rope_factors") else False)
+            factor = name.startswith("rope_factors")
+            bad = ~np.isfinite(v) | ((v <= 0) if factor else False)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise GGUFError(f"{gguf.path}: tensor {name!r} holds {v[i]} at index {i}; its values must be finite"
-                                f"{' and positive' if name.startswith('rope_factors') else ''}")
+                                f"{' and positive' if factor else ''}")
             return v
 
         self.token_embd = weight("token_embd.weight")

@@ -301,7 +301,7 @@ def structural_case(seed_path: Path, data: bytes, fields: list[Field], header_en
     return Case("structural", f"{seed_path.stem}: {label}", run, {"numerics": numerics})
 
 
-def _semantic_lies(rng: np.random.Generator, gf: GGUFFile) -> list[tuple[str, dict, tuple]]:
+def _semantic_lies(gf: GGUFFile) -> list[tuple[str, dict, tuple]]:
     """(label, set_kv, drop) lies about one key of a valid file."""
     n_tokens = len(gf.get_array("tokenizer.ggml.tokens"))
     ints = [k for k, t in gf.value_types.items() if k.startswith("phi3.") and "int" in t]
@@ -349,7 +349,7 @@ def _semantic_lies(rng: np.random.Generator, gf: GGUFFile) -> list[tuple[str, di
 
 def semantic_case(seed_path: Path, rng: np.random.Generator, numerics: str) -> Case:
     with GGUFFile(seed_path) as gf:
-        lies = _semantic_lies(rng, gf)
+        lies = _semantic_lies(gf)
         tensor_lies = [t.name for t in gf.tensors.values() if t.type_name == "F32" and len(t.shape) == 1]
     if rng.random() < 0.1:  # a norm or rope-factor vector full of one bad value
         name = tensor_lies[int(rng.integers(0, len(tensor_lies)))]
