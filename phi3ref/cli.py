@@ -188,19 +188,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     from .hub import DEFAULT_REPO
+    from .sampler import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING
 
     p.add_argument("--model", default=DEFAULT_REPO, help=f"a .gguf path, a Hub repository id (default {DEFAULT_REPO}), or 'demo'")
     p.add_argument("--file", default=None, help="which .gguf of the Hub repository (default: its known file)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repeat-penalty", type=float, default=1.2)
-    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature, help=f"0 = greedy (default {DEFAULT_SAMPLING.temperature})")
+    p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p)
+    p.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k)
+    p.add_argument("--min-p", type=float, default=DEFAULT_SAMPLING.min_p)
+    p.add_argument("--repeat-penalty", type=float, default=DEFAULT_SAMPLING.repeat_penalty)
+    p.add_argument("--repeat-last-n", type=int, default=DEFAULT_SAMPLING.repeat_last_n)
     p.add_argument("--seed", type=int, default=None, help="default: random, printed")
-    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--numerics", default="ggml", choices=["ggml", "exact", "numpy"])

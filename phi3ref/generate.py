@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .chat_template import render_chat
 from .model import Model, load
-from .sampler import SamplingParams, sample
+from .sampler import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING, SamplingParams, sample
 from .tokenizer import Tokenizer
 
 __all__ = ["Chat", "GenerationResult", "Timings", "generate", "get_model"]
@@ -215,13 +215,13 @@ def generate(
     messages: Sequence[Mapping[str, str]] | None = None,
     model: Model | str | os.PathLike[str] | None = None,
     system: str | None = None,
-    max_tokens: int = 100,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    repeat_penalty: float = 1.2,
-    repeat_last_n: int = 64,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temperature: float = DEFAULT_SAMPLING.temperature,
+    top_p: float | None = DEFAULT_SAMPLING.top_p,
+    top_k: int | None = DEFAULT_SAMPLING.top_k,
+    min_p: float | None = DEFAULT_SAMPLING.min_p,
+    repeat_penalty: float = DEFAULT_SAMPLING.repeat_penalty,
+    repeat_last_n: int = DEFAULT_SAMPLING.repeat_last_n,
     seed: int | None = None,
     stop: Sequence[str] = (),
     stream: bool = False,
@@ -301,8 +301,8 @@ class Chat:
         self.rng = np.random.default_rng(self.seed)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        self.sampling = {"repeat_penalty": 1.2, "repeat_last_n": 64, **sampling}
-        self.max_tokens = self.sampling.pop("max_tokens", 256)
+        self.sampling = {**asdict(DEFAULT_SAMPLING), **sampling}
+        self.max_tokens = self.sampling.pop("max_tokens", DEFAULT_MAX_TOKENS)
         _check_max_tokens(self.max_tokens)
         self.stop = _check_stop(self.sampling.pop("stop", ()))
         try:

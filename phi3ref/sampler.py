@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_SAMPLING",
     "SamplingParams",
     "apply_repeat_penalty",
     "apply_temperature",
@@ -56,6 +58,12 @@ class SamplingParams:
 
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+# The tutorial's settings (Candle's Phi-3 example), stated once: the defaults of generate(),
+# Chat and the command line alike.
+DEFAULT_SAMPLING = SamplingParams(temperature=1.0, repeat_penalty=1.2, repeat_last_n=64)
+DEFAULT_MAX_TOKENS = 100  # a reply stops after this many tokens unless it ends sooner
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:

@@ -225,3 +225,20 @@ def test_invalid_bytes_stream_as_they_decode(model):
     stream = _TextStream(tok, [])
     pieces = [stream.push(i)[0] for i in ids] + [stream.flush()]
     assert "".join(pieces) == stream.text == "世\ufffd a\ufffd"
+
+
+def test_generate_chat_and_the_command_line_share_their_defaults(model):
+    """One set of defaults (phi3ref.sampler.DEFAULT_SAMPLING / DEFAULT_MAX_TOKENS, the
+    tutorial's): generate()'s signature, a Chat with nothing set and the CLI's flags."""
+    import inspect
+
+    from phi3ref.cli import build_parser
+
+    defaults = {k: p.default for k, p in inspect.signature(phi3ref.generate).parameters.items()}
+    wanted = {"max_tokens": 100, "temperature": 1.0, "top_p": None, "top_k": None, "min_p": None,
+              "repeat_penalty": 1.2, "repeat_last_n": 64}
+    assert {k: defaults[k] for k in wanted} == wanted
+    chat = phi3ref.Chat(model)
+    assert {**chat.sampling, "max_tokens": chat.max_tokens} == wanted
+    args = vars(build_parser().parse_args(["generate", "hello"]))
+    assert {k: args[k] for k in wanted} == wanted
