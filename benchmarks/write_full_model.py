@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from phi3ref.quants import QUANT_TYPES
-from phi3ref.testing import preset_shape, tensor_plan, write_model
+from phi3ref.synthetic import preset_shape, tensor_plan, write_model
 
 DEFAULT_PATH = Path(__file__).parent / "models" / "phi3-mini-full-Q4_K_M.gguf"
 

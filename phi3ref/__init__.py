@@ -5,7 +5,8 @@ from .errors import ModelBusyError, NonFiniteError
 from .gguf_file import GGUFError, GGUFFile, TensorInfo, open_gguf
 from .generate import Chat, GenerationResult, generate
 from .hub import HubError
-from .model import Model, load
+from .loading import load
+from .model import Model
 from .sampler import SamplingParams
 from .tokenizer import Tokenizer
 from .quants import QUANT_TYPES, QuantType, dequantize, quantize

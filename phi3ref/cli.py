@@ -11,6 +11,7 @@ from .gguf_file import GGUFError
 from .hub import HubError
 from .llama_builds import BuildError
 from .errors import ModelBusyError, NonFiniteError
+from .numerics import NAMES as NUMERICS
 
 TUTORIAL_PROMPT = "Write a haiku about ice hockey"
 DEMO = "demo"
@@ -19,7 +20,7 @@ __all__ = ["main"]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import describe, format_report
+    from .file_report import describe, format_report
 
     info = describe(args.file)
     if args.json:
@@ -46,7 +47,7 @@ def _cmd_logits(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .model import load
+    from .loading import load
 
     # everything the command needs is checked before the model is opened or a kernel compiled
     tokens = _parse_tokens(args.tokens)
@@ -94,7 +95,7 @@ def _demo_model() -> str:
     import os
     from pathlib import Path
 
-    from .testing import write_model
+    from .synthetic import write_model
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3ref"
     cache.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ def _check_generation_flags(args: argparse.Namespace) -> None:
 
 def _load_for_generation(args: argparse.Namespace):
     from .hub import resolve_model
-    from .model import load
+    from .loading import load
 
     _check_generation_flags(args)
     if args.model == DEMO:
@@ -204,12 +205,12 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--numerics", default="ggml", choices=["ggml", "exact", "numpy"])
+    p.add_argument("--numerics", default="ggml", choices=list(NUMERICS))
     p.add_argument("--n-ctx", type=int, default=None, help="context size (default: the model's, at most 4096)")
 
 
 def _cmd_write_model(args: argparse.Namespace) -> int:
-    from .testing import write_model
+    from .synthetic import write_model
 
     path = write_model(args.output, preset=args.preset, size=args.size, quant=args.quant, pure=args.pure, seed=args.seed)
     print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB): synthetic {args.preset} ({args.size}), {args.quant}, random weights")
@@ -233,7 +234,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .testing import PRESETS, QUANT_MIXES
+    from .synthetic import PRESETS, QUANT_MIXES
 
     parser = argparse.ArgumentParser(prog="phi3ref", description="Reference inference for the Phi-3 family in GGUF files.")
     parser.add_argument("--version", action="version", version=f"phi3ref {__version__}")
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="path to a .gguf file")
     p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,32010,1724")
     p.add_argument("-o", "--output", required=True, help="where to write the .npy array (n_tokens, n_vocab) float32")
-    p.add_argument("--numerics", default="ggml", choices=["ggml", "exact", "numpy"])
+    p.add_argument("--numerics", default="ggml", choices=list(NUMERICS))
     p.add_argument("--n-ctx", type=int, default=None, help="KV cache size (default: the number of tokens)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--last", action="store_true", help="only the last position")

@@ -20,7 +20,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from .chat_template import render_chat
-from .model import Model, load
+from .loading import load
+from .model import Model
 from .sampler import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING, SamplingParams, sample
 from .tokenizer import Tokenizer
 

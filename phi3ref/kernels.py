@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+import threading
 
 import numba as nb
 import numpy as np
@@ -61,9 +62,17 @@ def _after_fork_in_child() -> None:
     does not survive fork(). The child records itself as the layer's owner (Numba's own
     launch_threads does that) and runs on one thread, which takes no pool: the same
     numbers (every kernel splits its work by rows, not sums, across threads), computed
-    more slowly. Numba's other layers (TBB, workqueue) survive fork() unaided."""
+    more slowly. Numba's other layers (TBB, workqueue) survive fork() unaided.
+
+    Numba guards the start of its threads with a process-shared semaphore, and fork()
+    hands the child that very semaphore: a child that dies holding it (killed by a
+    timeout, interrupted) would leave every later child, and the parent, waiting on it
+    forever. A child starts with one thread, so it takes locks of its own."""
     from numba.np.ufunc import parallel
 
+    if hasattr(parallel, "_backend_init_process_lock"):
+        parallel._backend_init_process_lock = None  # made anew (unshared) at its next use
+        parallel._backend_init_thread_lock = threading.RLock()
     if not getattr(parallel, "_is_initialized", False) or getattr(parallel, "_threading_layer", None) != "omp":
         return
     from numba.np.ufunc import omppool
@@ -128,6 +137,35 @@ Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = int(QT.Q4_0), int(QT.Q4_1), int(QT.Q5_0), int(QT.
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = int(QT.Q2_K), int(QT.Q3_K), int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)
 IQ4_NL, IQ4_XS = int(QT.IQ4_NL), int(QT.IQ4_XS)
 
+# Block bytes and field offsets, from phi3ref.quants' one table (ggml-common.h's structs):
+# compile-time constants of the kernels below.
+def _at(qtype: QT, field: str) -> int:
+    return quants.QUANT_TYPES[qtype].offset(field)
+
+
+def _bytes(qtype: QT) -> int:
+    return quants.QUANT_TYPES[qtype].type_size
+
+
+Q4_0_BYTES, Q4_0_QS = _bytes(QT.Q4_0), _at(QT.Q4_0, "qs")
+Q4_1_BYTES, Q4_1_M, Q4_1_QS = _bytes(QT.Q4_1), _at(QT.Q4_1, "m"), _at(QT.Q4_1, "qs")
+Q5_0_BYTES, Q5_0_QH, Q5_0_QS = _bytes(QT.Q5_0), _at(QT.Q5_0, "qh"), _at(QT.Q5_0, "qs")
+Q5_1_BYTES, Q5_1_M, Q5_1_QH, Q5_1_QS = _bytes(QT.Q5_1), _at(QT.Q5_1, "m"), _at(QT.Q5_1, "qh"), _at(QT.Q5_1, "qs")
+Q8_0_BYTES, Q8_0_QS = _bytes(QT.Q8_0), _at(QT.Q8_0, "qs")
+IQ4_NL_BYTES, IQ4_NL_QS = _bytes(QT.IQ4_NL), _at(QT.IQ4_NL, "qs")
+Q2_K_BYTES, Q2_K_SCALES, Q2_K_QS, Q2_K_D, Q2_K_DMIN = (
+    _bytes(QT.Q2_K), _at(QT.Q2_K, "scales"), _at(QT.Q2_K, "qs"), _at(QT.Q2_K, "d"), _at(QT.Q2_K, "dmin"))
+Q3_K_BYTES, Q3_K_HMASK, Q3_K_QS, Q3_K_SCALES, Q3_K_D = (
+    _bytes(QT.Q3_K), _at(QT.Q3_K, "hmask"), _at(QT.Q3_K, "qs"), _at(QT.Q3_K, "scales"), _at(QT.Q3_K, "d"))
+Q4_K_BYTES, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS = (
+    _bytes(QT.Q4_K), _at(QT.Q4_K, "d"), _at(QT.Q4_K, "dmin"), _at(QT.Q4_K, "scales"), _at(QT.Q4_K, "qs"))
+Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QH, Q5_K_QS = (
+    _bytes(QT.Q5_K), _at(QT.Q5_K, "d"), _at(QT.Q5_K, "dmin"), _at(QT.Q5_K, "scales"), _at(QT.Q5_K, "qh"), _at(QT.Q5_K, "qs"))
+Q6_K_BYTES, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D = (
+    _bytes(QT.Q6_K), _at(QT.Q6_K, "ql"), _at(QT.Q6_K, "qh"), _at(QT.Q6_K, "scales"), _at(QT.Q6_K, "d"))
+IQ4_XS_BYTES, IQ4_XS_D, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, IQ4_XS_QS = (
+    _bytes(QT.IQ4_XS), _at(QT.IQ4_XS, "d"), _at(QT.IQ4_XS, "scales_h"), _at(QT.IQ4_XS, "scales_l"), _at(QT.IQ4_XS, "qs"))
+
 # Activation formats (ggml's vec_dot_type of each weight type)
 ACT_F32, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2, 3, 4, 5
 _ACT_OF_WEIGHT = {
@@ -179,18 +217,19 @@ def _k_scale_min(scales_off, w, j):
 @njit(inline="always")
 def _q3_k_scale(w, off, j):
     """6-bit scale j (0..15) of a Q3_K block, minus its bias of 32."""
+    sc = off + Q3_K_SCALES  # 12 bytes: the low 4 bits of scales 0..7 (low nibbles) and 8..15 (high) in 8, their top 2 bits in 4
     if j < 8:
-        low = np.int32(w[off + 96 + j]) & 0xF
+        low = np.int32(w[sc + j]) & 0xF
     else:
-        low = np.int32(w[off + 96 + j - 8]) >> 4
-    high = (np.int32(w[off + 104 + (j & 3)]) >> (2 * (j >> 2))) & 3
+        low = np.int32(w[sc + j - 8]) >> 4
+    high = (np.int32(w[sc + 8 + (j & 3)]) >> (2 * (j >> 2))) & 3
     return (low | (high << 4)) - 32
 
 
 @njit(inline="always")
 def _iq4_xs_scale(w, off, j):
-    low = (np.int32(w[off + 4 + j // 2]) >> (4 * (j % 2))) & 0xF
-    high = ((np.int32(w[off + 2]) | (np.int32(w[off + 3]) << 8)) >> (2 * j)) & 3
+    low = (np.int32(w[off + IQ4_XS_SCALES_L + j // 2]) >> (4 * (j % 2))) & 0xF
+    high = ((np.int32(w[off + IQ4_XS_SCALES_H]) | (np.int32(w[off + IQ4_XS_SCALES_H + 1]) << 8)) >> (2 * j)) & 3
     return (low | (high << 4)) - 32
 
 
@@ -230,21 +269,33 @@ def unpack_row(w, qtype, wq, wsc, wmn, wd, wm, table):
     """Unpack one row (its bytes ``w``) into codes and scales, see the table above."""
     n = wq.shape[0]
     if qtype == Q4_0 or qtype == IQ4_NL or qtype == Q8_0 or qtype == Q5_0 or qtype == Q4_1 or qtype == Q5_1:
-        size = 18 if (qtype == Q4_0 or qtype == IQ4_NL) else 34 if qtype == Q8_0 else 22 if qtype == Q5_0 else 20 if qtype == Q4_1 else 24
+        # d first in every one of these blocks; then m (Q4_1, Q5_1), qh (Q5_0, Q5_1), qs
+        if qtype == Q4_0:
+            size, qs_at, m_at, qh_at = Q4_0_BYTES, Q4_0_QS, 0, 0
+        elif qtype == IQ4_NL:
+            size, qs_at, m_at, qh_at = IQ4_NL_BYTES, IQ4_NL_QS, 0, 0
+        elif qtype == Q8_0:
+            size, qs_at, m_at, qh_at = Q8_0_BYTES, Q8_0_QS, 0, 0
+        elif qtype == Q5_0:
+            size, qs_at, m_at, qh_at = Q5_0_BYTES, Q5_0_QS, 0, Q5_0_QH
+        elif qtype == Q4_1:
+            size, qs_at, m_at, qh_at = Q4_1_BYTES, Q4_1_QS, Q4_1_M, 0
+        else:
+            size, qs_at, m_at, qh_at = Q5_1_BYTES, Q5_1_QS, Q5_1_M, Q5_1_QH
         for blk in range(n // 32):
             off, o = blk * size, blk * 32
             wd[blk] = _f16(w, off, table)
-            wm[blk] = _f16(w, off + 2, table) if (qtype == Q4_1 or qtype == Q5_1) else np.float32(0)
+            wm[blk] = _f16(w, off + m_at, table) if (qtype == Q4_1 or qtype == Q5_1) else np.float32(0)
             wsc[blk] = 1
             wmn[blk] = 0
             if qtype == Q8_0:
                 for j in range(32):
-                    wq[o + j] = np.int8(w[off + 2 + j])
+                    wq[o + j] = np.int8(w[off + qs_at + j])
                 continue
-            qs = off + (2 if (qtype == Q4_0 or qtype == IQ4_NL) else 6 if qtype == Q5_0 else 4 if qtype == Q4_1 else 8)
+            qs = off + qs_at
             qh = np.uint32(0)
             if qtype == Q5_0 or qtype == Q5_1:
-                hoff = qs - 4  # Q5: 32 fifth bits as a little-endian uint32, bit j = element j
+                hoff = off + qh_at  # Q5: 32 fifth bits as a little-endian uint32, bit j = element j
                 qh = np.uint32(w[hoff]) | (np.uint32(w[hoff + 1]) << 8) | (np.uint32(w[hoff + 2]) << 16) | (np.uint32(w[hoff + 3]) << 24)
             for j in range(16):
                 b = np.int32(w[qs + j])
@@ -262,63 +313,65 @@ def unpack_row(w, qtype, wq, wsc, wmn, wd, wm, table):
                 wq[o + j + 16] = q1
     elif qtype == Q2_K:
         for blk in range(n // 256):
-            off, o = blk * 84, blk * 256
-            wd[blk], wm[blk] = _f16(w, off + 80, table), _f16(w, off + 82, table)
+            off, o = blk * Q2_K_BYTES, blk * 256
+            wd[blk], wm[blk] = _f16(w, off + Q2_K_D, table), _f16(w, off + Q2_K_DMIN, table)
             for j in range(16):
-                sc = np.int32(w[off + j])  # low nibble: scale, high nibble: min
+                sc = np.int32(w[off + Q2_K_SCALES + j])  # low nibble: scale, high nibble: min
                 wsc[16 * blk + j], wmn[16 * blk + j] = sc & 0xF, sc >> 4
             for i in range(256):
                 # two halves of 128; byte l of a half holds elements l, l+32, l+64, l+96
                 half, sh, l = i // 128, (i % 128) // 32, i % 32
-                wq[o + i] = (np.int32(w[off + 16 + half * 32 + l]) >> (2 * sh)) & 3
+                wq[o + i] = (np.int32(w[off + Q2_K_QS + half * 32 + l]) >> (2 * sh)) & 3
     elif qtype == Q3_K:
         for blk in range(n // 256):
-            off, o = blk * 110, blk * 256
-            wd[blk], wm[blk] = _f16(w, off + 108, table), np.float32(0)
+            off, o = blk * Q3_K_BYTES, blk * 256
+            wd[blk], wm[blk] = _f16(w, off + Q3_K_D, table), np.float32(0)
             for j in range(16):
                 wsc[16 * blk + j], wmn[16 * blk + j] = _q3_k_scale(w, off, j), 0
             for i in range(256):
                 half, sh, l = i // 128, (i % 128) // 32, i % 32
-                q = (np.int32(w[off + 32 + half * 32 + l]) >> (2 * sh)) & 3
-                if (np.int32(w[off + l]) >> (i // 32)) & 1 == 0:  # a clear high bit means -4
+                q = (np.int32(w[off + Q3_K_QS + half * 32 + l]) >> (2 * sh)) & 3
+                if (np.int32(w[off + Q3_K_HMASK + l]) >> (i // 32)) & 1 == 0:  # a clear high bit means -4
                     q -= 4
                 wq[o + i] = q
     elif qtype == Q4_K or qtype == Q5_K:
-        size = 144 if qtype == Q4_K else 176
-        qs_off = 16 if qtype == Q4_K else 48
+        if qtype == Q4_K:
+            size, d_at, dmin_at, sc_at, qs_off = Q4_K_BYTES, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS
+        else:  # Q5_K: the fifth bits (qh) before qs
+            size, d_at, dmin_at, sc_at, qs_off = Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS
         for blk in range(n // 256):
             off, o = blk * size, blk * 256
-            wd[blk], wm[blk] = _f16(w, off, table), _f16(w, off + 2, table)
+            wd[blk], wm[blk] = _f16(w, off + d_at, table), _f16(w, off + dmin_at, table)
             for j in range(8):
-                wsc[8 * blk + j], wmn[8 * blk + j] = _k_scale_min(off + 4, w, j)
+                wsc[8 * blk + j], wmn[8 * blk + j] = _k_scale_min(off + sc_at, w, j)
                 base = off + qs_off + (j // 2) * 32
                 shift = 4 * (j % 2)  # 32 bytes give sub-blocks 2k (low nibbles) and 2k+1 (high)
                 for l in range(32):
                     q = (np.int32(w[base + l]) >> shift) & 0xF
                     if qtype == Q5_K:
-                        q |= ((np.int32(w[off + 16 + l]) >> j) & 1) << 4
+                        q |= ((np.int32(w[off + Q5_K_QH + l]) >> j) & 1) << 4
                     wq[o + 32 * j + l] = q
     elif qtype == Q6_K:
         for blk in range(n // 256):
-            off, o = blk * 210, blk * 256
-            wd[blk], wm[blk] = _f16(w, off + 208, table), np.float32(0)
+            off, o = blk * Q6_K_BYTES, blk * 256
+            wd[blk], wm[blk] = _f16(w, off + Q6_K_D, table), np.float32(0)
             for j in range(16):
-                wsc[16 * blk + j], wmn[16 * blk + j] = np.int8(w[off + 192 + j]), 0
+                wsc[16 * blk + j], wmn[16 * blk + j] = np.int8(w[off + Q6_K_SCALES + j]), 0
             for i in range(256):
                 # per half of 128: low 4 bits from 64 bytes (low nibbles first), top 2 from 32
                 half, k, p = i // 128, (i % 128) // 64, i % 64
-                low = (np.int32(w[off + half * 64 + p]) >> (4 * k)) & 0xF
+                low = (np.int32(w[off + Q6_K_QL + half * 64 + p]) >> (4 * k)) & 0xF
                 sh, l = (i % 128) // 32, i % 32
-                high = (np.int32(w[off + 128 + half * 32 + l]) >> (2 * sh)) & 3
+                high = (np.int32(w[off + Q6_K_QH + half * 32 + l]) >> (2 * sh)) & 3
                 wq[o + i] = (low | (high << 4)) - 32
     elif qtype == IQ4_XS:
         for blk in range(n // 256):
-            off, o = blk * 136, blk * 256
-            wd[blk], wm[blk] = _f16(w, off, table), np.float32(0)
+            off, o = blk * IQ4_XS_BYTES, blk * 256
+            wd[blk], wm[blk] = _f16(w, off + IQ4_XS_D, table), np.float32(0)
             for j in range(8):
                 wsc[8 * blk + j], wmn[8 * blk + j] = _iq4_xs_scale(w, off, j), 0
                 for l in range(16):
-                    b = np.int32(w[off + 8 + 16 * j + l])
+                    b = np.int32(w[off + IQ4_XS_QS + 16 * j + l])
                     wq[o + 32 * j + l] = IQ4_LEVELS[b & 0xF]
                     wq[o + 32 * j + l + 16] = IQ4_LEVELS[b >> 4]
 
@@ -693,7 +746,7 @@ def _simd_block_ints(row, qtype, b, q, s, t0, nt, ints, scales, table):
     t0..t0+nt into ints[(b * nt + t) * OUT_STRIDE ...], the block's float16 scale into scales[b]."""
     n_in = q.shape[1]
     dest = ints[b * nt * OUT_STRIDE :]
-    off, xoff = b * (18 if qtype == Q4_0 else 34), t0 * n_in + b * 32
+    off, xoff = b * (Q4_0_BYTES if qtype == Q4_0 else Q8_0_BYTES), t0 * n_in + b * 32
     if qtype == Q4_0:
         q4_0_block(row, off, q, xoff, s, 0, n_in, nt, dest)
     else:
@@ -1428,9 +1481,11 @@ def expf_ggml(x, out, lanes, scalef):
             out[r, i] = np.exp(x[r, i])
 
 
-def warmup() -> float:
-    """Compile (or load from numba's on-disk cache) every kernel for every type it serves;
-    return the seconds it took, reported apart from run time."""
+def warmup(numerics: tuple[str, ...] = ("exact", "ggml")) -> float:
+    """Compile (or load from numba's on-disk cache) the kernels that ``numerics`` use, for
+    every type they serve ("numpy" uses none); return the seconds it took, reported apart
+    from run time. Kernels only the tests call (the plain reference matmul, ``fma_f32``,
+    ``expf_ggml``) are left to compile when called."""
     from .quants import QUANT_TYPES
 
     def read_only(a: np.ndarray) -> np.ndarray:
@@ -1438,36 +1493,37 @@ def warmup() -> float:
         return a
 
     start = time.perf_counter()
+    threads = nb.get_num_threads()
     x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
     out = np.empty((2, 4), dtype=np.float32)
-    matmul_f32(read_only(np.zeros((4, 256), np.float32)), x, out, nb.get_num_threads())
-    matmul_f16(read_only(np.zeros((4, 256), np.uint16)), x, out, F16_TABLE, nb.get_num_threads())
-    matmul_float_ggml(read_only(np.zeros((4, 256), np.float32)), FLOAT_F32, x, out, F16_TABLE, 16, False, nb.get_num_threads())
-    matmul_float_ggml(read_only(np.zeros((4, 256), np.uint16)), FLOAT_F16, x, out, F16_TABLE, 16, False, nb.get_num_threads())
-    libm_cos_sin(x)
-    for lanes, scalef in ((16, True), (8, False)):  # the levels' forms (phi3ref.isa)
-        expf_ggml(x, np.empty_like(x), lanes, scalef)
-    fma_f32(1.0, 1.0, 1.0)
-    one = np.zeros(1, np.int64)
-    softmax_ggml(x, one, one, np.empty_like(x), 16, True, nb.get_num_threads())
-    round_to_f16(x.reshape(2, 4, 64).copy(), nb.get_num_threads())  # (n_head_kv, rows, head_dim), as attention rounds
-    rms_norm_ggml(x, x[0], np.float32(1e-5), np.empty_like(x), nb.get_num_threads())
-    swiglu_ggml(x, 128, np.empty((2, 128), np.float32), 16, True, nb.get_num_threads())
-    heads = x.reshape(2, 4, 64)
-    for layout in (heads, x[:, :128].reshape(2, 2, 64)):  # contiguous, and a view of a fused projection
-        angles = np.ascontiguousarray(x[:, :32])  # (n_tokens, n_rot / 2)
-        rope_neox_ggml(layout, angles, angles, 64, np.empty(layout.shape, np.float32))
-        store_f16(layout.reshape(2, -1), np.empty((2, layout[0].size), np.uint16))
-    cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
-    scores = np.empty((1, 2, 3), dtype=np.float32)
-    attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, 16, True, nb.get_num_threads())
-    attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), 16, True, nb.get_num_threads())
-    for qtype, t in QUANT_TYPES.items():
-        if t.block_size == 1:
-            continue
-        qt = int(qtype)
-        w = read_only(np.zeros((4, 256 // t.block_size * t.type_size), dtype=np.uint8))
-        matmul_exact(w, qt, x, out, F16_TABLE, nb.get_num_threads())
-        q, d, s = quantize_activations(x, activation_type(qt))
-        matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, nb.get_num_threads())
+    block_weights = [
+        (int(qtype), read_only(np.zeros((4, 256 // t.block_size * t.type_size), dtype=np.uint8)))
+        for qtype, t in QUANT_TYPES.items() if t.block_size > 1
+    ]
+    if "exact" in numerics:
+        matmul_f32(read_only(np.zeros((4, 256), np.float32)), x, out, threads)
+        matmul_f16(read_only(np.zeros((4, 256), np.uint16)), x, out, F16_TABLE, threads)
+        for qt, w in block_weights:
+            matmul_exact(w, qt, x, out, F16_TABLE, threads)
+    if "ggml" in numerics:
+        matmul_float_ggml(read_only(np.zeros((4, 256), np.float32)), FLOAT_F32, x, out, F16_TABLE, 16, False, threads)
+        matmul_float_ggml(read_only(np.zeros((4, 256), np.uint16)), FLOAT_F16, x, out, F16_TABLE, 16, False, threads)
+        libm_cos_sin(x)
+        one = np.zeros(1, np.int64)
+        softmax_ggml(x, one, one, np.empty_like(x), 16, True, threads)
+        round_to_f16(x.reshape(2, 4, 64).copy(), threads)  # (n_head_kv, rows, head_dim), as attention rounds
+        rms_norm_ggml(x, x[0], np.float32(1e-5), np.empty_like(x), threads)
+        swiglu_ggml(x, 128, np.empty((2, 128), np.float32), 16, True, threads)
+        heads = x.reshape(2, 4, 64)
+        for layout in (heads, x[:, :128].reshape(2, 2, 64)):  # contiguous, and a view of a fused projection
+            angles = np.ascontiguousarray(x[:, :32])  # (n_tokens, n_rot / 2)
+            rope_neox_ggml(layout, angles, angles, 64, np.empty(layout.shape, np.float32))
+            store_f16(layout.reshape(2, -1), np.empty((2, layout[0].size), np.uint16))
+        cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
+        scores = np.empty((1, 2, 3), dtype=np.float32)
+        attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, 16, True, threads)
+        attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), 16, True, threads)
+        for qt, w in block_weights:
+            q, d, s = quantize_activations(x, activation_type(qt))
+            matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
     return time.perf_counter() - start

@@ -38,41 +38,61 @@ __all__ = [
 
 @dataclass(frozen=True)
 class QuantType:
-    """Layout of one GGML tensor type: ``block_size`` elements stored in ``type_size`` bytes."""
+    """Layout of one GGML tensor type: ``block_size`` elements stored in a block whose
+    ``fields`` are ggml-common.h's struct fields in order, (name, bytes)."""
 
     qtype: QT
     block_size: int
-    type_size: int
+    fields: tuple[tuple[str, int], ...]
 
     @property
     def name(self) -> str:
         return self.qtype.name
 
     @property
+    def type_size(self) -> int:
+        """Bytes of one block."""
+        return sum(size for _, size in self.fields)
+
+    def offset(self, field: str) -> int:
+        """Where ``field`` starts in a block (``KeyError`` naming the fields if it has none)."""
+        at = 0
+        for name, size in self.fields:
+            if name == field:
+                return at
+            at += size
+        raise KeyError(f"a {self.name} block has no field {field!r} (fields: {', '.join(n for n, _ in self.fields)})")
+
+    @property
+    def scale_offsets(self) -> tuple[int, ...]:
+        """Where the block's float16 scales sit: d, and dmin or m where it has one."""
+        return tuple(self.offset(f) for f in ("d", "dmin", "m") if f in dict(self.fields))
+
+    @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.type_size / self.block_size
 
 
-# The one table of supported types. Byte counts are spelled out as the struct fields of
-# ggml-common.h so each line can be checked against the C source.
+# The one table of supported types: the struct fields of ggml-common.h, in order, so each
+# line can be checked against the C source (every kernel reads its offsets from here).
 QUANT_TYPES: dict[QT, QuantType] = {
     t.qtype: t
     for t in [
-        QuantType(QT.F32, 1, 4),
-        QuantType(QT.F16, 1, 2),
-        QuantType(QT.BF16, 1, 2),
-        QuantType(QT.Q4_0, 32, 2 + 16),  # d, qs[16]
-        QuantType(QT.Q4_1, 32, 2 + 2 + 16),  # d, m, qs[16]
-        QuantType(QT.Q5_0, 32, 2 + 4 + 16),  # d, qh[4], qs[16]
-        QuantType(QT.Q5_1, 32, 2 + 2 + 4 + 16),  # d, m, qh[4], qs[16]
-        QuantType(QT.Q8_0, 32, 2 + 32),  # d, qs[32]
-        QuantType(QT.Q2_K, QK_K, 16 + 64 + 2 + 2),  # scales[16], qs[64], d, dmin
-        QuantType(QT.Q3_K, QK_K, 32 + 64 + 12 + 2),  # hmask[32], qs[64], scales[12], d
-        QuantType(QT.Q4_K, QK_K, 2 + 2 + 12 + 128),  # d, dmin, scales[12], qs[128]
-        QuantType(QT.Q5_K, QK_K, 2 + 2 + 12 + 32 + 128),  # d, dmin, scales[12], qh[32], qs[128]
-        QuantType(QT.Q6_K, QK_K, 128 + 64 + 16 + 2),  # ql[128], qh[64], scales[16], d
-        QuantType(QT.IQ4_NL, 32, 2 + 16),  # d, qs[16]
-        QuantType(QT.IQ4_XS, QK_K, 2 + 2 + 4 + 128),  # d, scales_h, scales_l[4], qs[128]
+        QuantType(QT.F32, 1, (("f32", 4),)),
+        QuantType(QT.F16, 1, (("f16", 2),)),
+        QuantType(QT.BF16, 1, (("bf16", 2),)),
+        QuantType(QT.Q4_0, 32, (("d", 2), ("qs", 16))),
+        QuantType(QT.Q4_1, 32, (("d", 2), ("m", 2), ("qs", 16))),
+        QuantType(QT.Q5_0, 32, (("d", 2), ("qh", 4), ("qs", 16))),
+        QuantType(QT.Q5_1, 32, (("d", 2), ("m", 2), ("qh", 4), ("qs", 16))),
+        QuantType(QT.Q8_0, 32, (("d", 2), ("qs", 32))),
+        QuantType(QT.Q2_K, QK_K, (("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2))),
+        QuantType(QT.Q3_K, QK_K, (("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2))),
+        QuantType(QT.Q4_K, QK_K, (("d", 2), ("dmin", 2), ("scales", 12), ("qs", 128))),
+        QuantType(QT.Q5_K, QK_K, (("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128))),
+        QuantType(QT.Q6_K, QK_K, (("ql", 128), ("qh", 64), ("scales", 16), ("d", 2))),
+        QuantType(QT.IQ4_NL, 32, (("d", 2), ("qs", 16))),
+        QuantType(QT.IQ4_XS, QK_K, (("d", 2), ("scales_h", 2), ("scales_l", 4), ("qs", 128))),
     ]
 }
 

@@ -71,7 +71,7 @@ def _op_name(tensor: str) -> str:
 
 def _check_one(path: Path, quant: str, level: isa_levels.Level, build: isa_levels.Level | None, threads: int | None) -> CheckResult:
     from .crosscheck import compare, compare_traces, generation_logits, llama_cpp_calls
-    from .model import load
+    from .loading import load
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 32000, size=PROMPT_TOKENS).tolist()
@@ -106,7 +106,7 @@ def run(levels: list[str] | None = None, quants: tuple[str, ...] = DEFAULT_QUANT
     ``levels`` None: the installed llama-cpp-python against phi3ref's choice for this CPU
     (:func:`phi3ref.isa.resolve`); else each named level (``"all"``: every level this CPU
     runs) against llama.cpp built for it. ``progress(str)`` is told each step."""
-    from .testing import QUANT_MIXES, write_model
+    from .synthetic import QUANT_MIXES, write_model
 
     if levels is not None and not levels:
         raise ValueError("levels is empty (None: the installed llama-cpp-python; 'all': every level this CPU runs)")

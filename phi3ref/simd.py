@@ -34,10 +34,13 @@ import hashlib
 import os
 
 import llvmlite.binding as llvm_binding
+from gguf import GGMLQuantizationType as QT
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
+
+from .quants import QUANT_TYPES
 
 __all__ = [
     "OUT_STRIDE", "ROW_TOKENS", "AVX2", "FORM", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float", "float_to_half", "pow2_f64",
@@ -52,6 +55,11 @@ _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _I16, _F32 = ir.IntType(16), ir.FloatType()
 _V32I8, _V8I32, _V32I32 = ir.VectorType(_I8, 32), ir.VectorType(_I32, 8), ir.VectorType(_I32, 32)
 _V64I8, _V16I32, _V32I16, _V8F32 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_I16, 32), ir.VectorType(_F32, 8)
+
+# The block layouts the intrinsics read (phi3ref.quants' one table: ggml-common.h's structs)
+_Q4_0, _Q8_0, _Q4_K, _Q5_K, _Q6_K = (QUANT_TYPES[QT[name]] for name in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
+_K_SCALES = _Q4_K.offset("scales")  # Q4_K and Q5_K: d, dmin, then the 12 bytes of 6-bit scales and mins
+assert _K_SCALES == _Q5_K.offset("scales") and _Q4_K.scale_offsets == _Q5_K.scale_offsets
 
 
 def _cpu_features() -> set[str]:
@@ -82,7 +90,7 @@ FORM = "-".join(name for name, on in (("vnni", VNNI), ("vnni512", VNNI512), ("gf
 # leaves the target unchanged), so a cache written before an edit of this file, or in
 # another form, would be loaded as if current. phi3ref's functions are therefore cached
 # through a locator that puts each form in a folder of its own and stamps the entries with
-# this file's content hash as well.
+# the content hash of this file and of quants.py (the block layouts baked in) as well.
 
 def _cache_locator_class(impl):
     from numba.core import caching
@@ -122,8 +130,16 @@ def _cache_locator_class(impl):
     return KernelCacheLocator
 
 
-with open(__file__, "rb") as _source:
-    _SOURCE_HASH = hashlib.sha256(_source.read()).digest()  # this file's content, once per process
+def _source_hash() -> bytes:
+    """This file's content and quants.py's (the block layouts the kernels bake in), once per process."""
+    digest = hashlib.sha256()
+    for path in (__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "quants.py")):
+        with open(path, "rb") as source:
+            digest.update(source.read())
+    return digest.digest()
+
+
+_SOURCE_HASH = _source_hash()
 
 
 def _install_cache_locator() -> None:
@@ -257,11 +273,11 @@ def _sums4(builder, v0, v1, v2, v3) -> ir.Value:
 
 def _k_scales_mins(builder, w, off):
     """The eight 6-bit scales and mins of a Q4_K / Q5_K block as two <8 x i32>, from the
-    12 bytes at offset 4 (ggml's get_scale_min_k4; the bit diagram is in phi3ref/quants.py):
+    12 bytes of the block's scales (ggml's get_scale_min_k4; the bit diagram is in phi3ref/quants.py):
         j < 4:  scale = b[j] & 63             min = b[j + 4] & 63
         j >= 4: scale = (b[j + 4] & 15) | (b[j - 4] >> 6) << 4
                 min   = (b[j + 4] >> 4) | (b[j] >> 6) << 4"""
-    b = _load(builder, w, builder.add(off, _const(4)), ir.VectorType(_I8, 16))
+    b = _load(builder, w, builder.add(off, _const(_K_SCALES)), ir.VectorType(_I8, 16))
     b = builder.zext(b, ir.VectorType(_I32, 16))
     top_sc = builder.shl(builder.lshr(_shuffle(builder, b, None, [0, 1, 2, 3, 0, 1, 2, 3]), _splat(6, _V8I32)), _splat(4, _V8I32))
     top_mn = builder.shl(builder.lshr(_shuffle(builder, b, None, [4, 5, 6, 7, 4, 5, 6, 7]), _splat(6, _V8I32)), _splat(4, _V8I32))
@@ -331,14 +347,14 @@ def _zero() -> ir.Constant:
 
 
 def _unpack_q4_0(builder, w, off):
-    packed = _load(builder, w, builder.add(off, _const(2)), ir.VectorType(_I8, 16))
+    packed = _load(builder, w, builder.add(off, _const(_Q4_0.offset("qs"))), ir.VectorType(_I8, 16))
     lo = builder.and_(packed, _splat(0x0F, packed.type))
     hi = builder.lshr(packed, _splat(4, packed.type))
     return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), 8
 
 
 def _unpack_q8_0(builder, w, off):
-    q = _load(builder, w, builder.add(off, _const(2)), _V32I8)
+    q = _load(builder, w, builder.add(off, _const(_Q8_0.offset("qs"))), _V32I8)
     if AVX2 and not VNNI:  # vpmaddubsw would saturate on q + 128: the signed codes, see _dot4_signed
         return q, None
     return builder.xor(q, _splat(0x80, _V32I8)), 0x80
@@ -548,17 +564,17 @@ def _sums_of_4(builder, accs: list[ir.Value]) -> ir.Value:
 def _codes_q4_k(builder, w, off) -> list[ir.Value]:
     """Four <64 x i8>: sub-blocks 2p (the low nibbles of 32 bytes) and 2p + 1 (their high nibbles)."""
     return [
-        _bit_field(builder, _twice(builder, _load(builder, w, builder.add(off, _const(16 + 32 * p)), _V32I8)), 0, 4, 4, 0)
+        _bit_field(builder, _twice(builder, _load(builder, w, builder.add(off, _const(_Q4_K.offset("qs") + 32 * p)), _V32I8)), 0, 4, 4, 0)
         for p in range(4)
     ]
 
 
 def _codes_q5_k(builder, w, off) -> list[ir.Value]:
-    """As _codes_q4_k (nibbles at 48) with the fifth bits of the 32 bytes at 16."""
-    high = _twice(builder, _load(builder, w, builder.add(off, _const(16)), _V32I8))
+    """As _codes_q4_k (the nibbles of qs) with the fifth bits of the 32 bytes of qh."""
+    high = _twice(builder, _load(builder, w, builder.add(off, _const(_Q5_K.offset("qh"))), _V32I8))
     return [
         builder.or_(
-            _bit_field(builder, _twice(builder, _load(builder, w, builder.add(off, _const(48 + 32 * p)), _V32I8)), 0, 4, 4, 0),
+            _bit_field(builder, _twice(builder, _load(builder, w, builder.add(off, _const(_Q5_K.offset("qs") + 32 * p)), _V32I8)), 0, 4, 4, 0),
             _bit_field(builder, high, 2 * p, 2 * p + 1, 1, 4),
         )
         for p in range(4)
@@ -587,11 +603,11 @@ _unpack_row_q4_k, _unpack_row_q5_k = _unpack_row_k(_codes_q4_k), _unpack_row_k(_
 
 
 def _unpack_row_q6_k(builder, w, off):
-    scales = builder.sext(_load(builder, w, builder.add(off, _const(192)), ir.VectorType(_I8, 16)), ir.VectorType(_I32, 16))
+    scales = builder.sext(_load(builder, w, builder.add(off, _const(_Q6_K.offset("scales"))), ir.VectorType(_I8, 16)), ir.VectorType(_I32, 16))
     codes, words = [], []
     for half in range(2):
-        ql = _load(builder, w, builder.add(off, _const(64 * half)), _V64I8)  # ql0 | ql1
-        qh = _twice(builder, _load(builder, w, builder.add(off, _const(128 + 32 * half)), _V32I8))
+        ql = _load(builder, w, builder.add(off, _const(_Q6_K.offset("ql") + 64 * half)), _V64I8)  # ql0 | ql1
+        qh = _twice(builder, _load(builder, w, builder.add(off, _const(_Q6_K.offset("qh") + 32 * half)), _V32I8))
         for pair in range(2):  # low nibbles then high nibbles of ql
             low = _bit_field(builder, ql, 4 * pair, 4 * pair, 4, 0)
             codes.append(builder.or_(low, _bit_field(builder, qh, 4 * pair, 4 * pair + 2, 2, 4)))
@@ -607,7 +623,7 @@ def _codes_q6_k(builder, w, off) -> list[ir.Value]:
 
 def _q6_k_scales(builder, w, off) -> tuple[ir.Value, ir.Value]:
     """Two <8 x i32>: the signed scales of 16-element groups 0..7 and 8..15."""
-    scales = builder.sext(_load(builder, w, builder.add(off, _const(192)), ir.VectorType(_I8, 16)), _V16I32)
+    scales = builder.sext(_load(builder, w, builder.add(off, _const(_Q6_K.offset("scales"))), ir.VectorType(_I8, 16)), _V16I32)
     return _shuffle(builder, scales, None, list(range(8))), _shuffle(builder, scales, None, list(range(8, 16)))
 
 
@@ -713,9 +729,9 @@ _MODES = {  # grain of the integer sums, float step, final sum
     "tiled": ("total", _step_tiled, _finish_acc),
 }
 _TYPES = {  # block bytes, unpack, ints, byte offsets of the float16 d and dmin
-    "q4_k": (144, _unpack_row_q4_k, _ints_q4_k_q5_k, (0, 2)),
-    "q5_k": (176, _unpack_row_q5_k, _ints_q4_k_q5_k, (0, 2)),
-    "q6_k": (210, _unpack_row_q6_k, _ints_q6_k, (208,)),
+    "q4_k": (_Q4_K.type_size, _unpack_row_q4_k, _ints_q4_k_q5_k, _Q4_K.scale_offsets),
+    "q5_k": (_Q5_K.type_size, _unpack_row_q5_k, _ints_q4_k_q5_k, _Q5_K.scale_offsets),
+    "q6_k": (_Q6_K.type_size, _unpack_row_q6_k, _ints_q6_k, _Q6_K.scale_offsets),
 }
 
 
@@ -829,7 +845,8 @@ def _rows8_intrinsic(qtype: str, mode: str):
     ``q`` (codes), ``d`` (block scales) and ``sums`` (int32 sums of 16 codes), summed in
     ``mode`` ("pairs", "seq_min" or "tiled"); out[t, r0:r0 + 8] for each token t. ``acc``
     is float32 scratch of 16 per token."""
-    block_bytes, codes_of = {"q4_k": (144, _codes_q4_k), "q5_k": (176, _codes_q5_k), "q6_k": (210, _codes_q6_k)}[qtype]
+    layout, codes_of = {"q4_k": (_Q4_K, _codes_q4_k), "q5_k": (_Q5_K, _codes_q5_k), "q6_k": (_Q6_K, _codes_q6_k)}[qtype]
+    block_bytes = layout.type_size
     assert qtype != "q6_k" or mode == "tiled"  # ggml sums Q6_K batches only in the tiled GEMM
 
     def typer(typingctx, w, r0, q, d, sums, t0, n_tok, acc, out):
@@ -863,12 +880,12 @@ def _rows8_intrinsic(qtype: str, mode: str):
                 # sc_t[j] lane i = scale j of row i (Q6_K: 16 scales, two 8 x 8 transposes)
                 sc_t = [v for part in range(2 if qtype == "q6_k" else 1) for v in _transpose8(builder, [r[2 + part] for r in rows], _I32)]
                 sc_w = [_shuffle(builder, v, None, [i // 2 for i in range(16)]) for v in sc_t]
-                d_at = 208 if qtype == "q6_k" else 0
+                d_at = layout.offset("d")
                 dvec, dmin = ir.Constant(_V8F32, None), ir.Constant(_V8F32, None)
                 for i, r in enumerate(rows):
                     dvec = builder.insert_element(dvec, _half(builder, w_p, builder.add(r[0], _const(d_at))), _const(i))
                     if qtype != "q6_k":
-                        dmin = builder.insert_element(dmin, _half(builder, w_p, builder.add(r[0], _const(2))), _const(i))
+                        dmin = builder.insert_element(dmin, _half(builder, w_p, builder.add(r[0], _const(layout.offset("dmin")))), _const(i))
                 if qtype != "q6_k":
                     mn_t = _transpose8(builder, [r[3] for r in rows], _I32)
                 with cgutils.for_range(builder, n_tok) as token_loop:

@@ -167,7 +167,7 @@ def small_spm_vocab(path: Path, n_normal: int = 48) -> Path:
     import numpy as np
 
     from phi3ref.gguf_file import GGUFFile
-    from phi3ref.testing import vocab_path
+    from phi3ref.synthetic import vocab_path
 
     with GGUFFile(vocab_path()) as gf:
         tokens = gf.get_array("tokenizer.ggml.tokens")

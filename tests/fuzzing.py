@@ -60,14 +60,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))  # craft.py
 
-from craft import encode_value, gpt2_vocab, rewrite_gguf, small_spm_vocab  # noqa: E402
+from craft import gpt2_vocab, rewrite_gguf, small_spm_vocab  # noqa: E402
 from gguf import GGUFValueType as VT  # noqa: E402
 
 import phi3ref  # noqa: E402
 from phi3ref.errors import ModelBusyError, NonFiniteError  # noqa: E402
 from phi3ref.gguf_file import GGUFError, GGUFFile  # noqa: E402
 from phi3ref.hub import HubError  # noqa: E402
-from phi3ref.testing import write_model  # noqa: E402
+from phi3ref.synthetic import write_model  # noqa: E402
 
 PACKAGE_DIR = Path(phi3ref.__file__).resolve().parent
 DOCUMENTED = (GGUFError, ValueError, TypeError, NonFiniteError, ModelBusyError, FileNotFoundError, HubError)
@@ -223,15 +223,15 @@ def exercise_file(path: Path, numerics: str = "ggml") -> None:
     """What a user does with a downloaded file: inspect it, load it, tokenize, run logits,
     generate a few tokens streaming (the pieces must join to the text)."""
     from phi3ref.generate import generate
-    from phi3ref.inspect import describe
-    from phi3ref.inspect import format_report as inspect_report
-    from phi3ref.model import Model
+    from phi3ref.file_report import describe
+    from phi3ref.file_report import format_report as inspect_report
+    from phi3ref.loading import model_from_file
 
     json.dumps(describe(path))
     inspect_report(describe(path))
     gguf = GGUFFile(path)
     try:
-        model = Model(gguf, n_ctx=64, numerics=numerics)
+        model = model_from_file(gguf, n_ctx=64, numerics=numerics)
         tok = model.tokenizer
         ids = tok.encode(PROMPT)
         if ids:
@@ -692,7 +692,7 @@ def run_case(case: Case, work: Path, seconds: float = CASE_SECONDS) -> dict:
 def warm_up(seeds: list[Path]) -> float:
     """Compile, before any fork, the kernels that the seeds' weight types use in every
     numerics (a child that compiles would pay seconds for each case)."""
-    from phi3ref.model import load
+    from phi3ref import load
 
     t0 = time.perf_counter()
     for path in seeds:

@@ -9,7 +9,7 @@ import pytest
 
 from phi3ref.chat_template import RENDER_SECONDS, render_chat
 from phi3ref.gguf_file import GGUFFile
-from phi3ref.testing import vocab_path
+from phi3ref.synthetic import vocab_path
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about ice hockey"}]
 

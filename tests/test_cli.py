@@ -10,13 +10,14 @@ import pytest
 from craft import RawGGUF, phi3_metadata
 
 from phi3ref.cli import main
-from phi3ref.testing import vocab_path
+from phi3ref.synthetic import vocab_path
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "phi3ref.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a child process
 def test_inspect_model(tiny_model):
     path = tiny_model("phi4-mini", "Q4_K_M")
     out = run("inspect", str(path))
@@ -60,6 +61,7 @@ def test_inspect_other_architecture(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content", [b"not a gguf at all", b""])
+@pytest.mark.slow  # a child process
 def test_inspect_bad_file(tmp_path, content):
     path = tmp_path / "x.gguf"
     path.write_bytes(content)
@@ -69,11 +71,13 @@ def test_inspect_bad_file(tmp_path, content):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # a child process
 def test_inspect_missing_file(tmp_path):
     out = run("inspect", str(tmp_path / "missing.gguf"))
     assert out.returncode == 1 and "no such file" in out.stderr
 
 
+@pytest.mark.slow  # a child process
 def test_write_model_command(tmp_path):
     out = run("write-model", str(tmp_path / "m.gguf"), "--preset", "phi3-medium", "--quant", "Q8_0")
     assert out.returncode == 0, out.stderr
@@ -81,6 +85,7 @@ def test_write_model_command(tmp_path):
     assert run("inspect", str(tmp_path / "m.gguf")).returncode == 0
 
 
+@pytest.mark.slow  # a child process
 def test_logits_command(tiny_model, tmp_path):
     import numpy as np
 
@@ -96,6 +101,7 @@ def test_logits_command(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("tokens,message", [("1,x,3", "comma-separated integer ids"), ("1,99999", "token id 99999 is outside the vocabulary")])
+@pytest.mark.slow  # a child process
 def test_logits_command_bad_tokens(tiny_model, tmp_path, tokens, message):
     out = run("logits", "--model", str(tiny_model("phi3-mini", "Q4_0")), "--tokens", tokens, "-o", str(tmp_path / "l.npy"))
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phi3ref.testing import vocab_path
+from phi3ref.synthetic import vocab_path
 from phi3ref.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.crosscheck

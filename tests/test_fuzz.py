@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fuzz harness forks and reads /proc")
 
-SAMPLE_CASES = 2000
+SAMPLE_CASES = 600
 
 
 def _run(cases: int, seed: int, tmp_path: Path) -> dict:
@@ -27,6 +27,7 @@ def _run(cases: int, seed: int, tmp_path: Path) -> dict:
     return report
 
 
+@pytest.mark.slow
 def test_fuzz_sample(tmp_path):
     report = _run(SAMPLE_CASES, 0, tmp_path)
     assert sum(sum(o.values()) for o in report["by_kind"].values()) == SAMPLE_CASES

@@ -139,6 +139,7 @@ def test_template_is_sandboxed():
         render_chat([{"role": "user", "content": "x"}], "{{ raise_exception('nope') }}")
 
 
+@pytest.mark.slow  # huggingface_hub's offline lookup took 23 s in a CI-like run
 def test_hub_offline_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -160,6 +161,7 @@ def run_cli(*args, env_extra=None, stdin=None, tmp_path=None):
     return subprocess.run([sys.executable, "-m", "phi3ref.cli", *args], capture_output=True, text=True, timeout=300, env=env, input=stdin)
 
 
+@pytest.mark.slow  # a child process
 def test_cli_generate_with_a_local_model(tiny_model):
     out = run_cli("generate", "--model", str(tiny_model("phi3-mini", "Q4_K_M")), "--seed", "9", "--max-tokens", "8")
     assert out.returncode == 0, out.stderr
@@ -168,6 +170,7 @@ def test_cli_generate_with_a_local_model(tiny_model):
     assert again.stdout == out.stdout
 
 
+@pytest.mark.slow  # a child process
 def test_cli_demo_and_chat(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     out = run_cli("generate", "--model", "demo", "--max-tokens", "4", env_extra=env)
@@ -177,6 +180,7 @@ def test_cli_demo_and_chat(tmp_path):
     assert chat.stderr.count("generation:") == 2  # one timing line per turn
 
 
+@pytest.mark.slow  # a child process
 def test_cli_errors(tmp_path):
     offline = run_cli("generate", "--max-tokens", "1", env_extra={"HF_HOME": str(tmp_path / "hf")})
     assert offline.returncode == 1 and "pass its local path" in offline.stderr and "Traceback" not in offline.stderr

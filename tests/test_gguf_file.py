@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
 from phi3ref import GGUFError, GGUFFile, Phi3Config
-from phi3ref.testing import vocab_path
+from phi3ref.synthetic import vocab_path
 
 F32 = int(QT.F32)
 

@@ -64,7 +64,7 @@ def test_the_model_computes_at_the_level_it_was_given(tiny_model):
     path = tiny_model("phi3-mini", "F16")
     tokens = list(range(100, 140))
     traces = {name: phi3ref.load(path, isa=name).trace(tokens) for name in ("avx2", "avx512")}
-    assert phi3ref.load(path, isa="avx2").isa is isa.LEVELS["avx2"]
+    assert phi3ref.load(path, isa="avx2").numerics.level is isa.LEVELS["avx2"]
     for name, bound in (("wqkv-0", 1e-6), ("kq-0", 1e-3), ("kq_soft_max-0", 1e-3), ("result_output", 2e-3)):  # rounding only
         a, b = traces["avx2"][name], traces["avx512"][name]
         assert not np.array_equal(a, b), name

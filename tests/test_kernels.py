@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,13 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
-from conftest import SIMD_FORMS, simd_form_env, simd_form_params
+from conftest import simd_form_params
 from gguf import GGMLQuantizationType as QT
 
 from phi3ref import QUANT_TYPES, dequantize, ggml_ops, isa, kernels, quantize
 from phi3ref.quants import QUANTIZABLE_TYPES
 from phi3ref.weights import Weight
+from phi3ref.numerics import numerics_named
 
 BLOCK_TYPES = [t for t, q in QUANT_TYPES.items() if q.block_size > 1]
 N_IN = 512
@@ -67,7 +67,7 @@ def test_exact_matmul_matches_numpy(qtype, n_tokens):
     ref = x.astype(np.float64) @ dequantize(raw, qtype).astype(np.float64).T
     scale = np.abs(x).astype(np.float64) @ np.abs(dequantize(raw, qtype)).astype(np.float64).T
     for numerics in ("exact", "numpy"):
-        out = w.matmul(x, numerics)
+        out = numerics_named(numerics).matmul(w, x)
         assert out.shape == (n_tokens, 37) and out.dtype == np.float32
         assert (np.abs(out - ref) <= 1e-5 * scale + 1e-30).all(), numerics
 
@@ -145,7 +145,7 @@ def ggml_reference(raw: np.ndarray, qtype: QT, x: np.ndarray) -> tuple[np.ndarra
 def test_ggml_matmul_matches_reference(qtype, n_tokens):
     raw = random_weight(qtype, 29, 5)
     x = np.random.default_rng(6).standard_normal((n_tokens, N_IN)).astype(np.float32)
-    out = Weight("w", raw, qtype, (29, N_IN)).matmul(x, "ggml")
+    out = numerics_named("ggml").matmul(Weight("w", raw, qtype, (29, N_IN)), x)
     ref, scale = ggml_reference(raw, qtype, x)
     assert (np.abs(out - ref) <= 2e-6 * scale + 1e-30).all()
 
@@ -157,7 +157,7 @@ def test_ggml_float_weights(qtype):
     w32 = rng.standard_normal((11, N_IN)).astype(np.float32)
     raw = quantize(w32, qtype)
     x = rng.standard_normal((2, N_IN)).astype(np.float32)
-    out = Weight("w", raw, qtype, (11, N_IN)).matmul(x, "ggml")
+    out = numerics_named("ggml").matmul(Weight("w", raw, qtype, (11, N_IN)), x)
     if qtype == QT.F16:
         xr = x.astype(np.float16).astype(np.float64)
     elif qtype == QT.BF16:
@@ -173,9 +173,9 @@ def test_ggml_float_weights(qtype):
 def test_matmul_shape_errors():
     w = Weight("blk.0.ffn_up.weight", quantize(np.zeros((4, 256), np.float32), QT.Q4_K), QT.Q4_K, (4, 256))
     with pytest.raises(ValueError, match="blk.0.ffn_up.weight: input of shape \\(1, 128\\)"):
-        w.matmul(np.zeros((1, 128), np.float32), "ggml")
+        numerics_named("ggml").matmul(w, np.zeros((1, 128), np.float32))
     with pytest.raises(ValueError, match="numerics must be one of"):
-        w.matmul(np.zeros((1, 256), np.float32), "fast")
+        numerics_named("fast")
 
 
 def test_warmup_reports_compile_time():
@@ -213,31 +213,26 @@ def test_simd_path_is_bit_identical(qtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", simd_form_params())
-def test_other_simd_forms_are_bit_identical(form, tmp_path):
+def test_other_simd_forms_are_bit_identical(form, simd_form_child):
     """The other instruction forms of phi3ref.simd (portable; AVX2 without VNNI) give the
-    same results: check_simd_path in a fresh process compiled in that form."""
-    code = (
-        "import sys; sys.path.insert(0, %r); import test_kernels as t; from phi3ref import simd; "
-        "assert (simd.VNNI, simd.VNNI512, simd.GFNI512, simd.AVX2) == %r; t.check_simd_path(); print('ok')"
-        % (str(Path(__file__).parent), SIMD_FORMS[form]["flags"])
-    )
-    env = simd_form_env(form, tmp_path / "numba")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    same results: check_simd_path in a child process compiled in that form."""
+    done, _, _ = simd_form_child(form)
+    assert "simd path: bit-identical" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_kernel_cache_knows_the_simd_form_and_source():
     """Numba's cache of phi3ref's kernels sits in a folder per SIMD form and is stamped with
-    simd.py's content, so neither an edit of simd.py nor another form loads stale code."""
+    the content of simd.py and quants.py (whose block layouts the kernels bake in), so
+    neither an edit of those nor another form loads stale code."""
     import hashlib
 
-    from phi3ref import simd
+    from phi3ref import quants, simd
 
     cache = kernels.matmul_ggml._cache
     assert type(cache._impl.locator).__name__ == "KernelCacheLocator"
     assert cache._cache_path.endswith(f"simd-{simd.FORM}")
     stamp = cache._impl.locator.get_source_stamp()
-    assert stamp[1] == hashlib.sha256(Path(simd.__file__).read_bytes()).digest()
+    assert stamp[1] == hashlib.sha256(Path(simd.__file__).read_bytes() + Path(quants.__file__).read_bytes()).digest()
 
 
 def test_fma32_rounds_once():
@@ -501,21 +496,26 @@ def test_swiglu_matches_ggml_vector_loop(level):
     assert np.array_equal(ggml_ops.swiglu(gate_up, n_ff, level), expected)
 
 
+@pytest.mark.slow  # a child process
 def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
-    """In a fresh process, warmup() then a prompt and a decoded token: the forward pass must
-    not add a signature to any kernel (it would compile on a user's first prompt)."""
+    """In a fresh process, each numerics' warmup() then a prompt and a decoded token: the
+    forward pass must not add a signature to any kernel (it would compile on a user's
+    first prompt)."""
     code = (
         "import numba, phi3ref\n"
         "from phi3ref import kernels\n"
         "def signatures():\n"
         "    return {n: len(f.signatures) for n, f in vars(kernels).items() if isinstance(f, numba.core.registry.CPUDispatcher)}\n"
-        "kernels.warmup()\n"
-        "before = signatures()\n"
-        "model = phi3ref.load(%r, n_ctx=64)\n"
-        "model.forward(list(range(100, 120)), 0)\n"
-        "model.forward([5], 20)\n"
-        "after = signatures()\n"
-        "print({n: (before[n], after[n]) for n in after if after[n] != before[n]})\n"
+        "added = {}\n"
+        "for numerics in ('ggml', 'exact'):\n"
+        "    model = phi3ref.load(%r, n_ctx=64, numerics=numerics)\n"
+        "    model.numerics.warmup()\n"
+        "    before = signatures()\n"
+        "    model.forward(list(range(100, 120)), 0)\n"
+        "    model.forward([5], 20)\n"
+        "    after = signatures()\n"
+        "    added.update({f'{numerics} {n}': (before[n], after[n]) for n in after if after[n] != before[n]})\n"
+        "print(added)\n"
     ) % str(tiny_model("phi3-mini", "Q4_K_M"))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -3,13 +3,15 @@ the sliding window, bad input."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from conftest import ALL_PRESETS, SIMD_FORMS, simd_form_env, simd_form_params
+from conftest import ALL_PRESETS, FORM_TOKENS, simd_form_params
 
 import phi3ref
 from phi3ref.crosscheck import compare, generation_logits
-from phi3ref.testing import write_model
+from phi3ref.synthetic import write_model
 
 TOKENS = [1, 32010, 1724, 338, 263, 6432, 1048, 29973, 32007, 32001, 450, 4799, 338, 7254, 29889, 32007]
 
@@ -123,7 +125,7 @@ def test_bad_input(tiny_model):
 
 
 def test_load_refuses_files_it_cannot_run(tmp_path):
-    from phi3ref.testing import vocab_path
+    from phi3ref.synthetic import vocab_path
 
     with pytest.raises(phi3ref.GGUFError, match="tensor 'token_embd.weight' is missing"):
         phi3ref.load(vocab_path())
@@ -139,54 +141,17 @@ def test_memory_is_mapped_not_copied(tiny_model):
 
 
 # ---- the other instruction forms: what an ARM CPU (portable form) or an AVX2-only CPU runs
-# A child process compiled in that form (conftest.SIMD_FORMS) computes every numerics at
-# every level; its logits must equal this process's bit for bit, and none of its compiled
-# code may hold an intrinsic the form's CPUs lack (for the portable form: any x86 one).
-FORM_CHILD = r"""
-import json, re, sys, numpy as np, numba, phi3ref
-from phi3ref import simd
-from phi3ref.crosscheck import generation_logits
-flags, forbidden = json.loads(sys.argv[2])
-assert [simd.VNNI, simd.VNNI512, simd.GFNI512, simd.AVX2] == flags, "the form is not in force"
-tokens = list(range(200, 240))
-out = {}
-for i, path in enumerate(sys.argv[3:]):
-    for level in ("avx2", "avx512", "avx512bf16"):
-        out[f"{i}-ggml-{level}"] = phi3ref.load(path, isa=level).logits(tokens)
-    for numerics in ("exact", "numpy"):
-        out[f"{i}-{numerics}"] = phi3ref.load(path, numerics=numerics).logits(tokens)
-    for level in ("avx2", "avx512"):  # the decode kernels (one token at a time)
-        model = phi3ref.load(path, isa=level)
-        out[f"{i}-decode-{level}"] = generation_logits(model, tokens[:30], tokens[30:])
-# x86 intrinsics in the compiled IR, but LLVM's own llvm.x86.atomic.* (its x86 lowering of
-# Numba's reference-count atomics: plain atomics on other targets)
-found = sorted({
-    f"{mod}.{name}: {x}" for mod, module in list(sys.modules.items()) if mod.startswith("phi3ref")
-    for name, fn in vars(module).items() if isinstance(fn, numba.core.registry.CPUDispatcher)
-    for sig in fn.signatures for x in re.findall(r"llvm\.x86\.[\w.]+", fn.inspect_llvm(sig))
-    if not x.startswith("llvm.x86.atomic.") and any(f in x for f in forbidden)
-})
-np.savez(sys.argv[1], **out)
-print("forbidden intrinsics in:", found)
-"""
-FORM_QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "BF16"]
+# (conftest.simd_form_child: one child process per form, compiled in that form)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", simd_form_params())
-def test_other_simd_forms_compute_the_same_model(form, tmp_path, tiny_model):
-    import json
-    import subprocess
-    import sys
-
-    paths = [str(tiny_model("phi4-mini" if q == "BF16" else "phi3-medium", q)) for q in FORM_QUANTS]
-    tokens = list(range(200, 240))
-    result = tmp_path / "form.npz"
-    spec = json.dumps([list(SIMD_FORMS[form]["flags"]), list(SIMD_FORMS[form]["forbidden"])])
-    done = subprocess.run(
-        [sys.executable, "-c", FORM_CHILD, str(result), spec, *paths],
-        env=simd_form_env(form, tmp_path / "numba"), capture_output=True, text=True, timeout=1800,
-    )
+def test_other_simd_forms_compute_the_same_model(form, simd_form_child):
+    """Every numerics at every level in a child compiled in another form: its logits equal
+    this process's bit for bit, and none of its compiled code holds an intrinsic the
+    form's CPUs lack (for the portable form: any x86 one)."""
+    done, result, paths = simd_form_child(form)
+    tokens = FORM_TOKENS
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("forbidden intrinsics in: []"), done.stdout
     theirs = np.load(result)
@@ -282,6 +247,48 @@ def test_a_forked_child_runs_the_model(tiny_model):
     assert np.array_equal(model.logits(TOKENS[:4]), ref)  # and the parent goes on with its threads
 
 
+def test_a_child_that_died_holding_numbas_lock_does_not_hang_the_next(tiny_model):
+    """Numba's lock around starting its threads is a process-shared semaphore: a forked
+    child that died holding it (as one killed by the fuzz harness's timeout did) left every
+    later child waiting on it forever, so a 600-case fuzz sample ran for hours. Each child
+    now takes locks of its own."""
+    import os
+    import time
+
+    from numba.np.ufunc import parallel
+
+    model = phi3ref.load(tiny_model("phi3-mini", "Q4_K_M"))
+    ref = model.logits(TOKENS[:4])
+    parallel._launch_threads()
+    shared = parallel._backend_init_process_lock
+    try:
+        dead = os.fork()
+        if dead == 0:  # dies holding the semaphore it inherited
+            shared.acquire()
+            os._exit(0)
+        os.waitpid(dead, 0)
+        read, write = os.pipe()
+        nxt = os.fork()
+        if nxt == 0:
+            os.close(read)
+            ok = np.array_equal(model.logits(TOKENS[:4]), ref)
+            os.write(write, b"ok" if ok else b"differs")
+            os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and os.waitpid(nxt, os.WNOHANG) == (0, 0):
+            time.sleep(0.05)
+        finished = time.monotonic() < deadline
+        if not finished:
+            os.kill(nxt, 9)
+            os.waitpid(nxt, 0)
+        answer = os.read(read, 16)
+        os.close(read)
+        assert finished and answer == b"ok", answer
+    finally:
+        parallel._backend_init_process_lock = None  # this process's own was poisoned above
+
+
 @pytest.mark.parametrize("numerics", ["ggml", "exact", "numpy"])
 def test_non_finite_activations_are_reported(numerics, tiny_model, tmp_path):
     """An F16 weight of inf once surfaced as NaN logits and numpy's "Probabilities contain
@@ -335,3 +342,40 @@ def test_ctrl_c_inside_a_kernel_is_a_keyboard_interrupt():
         chained()
     with pytest.raises(SystemError), _interrupts_as_keyboard_interrupt():
         raise SystemError("something else")
+
+
+# -- the shape of the code ------------------------------------------------------------------
+
+
+def _imports(module: str) -> set[str]:
+    """What phi3ref/<module>.py imports when it runs (not under ``if TYPE_CHECKING``): its
+    sibling modules by name, anything else as ``!package``."""
+    import ast
+
+    tree = ast.parse((Path(phi3ref.__file__).parent / f"{module}.py").read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for branch in node.body for n in ast.walk(branch)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add("!" + node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {"!" + a.name.split(".")[0] for a in node.names}
+    return found
+
+
+def test_the_transformer_module_imports_no_kernel():
+    """phi3ref.model reads top-down without Numba: neither it nor anything it imports runs
+    the kernels, Numba or a numerics (those are handed in by phi3ref.loading)."""
+    seen, todo = set(), ["model"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += [m for m in _imports(module) if not m.startswith("!")]
+    assert not seen & {"kernels", "simd", "ggml_ops", "numerics", "loading", "tokenizer", "hub"}, seen
+    assert "!numba" not in set().union(*map(_imports, seen))

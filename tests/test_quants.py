@@ -13,12 +13,20 @@ from phi3ref.quants import QUANTIZABLE_TYPES, quant_type, row_bytes
 ALL_TYPES = list(QUANT_TYPES)
 BLOCK_TYPES = [t for t in ALL_TYPES if QUANT_TYPES[t].block_size > 1]
 
-# Byte offsets of the float16 scale fields of each block (ggml-common.h).
-SCALE_OFFSETS = {
-    QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
-    QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208],
-    QT.IQ4_NL: [0], QT.IQ4_XS: [0],
-}
+# Byte offsets of the float16 scale fields of each block (the table's, checked below).
+SCALE_OFFSETS = {qtype: list(t.scale_offsets) for qtype, t in QUANT_TYPES.items()}
+
+
+def test_the_table_places_the_scales_as_ggml_common_h():
+    """The table's fields put d (and dmin / m) where ggml-common.h's structs do, written
+    out once more by hand; a field the block lacks is named in the error."""
+    assert {q.name: SCALE_OFFSETS[q] for q in BLOCK_TYPES} == {
+        "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
+        "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0],
+    }
+    assert (QUANT_TYPES[QT.Q5_K].offset("qh"), QUANT_TYPES[QT.Q6_K].offset("scales"), QUANT_TYPES[QT.Q3_K].offset("scales")) == (16, 192, 96)
+    with pytest.raises(KeyError, match="a Q4_0 block has no field 'dmin' \\(fields: d, qs\\)"):
+        QUANT_TYPES[QT.Q4_0].offset("dmin")
 
 
 def reference(raw: np.ndarray, qtype: QT) -> np.ndarray:

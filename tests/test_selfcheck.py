@@ -42,14 +42,33 @@ def test_a_level_this_cpu_cannot_run_is_refused(monkeypatch):
 
 
 RUNNABLE = [lv.name for lv in isa.LEVELS.values() if lv.runs_on(isa.host_features())]
+# the installed (native) llama-cpp-python computes at the host's level: no build needed
+INSTALLED_IS_HOST_LEVEL = bool(RUNNABLE) and not isa.native_gaps(isa.host_features())
 
 
 @pytest.mark.crosscheck
 @pytest.mark.slow
 def test_selfcheck_reports_bit_for_bit(capsys):
+    """``phi3ref selfcheck`` against the installed llama-cpp-python where it computes at the
+    host's level (else against llama.cpp built for it: tier ``levels``)."""
     pytest.importorskip("llama_cpp")
-    level = RUNNABLE[0]
-    assert main(["selfcheck", "--json", "--level", level, "--quants", "Q4_K_M"]) == 0
+    if not INSTALLED_IS_HOST_LEVEL:
+        pytest.skip("the installed llama-cpp-python computes at no phi3ref level here: "
+                    "test_selfcheck_at_a_built_level covers selfcheck (-m levels)")
+    _bit_for_bit(capsys, [], isa.resolve().name)
+
+
+@pytest.mark.crosscheck
+@pytest.mark.slow
+@pytest.mark.levels
+@pytest.mark.skipif(not RUNNABLE, reason="this CPU runs none of phi3ref's levels")
+def test_selfcheck_at_a_built_level(capsys):
+    pytest.importorskip("llama_cpp")
+    _bit_for_bit(capsys, ["--level", RUNNABLE[0]], RUNNABLE[0])
+
+
+def _bit_for_bit(capsys, level_flags: list[str], level: str) -> None:
+    assert main(["selfcheck", "--json", *level_flags, "--quants", "Q4_K_M"]) == 0
     report = json.loads(capsys.readouterr().out)
     (check,) = report["checks"]
     assert check["bit_exact"] and check["level"] == level and check["first_difference"] is None
@@ -58,17 +77,26 @@ def test_selfcheck_reports_bit_for_bit(capsys):
     assert all(op["equal"] == op["tensors"] for op in ops.values())
 
 
+# a level with 16 lanes for the attention scores whose llama.cpp needs no build here, if any
+WIDE = isa.resolve().name if INSTALLED_IS_HOST_LEVEL and isa.resolve().name != "avx2" else None
+
+
 @pytest.mark.crosscheck
 @pytest.mark.slow
 @pytest.mark.skipif("avx512" not in RUNNABLE, reason="this CPU cannot run llama.cpp built for avx512")
-def test_selfcheck_names_the_first_op_that_differs(tmp_path):
-    """phi3ref at avx2 against llama.cpp built for avx512: the attention scores (8 lanes
+@pytest.mark.parametrize("theirs", [
+    pytest.param("installed", id="installed", marks=pytest.mark.skipif(WIDE is None, reason="the installed llama.cpp is not an AVX-512 level here")),
+    pytest.param("avx512", id="built-avx512", marks=pytest.mark.levels),
+])
+def test_selfcheck_names_the_first_op_that_differs(theirs, tmp_path):
+    """phi3ref at avx2 against llama.cpp at an AVX-512 level: the attention scores (8 lanes
     against 16) are the first tensor to differ."""
     pytest.importorskip("llama_cpp")
-    from phi3ref.testing import write_model
+    from phi3ref.synthetic import write_model
 
     path = write_model(tmp_path / "m.gguf", preset="phi3-mini", size="heads", quant="Q8_0", seed=5)
-    result = selfcheck._check_one(path, "Q8_0", isa.LEVELS["avx2"], isa.LEVELS["avx512"], None)
+    build = None if theirs == "installed" else isa.LEVELS[theirs]
+    result = selfcheck._check_one(path, "Q8_0", isa.LEVELS["avx2"], build, None)
     assert not result.bit_exact and result.first_difference == "kq-0"
     ops = {op.op: op for op in result.ops}
     assert ops["attn_norm"].equal >= 1 and ops["kq"].equal < ops["kq"].tensors

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 
 from phi3ref import GGUFFile, Phi3Config
 from phi3ref.quants import QUANT_TYPES
-from phi3ref.testing import PRESETS, QUANT_MIXES, preset_shape, tensor_plan, tensor_type, vocab_path, write_model
+from phi3ref.synthetic import PRESETS, QUANT_MIXES, preset_shape, tensor_plan, tensor_type, vocab_path, write_model
 
 
 def reader_tensors(path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -156,3 +156,17 @@ def test_presets_have_the_family_shapes():
     assert (medium.n_embd, medium.n_head, medium.n_head_kv, medium.head_dim) == (5120, 40, 10, 128)
     assert phi35.longrope and phi35.n_ctx == 131072 and phi35.rope_orig_ctx == 4096
     assert phi4.tied_embeddings and phi4.head_dim == 128 and phi4.n_rot == 96 and phi4.n_head_kv == 8
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_written_file_declares_its_shape_config(preset, tmp_path):
+    """ModelShape.config() is what phi3ref reads back from the file write_model writes (the
+    tensor layout comes from that one config: Phi3Config.tensor_specs)."""
+    import dataclasses
+
+    path = write_model(tmp_path / "m.gguf", preset=preset, quant="Q8_0", seed=1)
+    with GGUFFile(path) as gf:
+        read = Phi3Config.from_gguf(gf)
+        config = preset_shape(preset).config(read.n_vocab)
+        config.check_tensors(gf)
+    assert dataclasses.replace(read, rope_attn_factor=None) == config

@@ -13,7 +13,7 @@ from gguf import GGUFValueType as VT
 
 from phi3ref import GGUFError
 from phi3ref.tokenizer import Tokenizer
-from phi3ref.testing import vocab_path
+from phi3ref.synthetic import vocab_path
 
 CHAT = "<|user|>\nWrite a haiku about ice hockey<|end|>\n<|assistant|>"
 

@@ -5,7 +5,7 @@ benchmarks run on models this module writes: the tensor names, shapes, types, me
 vocabulary are those of llama.cpp's ``phi3`` GGUF files; only the weight values are random
 (so the text they generate is noise).
 
-    >>> from phi3ref.testing import write_model
+    >>> from phi3ref.synthetic import write_model
     >>> write_model("tiny.gguf", preset="phi3-mini", size="tiny", quant="Q4_K_M")
 
 The vocabulary, special tokens and chat template come from ``phi3ref/data/ggml-vocab-phi-3.gguf``
@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, GGUFWriter, LlamaFileType
 
-from .config import ARCHITECTURE
+from .config import ARCHITECTURE, Phi3Config
 from .gguf_file import GGUFFile
 from .quants import QUANT_TYPES, quantize
 
@@ -57,6 +57,18 @@ class ModelShape:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def config(self, n_vocab: int) -> Phi3Config:
+        """The :class:`~phi3ref.config.Phi3Config` a file of this shape declares (its tensor
+        layout is the one :func:`write_model` writes)."""
+        return Phi3Config(
+            n_vocab=n_vocab, n_ctx_train=self.n_ctx, n_embd=self.n_embd, n_ff=self.n_ff, n_layer=self.n_layer,
+            n_head=self.n_head, n_head_kv=self.n_head_kv, head_dim=self.head_dim, n_rot=self.n_rot,
+            # the file stores the floats as float32, and always an original context length
+            rope_base=float(np.float32(self.rope_base)), rms_eps=float(np.float32(self.rms_eps)),
+            sliding_window=self.sliding_window, rope_orig_ctx=self.rope_orig_ctx or self.n_ctx, has_rope_factors=self.longrope,
+            tied_embeddings=self.tied_embeddings, fused_qkv=True,
+        )
 
 
 # The family's shapes (from the models' config.json files) and a tiny size of each that
@@ -192,26 +204,17 @@ class TensorPlan:
 
 
 def tensor_plan(shape: ModelShape, n_vocab: int, mix: str, pure: bool = False) -> list[TensorPlan]:
-    """Every tensor :func:`write_model` writes for ``shape`` in file type ``mix``, in file order."""
-    e, hd = shape.n_embd, shape.head_dim
-    q_dim, kv_dim = shape.n_head * hd, shape.n_head_kv * hd
-    items: list[tuple[str, tuple[int, ...], str, int]] = [("token_embd.weight", (n_vocab, e), "embed", e)]
-    if shape.longrope:
-        items += [("rope_factors_long.weight", (shape.n_rot // 2,), "rope_long", 1),
-                  ("rope_factors_short.weight", (shape.n_rot // 2,), "rope_short", 1)]
-    for i in range(shape.n_layer):
-        p = f"blk.{i}."
-        items += [
-            (p + "attn_norm.weight", (e,), "norm", 1),
-            (p + "attn_qkv.weight", (q_dim + 2 * kv_dim, e), "linear", e),  # rows [q | k | v]
-            (p + "attn_output.weight", (e, q_dim), "linear", q_dim),
-            (p + "ffn_norm.weight", (e,), "norm", 1),
-            (p + "ffn_up.weight", (2 * shape.n_ff, e), "linear", e),  # rows [gate | up]
-            (p + "ffn_down.weight", (e, shape.n_ff), "linear", shape.n_ff),
-        ]
-    items.append(("output_norm.weight", (e,), "norm", 1))
-    if not shape.tied_embeddings:
-        items.append(("output.weight", (n_vocab, e), "linear", e))
+    """Every tensor :func:`write_model` writes for ``shape`` in file type ``mix``, in file
+    order: the layout :meth:`phi3ref.config.Phi3Config.tensor_specs` states (llama.cpp's
+    converter's: fused qkv and gate_up), each with what its values are like."""
+    config = shape.config(n_vocab)
+    kinds = {"token_embd.weight": "embed", "rope_factors_long.weight": "rope_long", "rope_factors_short.weight": "rope_short"}
+    items = []
+    for spec in config.tensor_specs():
+        if not spec.required:  # the output head of tied embeddings
+            continue
+        kind = kinds.get(spec.name, "norm" if spec.name.endswith("norm.weight") else "linear")
+        items.append((spec.name, spec.shape, kind, 1 if kind in ("norm", "rope_long", "rope_short") else spec.shape[-1]))
     return [
         TensorPlan(name, shp, tensor_type(name, shp, mix, shape.n_layer, pure=pure, tied=shape.tied_embeddings), kind, fan_in)
         for name, shp, kind, fan_in in items

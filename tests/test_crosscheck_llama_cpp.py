@@ -1,0 +1,226 @@
+"""phi3ref's "ggml" numerics against llama.cpp, bit for bit: logits of prompts and of
+generation, traces layer by layer, greedy generation, and llama.cpp's failures.
+
+Tier ``crosscheck``: needs llama-cpp-python (the ``crosscheck`` extra); tier ``levels``
+builds llama.cpp for the other instruction-set levels this CPU runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import phi3ref
+from phi3ref import isa
+from phi3ref.crosscheck import compare, compare_traces, generation_logits, llama_cpp_calls, llama_cpp_quantize
+from phi3ref.synthetic import write_model
+
+pytestmark = pytest.mark.crosscheck
+
+
+def test_compare_traces_finds_the_first_difference():
+    """compare_traces reports a changed tensor, by name and size of the change; kq tensors
+    are compared without llama.cpp's padding of the KV length."""
+    ours = {"a-0": np.ones((2, 3), np.float32), "c-0": np.ones(3, np.float32), "kq-0": np.zeros((1, 2, 2, 3), np.float32)}
+    theirs = {"a-0": np.ones((1, 1, 2, 3), np.float32), "c-0": np.ones(3, np.float32), "kq-0": np.zeros((1, 2, 2, 256), np.float32)}
+    theirs["c-0"][1] = 1.5
+    ours["kq-0"][0, 0, 0, 0] = theirs["kq-0"][0, 0, 0, 0] = np.nan
+    theirs["kq-0"][0, 0, 0, 100] = 7  # padding
+    got = compare_traces(ours, theirs)
+    assert [(m.name, m.equal, m.max_abs) for m in got] == [("a-0", True, 0.0), ("c-0", False, 0.5), ("kq-0", True, 0.0)]
+    with pytest.raises(ValueError, match=r"trace tensor a-0: \(2, 3\) here, \(4,\) in llama.cpp"):
+        compare_traces({"a-0": ours["a-0"]}, {"a-0": np.ones(4, np.float32)})
+
+
+
+# the tests below run llama.cpp (compare_traces above needs nothing)
+NEEDS_LLAMA_CPP = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python is not installed (pip install phi3ref[crosscheck])")
+# ---- phi3ref's "ggml" numerics against llama.cpp, bit for bit, at every level this CPU runs
+# The default run checks the host's level against the installed (native) llama-cpp-python
+# where that build computes at a phi3ref level, else against llama.cpp built at the host's
+# level. Every other level this CPU runs is tier ``levels`` (pytest -m levels): llama.cpp
+# is built for it from the installed llama-cpp-python's sources (phi3ref.llama_builds,
+# cached; minutes per level) and runs in a child process; phi3ref runs the same level in
+# this one. The shapes keep each model's real head size (96, 128; partial rotary 96 of
+# 128; GQA ratios), plus a head size of 40 that no lane count divides.
+
+HOST = isa.host_features()
+INSTALLED_IS_HOST_LEVEL = not isa.native_gaps(HOST)
+
+
+def _level_param(level: isa.Level):
+    missing = sorted(level.features - HOST)
+    if missing:
+        return pytest.param(None, id=level.name, marks=pytest.mark.skip(
+            reason=f"this CPU cannot run llama.cpp built for {level.name} (lacks {', '.join(missing)})"))
+    if level != isa.host_level():
+        return pytest.param(level, id=level.name, marks=pytest.mark.levels)
+    return pytest.param(level, id=level.name)
+
+
+LEVEL_PARAMS = [_level_param(level) for level in isa.LEVELS.values()]
+
+
+def _llama_cpp_at(level: isa.Level) -> isa.Level | None:
+    """The ``level`` argument of llama_cpp_calls for phi3ref's ``level``: None (the
+    installed build, no compile) where that build computes at this level."""
+    return None if INSTALLED_IS_HOST_LEVEL and level == isa.host_level() else level
+
+
+PRESETS_HERE = ["phi3-mini", "phi3-medium", "phi3.5-mini", "phi4-mini"]  # size "heads": the real head sizes
+WRITTEN = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
+LLAMA_QUANTIZED = ["Q2_K", "Q3_K_M", "IQ4_NL", "IQ4_XS"]  # types phi3ref cannot write: llama.cpp's quantizer makes them
+ALL_QUANTS = WRITTEN + LLAMA_QUANTIZED
+N_CTX = 2048
+
+
+@pytest.fixture(scope="session")
+def realistic_model(model_dir):
+    """realistic_model(preset, quant): a synthetic model of size "heads", written once."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(preset: str, quant: str) -> Path:
+        key = (preset, quant)
+        if key not in made:
+            path = model_dir / f"real-{preset}-{quant}.gguf"
+            if quant in LLAMA_QUANTIZED:
+                llama_cpp_quantize(get(preset, "F32"), path, quant)
+            elif preset == "phi3-mini-hd40":  # head size 40: no lane count divides it (32-blocks only)
+                write_model(path, preset="phi3-mini", quant=quant, n_embd=320, n_head=8, n_head_kv=8, n_rot=40, n_ctx=N_CTX, seed=3)
+            else:
+                write_model(path, preset=preset, size="heads", quant=quant, seed=2)
+            made[key] = path
+        return made[key]
+
+    return get
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(100, 32000, size=n).tolist()
+
+
+def _check(results: list[tuple[str, "object"]]) -> None:
+    for label, c in results:
+        print(f"  {label}: {c}")
+    bad = [label for label, c in results if c.max_abs != 0]
+    assert not bad, f"not bit-identical to llama.cpp: {bad}"
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS_HERE)
+@pytest.mark.parametrize("level", LEVEL_PARAMS)
+def test_prompt_logits_equal_llama_cpp(level, preset, realistic_model):
+    """Every weight type, a 300-token prompt (every position's logits), and a 600-token one
+    in two micro-batches: max |Δlogit| = 0."""
+    cases = [(q, _prompt(300, 7)) for q in ALL_QUANTS] + [("Q4_K_M", _prompt(600, 8))]
+    calls = [("logits", dict(path=str(realistic_model(preset, q)), tokens=p, n_ctx=N_CTX)) for q, p in cases]
+    theirs = llama_cpp_calls(calls, level=_llama_cpp_at(level))
+    results = []
+    for (quant, prompt), ref in zip(cases, theirs):
+        ours = phi3ref.load(realistic_model(preset, quant), isa=level, n_ctx=N_CTX).logits(prompt)
+        results.append((f"{level} {preset} {quant} {len(prompt)} tokens", compare(ours, ref)))
+    _check(results)
+
+
+def _generation(path: Path, level: isa.Level, prompt: list[int], continuation: list[int]) -> np.ndarray:
+    return generation_logits(phi3ref.load(path, isa=level, n_ctx=N_CTX), prompt, continuation)
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS_HERE)
+@pytest.mark.parametrize("level", LEVEL_PARAMS)
+def test_generation_logits_equal_llama_cpp(level, preset, realistic_model):
+    """The generation path (prompt in one batch, then a token at a time through the KV
+    cache; llama.cpp's kernels for single tokens differ): every weight type for 24 steps,
+    and Q4_K_M past 1,000 positions."""
+    cases = [(q, _prompt(40, 9), _prompt(24, 10)) for q in ALL_QUANTS] + [("Q4_K_M", _prompt(300, 11), _prompt(724, 12))]
+    calls = [("generation", dict(path=str(realistic_model(preset, q)), prompt=p, continuation=c, n_ctx=N_CTX)) for q, p, c in cases]
+    theirs = llama_cpp_calls(calls, level=_llama_cpp_at(level))
+    results = []
+    for (quant, prompt, cont), ref in zip(cases, theirs):
+        ours = _generation(realistic_model(preset, quant), level, prompt, cont)
+        results.append((f"{level} {preset} {quant} to position {len(prompt) + len(cont)}", compare(ours, ref)))
+    _check(results)
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.parametrize("level", LEVEL_PARAMS)
+def test_head_size_no_lane_count_divides(level, realistic_model):
+    """Head size 40: llama.cpp's tinyBLAS declines the attention scores of a batch (40 is no
+    multiple of 8 or 16) and ggml_vec_dot_f16 takes them, with a double tail."""
+    cases = [(q, _prompt(100, 13)) for q in ("Q8_0", "F16")]
+    calls = [("logits", dict(path=str(realistic_model("phi3-mini-hd40", q)), tokens=p, n_ctx=N_CTX)) for q, p in cases]
+    calls += [("generation", dict(path=str(realistic_model("phi3-mini-hd40", "Q8_0")), prompt=_prompt(20, 14), continuation=_prompt(30, 15), n_ctx=N_CTX))]
+    theirs = llama_cpp_calls(calls, level=_llama_cpp_at(level))
+    results = []
+    for (quant, prompt), ref in zip(cases, theirs[:2]):
+        results.append((f"{level} head 40 {quant}", compare(phi3ref.load(realistic_model("phi3-mini-hd40", quant), isa=level, n_ctx=N_CTX).logits(prompt), ref)))
+    ours = _generation(realistic_model("phi3-mini-hd40", "Q8_0"), level, _prompt(20, 14), _prompt(30, 15))
+    results.append((f"{level} head 40 Q8_0 generation", compare(ours, theirs[2])))
+    _check(results)
+
+
+NATIVE = pytest.mark.skipif(
+    bool(isa.native_gaps(HOST)), reason="the installed llama-cpp-python is built natively: " + " / ".join(isa.native_gaps(HOST)))
+
+
+@NEEDS_LLAMA_CPP
+@NATIVE
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q4_K_M", "F16"])
+def test_installed_llama_cpp_is_the_host_level(quant, tiny_model):
+    """The installed (native) llama-cpp-python computes at phi3ref.isa.host_level()."""
+    path = tiny_model("phi3-mini", quant)
+    prompt = _prompt(64, 7)
+    ours = phi3ref.load(path, n_ctx=512).logits(prompt)
+    c = compare(ours, llama_cpp_calls([("logits", dict(path=str(path), tokens=prompt, n_ctx=512))])[0])
+    print(f"{isa.host_level()} {quant} vs the installed llama.cpp: {c}")
+    assert c.max_abs == 0, c
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.parametrize("level", LEVEL_PARAMS)
+def test_trace_matches_llama_cpp_layer_by_layer(level, realistic_model):
+    """Every intermediate phi3ref traces equals llama.cpp's tensor of the same name, on a
+    prompt past every batch threshold (GQA, head 128)."""
+    path = realistic_model("phi3-medium", "Q4_K_M")
+    prompt = _prompt(300, 16)
+    (theirs,) = llama_cpp_calls([("trace", dict(path=str(path), tokens=prompt, n_ctx=N_CTX))], level=_llama_cpp_at(level))
+    matches = compare_traces(phi3ref.load(path, isa=level, n_ctx=N_CTX).trace(prompt), theirs)
+    assert [m.name for m in matches if not m.equal] == []
+    assert {"wqkv-0", "kq-0", "kq_soft_max-1", "kqv_out-1", "ffn_up-0", "ffn_swiglu-0", "l_out-1", "result_output"} <= {m.name for m in matches}
+
+
+@NEEDS_LLAMA_CPP
+@NATIVE
+@pytest.mark.parametrize("preset,quant", [("phi3-mini", "Q4_K_M"), ("phi4-mini", "Q4_0"), ("phi3-medium", "Q8_0")])
+def test_greedy_generation_matches_llama_cpp(preset, quant, tiny_model):
+    """phi3ref.generate(temperature=0) picks the same tokens as llama.cpp's own greedy
+    sampler on the same file and prompt."""
+    path = tiny_model(preset, quant)
+    model = phi3ref.load(path, n_ctx=256)
+    ours = phi3ref.generate("Write a haiku about ice hockey", model=model, temperature=0, repeat_penalty=1.0, max_tokens=24)
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, verbose=False)
+    try:
+        theirs = []
+        for token in llm.generate(ours.prompt_tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
+            if token in model.tokenizer.eog_ids or len(theirs) == 24:
+                break
+            theirs.append(token)
+    finally:
+        llm.close()
+    assert ours.tokens == theirs
+
+
+@NEEDS_LLAMA_CPP
+def test_a_failing_llama_cpp_is_an_error_here(tmp_path):
+    """llama.cpp runs in a child process: its failure (or crash) raises, naming how it ended."""
+    with pytest.raises(RuntimeError, match=r"the installed llama-cpp-python failed \(exit status 1\)"):
+        llama_cpp_calls([("logits", dict(path=str(tmp_path / "missing.gguf"), tokens=[1, 2]))])
