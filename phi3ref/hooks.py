@@ -2,7 +2,9 @@
 
 The names are llama.cpp's graph-node names (``examples/eval-callback`` prints them), the
 layer after a dash, so that a phi3ref run and a llama.cpp run can be laid side by side
-(:func:`phi3ref.crosscheck.compare_traces`)::
+(:func:`phi3ref.crosscheck.compare_traces`) — but for three: ``attn_out`` and ``ffn_inp``
+are phi3ref's own (llama.cpp names neither), and llama.cpp's last ``Qcur`` is the query
+after RoPE *and* the 1/sqrt(d) scaling, where phi3ref's is after RoPE only::
 
     inp_embd                     (n, n_embd)        the token embeddings
     attn_norm-i                  (n, n_embd)        RMSNorm before attention
@@ -29,7 +31,10 @@ n_head_kv; d = head_dim.
 
 A :class:`Hooks` is what a pass calls at each point: ``hooks(name, value)`` returns the
 value the pass goes on with. :data:`NO_HOOKS` is the pass without any (the model checks
-nothing else: a pass without hooks pays for one method call per point).
+nothing else: a pass without hooks pays for one method call per point). A replacement is
+checked before the pass uses it (the kernels behind the numerics index arrays without
+bounds checks): an array of the point's shape, finite — but for ``kq-i``, where -inf masks
+a key as the causal mask does.
 """
 
 from __future__ import annotations
@@ -69,7 +74,10 @@ class Hooks:
 
     def __init__(self, functions: Mapping[str, HookFn] | None = None, keep: Iterable[str] = (), *, known: Iterable[str] = ()):
         self._functions = dict(functions or {})
-        self._keep = list(keep)
+        try:
+            self._keep = list(keep)
+        except TypeError:
+            raise TypeError(f"names must be hook point names or glob patterns, got {keep!r:.60}") from None
         known = list(known)
         for pattern, fn in self._functions.items():
             if not isinstance(pattern, str):
@@ -95,7 +103,7 @@ class Hooks:
         return wanted
 
     def __call__(self, name: str, value: np.ndarray) -> np.ndarray:
-        if not self.wants(name):
+        if value.size == 0 or not self.wants(name):  # no rows here (positions whose logits are not wanted)
             return value
         for matcher, fn in self._matchers:
             if matcher.match(name):
@@ -129,6 +137,11 @@ def _replacement(name: str, value: np.ndarray, replaced: object) -> np.ndarray:
         raise TypeError(f"the hook at {name} returned {type(replaced).__name__}, not an array of numbers: {e}") from None
     if out.shape != value.shape:
         raise ValueError(f"the hook at {name} returned shape {out.shape}; the point's value has shape {value.shape}")
+    bad = np.isnan(out) | ((out == np.inf) if name.startswith("kq-") else np.isinf(out))
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        allowed = " (-inf masks a key here; +inf and NaN do not)" if name.startswith("kq-") else ""
+        raise ValueError(f"the hook at {name} returned {out[at]} at {at}: replacements must be finite{allowed}")
     return out
 
 

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 import threading
+import time
 
 import numba as nb
 import numpy as np
@@ -165,6 +165,9 @@ Q6_K_BYTES, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D = (
     _bytes(QT.Q6_K), _at(QT.Q6_K, "ql"), _at(QT.Q6_K, "qh"), _at(QT.Q6_K, "scales"), _at(QT.Q6_K, "d"))
 IQ4_XS_BYTES, IQ4_XS_D, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, IQ4_XS_QS = (
     _bytes(QT.IQ4_XS), _at(QT.IQ4_XS, "d"), _at(QT.IQ4_XS, "scales_h"), _at(QT.IQ4_XS, "scales_l"), _at(QT.IQ4_XS, "qs"))
+
+# d, the float16 scale, opens every block the kernels read it from at ``off``
+assert all(quants.QUANT_TYPES[t].offset("d") == 0 for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL, QT.IQ4_XS))
 
 # Activation formats (ggml's vec_dot_type of each weight type)
 ACT_F32, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2, 3, 4, 5
@@ -1492,6 +1495,8 @@ def warmup(numerics: tuple[str, ...] = ("exact", "ggml")) -> float:
         a.setflags(write=False)  # as the weights are (memmap views of the file): Numba types them apart
         return a
 
+    if isinstance(numerics, str) or not set(numerics) <= {"exact", "ggml", "numpy"}:
+        raise ValueError(f"warmup takes a tuple of numerics names (exact, ggml, numpy), got {numerics!r}")
     start = time.perf_counter()
     threads = nb.get_num_threads()
     x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)

@@ -28,7 +28,7 @@ def load(
     revision: str | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     n_ctx: int | None = None,
-    numerics: str = "ggml",
+    numerics: str | Numerics = "ggml",
     threads: int | None = None,
     sliding_window: bool | None = None,
     isa: str | Level | None = None,
@@ -45,7 +45,7 @@ def load(
     the KV cache size (default: the model's context, at most
     :data:`phi3ref.model.DEFAULT_MAX_CTX`). ``numerics``: ``"ggml"`` (llama.cpp's, the
     default), ``"exact"`` (float32, transformers' numbers) or ``"numpy"`` (exact, plain
-    numpy); see :mod:`phi3ref.numerics`. ``threads``: Numba threads (default: all cores).
+    numpy), or a :class:`phi3ref.numerics.Numerics`; see :mod:`phi3ref.numerics`. ``threads``: Numba threads (default: all cores).
     ``sliding_window``: apply the file's sliding window (default: with "exact" and
     "numpy", as transformers does; not with "ggml", as llama.cpp does not). ``isa``: the
     instruction-set level of the llama.cpp build that ``numerics="ggml"`` reproduces
@@ -55,7 +55,7 @@ def load(
     """
     from . import hub
 
-    chosen = numerics_named(numerics, isa)  # a wrong name is refused before any download
+    chosen = _numerics(numerics, isa)  # a wrong name is refused before any download
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
             raise ValueError(f"threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
@@ -86,7 +86,7 @@ def model_from_file(
     """A :class:`~phi3ref.model.Model` of an open GGUF file, with the file's own tokenizer
     (built when first used). ``numerics``: a name (see :func:`load`) or a
     :class:`phi3ref.numerics.Numerics`."""
-    chosen = numerics_named(numerics, isa) if isinstance(numerics, str) else numerics
+    chosen = _numerics(numerics, isa)
     model = Model(gguf, chosen, n_ctx=n_ctx, sliding_window=sliding_window, n_ubatch=n_ubatch,
                   tokenizer=lambda: Tokenizer.from_gguf(gguf))
     # Every matrix a forward pass reads in full is mapped in now (the token embedding, of
@@ -96,3 +96,12 @@ def model_from_file(
             gguf.populate(name)
     return model
 
+
+def _numerics(numerics: str | Numerics, isa: str | Level | None) -> Numerics:
+    """The numerics a load asked for: by name (``isa``: the level "ggml" follows), or as given."""
+    if isinstance(numerics, str):
+        return numerics_named(numerics, isa)
+    if isa is not None:
+        raise ValueError(f"isa={isa!r} picks the level of numerics by name; {numerics!r} is already built "
+                         "(give GgmlNumerics its level instead)")
+    return numerics  # Model checks that it is one

@@ -88,6 +88,21 @@ def check_finite(x: np.ndarray, name: str, source: str) -> np.ndarray:
     return x
 
 
+def _stacklevel_outside_phi3ref() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside this package."""
+    import sys
+
+    package, level, frame = os.path.dirname(os.path.abspath(__file__)), 1, sys._getframe(1)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# the interface Model uses (phi3ref.numerics.Numerics): checked by name, as this module
+# does not import the numerics
+_NUMERICS_ATTRIBUTES = ("name", "kv_dtype", "applies_sliding_window", "longrope_context", "matmul", "rms_norm",
+                        "rope_angles", "rope", "store", "attention_scores", "softmax", "attention_values", "swiglu")
+
 
 # What trace() records: the hook points llama.cpp names the same way and computes the same
 # (its Qcur is the query after RoPE *and* scaling; it names no ffn_inp).
@@ -185,6 +200,12 @@ class Model:
         n_ubatch: int = DEFAULT_UBATCH,
         tokenizer: "Callable[[], Tokenizer] | None" = None,
     ):
+        if isinstance(numerics, type):
+            raise TypeError(f"numerics must be a Numerics object, got the class {numerics.__name__}: pass {numerics.__name__}(...)")
+        missing = [a for a in _NUMERICS_ATTRIBUTES if not hasattr(numerics, a)]
+        if missing:
+            raise TypeError(f"numerics must be a phi3ref.numerics.Numerics object (phi3ref.numerics.numerics_named('exact'), ...), "
+                            f"got {numerics!r:.60} (it has no {', '.join(missing[:3])}); phi3ref.load() takes a name")
         self.gguf = gguf
         self.config = config = Phi3Config.from_gguf(gguf)
         config.check_tensors(gguf)
@@ -198,7 +219,7 @@ class Model:
             # outside what the model has learned
             warnings.warn(
                 f"n_ctx={n_ctx} is more than the {config.n_ctx_train} positions {gguf.path.name} was trained for",
-                stacklevel=3,
+                stacklevel=_stacklevel_outside_phi3ref(),
             )
         cache_bytes = KVCache.nbytes(config, n_ctx, numerics.kv_dtype)
         if cache_bytes > _physical_memory():
@@ -259,6 +280,7 @@ class Model:
         # changes with every change of the context, so that a generation can tell that
         # another caller moved it (ModelBusyError) instead of continuing on a wrong cache.
         self._lock = PASS_LOCK
+        self._in_pass = False
         self._version = 0
         # held by a non-streaming generation from its first pass to its last: threads that
         # generate on one model take turns
@@ -302,6 +324,7 @@ class Model:
     def reset(self) -> None:
         """Forget the cached context."""
         with self._lock:
+            self._refuse_reentry("reset")
             self.tokens = []
             self.cache_uses_long_rope = False
             self._version += 1
@@ -313,19 +336,25 @@ class Model:
     def run_with_hooks(self, tokens: Sequence[int], hooks: Mapping[str, HookFn]) -> np.ndarray:
         """:meth:`logits`, calling ``hooks`` on the way: {hook point name or glob pattern
         (``"l_out-*"``): fn}. ``fn(value, name)`` gets a copy of the intermediate and
-        returns its replacement (same shape) or None to leave it; the pass goes on with
-        the replacement (and so does the KV cache, for keys and values). A prompt longer
-        than ``n_ubatch`` runs in batches: fn is called once per batch."""
+        returns its replacement (same shape, finite; -inf allowed in ``kq-i`` to mask a key)
+        or None to leave it; the pass goes on with the replacement (and so does the KV
+        cache, for keys and values). A prompt longer than ``n_ubatch`` runs in batches: fn
+        is called once per batch, and not for a point that has no rows in it (the last
+        layer's feed-forward of positions whose logits are not wanted). A pass crossing
+        LongRoPE's original context ("exact", "numpy") recomputes the cached positions
+        through the same hooks. Hooks run inside the pass: a pass on this model from a hook
+        is an error (ModelBusyError); one on another model runs inside this one."""
         return self._fresh(tokens, self._hooks(hooks, ()))
 
     def run_with_cache(self, tokens: Sequence[int], names: Iterable[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """:meth:`logits` and the intermediates ``names`` (hook point names or glob patterns;
         None: every one) as float32 copies, in the order computed. The tokens run as one
         batch: at most ``n_ubatch`` of them."""
-        if len(tokens) > self.n_ubatch:
-            raise ValueError(f"run_with_cache runs one batch: {len(tokens)} tokens is more than n_ubatch={self.n_ubatch}")
+        ids = self._check_tokens(tokens, 0)
+        if ids.size > self.n_ubatch:
+            raise ValueError(f"run_with_cache runs one batch: {ids.size} tokens is more than n_ubatch={self.n_ubatch}")
         hooks = self._hooks({}, ["*"] if names is None else names)
-        return self._fresh(tokens, hooks), hooks.kept
+        return self._fresh(ids, hooks), hooks.kept
 
     def trace(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
         """Run ``tokens`` (one batch: at most ``n_ubatch``) in a fresh context and return the
@@ -333,9 +362,10 @@ class Model:
         ``wqkv-0``, ``kq-0``, ``kq_soft_max-0``, ``kqv_out-0``, ``ffn_norm-0``, ``ffn_up-0``,
         ``ffn_swiglu-0``, ``ffn_out-0``, ``l_out-0``, ..., ``result_norm``,
         ``result_output``, plus ``attn_out-0`` (unnamed in llama.cpp)."""
-        if len(tokens) > self.n_ubatch:
-            raise ValueError(f"trace() runs one batch: {len(tokens)} tokens is more than n_ubatch={self.n_ubatch}")
-        return self.run_with_cache(tokens, TRACE_POINTS)[1]
+        ids = self._check_tokens(tokens, 0)
+        if ids.size > self.n_ubatch:
+            raise ValueError(f"trace() runs one batch: {ids.size} tokens is more than n_ubatch={self.n_ubatch}")
+        return self.run_with_cache(ids, TRACE_POINTS)[1]
 
     def forward(self, tokens: Sequence[int], start_pos: int, *, expect_version: int | None = None,
                 hooks: Mapping[str, HookFn] | None = None) -> np.ndarray:
@@ -352,7 +382,7 @@ class Model:
         if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
             raise TypeError(f"start_pos must be an integer, got {start_pos!r}")
         ids = self._check_tokens(tokens, start_pos)
-        run_hooks = NO_HOOKS if not hooks else self._hooks(hooks, ())
+        run_hooks = NO_HOOKS if hooks is None else self._hooks(hooks, ())
         with self._lock, _interrupts_as_keyboard_interrupt():
             if expect_version is not None and expect_version != self._version:
                 raise ModelBusyError(
@@ -373,9 +403,15 @@ class Model:
             keep = [keep]
         return Hooks(functions, keep, known=self.hook_names)
 
+    def _refuse_reentry(self, what: str) -> None:
+        if self._in_pass:  # only a hook can get here: passes are serialised by the lock
+            raise ModelBusyError(f"a hook {what} the model it is hooking: the pass under way would go on "
+                                 "with a KV cache and tokens changed under it")
+
     def _fresh(self, tokens: Sequence[int], hooks: Hooks) -> np.ndarray:
         ids = self._check_tokens(tokens, 0)
         with self._lock, _interrupts_as_keyboard_interrupt():
+            self._refuse_reentry("ran a pass on")
             self.reset()
             return self._run(ids, 0, hooks, all_logits=True)
 
@@ -398,6 +434,14 @@ class Model:
         return ids
 
     def _run(self, ids: np.ndarray, start_pos: int, hooks: Hooks, all_logits: bool) -> np.ndarray:
+        self._refuse_reentry("ran a pass on")
+        self._in_pass = True
+        try:
+            return self._run_pass(ids, start_pos, hooks, all_logits)
+        finally:
+            self._in_pass = False
+
+    def _run_pass(self, ids: np.ndarray, start_pos: int, hooks: Hooks, all_logits: bool) -> np.ndarray:
         # The positions from start_pos on are about to be overwritten: from now on the
         # cache holds only the first start_pos positions, whatever interrupts the pass.
         kept = self.tokens[:start_pos]

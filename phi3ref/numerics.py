@@ -21,7 +21,8 @@ products with quantized activations). Two choices follow the runtime too: transf
 applies a file's sliding window and picks the LongRoPE factors by the sequence's length;
 llama.cpp ignores the window and picks the factors once, by its context size.
 
-Every method takes and returns float32 arrays, shapes as commented; none keeps state.
+The arrays in and out are float32, shapes as commented; a numerics holds no state of a
+pass ("ggml" holds only the level it follows).
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ class ExactNumerics(Numerics):
     def swiglu(self, gate_up: np.ndarray, n_ff: int) -> np.ndarray:
         gate, up = gate_up[:, :n_ff], gate_up[:, n_ff:]  # (n, n_ff) each
         with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x << 0: silu -> -0
-            return gate / (_F32(1) + np.exp(-gate)) * up
+            e = np.exp(-gate)
+        return gate / (_F32(1) + e) * up
 
 
 class NumpyNumerics(ExactNumerics):
@@ -215,8 +217,8 @@ class GgmlNumerics(Numerics):
     # llama.cpp ignores a Phi-3 file's sliding window ("Phi SWA is currently disabled")
     applies_sliding_window = False
 
-    def __init__(self, level: Level):
-        self.level = level
+    def __init__(self, level: str | Level | None = None):
+        self.level = resolve_isa(level)  # a name, a Level, or None: $PHI3REF_ISA, else this CPU's
 
     def longrope_context(self, n_ctx: int) -> int:
         # llama.cpp picks the factors once, by its context size, rounded up to a multiple of 256

@@ -35,6 +35,11 @@ def tiny_model(model_dir: Path):
 ALL_PRESETS = list(PRESETS)
 
 
+CAMPAIGN_TIMEOUT = 6 * 3600  # seconds a test of a selected OPT_IN tier may take
+# the tests sharing one cold-cache child per SIMD form (simd_form_child) may take this long,
+# the child's own compile and run included; the child itself is stopped before
+FORM_TIMEOUT, FORM_CHILD_TIMEOUT = 2400, 2100
+
 # Tiers that run only when a -m expression names them: long campaigns, not the default run.
 OPT_IN = {
     "fuzz": "a long fuzz campaign: run with -m fuzz",
@@ -46,10 +51,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests of an OPT_IN tier are skipped unless the -m expression names the tier."""
     named = config.option.markexpr or ""
     for tier, reason in OPT_IN.items():
-        if tier in named:  # selected: a campaign runs as long as it takes (pytest-timeout)
+        if tier in named:  # selected: a campaign may run for hours, but not forever (pytest-timeout)
             for item in items:
                 if tier in item.keywords:
-                    item.add_marker(pytest.mark.timeout(0))
+                    item.add_marker(pytest.mark.timeout(CAMPAIGN_TIMEOUT))
             continue
         skip = pytest.mark.skip(reason=reason)
         for item in items:
@@ -145,7 +150,7 @@ def simd_form_child(tmp_path_factory: pytest.TempPathFactory, tiny_model):
             spec = json.dumps([list(SIMD_FORMS[form]["flags"]), list(SIMD_FORMS[form]["forbidden"]), str(Path(__file__).parent), FORM_TOKENS])
             done = subprocess.run(
                 [sys.executable, "-c", FORM_CHILD, str(folder / "form.npz"), spec, *paths],
-                env=simd_form_env(form, folder / "numba"), capture_output=True, text=True, timeout=1800,
+                env=simd_form_env(form, folder / "numba"), capture_output=True, text=True, timeout=FORM_CHILD_TIMEOUT,
             )
             runs[form] = (done, folder / "form.npz", paths)
         return runs[form]

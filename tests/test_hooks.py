@@ -111,6 +111,9 @@ def _cache_with(model, functions):
     ([("l_out-0", print)], TypeError, "hooks must be a mapping"),
     ({"l_out-0": lambda v, n: v[:, :3]}, ValueError, r"the hook at l_out-0 returned shape \(16, 3\); the point's value has shape \(16, "),
     ({"l_out-0": lambda v, n: "abc"}, TypeError, "the hook at l_out-0 returned str, not an array of numbers"),
+    ({"l_out-0": lambda v, n: v * np.nan}, ValueError, r"the hook at l_out-0 returned nan at \(0, 0\): replacements must be finite"),
+    ({"attn_norm-1": lambda v, n: v - np.inf}, ValueError, "the hook at attn_norm-1 returned -inf"),
+    ({"kq-0": lambda v, n: v + np.inf}, ValueError, r"the hook at kq-0 returned inf .* \(-inf masks a key here; \+inf and NaN do not\)"),
 ])
 def test_hook_mistakes_are_named(model, hooks, error, match):
     with pytest.raises(error, match=match):
@@ -119,8 +122,9 @@ def test_hook_mistakes_are_named(model, hooks, error, match):
 
 
 def test_run_with_cache_refuses_more_than_one_batch(model):
-    with pytest.raises(ValueError, match="run_with_cache runs one batch: 600 tokens is more than n_ubatch=512"):
-        model.run_with_cache([5] * 600)
+    small = phi3ref.load(model.gguf.path, numerics=model.numerics.name, n_ctx=64, n_ubatch=8)
+    with pytest.raises(ValueError, match="run_with_cache runs one batch: 16 tokens is more than n_ubatch=8"):
+        small.run_with_cache(PROMPT)
     with pytest.raises(ValueError, match="no hook point is called 'attn'"):
         model.run_with_cache(PROMPT, ["attn"])
 
@@ -130,3 +134,58 @@ def test_every_per_layer_point_is_documented():
 
     assert all(f"{name}-i" in h.__doc__ for name in PER_LAYER)
     assert all(name in h.__doc__ for name in (*h.BEFORE_LAYERS, *h.AFTER_LAYERS))
+
+
+def test_minus_inf_in_the_scores_masks_a_key(model):
+    """-inf at kq-i knocks a key out, as the causal mask does: token 5 attending to keys
+    0..4 only gives the probabilities of the scores without key 5, renormalised."""
+    def knock_out(value, name):
+        value[:, :, 5, 5] = -np.inf
+        return value
+
+    _, plain = model.run_with_cache(PROMPT, ["kq-0", "kq_soft_max-0"])
+    _, cache = _cache_with(model, {"kq-0": knock_out})
+    probs = cache["kq_soft_max-0"][:, :, 5, :6]  # (n_head_kv, group, keys 0..5)
+    assert not probs[..., 5].any()
+    scores = plain["kq-0"][:, :, 5, :5].astype(np.float64)
+    expected = np.exp(scores - scores.max(-1, keepdims=True))
+    assert np.allclose(probs[..., :5], expected / expected.sum(-1, keepdims=True), rtol=1e-3, atol=1e-6)
+
+
+def test_a_hook_cannot_run_a_pass_on_its_own_model(model):
+    with pytest.raises(phi3ref.ModelBusyError, match="a hook ran a pass on the model it is hooking"):
+        model.run_with_hooks(PROMPT, {"l_out-0": lambda v, n: model.logits(PROMPT[:2])})
+    with pytest.raises(phi3ref.ModelBusyError, match="a hook reset the model it is hooking"):
+        model.run_with_hooks(PROMPT, {"l_out-0": lambda v, n: model.reset()})
+    assert np.array_equal(model.run_with_hooks(PROMPT, {}), model.logits(PROMPT))  # and the model goes on
+
+
+def test_hooks_must_be_a_mapping_wherever_given(model):
+    model.forward(PROMPT, 0)
+    for bad in ([], 0, "l_out-0"):
+        with pytest.raises(TypeError, match="hooks must be a mapping of hook point names to functions"):
+            model.forward([5], len(PROMPT), hooks=bad)
+    with pytest.raises(TypeError, match="tokens must be a sequence of integer token ids"):
+        model.run_with_cache([1.5, 2])
+    assert np.array_equal(model.run_with_cache(iter(PROMPT), ["result_output"])[0], model.logits(PROMPT))  # any iterable
+
+
+def test_a_model_needs_a_numerics_object(tiny_model):
+    from phi3ref.gguf_file import GGUFFile
+    from phi3ref.model import Model
+    from phi3ref.numerics import ExactNumerics
+
+    with GGUFFile(tiny_model("phi3-mini", "Q8_0")) as gf:
+        with pytest.raises(TypeError, match="numerics must be a phi3ref.numerics.Numerics object .* got 'exact'"):
+            Model(gf, "exact")
+        with pytest.raises(TypeError, match="got the class ExactNumerics: pass ExactNumerics"):
+            Model(gf, ExactNumerics)
+    with pytest.raises(ValueError, match="isa='avx2' picks the level of numerics by name"):
+        phi3ref.load(tiny_model("phi3-mini", "Q8_0"), numerics=ExactNumerics(), isa="avx2")
+    assert phi3ref.load(tiny_model("phi3-mini", "Q8_0"), numerics=ExactNumerics()).numerics.name == "exact"
+
+
+def test_a_warning_points_at_the_callers_line(tiny_model):
+    with pytest.warns(UserWarning, match="more than the 512 positions") as caught:
+        phi3ref.load(tiny_model("phi3-mini", "Q8_0"), n_ctx=1024)
+    assert caught[0].filename == __file__

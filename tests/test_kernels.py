@@ -11,7 +11,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
-from conftest import simd_form_params
+from conftest import FORM_TIMEOUT, simd_form_params
 from gguf import GGMLQuantizationType as QT
 
 from phi3ref import QUANT_TYPES, dequantize, ggml_ops, isa, kernels, quantize
@@ -213,6 +213,7 @@ def test_simd_path_is_bit_identical(qtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", simd_form_params())
+@pytest.mark.timeout(FORM_TIMEOUT)  # a cold-cache compile in a child
 def test_other_simd_forms_are_bit_identical(form, simd_form_child):
     """The other instruction forms of phi3ref.simd (portable; AVX2 without VNNI) give the
     same results: check_simd_path in a child process compiled in that form."""
@@ -517,6 +518,6 @@ def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
         "    added.update({f'{numerics} {n}': (before[n], after[n]) for n in after if after[n] != before[n]})\n"
         "print(added)\n"
     ) % str(tiny_model("phi3-mini", "Q4_K_M"))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1100)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "{}", f"compiled after warmup (kernel: signatures before, after): {done.stdout}"

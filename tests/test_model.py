@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ALL_PRESETS, FORM_TOKENS, simd_form_params
+from conftest import ALL_PRESETS, FORM_TIMEOUT, FORM_TOKENS, simd_form_params
 
 import phi3ref
 from phi3ref.crosscheck import compare, generation_logits
@@ -146,6 +146,7 @@ def test_memory_is_mapped_not_copied(tiny_model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", simd_form_params())
+@pytest.mark.timeout(FORM_TIMEOUT)  # a cold-cache compile in a child
 def test_other_simd_forms_compute_the_same_model(form, simd_form_child):
     """Every numerics at every level in a child compiled in another form: its logits equal
     this process's bit for bit, and none of its compiled code holds an intrinsic the
@@ -264,16 +265,20 @@ def test_a_child_that_died_holding_numbas_lock_does_not_hang_the_next(tiny_model
     try:
         dead = os.fork()
         if dead == 0:  # dies holding the semaphore it inherited
-            shared.acquire()
-            os._exit(0)
+            try:
+                shared.acquire()
+            finally:
+                os._exit(0)
         os.waitpid(dead, 0)
         read, write = os.pipe()
         nxt = os.fork()
         if nxt == 0:
-            os.close(read)
-            ok = np.array_equal(model.logits(TOKENS[:4]), ref)
-            os.write(write, b"ok" if ok else b"differs")
-            os._exit(0)
+            try:
+                os.close(read)
+                ok = np.array_equal(model.logits(TOKENS[:4]), ref)
+                os.write(write, b"ok" if ok else b"differs")
+            finally:
+                os._exit(0)
         os.close(write)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and os.waitpid(nxt, os.WNOHANG) == (0, 0):
