@@ -331,7 +331,7 @@ class Model:
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position for ``tokens`` in a fresh context: (len(tokens), n_vocab) float32."""
-        return self._fresh(tokens, NO_HOOKS)
+        return self._fresh(self._check_tokens(tokens, 0), NO_HOOKS)
 
     def run_with_hooks(self, tokens: Sequence[int], hooks: Mapping[str, HookFn]) -> np.ndarray:
         """:meth:`logits`, calling ``hooks`` on the way: {hook point name or glob pattern
@@ -344,17 +344,13 @@ class Model:
         LongRoPE's original context ("exact", "numpy") recomputes the cached positions
         through the same hooks. Hooks run inside the pass: a pass on this model from a hook
         is an error (ModelBusyError); one on another model runs inside this one."""
-        return self._fresh(tokens, self._hooks(hooks, ()))
+        return self._fresh(self._check_tokens(tokens, 0), self._hooks(hooks, ()))
 
     def run_with_cache(self, tokens: Sequence[int], names: Iterable[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """:meth:`logits` and the intermediates ``names`` (hook point names or glob patterns;
         None: every one) as float32 copies, in the order computed. The tokens run as one
         batch: at most ``n_ubatch`` of them."""
-        ids = self._check_tokens(tokens, 0)
-        if ids.size > self.n_ubatch:
-            raise ValueError(f"run_with_cache runs one batch: {ids.size} tokens is more than n_ubatch={self.n_ubatch}")
-        hooks = self._hooks({}, ["*"] if names is None else names)
-        return self._fresh(ids, hooks), hooks.kept
+        return self._one_batch(tokens, ["*"] if names is None else names, "run_with_cache")
 
     def trace(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
         """Run ``tokens`` (one batch: at most ``n_ubatch``) in a fresh context and return the
@@ -362,10 +358,7 @@ class Model:
         ``wqkv-0``, ``kq-0``, ``kq_soft_max-0``, ``kqv_out-0``, ``ffn_norm-0``, ``ffn_up-0``,
         ``ffn_swiglu-0``, ``ffn_out-0``, ``l_out-0``, ..., ``result_norm``,
         ``result_output``, plus ``attn_out-0`` (unnamed in llama.cpp)."""
-        ids = self._check_tokens(tokens, 0)
-        if ids.size > self.n_ubatch:
-            raise ValueError(f"trace() runs one batch: {ids.size} tokens is more than n_ubatch={self.n_ubatch}")
-        return self.run_with_cache(ids, TRACE_POINTS)[1]
+        return self._one_batch(tokens, TRACE_POINTS, "trace()")[1]
 
     def forward(self, tokens: Sequence[int], start_pos: int, *, expect_version: int | None = None,
                 hooks: Mapping[str, HookFn] | None = None) -> np.ndarray:
@@ -408,8 +401,15 @@ class Model:
             raise ModelBusyError(f"a hook {what} the model it is hooking: the pass under way would go on "
                                  "with a KV cache and tokens changed under it")
 
-    def _fresh(self, tokens: Sequence[int], hooks: Hooks) -> np.ndarray:
+    def _one_batch(self, tokens: Sequence[int], names: Iterable[str], what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         ids = self._check_tokens(tokens, 0)
+        if ids.size > self.n_ubatch:
+            raise ValueError(f"{what} runs one batch: {ids.size} tokens is more than n_ubatch={self.n_ubatch}")
+        hooks = self._hooks({}, names)
+        return self._fresh(ids, hooks), hooks.kept
+
+    def _fresh(self, ids: np.ndarray, hooks: Hooks) -> np.ndarray:
+        """A fresh context through ``hooks``; ``ids`` checked by _check_tokens."""
         with self._lock, _interrupts_as_keyboard_interrupt():
             self._refuse_reentry("ran a pass on")
             self.reset()

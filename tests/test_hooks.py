@@ -100,7 +100,7 @@ def test_a_decoded_token_can_be_hooked(model):
 def _cache_with(model, functions):
     """run_with_hooks and every point's value after the hooks (the pass's own view)."""
     hooks = Hooks(functions, ["*"], known=model.hook_names)
-    return model._fresh(PROMPT, hooks), hooks.kept
+    return model._fresh(model._check_tokens(PROMPT, 0), hooks), hooks.kept
 
 
 @pytest.mark.parametrize("hooks,error,match", [
