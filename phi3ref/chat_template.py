@@ -7,8 +7,8 @@ is given, and within limits that the sandbox does not set:
 * **time**: rendering (compiling included) stops after :data:`RENDER_SECONDS`; a trace
   function checks the clock at every line of template code and every Python call, so
   nested loops and ``lipsum(n=10**7)`` end;
-* **size**: the output stops at :data:`MAX_OUTPUT_CHARS` characters; ``*`` and ``+`` may
-  not build a string or list longer than that, nor ``*`` / ``**`` an integer of more than
+* **size**: the output stops at :data:`MAX_OUTPUT_CHARS` characters; ``*``, ``+`` and ``~``
+  may not build a string or list longer than that, nor ``*`` / ``**`` an integer of more than
   :data:`MAX_INT_BITS` bits; no function, method or filter takes an integer argument, nor
   a format string a field width, larger than :data:`MAX_ARGUMENT` (``'a' * 10**10``,
   ``'%10000000000s' | format``, ``'x'.ljust(10**9)``); memory that grows by more than
@@ -28,6 +28,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from jinja2 import TemplateError
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["PHI3_TEMPLATE", "render_chat", "RENDER_SECONDS", "MAX_OUTPUT_CHARS"]
@@ -86,10 +87,27 @@ def _sized(value: Any) -> Any:
     return value
 
 
+class _BoundedCodeGenerator(CodeGenerator):
+    """jinja2's compiler, with ``a ~ b`` (string concatenation, which the sandbox does not
+    intercept as it does ``+``) passed through the size limit: ``{% set ns.x = ns.x ~ ns.x %}``
+    in a loop would otherwise double a string until memory runs out."""
+
+    def visit_Concat(self, node: Any, frame: Any) -> None:
+        self.write("environment.sized(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, with the size limits of the module docstring."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _BoundedCodeGenerator
+
+    @staticmethod
+    def sized(value: Any) -> Any:
+        """The compiled template's check on a concatenation's result."""
+        return _sized(value)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from phi3ref import chat_template
 from phi3ref.chat_template import RENDER_SECONDS, render_chat
 from phi3ref.gguf_file import GGUFFile
 from phi3ref.synthetic import vocab_path
@@ -30,7 +31,7 @@ MESSAGES = [{"role": "user", "content": "Write a haiku about ice hockey"}]
         ("{{ 'a' | center(10**9) }}", "beyond the limit"),
         ("{{ 2 ** 100000 }}", "bits"),
         ("{% for i in range(100000) %}{{ 'a' * 1000000 }}{% endfor %}", "output grew beyond"),
-        ("{% set ns = namespace(x='a') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}", "memory"),
+        ("{% set ns = namespace(x='a') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}", "beyond the limit"),
         ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
         ("{% include 'other' %}", "no loader"),
         ("{% extends 'other' %}", "no loader"),
@@ -49,6 +50,16 @@ def test_hostile_templates(template, message):
         render_chat(MESSAGES, template)
     assert message in str(e.value)
     assert time.perf_counter() - start < RENDER_SECONDS + 3
+
+
+def test_memory_growth_stops_rendering(monkeypatch):
+    # Many strings, each within the size limit, kept in a list: only the memory watchdog
+    # stops this. The time limit is lifted so that a slow, busy machine reaches the memory
+    # limit first, and the memory the allocator holds from earlier tests is outgrown (4 GB).
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 120.0)
+    template = "{% set ns = namespace(l=[]) %}{% for i in range(2000) %}{% set ns.l = ns.l + ['ab' * 1000000 ~ i] %}{% endfor %}"
+    with pytest.raises(ValueError, match="grew memory by more than"):
+        render_chat(MESSAGES, template)
 
 
 def test_limits_leave_real_templates_alone():
