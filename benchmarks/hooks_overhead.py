@@ -48,12 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
 
     import phi3ref
-    from phi3ref import kernels
     from phi3ref.hooks import NO_HOOKS
 
     path = args.model or ensure_full_model()[0]
-    kernels.warmup()
     model = phi3ref.load(path, threads=args.threads, n_ctx=512)
+    model.numerics.warmup()
     prompt = np.random.default_rng(0).integers(100, 32000, size=128).tolist()
     n_points = len(model.hook_names)
 

@@ -11,7 +11,7 @@ from .gguf_file import GGUFError
 from .hub import HubError
 from .llama_builds import BuildError
 from .errors import ModelBusyError, NonFiniteError
-from .numerics import NAMES as NUMERICS
+from .loading import NUMERICS
 
 TUTORIAL_PROMPT = "Write a haiku about ice hockey"
 DEMO = "demo"

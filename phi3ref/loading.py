@@ -2,7 +2,7 @@
 
 Everything around the transformer that a load decides once: where the file comes from
 (:mod:`phi3ref.hub`), how many threads the kernels use, which numerics compute
-(:func:`phi3ref.numerics.numerics_named`), which tokenizer goes with the model, and which
+(:func:`numerics_named`), which tokenizer goes with the model, and which
 weight matrices are mapped into memory before the first pass.
 """
 
@@ -15,10 +15,12 @@ import numba
 from .gguf_file import GGUFFile
 from .isa import Level
 from .model import DEFAULT_UBATCH, Model
-from .numerics import Numerics, numerics_named
+from .ggml import GgmlNumerics
+from .isa import resolve as resolve_isa
+from .numerics import ExactNumerics, Numerics, NumpyNumerics
 from .tokenizer import Tokenizer
 
-__all__ = ["load", "model_from_file"]
+__all__ = ["NUMERICS", "load", "model_from_file", "numerics_named"]
 
 
 def load(
@@ -105,3 +107,15 @@ def _numerics(numerics: str | Numerics, isa: str | Level | None) -> Numerics:
         raise ValueError(f"isa={isa!r} picks the level of numerics by name; {numerics!r} is already built "
                          "(give GgmlNumerics its level instead)")
     return numerics  # Model checks that it is one
+
+
+NUMERICS = ("ggml", "exact", "numpy")  # the names a load takes
+
+
+def numerics_named(name: str, isa: str | Level | None = None) -> Numerics:
+    """The numerics called ``name`` (one of :data:`NUMERICS`); ``isa``: the level "ggml"
+    follows (default :func:`phi3ref.isa.resolve`'s; checked for the others too)."""
+    if name not in NUMERICS:
+        raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {name!r}")
+    level = resolve_isa(isa)
+    return {"ggml": lambda: GgmlNumerics(level), "exact": ExactNumerics, "numpy": NumpyNumerics}[name]()

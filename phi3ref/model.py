@@ -204,7 +204,7 @@ class Model:
             raise TypeError(f"numerics must be a Numerics object, got the class {numerics.__name__}: pass {numerics.__name__}(...)")
         missing = [a for a in _NUMERICS_ATTRIBUTES if not hasattr(numerics, a)]
         if missing:
-            raise TypeError(f"numerics must be a phi3ref.numerics.Numerics object (phi3ref.numerics.numerics_named('exact'), ...), "
+            raise TypeError(f"numerics must be a phi3ref.numerics.Numerics object (phi3ref.loading.numerics_named('exact'), ...), "
                             f"got {numerics!r:.60} (it has no {', '.join(missing[:3])}); phi3ref.load() takes a name")
         self.gguf = gguf
         self.config = config = Phi3Config.from_gguf(gguf)

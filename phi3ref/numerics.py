@@ -8,8 +8,9 @@ each operation is done, and the model hands every one of them to it. Three exist
   Slow; the readable reference.
 * :class:`ExactNumerics` (``"exact"``): the same numbers as HF transformers in float32,
   the matrix products by Numba kernels that decode one row at a time.
-* :class:`GgmlNumerics` (``"ggml"``): llama.cpp's CPU arithmetic at one instruction-set
-  level (:mod:`phi3ref.isa`), operation for operation (:mod:`phi3ref.ggml_ops`).
+* :class:`phi3ref.ggml.GgmlNumerics` (``"ggml"``): llama.cpp's CPU arithmetic at one
+  instruction-set level (:mod:`phi3ref.isa`), operation for operation; it lives with the
+  rest of the llama.cpp reproduction in :mod:`phi3ref.ggml`.
 
 Where they part ways: 1/sqrt(head_dim) (transformers in double, llama.cpp ``1.0f /
 sqrtf``); llama.cpp scales q before the product and rounds it, the float16 KV cache and
@@ -34,20 +35,18 @@ import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from . import ggml_ops, kernels
+from . import kernels
 from .isa import Level
-from .isa import resolve as resolve_isa
 from .weights import Weight
 
-__all__ = ["NAMES", "ExactNumerics", "GgmlNumerics", "Numerics", "NumpyNumerics", "numerics_named"]
+__all__ = ["ExactNumerics", "Numerics", "NumpyNumerics", "float_table", "operands"]
 
 _F32 = np.float32
 # rows decoded at a time by the numpy products: bounds their float32 scratch to ~32 MiB
 _STRIP_ELEMENTS = 1 << 23
-_FLOAT_KINDS = {QT.F32: kernels.FLOAT_F32, QT.F16: kernels.FLOAT_F16, QT.BF16: kernels.FLOAT_BF16}
 
 
-def _float_table(weight: Weight) -> np.ndarray:
+def float_table(weight: Weight) -> np.ndarray:
     """The float16 or bfloat16 decoding table of a float weight's uint16 view."""
     return kernels.F16_TABLE if weight.qtype == QT.F16 else kernels.BF16_TABLE
 
@@ -110,10 +109,10 @@ class Numerics(ABC):
     def swiglu(self, gate_up: np.ndarray, n_ff: int) -> np.ndarray:
         """silu(gate) * up of the fused projection (n, 2 n_ff), gate first: (n, n_ff)."""
 
+    @abstractmethod
     def warmup(self) -> float:
         """Compile (or load from Numba's cache) the kernels this numerics uses, and only
         those; the seconds it took."""
-        return kernels.warmup((self.name,))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -126,16 +125,19 @@ class ExactNumerics(Numerics):
     kv_dtype = np.float32
     applies_sliding_window = True
 
+    def warmup(self) -> float:
+        return kernels.warmup()
+
     def longrope_context(self, n_ctx: int) -> None:
         return None
 
     def matmul(self, weight: Weight, x: np.ndarray) -> np.ndarray:
-        x, out = _operands(weight, x)
+        x, out = operands(weight, x)
         threads = nb.get_num_threads()
         if weight.qtype == QT.F32:
             kernels.matmul_f32(weight.float_view, x, out, threads)
         elif weight.float_view is not None:
-            kernels.matmul_f16(weight.float_view, x, out, _float_table(weight), threads)
+            kernels.matmul_f16(weight.float_view, x, out, float_table(weight), threads)
         else:
             kernels.matmul_exact(weight.raw, int(weight.qtype), x, out, kernels.F16_TABLE, threads)
         return out
@@ -202,108 +204,14 @@ class NumpyNumerics(ExactNumerics):
         return 0.0  # no kernel
 
     def matmul(self, weight: Weight, x: np.ndarray) -> np.ndarray:
-        x, out = _operands(weight, x)
+        x, out = operands(weight, x)
         strip = max(1, _STRIP_ELEMENTS // weight.n_in)
         for start in range(0, weight.n_rows, strip):
             out[:, start : start + strip] = x @ weight.dequantize(start, start + strip).T
         return out
 
 
-class GgmlNumerics(Numerics):
-    """llama.cpp's CPU arithmetic as its build for ``level`` computes (phi3ref.ggml_ops)."""
-
-    name = "ggml"
-    kv_dtype = np.float16
-    # llama.cpp ignores a Phi-3 file's sliding window ("Phi SWA is currently disabled")
-    applies_sliding_window = False
-
-    def __init__(self, level: str | Level | None = None):
-        self.level = resolve_isa(level)  # a name, a Level, or None: $PHI3REF_ISA, else this CPU's
-
-    def longrope_context(self, n_ctx: int) -> int:
-        # llama.cpp picks the factors once, by its context size, rounded up to a multiple of 256
-        return -(-n_ctx // 256) * 256
-
-    def matmul(self, weight: Weight, x: np.ndarray) -> np.ndarray:
-        x, out = _operands(weight, x)
-        threads, level = nb.get_num_threads(), self.level
-        q, d, s = kernels.quantize_activations(x, kernels.activation_type(int(weight.qtype)))
-        if weight.float_view is not None:
-            # ggml converts the activations to the weight's type (d holds them), then sums
-            # in the level's lanes
-            kernels.matmul_float_ggml(weight.float_view, _FLOAT_KINDS[weight.qtype], d, out, _float_table(weight),
-                                      level.lanes, level.bf16_dot, threads)
-        else:
-            kernels.matmul_ggml(weight.raw, int(weight.qtype), q, d, s, out, kernels.F16_TABLE, level.repack_q2_k, threads)
-        return out
-
-    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
-        return ggml_ops.rms_norm(x, weight, eps)
-
-    def rope_angles(self, positions: np.ndarray, n_rot: int, base: float, factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # ggml_rope_cache_init: theta = pos * base^(-2i/n_rot), built by repeated float32
-        # products, divided by the factor; then the C library's cosf / sinf
-        theta_scale = _F32(base) ** _F32(-2.0 / n_rot)
-        theta = np.empty((positions.size, n_rot // 2), dtype=_F32)  # (n, n_rot / 2)
-        running = positions.astype(_F32)
-        for i in range(n_rot // 2):
-            theta[:, i] = running / factors[i]
-            running = running * theta_scale
-        return ggml_ops.cos_sin(theta)
-
-    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int) -> np.ndarray:
-        # ggml's rotate_pairs, compiled with contraction: the first product of each line is
-        # fused into the addition of the second (rounded) one
-        return ggml_ops.rope(x, cos, sin, n_rot)
-
-    def store(self, cache_rows: np.ndarray, x: np.ndarray) -> None:
-        ggml_ops.store_f16(cache_rows, np.ascontiguousarray(x, _F32))  # rounded as ggml rounds to float16
-
-    def attention_scores(self, q: np.ndarray, keys: np.ndarray, end: int, first: np.ndarray, last: np.ndarray,
-                         every: bool) -> np.ndarray:
-        n, h, d = q.shape
-        n_head_kv = keys.shape[1]
-        qh = q.transpose(1, 0, 2).reshape(n_head_kv, h // n_head_kv * n, d)  # (n_head_kv, group * n, d): rows cycle over the tokens
-        # llama.cpp scales q before the product (1.0f / sqrtf), then converts it to the
-        # cache's float16
-        qh = ggml_ops.round_to_f16(np.ascontiguousarray(qh, _F32) * (_F32(1) / np.sqrt(_F32(d))))
-        # masked scores are not computed unless every one is wanted (llama.cpp's kq holds
-        # them all); its kernels differ for one token and for a batch
-        ranges = (None, None) if every else (first, last)
-        scores = ggml_ops.attention_scores(qh, keys, end, self.level, batched=n >= 2, first=ranges[0], last=ranges[1])
-        return scores.reshape(n_head_kv, h // n_head_kv, n, end)  # (n_head_kv, group, n, end)
-
-    def softmax(self, scores: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
-        return ggml_ops.softmax(scores, self.level, first, last)
-
-    def attention_values(self, probs: np.ndarray, values: np.ndarray, end: int, first: np.ndarray,
-                         last: np.ndarray) -> np.ndarray:
-        n_head_kv, group, n, _ = probs.shape
-        # converted for the float16 V product, in place (the pass's own array: a hook got a copy)
-        p16 = ggml_ops.round_to_f16(np.ascontiguousarray(probs, _F32).reshape(n_head_kv, group * n, end))
-        out = ggml_ops.attention_values(p16, values, end, self.level, batched=n >= 2, first=first, last=last)  # (n_head_kv, group * n, d)
-        return out.reshape(n_head_kv, group, n, values.shape[-1])
-
-    def swiglu(self, gate_up: np.ndarray, n_ff: int) -> np.ndarray:
-        return ggml_ops.swiglu(gate_up, n_ff, self.level)
-
-    def __repr__(self) -> str:
-        return f"GgmlNumerics({self.level.name})"
-
-
-NAMES = ("ggml", "exact", "numpy")
-
-
-def numerics_named(name: str, isa: str | Level | None = None) -> Numerics:
-    """The numerics called ``name`` (one of :data:`NAMES`); ``isa``: the level "ggml"
-    follows (default :func:`phi3ref.isa.resolve`'s; checked for the others too)."""
-    if name not in NAMES:
-        raise ValueError(f"numerics must be one of {', '.join(NAMES)}, got {name!r}")
-    level = resolve_isa(isa)
-    return {"ggml": lambda: GgmlNumerics(level), "exact": ExactNumerics, "numpy": NumpyNumerics}[name]()
-
-
-def _operands(weight: Weight, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def operands(weight: Weight, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x as a C-contiguous float32 matrix that fits ``weight``, and the product's buffer."""
     x = np.ascontiguousarray(x, dtype=_F32)
     if x.ndim != 2 or x.shape[1] != weight.n_in:

@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip)
 
 
-# The instruction forms phi3ref.simd compiles to besides this CPU's own, each run in a child
+# The instruction forms phi3ref.ggml.simd compiles to besides this CPU's own, each run in a child
 # process with a cold Numba cache of its own (so the form is compiled there): the portable
 # form (ARM, any CPU without VNNI: no x86 intrinsic at all) and the AVX2 form (Haswell to
 # Zen 3: vpmaddubsw, no AVX-512, VNNI or GFNI). ``forbidden``: x86 intrinsics (llvm.x86.*)
@@ -94,21 +94,21 @@ def simd_form_env(name: str, numba_cache: Path) -> dict[str, str]:
 
 # ---- one child process per instruction form: what an ARM CPU (portable form) or an
 # AVX2-only CPU runs. Compiled in that form with a cold cache (minutes), it checks the SIMD
-# matmul kernels against the plain one (test_kernels.check_simd_path), computes every
+# matmul kernels against the plain one (test_ggml.check_simd_path), computes every
 # numerics at every level on FORM_QUANTS' models (test_model compares them with this
 # process's logits bit for bit) and lists x86 intrinsics its compiled code must not call.
 FORM_QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "BF16"]
 FORM_TOKENS = list(range(200, 240))
 FORM_CHILD = r"""
 import json, re, sys, traceback, numpy as np, numba, phi3ref
-from phi3ref import simd
+from phi3ref.ggml import simd
 from phi3ref.crosscheck import generation_logits
 flags, forbidden, tests_dir, tokens = json.loads(sys.argv[2])
 assert [simd.VNNI, simd.VNNI512, simd.GFNI512, simd.AVX2] == flags, "the form is not in force"
 sys.path.insert(0, tests_dir)
-import test_kernels
+import test_ggml
 try:
-    test_kernels.check_simd_path()
+    test_ggml.check_simd_path()
     print("simd path: bit-identical")
 except Exception:
     print("simd path FAILED:", traceback.format_exc())

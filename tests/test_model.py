@@ -382,5 +382,5 @@ def test_the_transformer_module_imports_no_kernel():
         if module not in seen:
             seen.add(module)
             todo += [m for m in _imports(module) if not m.startswith("!")]
-    assert not seen & {"kernels", "simd", "ggml_ops", "numerics", "loading", "tokenizer", "hub"}, seen
+    assert not seen & {"kernels", "jit", "ggml", "numerics", "loading", "tokenizer", "hub"}, seen
     assert "!numba" not in set().union(*map(_imports, seen))

@@ -6,7 +6,7 @@ squares in float32 and sums in double for RMSNorm, fuses the first product of ea
 line into its addition, and rounds what it converts to float16. A one-ulp difference
 anywhere can flip the rounding of an 8-bit activation code in the next quantized matmul,
 so these are reproduced operation for operation, each by one Numba kernel of
-:mod:`phi3ref.kernels` (fused, parallel over rows where the rows are many). Where the
+:mod:`phi3ref.ggml.kernels` (fused, parallel over rows where the rows are many). Where the
 arithmetic depends on the instruction set llama.cpp was built for (the exp polynomial,
 vector widths, the attention products' lanes), the functions take the
 :class:`phi3ref.isa.Level` to follow.
@@ -18,7 +18,7 @@ import numba as nb
 import numpy as np
 
 from . import kernels
-from .isa import Level
+from ..isa import Level
 
 __all__ = [
     "attention_scores", "attention_values", "cos_sin", "expf", "rms_norm", "rope", "round_to_f16",
@@ -31,7 +31,7 @@ _F32 = np.float32
 def expf(x: np.ndarray, level: Level) -> np.ndarray:
     """exp along the last axis as a ggml vector loop does it at ``level``: whole vectors
     (16 or 8 values) through that level's ``ggml_v_expf`` polynomial, the rest through
-    libm (:func:`phi3ref.kernels.expf_ggml`)."""
+    libm (:func:`phi3ref.ggml.kernels.expf_ggml`)."""
     x = np.ascontiguousarray(x, _F32)
     out = np.empty_like(x)
     kernels.expf_ggml(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]), level.lanes, level.exp_scalef)
@@ -45,7 +45,7 @@ def cos_sin(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """ggml_rms_norm times the norm's weight, per row of x (n_tokens, n): squares in
-    float32, their sum in double, the mean rounded to float32 (:func:`phi3ref.kernels.rms_norm_ggml`)."""
+    float32, their sum in double, the mean rounded to float32 (:func:`phi3ref.ggml.kernels.rms_norm_ggml`)."""
     x = np.asarray(x, _F32)
     out = np.empty(x.shape, dtype=_F32)
     kernels.rms_norm_ggml(x, np.asarray(weight, _F32), _F32(eps), out, nb.get_num_threads())
@@ -55,7 +55,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int) -> np.ndarray:
     """x (n_tokens, n_heads, head_dim) rotated NEOX-style by the angles of each token,
     cos / sin (n_tokens, n_rot / 2): ggml's rotate_pairs with its fused multiply-adds
-    (:func:`phi3ref.kernels.rope_neox_ggml`)."""
+    (:func:`phi3ref.ggml.kernels.rope_neox_ggml`)."""
     x = np.asarray(x, _F32)
     out = np.empty(x.shape, dtype=_F32)
     kernels.rope_neox_ggml(x, np.ascontiguousarray(cos, _F32), np.ascontiguousarray(sin, _F32), n_rot, out)
@@ -64,7 +64,7 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int) -> np.ndar
 
 def swiglu(gate_up: np.ndarray, n_ff: int, level: Level) -> np.ndarray:
     """ggml_vec_swiglu_f32 at ``level``: silu(gate) * up per row of the fused projection's
-    output (n_tokens, 2 n_ff), gate first (:func:`phi3ref.kernels.swiglu_ggml`)."""
+    output (n_tokens, 2 n_ff), gate first (:func:`phi3ref.ggml.kernels.swiglu_ggml`)."""
     gate_up = np.asarray(gate_up, _F32)
     out = np.empty((gate_up.shape[0], n_ff), dtype=_F32)
     kernels.swiglu_ggml(gate_up, n_ff, out, level.lanes, level.exp_scalef, nb.get_num_threads())
@@ -82,7 +82,7 @@ def softmax(scores: np.ndarray, level: Level, first: np.ndarray | None = None, l
     """ggml_soft_max over the last axis at ``level``. With ``first`` / ``last`` (one entry
     per token, the rows cycling over the tokens), row r sees only the keys first[t] ..
     last[t] (inclusive), as llama.cpp's causal mask allows them; the others get
-    probability 0 (:func:`phi3ref.kernels.softmax_ggml`)."""
+    probability 0 (:func:`phi3ref.ggml.kernels.softmax_ggml`)."""
     x = np.ascontiguousarray(scores, _F32)
     rows = x.reshape(-1, x.shape[-1])  # (rows, n)
     first, last = _key_ranges(first, last, x.shape[-1])
@@ -117,7 +117,7 @@ def attention_scores(
     < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, end), summed
     as llama.cpp at ``level`` sums its kq product — tinyBLAS when the batch has two tokens
     or more (``batched``), ggml_vec_dot_f16 otherwise
-    (:func:`phi3ref.kernels.attention_scores_f16`). With ``first`` / ``last`` (as for
+    (:func:`phi3ref.ggml.kernels.attention_scores_f16`). With ``first`` / ``last`` (as for
     :func:`softmax`), scores of keys a row does not see may be left out (-inf); without,
     every score is computed."""
     q = np.ascontiguousarray(q, _F32)
@@ -135,7 +135,7 @@ def attention_values(
     """probs (n_head_kv, rows, end), float16-valued, times the float16 values of positions
     < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, head_dim),
     summed as llama.cpp at ``level`` sums its kqv product (tinyBLAS for a batch,
-    ggml_vec_dot_f16 for one token; :func:`phi3ref.kernels.attention_values_f16`). With
+    ggml_vec_dot_f16 for one token; :func:`phi3ref.ggml.kernels.attention_values_f16`). With
     ``first`` / ``last`` (as for :func:`softmax`), the positions a row does not see
     (probability 0) are skipped."""
     probs = np.ascontiguousarray(probs, _F32)

@@ -30,17 +30,17 @@ float16 -> float32 conversion.
 
 from __future__ import annotations
 
-import hashlib
-import os
-
 import llvmlite.binding as llvm_binding
 from gguf import GGMLQuantizationType as QT
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils, config
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quants import QUANT_TYPES
+# Which instructions the intrinsics below are written with (decided with the kernel cache,
+# which keeps each form apart); every choice gives the same integers.
+from ..jit import AVX2, FORM, GFNI512, VNNI, VNNI512
+from ..quants import QUANT_TYPES
 
 __all__ = [
     "OUT_STRIDE", "ROW_TOKENS", "AVX2", "FORM", "VNNI", "VNNI512", "GFNI512", "fma32", "half_to_float", "float_to_half", "pow2_f64",
@@ -62,101 +62,6 @@ _K_SCALES = _Q4_K.offset("scales")  # Q4_K and Q5_K: d, dmin, then the 12 bytes 
 assert _K_SCALES == _Q5_K.offset("scales") and _Q4_K.scale_offsets == _Q5_K.scale_offsets
 
 
-def _cpu_features() -> set[str]:
-    """The CPU features Numba compiles for (its NUMBA_CPU_FEATURES, else the host's)."""
-    feats = config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm_binding.get_host_cpu_features().flatten()
-    return {f[1:] for f in feats.split(",") if f.startswith("+")}
-
-
-def _simd_forms() -> tuple[bool, bool, bool, bool]:
-    """(256-bit VNNI, 512-bit VNNI with AVX-512 BW, 512-bit GFNI, AVX2) for this process."""
-    if os.environ.get("PHI3REF_SIMD", "").lower() == "generic":
-        return False, False, False, False
-    features = _cpu_features()
-    vnni512 = {"avx512vnni", "avx512bw", "avx512vl"} <= features
-    return vnni512 or "avxvnni" in features, vnni512, vnni512 and "gfni" in features, "avx2" in features
-
-
-# Which instructions the intrinsics below are written with; every choice gives the same
-# integers. AVX2 without VNNI multiplies bytes with vpmaddubsw + vpmaddwd, as ggml's AVX2
-# kernels do (pairs of products saturate at 16 bits there, never for these codes).
-VNNI, VNNI512, GFNI512, AVX2 = _simd_forms()
-FORM = "-".join(name for name, on in (("vnni", VNNI), ("vnni512", VNNI512), ("gfni512", GFNI512), ("avx2", AVX2)) if on) or "generic"
-
-
-# ---- Numba's on-disk cache of the kernels --------------------------------------------
-# Numba keys a cached function on its own source file (kernels.py) and the target CPU, not
-# on the intrinsics it inlines from this file nor on the form chosen above (PHI3REF_SIMD
-# leaves the target unchanged), so a cache written before an edit of this file, or in
-# another form, would be loaded as if current. phi3ref's functions are therefore cached
-# through a locator that puts each form in a folder of its own and stamps the entries with
-# the content hash of this file and of quants.py (the block layouts baked in) as well.
-
-def _cache_locator_class(impl):
-    from numba.core import caching
-
-    class KernelCacheLocator(caching._CacheLocator):
-        """Numba's own choice of cache folder for a phi3ref function, with ``FORM`` as a
-        subfolder and simd.py's content hash in the source stamp."""
-
-        def __init__(self, inner):
-            self._inner = inner
-
-        @classmethod
-        def from_function(cls, py_func, py_file):
-            if os.path.dirname(os.path.abspath(py_file)) != os.path.dirname(os.path.abspath(__file__)):
-                return None
-            for other in impl._locator_classes:
-                if other is not cls:
-                    inner = other.from_function(py_func, py_file)
-                    if inner is not None:
-                        self = cls(inner)
-                        try:
-                            self.ensure_cache_path()
-                        except OSError:  # the form's folder cannot be written: try the next place
-                            continue
-                        return self
-            return None
-
-        def get_cache_path(self):
-            return os.path.join(self._inner.get_cache_path(), f"simd-{FORM}")
-
-        def get_source_stamp(self):
-            return self._inner.get_source_stamp(), _SOURCE_HASH
-
-        def get_disambiguator(self):
-            return self._inner.get_disambiguator()
-
-    return KernelCacheLocator
-
-
-def _source_hash() -> bytes:
-    """This file's content and quants.py's (the block layouts the kernels bake in), once per process."""
-    digest = hashlib.sha256()
-    for path in (__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "quants.py")):
-        with open(path, "rb") as source:
-            digest.update(source.read())
-    return digest.digest()
-
-
-_SOURCE_HASH = _source_hash()
-
-
-def _install_cache_locator() -> None:
-    """Put KernelCacheLocator first among Numba's locators (before kernels.py's functions are
-    decorated: a function's cache is set up at decoration)."""
-    try:
-        from numba.core import caching
-
-        impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # the name since / before Numba 0.62
-        locators = impl._locator_classes
-    except (ImportError, AttributeError):  # another Numba: its own locators, and the caveat in docs/model.md
-        return
-    if not any(getattr(c, "__name__", "") == "KernelCacheLocator" for c in locators):
-        locators.insert(0, _cache_locator_class(impl))
-
-
-_install_cache_locator()
 OUT_STRIDE = 16  # int32 outputs per token of every block kernel
 
 
