@@ -22,7 +22,7 @@ __all__ = ["main"]
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .file_report import describe, format_report
 
-    info = describe(args.file)
+    info = describe(_demo_model() if args.file == DEMO else args.file)
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -41,6 +41,17 @@ def _parse_tokens(text: str) -> list[int]:
     return tokens
 
 
+def _local_model(flag: str, value: str) -> str:
+    """The path a command that reads a local file is given: a .gguf path, or 'demo'."""
+    from pathlib import Path
+
+    if value == DEMO:
+        return _demo_model()
+    if not Path(value).is_file():
+        raise FileNotFoundError(f"{flag} {value}: no such file (a local .gguf path, or 'demo')")
+    return value
+
+
 def _cmd_logits(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -50,17 +61,28 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     from .loading import load
 
     # everything the command needs is checked before the model is opened or a kernel compiled
-    tokens = _parse_tokens(args.tokens)
+    if (args.tokens is None) == (args.text is None):
+        raise ValueError("give --tokens or --text")
+    tokens = _parse_tokens(args.tokens) if args.tokens is not None else None
     _check_common(args)
-    if args.n_ctx is not None and args.n_ctx < len(tokens):
+    if tokens is not None and args.n_ctx is not None and args.n_ctx < len(tokens):
         raise ValueError(f"--n-ctx {args.n_ctx} is less than the {len(tokens)} tokens of --tokens")
-    if not Path(args.model).is_file():
-        raise FileNotFoundError(f"--model {args.model}: no such file (logits takes a local .gguf path)")
     output = Path(args.output)
     if not output.parent.is_dir():
         raise FileNotFoundError(f"-o {args.output}: the folder {output.parent} does not exist")
+    path = _local_model("--model", args.model)
     t0 = time.perf_counter()
-    model = load(args.model, n_ctx=args.n_ctx or max(len(tokens), 16), numerics=args.numerics, threads=args.threads)
+    if tokens is None:  # --text: encoded as it is, BOS as the file says
+        from .gguf_file import GGUFFile
+        from .tokenizer import Tokenizer
+
+        with GGUFFile(path) as gf:
+            tokens = Tokenizer.from_gguf(gf).encode(args.text)
+        if not tokens:
+            raise ValueError("--text encodes to no tokens")
+        if args.n_ctx is not None and args.n_ctx < len(tokens):
+            raise ValueError(f"--n-ctx {args.n_ctx} is less than the {len(tokens)} tokens --text encodes to")
+    model = load(path, n_ctx=args.n_ctx or max(len(tokens), 16), numerics=args.numerics, threads=args.threads)
     t1 = time.perf_counter()
     # A first pass of (at most) two tokens compiles, or loads from Numba's cache, the
     # kernels this model's types need, so that compile time is reported apart from run time.
@@ -80,12 +102,137 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_text(flag: str, path: str) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _progress(label: str):
+    """A progress line on a terminal (stderr), nothing otherwise: fn(done, total, note)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int, note: str = "") -> None:
+        width = 30
+        bar = "#" * (width * done // max(total, 1))
+        end = "\n" if done >= total else ""
+        print(f"\r{label} [{bar:<{width}}] {done}/{total} {note}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    import time
+
+    from .loading import load
+    from .perplexity import perplexity, text_tokens
+
+    _check_common(args)
+    if args.n_ctx is None:
+        args.n_ctx = 512  # llama-perplexity's default
+    if args.n_ctx < 4:
+        raise ValueError(f"--n-ctx must be at least 4, got {args.n_ctx}")
+    if args.chunks is not None and args.chunks < 1:
+        raise ValueError(f"--chunks must be a positive integer, got {args.chunks}")
+    text = _read_text("--text", args.text)
+    path = _local_model("MODEL", args.model)
+    model = load(path, n_ctx=args.n_ctx, numerics=args.numerics, threads=args.threads)
+    tokens = text_tokens(model.tokenizer, text)
+    compile_s = model.numerics.warmup()
+    bar = _progress("perplexity")
+    t0 = time.perf_counter()
+    result = perplexity(model, tokens, args.n_ctx, args.chunks,
+                        progress=None if bar is None else lambda c, n, ppl: bar(c, n, f"PPL {ppl:.4f}"))
+    seconds = time.perf_counter() - t0
+    evaluated = result.n_chunks * result.n_ctx
+    if args.json:
+        json.dump({**result.as_json(), "numerics": args.numerics, "text_tokens": len(tokens), "seconds": seconds,
+                   "seconds_per_1k_tokens": 1000 * seconds / evaluated, "compile_seconds": compile_s}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    print(",".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(result.running)))
+    print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
+    print(f"{result.n_chunks} chunks of {result.n_ctx} tokens, {result.tokens_scored} scored ({args.numerics} numerics); "
+          f"{seconds:.1f} s, {1000 * seconds / evaluated:.2f} s per 1k tokens evaluated (compile {compile_s:.1f} s apart)",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .crosscheck import compare_runtimes
+
+    _check_common(args)
+    if args.n_ctx is not None and args.n_ctx < 4:
+        raise ValueError(f"--n-ctx must be at least 4, got {args.n_ctx}")
+    if args.text is not None and args.tokens is not None:
+        raise ValueError("give --text or --tokens, not both")
+    tokens = _parse_tokens(args.tokens) if args.tokens is not None else None
+    text = _read_text("--text", args.text) if args.text is not None else None
+    if args.save_kld_base is not None and not Path(args.save_kld_base).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--save-kld-base {args.save_kld_base}: the folder does not exist")
+    if args.against_model is not None:
+        args.against_model = _local_model("--against-model", args.against_model)
+    path = _local_model("MODEL", args.model)
+    bar = _progress("compare")
+    stats = compare_runtimes(path, args.against, text=text, tokens=tokens, n_ctx=args.n_ctx or 512, n_chunks=args.chunks,
+                             numerics=args.numerics, against_model=args.against_model, save_kld_base=args.save_kld_base,
+                             threads=args.threads, progress=None if bar is None else (lambda d, n: bar(d, n)))
+    if args.save_kld_base is not None:
+        print(f"wrote {args.save_kld_base}: phi3ref's log-probabilities ({args.numerics} numerics) as a KL-divergence base; "
+              f"check a llama.cpp build against it with llama-perplexity -m MODEL --kl-divergence-base {args.save_kld_base} "
+              "--kl-divergence", file=sys.stderr)
+    if stats is None:
+        return 0
+    if args.json:
+        json.dump({**stats.as_json(), "numerics": args.numerics, "against": str(args.against)}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(f"phi3ref ({args.numerics}) against {args.against}")
+        print(stats)
+    return 0
+
+
+def _cmd_diverge(args: argparse.Namespace) -> int:
+    from .diverge import diverge
+
+    _check_common(args)
+    if (args.text is None) == (args.tokens is None):
+        raise ValueError("give --text or --tokens")
+    if args.tolerance < 0:
+        raise ValueError(f"--tolerance must be >= 0, got {args.tolerance}")
+    tokens = _parse_tokens(args.tokens) if args.tokens is not None else None
+    text = _read_text("--text", args.text) if args.text is not None else None
+    if text is not None and text.endswith("\n"):
+        text = text[:-1]  # as llama.cpp's tools read a prompt file
+    if args.against_model is not None:
+        args.against_model = _local_model("--against-model", args.against_model)
+    path = _local_model("MODEL", args.model)
+    result = diverge(path, args.against, tokens=tokens, text=text, numerics=args.numerics, against_model=args.against_model,
+                     tolerance=args.tolerance, threads=args.threads)
+    if args.json:
+        json.dump(result.as_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(f"phi3ref ({args.numerics}) against {args.against}: relative error max|Δ| / max|theirs| per op (0: bit for bit)")
+        print(result.format())
+    return 0 if result.first is None and result.tokens_differ is None else 1
+
+
 def _check_common(args: argparse.Namespace) -> None:
     """Flags every command checks before any download, compile or load."""
     import numba
 
-    if args.n_ctx is not None and args.n_ctx <= 0:
-        raise ValueError(f"--n-ctx must be a positive integer, got {args.n_ctx}")
+    n_ctx = getattr(args, "n_ctx", None)  # diverge runs in the model's default context
+    if n_ctx is not None and n_ctx <= 0:
+        raise ValueError(f"--n-ctx must be a positive integer, got {n_ctx}")
     if args.threads is not None and not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"--threads must be from 1 to {numba.config.NUMBA_NUM_THREADS}, got {args.threads}")
 
@@ -141,21 +288,46 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import secrets
+    from dataclasses import asdict
 
     from .generate import generate
 
+    if args.tokens is not None and (args.prompt is not None or args.raw):
+        raise ValueError("--tokens is the prompt: give no prompt text and no --raw with it")
+    if args.logprobs is not None and args.logprobs < 0:
+        raise ValueError(f"--logprobs must be >= 0, got {args.logprobs}")
+    if args.echo and args.logprobs is None:
+        raise ValueError("--echo shows the prompt's log-probabilities: give --logprobs N too")
+    tokens = _parse_tokens(args.tokens) if args.tokens is not None else None
+    prompt = None if tokens is not None else TUTORIAL_PROMPT if args.prompt is None else args.prompt
     model = _load_for_generation(args)
     seed = args.seed if args.seed is not None else secrets.randbits(63)
-    print(f"seed {seed} (repeat this run with --seed {seed})", file=sys.stderr)
+    if not args.json:
+        print(f"seed {seed} (repeat this run with --seed {seed})", file=sys.stderr)
     stream = generate(
-        args.prompt, model=model, system=args.system, max_tokens=args.max_tokens, seed=seed, stop=args.stop or (),
-        stream=True, **_sampling(args),
+        prompt, tokens=tokens, raw=args.raw, model=model, system=args.system, max_tokens=args.max_tokens, seed=seed,
+        stop=args.stop or (), stream=True, logprobs=args.logprobs, echo=args.echo, **_sampling(args),
     )
     for piece in stream:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     result = stream.result
+    if args.json:
+        out = {k: v for k, v in asdict(result).items() if k != "timings"}
+        out["timings"] = {**asdict(result.timings), "prompt_tokens_per_second": result.timings.prompt_tokens_per_second,
+                          "generation_tokens_per_second": result.timings.generation_tokens_per_second}
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    sys.stdout.write("\n")
+    for title, records in (("prompt", result.prompt_logprobs), ("generated", result.logprobs)):
+        if records:
+            print(f"log-probabilities of the {title} tokens (id, text, logprob; the most likely):", file=sys.stderr)
+            for r in records:
+                logprob = "   -   " if r.logprob is None else f"{r.logprob:8.4f}"
+                top = ", ".join(f"{t} {lp:.4f}" for t, lp in r.top)
+                print(f"  {r.token:>7} {r.text!r:>14} {logprob}  {top}", file=sys.stderr)
     print(f"[{result.finish_reason}] {result.timings}", file=sys.stderr)
     return 0
 
@@ -233,6 +405,13 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0 if report["bit_exact"] else 1
 
 
+def _add_run_flags(p: argparse.ArgumentParser, json_help: str) -> None:
+    """--numerics, --threads and --json, which every cross-checking command takes."""
+    p.add_argument("--numerics", default="ggml", choices=list(NUMERICS))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .synthetic import PRESETS, QUANT_MIXES
 
@@ -241,13 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show a GGUF file's architecture, config, tokenizer and tensors")
-    p.add_argument("file", help="path to a .gguf file")
+    p.add_argument("file", help="path to a .gguf file, or 'demo'")
     p.add_argument("--json", action="store_true", help="print JSON for programs")
     p.add_argument("--metadata", action="store_true", help="also list every metadata key")
     p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser("generate", help="generate text (the tutorial's run: haiku prompt, temperature 1, repeat penalty 1.2)")
-    p.add_argument("prompt", nargs="?", default=TUTORIAL_PROMPT, help=f"sent as the user's message (default: {TUTORIAL_PROMPT!r})")
+    p.add_argument("prompt", nargs="?", default=None, help=f"sent as the user's message (default: {TUTORIAL_PROMPT!r})")
+    p.add_argument("--raw", action="store_true", help="encode the prompt as it is (no chat template; BOS as the file says)")
+    p.add_argument("--tokens", default=None, help="the prompt as comma-separated token ids (no template)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="each generated token's log-probability under the model, with the N most likely tokens")
+    p.add_argument("--echo", action="store_true", help="with --logprobs: the prompt tokens' log-probabilities too")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (text, tokens, finish_reason, logprobs, ...)")
     _add_generation_flags(p)
     p.set_defaults(run=_cmd_generate)
 
@@ -256,14 +441,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_chat)
 
     p = sub.add_parser("logits", help="every position's logits for a token sequence, saved as .npy (to compare runtimes)")
-    p.add_argument("--model", required=True, help="path to a .gguf file")
-    p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,32010,1724")
+    p.add_argument("--model", required=True, help="path to a .gguf file, or 'demo'")
+    p.add_argument("--tokens", default=None, help="comma-separated token ids, e.g. 1,32010,1724")
+    p.add_argument("--text", default=None, help="text, encoded as it is (no chat template; BOS as the file says)")
     p.add_argument("-o", "--output", required=True, help="where to write the .npy array (n_tokens, n_vocab) float32")
     p.add_argument("--numerics", default="ggml", choices=list(NUMERICS))
     p.add_argument("--n-ctx", type=int, default=None, help="KV cache size (default: the number of tokens)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--last", action="store_true", help="only the last position")
     p.set_defaults(run=_cmd_logits)
+
+    p = sub.add_parser(
+        "perplexity", help="perplexity of a text file, computed as llama.cpp's llama-perplexity computes it",
+        description="Tokenize the text whole (BOS as the file says), cut it into chunks of --n-ctx tokens, each "
+        "starting with BOS, and score the second half of each chunk; prints the running estimate and "
+        "'Final estimate: PPL = x +/- err' as llama-perplexity does (ggml numerics: its number, when it runs "
+        "with -fa off).",
+    )
+    p.add_argument("model", help="path to a .gguf file, or 'demo'")
+    p.add_argument("--text", required=True, help="a UTF-8 text file (e.g. wiki.test.raw)")
+    p.add_argument("--n-ctx", type=int, default=None, help="tokens per chunk (default 512, as llama-perplexity)")
+    p.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: every whole chunk)")
+    _add_run_flags(p, "print JSON: ppl, ppl_err, n_chunks, n_ctx, tokens_scored, ...")
+    p.set_defaults(run=_cmd_perplexity)
+
+    p = sub.add_parser(
+        "compare", help="phi3ref against llama.cpp, transformers or saved logits: KL divergence, top-1, perplexities",
+        description="Run phi3ref and another runtime on the same tokens and report what llama-perplexity "
+        "--kl-divergence reports (mean / median / 99%% / max KL, same top token, RMS Δp, both perplexities) plus "
+        "max |Δlogit| and the first position whose top token differs. --text compares llama-perplexity's positions "
+        "(the second half of each chunk of --n-ctx); --tokens every position.",
+    )
+    p.add_argument("model", help="path to a .gguf file, or 'demo'")
+    p.add_argument("--against", default=None,
+                   help="llama.cpp, transformers, a .npy/.npz of logits, or a KL-divergence base file (.kld) from llama-perplexity")
+    p.add_argument("--against-model", default=None, help="the file the other runtime runs (default: the same)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file")
+    p.add_argument("--tokens", default=None, help="comma-separated token ids")
+    p.add_argument("--n-ctx", type=int, default=None, help="tokens per chunk of --text (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="at most this many chunks of --text")
+    p.add_argument("--save-kld-base", default=None, metavar="PATH",
+                   help="also write phi3ref's log-probabilities as llama-perplexity's KL-divergence base file")
+    _add_run_flags(p, "print JSON: kl_mean, kl_max, kl_p99, top1, ppl_model, ppl_against, max_abs, ...")
+    p.set_defaults(run=_cmd_compare)
+
+    p = sub.add_parser(
+        "diverge", help="the first op where phi3ref and another runtime part, with a per-layer table",
+        description="Record every intermediate of phi3ref and of the other side on the same tokens (one batch) and "
+        "name the first op whose relative error max|Δ| / max|theirs| exceeds --tolerance. Token ids are compared "
+        "first when --text is given. Exit status 0: they agree; 1: a divergence (or different tokens).",
+    )
+    p.add_argument("model", help="path to a .gguf file, or 'demo'")
+    p.add_argument("--against", required=True,
+                   help="llama.cpp, transformers, or a directory of .npy / an .npz of arrays named by phi3ref's hook points")
+    p.add_argument("--against-model", default=None, help="the file the other runtime runs (default: the same)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file, encoded as it is")
+    p.add_argument("--tokens", default=None, help="comma-separated token ids")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="relative error that counts as parting (default 1e-3)")
+    _add_run_flags(p, "print JSON: first (name, layer, op, rel_err) or null, table")
+    p.set_defaults(run=_cmd_diverge)
 
     p = sub.add_parser(
         "selfcheck", help="does this CPU reproduce llama.cpp bit for bit? (per op, on small synthetic models)",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from .config import Phi3Config
 from .gguf_file import GGUFFile
 from .isa import Level
 from .isa import resolve as resolve_isa
+from .sampler import log_softmax
 
 __all__ = [
     "Comparison", "TensorMatch", "compare", "compare_traces", "generation_logits", "llama_cpp_calls", "llama_cpp_generation_logits", "llama_cpp_logits", "llama_cpp_trace",
@@ -57,10 +58,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> Comparison:
     if a.shape != b.shape:
         raise ValueError(f"logit shapes differ: {a.shape} vs {b.shape}")
     diff = np.abs(a - b)
-    log_pa = a - a.max(axis=-1, keepdims=True)
-    log_pa -= np.log(np.exp(log_pa).sum(axis=-1, keepdims=True))
-    log_pb = b - b.max(axis=-1, keepdims=True)
-    log_pb -= np.log(np.exp(log_pb).sum(axis=-1, keepdims=True))
+    log_pa, log_pb = log_softmax(a), log_softmax(b)
     kl = (np.exp(log_pb) * (log_pb - log_pa)).sum(axis=-1).mean()
     return Comparison(
         max_abs=float(diff.max()),
@@ -151,13 +149,16 @@ def transformers_model(path: str | os.PathLike[str], *, sliding_window: bool = T
             hf, g = f"model.layers.{i}.", f"blk.{i}."
             names.update({
                 hf + "input_layernorm.weight": g + "attn_norm.weight",
-                hf + "self_attn.qkv_proj.weight": g + "attn_qkv.weight",
                 hf + "self_attn.o_proj.weight": g + "attn_output.weight",
                 hf + "post_attention_layernorm.weight": g + "ffn_norm.weight",
                 hf + "mlp.gate_up_proj.weight": g + "ffn_up.weight",
                 hf + "mlp.down_proj.weight": g + "ffn_down.weight",
             })
         state = {hf: torch.from_numpy(np.ascontiguousarray(gf.dequantize_tensor(g))) for hf, g in names.items()}
+        for i in range(c.n_layer):  # Phi-3's fused qkv_proj: the file's attn_qkv, or its attn_q / attn_k / attn_v rows stacked
+            parts = ["attn_qkv"] if c.fused_qkv else ["attn_q", "attn_k", "attn_v"]
+            rows = [gf.dequantize_tensor(f"blk.{i}.{p}.weight") for p in parts]
+            state[f"model.layers.{i}.self_attn.qkv_proj.weight"] = torch.from_numpy(np.ascontiguousarray(np.concatenate(rows)))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (c.tied_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
@@ -227,8 +228,9 @@ class _LlamaCpp:
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
         self.n_past = 0
 
-    def decode(self, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
-        """Run ``tokens`` after what the context holds; the logits of every position, or of the last."""
+    def decode(self, tokens: Sequence[int], first: int) -> np.ndarray:
+        """Run ``tokens`` after what the context holds; the logits of the positions from
+        index ``first`` of ``tokens`` on (0: every one; len - 1: the last)."""
         lc, n = self.lc, len(tokens)
         batch = lc.llama_batch_init(n, 0, 1)
         try:
@@ -236,13 +238,13 @@ class _LlamaCpp:
             for i, tok in enumerate(tokens):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(tok), self.n_past + i, 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+                batch.logits[i] = 1 if i >= first else 0
             if lc.llama_decode(self.ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
         finally:
             lc.llama_batch_free(batch)
         self.n_past += n
-        rows = n if all_logits else 1
+        rows = n - first
         return np.ctypeslib.as_array(lc.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)).copy()
 
     def close(self) -> None:
@@ -253,16 +255,46 @@ class _LlamaCpp:
 def _logits_here(path, tokens, n_ctx=None, n_ubatch=512, threads=None):
     runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads)
     try:
-        return runtime.decode(list(tokens), all_logits=True)
+        return runtime.decode(list(tokens), first=0)
     finally:
         runtime.close()
+
+
+def _chunk_logits_here(path, tokens, first, n_ctx=None, n_ubatch=512, threads=None):
+    runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads)
+    try:
+        return runtime.decode(list(tokens), first=first)
+    finally:
+        runtime.close()
+
+
+def _tokenize_here(path, text, n_ctx=None, n_ubatch=512, threads=None):
+    """llama.cpp's token ids of ``text``: special tokens parsed, BOS as the file says."""
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {path}")
+    try:
+        data = text.encode("utf-8")
+        room = len(data) + 16
+        ids = (lc.llama_token * room)()
+        n = lc.llama_tokenize(lc.llama_model_get_vocab(model), data, len(data), ids, room, True, True)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize needed {-n} tokens")
+        return [int(ids[i]) for i in range(n)]
+    finally:
+        lc.llama_model_free(model)
 
 
 def _generation_here(path, prompt, continuation, n_ctx=None, n_ubatch=512, threads=None):
     runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads)
     try:
-        rows = [runtime.decode(list(prompt), all_logits=False)[0]]
-        rows += [runtime.decode([tok], all_logits=False)[0] for tok in continuation]
+        rows = [runtime.decode(list(prompt), first=len(prompt) - 1)[0]]
+        rows += [runtime.decode([tok], first=0)[0] for tok in continuation]
         return np.array(rows)
     finally:
         runtime.close()
@@ -300,19 +332,22 @@ def _trace_here(path, tokens, n_ctx=None, n_ubatch=512, threads=None):
 
     runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads, callback=collect)
     try:
-        runtime.decode(list(tokens), all_logits=True)
+        runtime.decode(list(tokens), first=0)
     finally:
         runtime.close()
     return store
 
 
-_HERE = {"logits": _logits_here, "generation": _generation_here, "trace": _trace_here}
+_HERE = {"logits": _logits_here, "chunk_logits": _chunk_logits_here, "generation": _generation_here, "trace": _trace_here,
+         "tokenize": _tokenize_here}
 
 
 def llama_cpp_calls(calls: Sequence[tuple[str, dict]], *, level: str | Level | None = None, threads: int | None = None) -> list:
     """Several llama.cpp requests at once — ("logits" | "generation" | "trace", keyword
     arguments of :func:`llama_cpp_logits` / :func:`llama_cpp_generation_logits` /
-    :func:`llama_cpp_trace`) — in one child process, so that a crash inside llama.cpp
+    :func:`llama_cpp_trace`; or "chunk_logits": ``path``, ``tokens``, ``first`` and
+    ``n_ctx``, the logits of the positions from ``first`` on, as llama-perplexity asks
+    for them; "tokenize": ``path``, ``text``, llama.cpp's token ids) — in one child process, so that a crash inside llama.cpp
     (``RuntimeError`` naming the signal) cannot take this process down: the installed
     llama-cpp-python (``level`` None) or llama.cpp built at ``level`` (built first if need
     be; :mod:`phi3ref.llama_builds`)."""
@@ -426,3 +461,127 @@ if __name__ == "__main__":  # the child of llama_cpp_calls: requests in, results
     results = [_HERE[kind](**kwargs) for kind, kwargs in requests]
     with open(sys.argv[2], "wb") as f:
         pickle.dump(results, f)
+
+
+# ---- one model against another runtime, as llama-perplexity --kl-divergence reports it ------
+
+RUNTIMES = ("llama.cpp", "transformers")  # or a saved file: .npy / .npz logits, a KL-divergence base
+
+
+def compare_runtimes(
+    path: str | os.PathLike[str], against: str | os.PathLike[str] | None, *, text: str | None = None,
+    tokens: Sequence[int] | None = None, n_ctx: int = 512, n_chunks: int | None = None, numerics: str = "ggml",
+    against_model: str | os.PathLike[str] | None = None, save_kld_base: str | os.PathLike[str] | None = None,
+    threads: int | None = None, progress=None,
+):
+    """phi3ref on the file ``path`` against ``against``: "llama.cpp", "transformers" (on
+    ``against_model`` if given, else the same file), an ``.npy`` / ``.npz`` of logits
+    (every position of ``tokens``, (n_tokens, n_vocab); or of each chunk of ``text``,
+    (n_chunks, n_ctx, n_vocab)), or a KL-divergence base file that llama-perplexity (or
+    phi3ref) wrote — its chunks then give the tokens. Positions compared: with ``text``,
+    llama-perplexity's (the second half of each chunk of ``n_ctx``); with ``tokens``, every
+    position but the last. Returns :class:`phi3ref.perplexity.KLStatistics`, or None when
+    only ``save_kld_base`` (phi3ref's log-probabilities in that format) was asked for.
+    ``progress(done, total)`` per chunk."""
+    from pathlib import Path
+
+    from .loading import load
+    from .perplexity import KLBaseWriter, chunks, kl_statistics, read_kld_base, text_tokens
+
+    if against is None and save_kld_base is None:
+        raise ValueError("compare against a runtime (llama.cpp, transformers) or a saved file, or save a KL base file")
+    kind = None if against is None else str(against) if str(against) in RUNTIMES else Path(against).suffix.lower()
+    if kind not in (None, *RUNTIMES, ".npy", ".npz", ".kld", ".bin", ".dat"):
+        raise ValueError(f"--against {against}: neither a runtime ({', '.join(RUNTIMES)}) nor a .npy / .npz / KL base file")
+    base = read_kld_base(against) if kind in (".kld", ".bin", ".dat") else None
+    if base is not None:
+        if text is not None or tokens is not None:
+            raise ValueError(f"{against}: a KL base file brings its own tokens; give no text or tokens")
+        n_ctx = base.n_ctx
+    elif (text is None) == (tokens is None):
+        raise ValueError("give a text or token ids")
+    if save_kld_base is not None and tokens is not None:
+        raise ValueError("a KL base file holds chunks of a text: give a text, not token ids")
+    if against_model is not None and kind not in RUNTIMES:
+        raise ValueError("--against-model names the file the other runtime runs: llama.cpp or transformers")
+    if kind in (".npy", ".npz") and not Path(against).is_file():
+        raise FileNotFoundError(f"--against {against}: no such file")
+    other = str(against_model or path)
+
+    if tokens is not None:
+        n_ctx = len(tokens)
+    model = load(path, n_ctx=n_ctx, numerics=numerics, threads=threads)
+    if base is not None:
+        if base.n_vocab != model.config.n_vocab:
+            raise ValueError(f"{against}: a vocabulary of {base.n_vocab} tokens, the model's has {model.config.n_vocab}")
+        bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
+        stream_tokens = base.tokens.reshape(-1).tolist()
+        pieces = [[int(row[0]) if bos is None else bos, *row[1:].tolist()] for row in base.tokens]  # BOS first, as there
+    elif text is not None:
+        stream_tokens = text_tokens(model.tokenizer, text)
+        pieces = chunks(stream_tokens, n_ctx, n_chunks, model.tokenizer.bos_id if model.tokenizer.add_bos else None)
+    else:
+        stream_tokens, pieces = list(tokens), [list(tokens)]
+    first = 0 if tokens is not None else n_ctx // 2
+
+    targets = [piece[first + 1 :] for piece in pieces]
+    writer = None if save_kld_base is None else KLBaseWriter(save_kld_base, stream_tokens, n_ctx, len(pieces), model.config.n_vocab)
+
+    def ours() -> Iterator[np.ndarray]:
+        for i, piece in enumerate(pieces):
+            block = model.logits(piece, first=first)[:-1]  # (scored positions, n_vocab)
+            if writer is not None:
+                writer.add(block)
+            yield block
+            if progress is not None:
+                progress(i + 1, len(pieces))
+
+    if against is None:
+        for _ in ours():
+            pass
+        writer.close()
+        return None
+
+    def theirs() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """(log-probabilities, raw logits or None) of the other side, chunk after chunk."""
+        if base is not None:
+            for c in range(len(pieces)):
+                yield base.log_probs(c), None
+        elif kind == "llama.cpp":
+            group = 8  # chunks per llama.cpp child process: its logits held at once
+            for g in range(0, len(pieces), group):
+                calls = [("chunk_logits", dict(path=other, tokens=p, first=first, n_ctx=n_ctx)) for p in pieces[g : g + group]]
+                for block in llama_cpp_calls(calls, threads=threads):
+                    yield log_softmax(block[:-1]), block[:-1]
+        elif kind == "transformers":
+            for p in pieces:
+                block = transformers_logits(other, p)[first:-1]
+                yield log_softmax(block), block
+        else:
+            for block in _saved_logits(Path(against), pieces, first):
+                yield log_softmax(block), block
+
+    stats = kl_statistics((mine, logp, tok, raw) for mine, (logp, raw), tok in zip(ours(), theirs(), targets))
+    if writer is not None:
+        writer.close()
+    return stats
+
+
+def _saved_logits(path, pieces: list[list[int]], first: int) -> list[np.ndarray]:
+    """The blocks of scored positions from a saved logits file (.npy, or .npz with one
+    array or a "logits" array), checked against the positions compared."""
+    if path.suffix.lower() == ".npz":
+        with np.load(path) as archive:
+            names = archive.files
+            if "logits" not in names and len(names) != 1:
+                raise ValueError(f"{path}: holds {names}; name the logits array 'logits'")
+            saved = archive["logits" if "logits" in names else names[0]]
+    else:
+        saved = np.load(path, mmap_mode="r", allow_pickle=False)  # read a chunk at a time
+    n, length, shape = len(pieces), len(pieces[0]), saved.shape
+    if saved.ndim == 2 and n == 1:
+        saved = saved[None]  # (1, n_tokens, n_vocab)
+    if saved.ndim != 3 or saved.shape[:2] != (n, length) or saved.dtype.kind != "f":
+        want = f"({length}, n_vocab)" if n == 1 else f"({n}, {length}, n_vocab)"
+        raise ValueError(f"{path}: logits of shape {shape} ({saved.dtype}); the positions compared need {want} floats")
+    return [saved[i, first:-1] for i in range(n)]

@@ -3,6 +3,11 @@
     >>> import phi3ref
     >>> result = phi3ref.generate("Write a haiku about ice hockey", model="model.gguf", seed=42)
     >>> for piece in phi3ref.generate(messages=[...], model=model, stream=True): print(piece, end="")
+    >>> phi3ref.generate(tokens=[1, 450, 4799], model=model, temperature=0, logprobs=5).logprobs
+
+A prompt is sent as the user's turn of the file's chat template; ``raw=True`` encodes it as
+it is, and ``tokens=`` takes token ids, so that a completion can be held against another
+runtime's.
 
 The loop is the tutorial's: encode the prompt, run it through the model in one batched
 pass, then sample a token, feed it back, and repeat until an end-of-generation token, a
@@ -22,10 +27,10 @@ import numpy as np
 from .chat_template import render_chat
 from .loading import load
 from .model import Model
-from .sampler import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING, SamplingParams, sample
+from .sampler import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING, SamplingParams, log_softmax, sample
 from .tokenizer import Tokenizer
 
-__all__ = ["Chat", "GenerationResult", "Timings", "generate", "get_model"]
+__all__ = ["Chat", "GenerationResult", "Timings", "TokenLogprob", "generate", "get_model"]
 
 
 @dataclass
@@ -51,9 +56,26 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's own distribution: the log-softmax of the
+    logits as the model computed them (in float64), before temperature, repeat penalty and
+    filters, so that it can be held against another runtime's. ``top``: the most likely
+    tokens at that position, ``(token_id, logprob)`` from the most likely (ties: lower id
+    first). ``logprob`` is None for a prompt's first token, which nothing predicts."""
+
+    token: int
+    text: str
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class GenerationResult:
     """What :func:`generate` produced. ``finish_reason``: ``"eos"`` (an end-of-generation
-    token), ``"stop"`` (a stop string), ``"length"`` (``max_tokens``) or ``"context"``."""
+    token), ``"stop"`` (a stop string), ``"length"`` (``max_tokens``), ``"context"``, or
+    ``"cancelled"`` (a stream closed or left before it ended; ``text`` is then the text of
+    the ``tokens`` it holds). ``logprobs``: one :class:`TokenLogprob` per token of
+    ``tokens`` (with ``logprobs=N``); ``prompt_logprobs``: one per prompt token (``echo``)."""
 
     text: str
     tokens: list[int]
@@ -61,6 +83,8 @@ class GenerationResult:
     finish_reason: str
     seed: int
     timings: Timings = field(default_factory=Timings)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -91,14 +115,25 @@ def get_model(model: Model | str | os.PathLike[str] | None = None, **load_args) 
 # ======================================================================================
 
 
+def _record(tokenizer: Tokenizer, token: int, logp: np.ndarray | None, n_top: int) -> TokenLogprob:
+    """The :class:`TokenLogprob` of ``token`` at a position whose log-probabilities are
+    ``logp`` (None: nothing predicts it)."""
+    text = tokenizer.decode([token], continuation=True)  # its piece as it reads inside a text
+    if logp is None:
+        return TokenLogprob(token, text, None, [])
+    best = np.argsort(-logp, kind="stable")[:n_top]  # most likely first, lower ids first among ties
+    return TokenLogprob(token, text, float(logp[token]), [(int(t), float(logp[t])) for t in best])
+
+
 class _TextStream:
     """Turns a growing list of token ids into text pieces that never split a character:
     the text decoded so far is compared with what was already emitted, and a tail that is
     still an incomplete UTF-8 sequence (decoded as U+FFFD) or could begin a stop string is
     held back."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], continuation: bool = False):
         self.tokenizer = tokenizer
+        self.continuation = continuation  # the ids continue a raw prompt: a leading space is part of the text
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.emitted = 0
@@ -107,7 +142,7 @@ class _TextStream:
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return (new text to emit, whether a stop string was hit)."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special=True)
+        self.text = self.tokenizer.decode(self.ids, skip_special=True, continuation=self.continuation)
         for s in self.stop:
             at = self.text.find(s, max(0, self.emitted - len(s)))
             if at >= 0:
@@ -142,54 +177,97 @@ def _run(
     stop: Sequence[str],
     result: GenerationResult,
     version: int,
+    logprobs: int | None = None,
+    echo: bool = False,
+    continuation: bool = False,
 ) -> Iterator[str]:
-    """The loop itself; yields text pieces and fills ``result`` as it goes. ``version``:
+    """The loop itself; yields text pieces and keeps ``result`` current as it goes (until
+    the loop ends, ``finish_reason`` says "cancelled": a stream left early is). ``version``:
     the model's context version that ``start_pos`` was computed from; every pass checks
-    that no other caller has moved the context since (``ModelBusyError``)."""
+    that no other caller has moved the context since (``ModelBusyError``). ``logprobs`` /
+    ``echo``: as for :func:`generate` (with ``echo`` the prompt pass computes every
+    position's logits, and the head's product runs on all of its rows). ``continuation``:
+    the prompt is raw text or token ids, which the generated text continues (a leading
+    space is kept); a chat reply's text starts at its first character."""
     tokenizer = model.tokenizer
-    stream = _TextStream(tokenizer, stop)
+    stream = _TextStream(tokenizer, stop, continuation)
     timings = result.timings
+    n_top = logprobs or 0
+    result.finish_reason = "cancelled"
+    if logprobs is not None:
+        result.logprobs = []
     t0 = time.perf_counter()
-    logits = model.forward(prompt_ids[start_pos:], start_pos, expect_version=version)
-    version += 1
-    timings.prompt_tokens = len(prompt_ids) - start_pos
-    timings.prompt_seconds = time.perf_counter() - t0
-    history = list(prompt_ids)
-    t1 = time.perf_counter()
-    result.finish_reason = "length"
-    for step in range(max_tokens):
-        pos = len(prompt_ids) + step  # where the next token will sit
-        if pos >= model.n_ctx:
-            result.finish_reason = "context"
-            break
-        if step > 0:  # feed the previous token back (lazily: none is wasted at the end)
-            logits = model.forward([history[-1]], pos - 1, expect_version=version)
-            version += 1
-        token = sample(logits, params, rng, history)
-        history.append(token)
-        if token in tokenizer.eog_ids:
-            result.finish_reason = "eos"
-            break
-        result.tokens.append(token)
-        piece, stopped = stream.push(token)
+    t1 = None
+    try:
+        logits = model.forward(prompt_ids[start_pos:], start_pos, expect_version=version, all_logits=echo)
+        version += 1
+        if echo:
+            # prompt token i is predicted by the logits of position i - 1
+            logp = log_softmax(logits)
+            result.prompt_logprobs = [_record(tokenizer, prompt_ids[0], None, n_top)] + [
+                _record(tokenizer, prompt_ids[i], logp[i - 1], n_top) for i in range(1, len(prompt_ids))]
+            logits = logits[-1]
+        timings.prompt_tokens = len(prompt_ids) - start_pos
+        timings.prompt_seconds = time.perf_counter() - t0
+        history = list(prompt_ids)
+        t1 = time.perf_counter()
+        finish = "length"
+        for step in range(max_tokens):
+            pos = len(prompt_ids) + step  # where the next token will sit
+            if pos >= model.n_ctx:
+                finish = "context"
+                break
+            if step > 0:  # feed the previous token back (lazily: none is wasted at the end)
+                logits = model.forward([history[-1]], pos - 1, expect_version=version)
+                version += 1
+            token = sample(logits, params, rng, history)
+            history.append(token)
+            if token in tokenizer.eog_ids:
+                finish = "eos"
+                break
+            result.tokens.append(token)
+            if logprobs is not None:
+                result.logprobs.append(_record(tokenizer, token, log_softmax(logits), n_top))
+            piece, stopped = stream.push(token)
+            result.text = stream.text
+            if piece:
+                yield piece
+            if stopped:
+                finish = "stop"
+                break
+        piece = stream.flush()
+        result.text = stream.text
         if piece:
             yield piece
-        if stopped:
-            result.finish_reason = "stop"
-            break
-    piece = stream.flush()
-    if piece:
-        yield piece
-    timings.generated_tokens = len(result.tokens)
-    timings.generation_seconds = time.perf_counter() - t1
-    result.text = stream.text
+        result.finish_reason = finish
+    finally:  # also when a stream is closed or dropped mid-way (GeneratorExit at a yield)
+        if t1 is not None:
+            timings.generated_tokens = len(result.tokens)
+            timings.generation_seconds = time.perf_counter() - t1
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: str | None, messages: Sequence[Mapping[str, str]] | None, system: str | None) -> list[int]:
-    if (prompt is None) == (messages is None):
-        raise ValueError("give either prompt or messages")
+def _prompt_ids(
+    tokenizer: Tokenizer, prompt: str | None, messages: Sequence[Mapping[str, str]] | None, system: str | None,
+    raw: bool = False, tokens: Sequence[int] | None = None, n_vocab: int | None = None,
+) -> list[int]:
+    """The prompt's token ids: ``tokens`` as given (checked against ``n_vocab``), ``prompt``
+    encoded as it is (``raw``; BOS as the file says), or ``prompt`` / ``messages`` rendered
+    with the file's chat template."""
+    if sum(x is not None for x in (prompt, messages, tokens)) != 1:
+        raise ValueError("give one of prompt, messages or tokens")
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not isinstance(raw, bool):
+        raise TypeError(f"raw must be True or False, got {raw!r}")
+    if raw and prompt is None:
+        raise ValueError("raw=True encodes a prompt string as it is; messages and tokens take no raw")
+    if system is not None and (raw or tokens is not None):
+        raise ValueError("a system message goes through the chat template: give messages or a prompt without raw=True")
+    if tokens is not None:
+        assert n_vocab is not None, "token ids are checked against the model's vocabulary"
+        return _checked_ids(tokens, n_vocab)
+    if raw:
+        return tokenizer.encode(prompt)
     if messages is None:
         # a plain prompt is sent as the user's turn of a chat, as the tutorial does
         messages = [{"role": "user", "content": prompt}]
@@ -200,6 +278,28 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str | None, messages: Sequence[Map
     text = render_chat(messages, tokenizer.chat_template, bos_token=bos, eos_token=eos)
     # the template writes BOS itself when the model wants one
     return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
+
+
+def _checked_ids(tokens: object, n_vocab: int) -> list[int]:
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence) and not isinstance(tokens, np.ndarray):
+        raise TypeError(f"tokens must be a list of integer token ids, got {type(tokens).__name__}")
+    ids = []
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"tokens must be a list of integer token ids, got {t!r:.40} in it")
+        if not 0 <= t < n_vocab:
+            raise ValueError(f"token id {int(t)} is outside the vocabulary (0..{n_vocab - 1})")
+        ids.append(int(t))
+    if not ids:
+        raise ValueError("tokens is empty")
+    return ids
+
+
+def _check_logprobs(logprobs: object, echo: object, n_vocab: int) -> None:
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= n_vocab):
+        raise ValueError(f"logprobs must be None or an integer from 0 to the vocabulary's {n_vocab}, got {logprobs!r}")
+    if not isinstance(echo, bool):
+        raise TypeError(f"echo must be True or False, got {echo!r}")
 
 
 def _check_fits(model: Model, n_prompt: int) -> None:
@@ -226,15 +326,33 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] = (),
     stream: bool = False,
+    raw: bool = False,
+    tokens: Sequence[int] | None = None,
+    logprobs: int | None = None,
+    echo: bool = False,
 ) -> GenerationResult | Iterator[str]:
-    """Generate a reply to ``prompt`` (sent as a user turn) or to chat ``messages``.
+    """Generate a reply to ``prompt`` (sent as a user turn) or to chat ``messages``; or a
+    continuation of ``prompt`` encoded as it is (``raw=True``, no template; BOS as the file
+    says) or of token ids (``tokens=[...]``).
 
     ``model``: a loaded :class:`Model`, a local .gguf path or a Hub repository id (default:
     ``microsoft/Phi-3-mini-4k-instruct-gguf``). Sampling defaults are the tutorial's:
     temperature 1.0, repeat penalty 1.2 over the last 64 tokens, a random seed (reported in
     the result so a run can be repeated). Returns a :class:`GenerationResult`; with
     ``stream=True`` an iterator of text pieces whose concatenation is the final text (the
-    iterator's ``result`` attribute holds the :class:`GenerationResult` once it is done).
+    iterator's ``result`` attribute holds the :class:`GenerationResult`, complete once it
+    is done; ``close()`` it, or use it as a context manager, to stop early: the result then
+    says "cancelled").
+
+    A continuation of a raw prompt or of token ids keeps the leading space of its first
+    token (``"The cat"`` continues with ``" sat"``), as llama.cpp's completions do; a reply
+    to a chat turn starts at its first character.
+
+    ``logprobs=N``: ``result.logprobs`` gives each generated token's log-probability under
+    the model's unmodified distribution and the N most likely tokens there
+    (:class:`TokenLogprob`); ``echo=True``: ``result.prompt_logprobs`` the same for the
+    prompt's tokens (the prompt pass then computes every position's logits, as
+    llama-cpp-python's ``logits_all`` does).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
     _check_max_tokens(max_tokens)
@@ -243,18 +361,20 @@ def generate(
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     m = get_model(model)
-    ids = _prompt_ids(m.tokenizer, prompt, messages, system)
+    _check_logprobs(logprobs, echo, m.config.n_vocab)
+    ids = _prompt_ids(m.tokenizer, prompt, messages, system, raw=raw, tokens=tokens, n_vocab=m.config.n_vocab)
     _check_fits(m, len(ids))
-    result = GenerationResult(text="", tokens=[], prompt_tokens=ids, finish_reason="length", seed=seed)
+    result = GenerationResult(text="", tokens=[], prompt_tokens=ids, finish_reason="cancelled", seed=seed)
     rng = np.random.default_rng(seed)
+    extra = dict(logprobs=logprobs, echo=echo, continuation=raw or tokens is not None)
     if stream:
         # A stream may be read in steps, interleaved with other work: it holds no lock,
         # and stops with ModelBusyError if another call moves the model's context.
         m.reset()
-        return _Stream(_run(m, ids, 0, params, rng, max_tokens, stop, result, m.cached()[1]), result)
+        return _Stream(_run(m, ids, 0, params, rng, max_tokens, stop, result, m.cached()[1], **extra), result)
     with m.generation_lock:  # threads generating on one model take turns
         m.reset()
-        for _ in _run(m, ids, 0, params, rng, max_tokens, stop, result, m.cached()[1]):
+        for _ in _run(m, ids, 0, params, rng, max_tokens, stop, result, m.cached()[1], **extra):
             pass
     return result
 
@@ -274,7 +394,9 @@ def _check_stop(stop: object) -> list[str]:
 
 
 class _Stream:
-    """An iterator of text pieces; ``result`` is complete once it is exhausted."""
+    """An iterator of text pieces; ``result`` is complete once it is exhausted. ``close()``
+    (or leaving a ``with`` block) ends it early: ``result.finish_reason`` is then
+    "cancelled" and ``result.text`` the text of the tokens generated so far."""
 
     def __init__(self, pieces: Iterator[str], result: GenerationResult):
         self._pieces = pieces
@@ -285,6 +407,16 @@ class _Stream:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating; the model's context keeps what was computed."""
+        self._pieces.close()
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Chat:
@@ -320,7 +452,7 @@ class Chat:
         turn = [{"role": "user", "content": text}]
         ids = _prompt_ids(self.model.tokenizer, None, self.messages + turn, None)
         _check_fits(self.model, len(ids))
-        result = GenerationResult(text="", tokens=[], prompt_tokens=ids, finish_reason="length", seed=self.seed)
+        result = GenerationResult(text="", tokens=[], prompt_tokens=ids, finish_reason="cancelled", seed=self.seed)
         params = SamplingParams(**self.sampling)
 
         def turn_pieces() -> Iterator[str]:

@@ -28,13 +28,22 @@ from typing import Iterator
 
 from .isa import Level
 
-__all__ = ["BuildError", "build", "cache_root", "installed_version", "library_dir"]
+__all__ = ["BuildError", "TOOLS", "build", "build_tool", "cache_root", "installed_version", "library_dir", "tool_path"]
 
 PACKAGE = "llama-cpp-python"
 # only what llama-cpp-python's bindings load; no tools, tests, examples or network code
 _CMAKE_ARGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+]
+
+
+# llama.cpp's own command-line tools that phi3ref is checked against (tools/<name>/)
+TOOLS = ("llama-perplexity",)
+_TOOL_CMAKE_ARGS = [
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
 ]
 
@@ -140,3 +149,60 @@ def build(level: Level, *, jobs: int | None = None) -> Path:
         _run(["cmake", "--build", str(work / "build"), "--target", "llama", "-j", str(jobs)], f"building llama.cpp for {level}", log)
         (work / "done").write_text(" ".join(level.cmake_args) + "\n")
     return lib
+
+
+def tool_path(tool: str, level: Level, version: str | None = None) -> Path:
+    """Where llama.cpp's command-line ``tool`` built at ``level`` is (or will be)."""
+    if tool not in TOOLS:
+        raise ValueError(f"unknown llama.cpp tool {tool!r}; one of {', '.join(TOOLS)}")
+    return cache_root() / f"llama.cpp-{version or installed_version()}" / f"{level.name}-tools" / "build" / "bin" / tool
+
+
+def build_tool(tool: str, level: Level, *, jobs: int | None = None) -> Path:
+    """llama.cpp's command-line ``tool`` (:data:`TOOLS`) from the installed
+    llama-cpp-python's sources, built at ``level`` (once; cached, statically linked):
+    its path. A few minutes on two cores."""
+    path = tool_path(tool, level)
+    for program in ("cmake", "c++", "cc"):
+        if shutil.which(program) is None:
+            raise BuildError(f"building llama.cpp needs {program!r}, which is not on PATH")
+    work = path.parent.parent.parent  # .../<level>-tools
+    with _locked(work.parent / f"{level.name}-tools.lock"):
+        if path.exists() and (work / f"done-{tool}").exists():
+            return path
+        tree = _source_tree(installed_version())
+        work.mkdir(parents=True, exist_ok=True)
+        log = work / "build.log"
+        if not (work / "build" / "CMakeCache.txt").exists():
+            _run(["cmake", "-S", str(tree), "-B", str(work / "build"), *_TOOL_CMAKE_ARGS, *level.cmake_args],
+                 f"configuring llama.cpp's tools for {level}", log)
+        _run(["cmake", "--build", str(work / "build"), "--target", tool, "-j", str(jobs or os.cpu_count() or 1)],
+             f"building {tool} for {level}", log)
+        if not path.exists():
+            raise BuildError(f"the build of {tool} made no {path} (see {log})")
+        (work / f"done-{tool}").write_text(" ".join(level.cmake_args) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m phi3ref.llama_builds [--tool NAME] [--level LEVEL]``: build llama.cpp's
+    library (default) or one of its tools at a level (default: this CPU's), print the path."""
+    import argparse
+
+    from .isa import LEVELS, host_level
+
+    parser = argparse.ArgumentParser(prog="python -m phi3ref.llama_builds", description=main.__doc__)
+    parser.add_argument("--tool", choices=TOOLS, default=None, help="a command-line tool instead of the library")
+    parser.add_argument("--level", choices=list(LEVELS), default=None, help="instruction-set level (default: this CPU's)")
+    args = parser.parse_args(argv)
+    level = LEVELS[args.level] if args.level else host_level()
+    try:
+        print(build_tool(args.tool, level) if args.tool else build(level))
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -329,9 +329,16 @@ class Model:
             self.cache_uses_long_rope = False
             self._version += 1
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits of every position for ``tokens`` in a fresh context: (len(tokens), n_vocab) float32."""
-        return self._fresh(self._check_tokens(tokens, 0), NO_HOOKS)
+    def logits(self, tokens: Sequence[int], *, first: int = 0) -> np.ndarray:
+        """Logits of every position for ``tokens`` in a fresh context: (len(tokens), n_vocab)
+        float32; with ``first``, of the positions from ``first`` on, (len(tokens) - first,
+        n_vocab): the others' last-layer feed-forward and head are skipped, as llama.cpp
+        skips the positions whose logits are not asked for (``llama-perplexity`` asks for
+        the second half of each chunk), so that the sums are the ones it computes."""
+        ids = self._check_tokens(tokens, 0)
+        if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or not 0 <= first < ids.size:
+            raise ValueError(f"first must be a position of the {ids.size} tokens (0..{ids.size - 1}), got {first!r}")
+        return self._fresh(ids, NO_HOOKS, outputs=int(first))
 
     def run_with_hooks(self, tokens: Sequence[int], hooks: Mapping[str, HookFn]) -> np.ndarray:
         """:meth:`logits`, calling ``hooks`` on the way: {hook point name or glob pattern
@@ -361,10 +368,12 @@ class Model:
         return self._one_batch(tokens, TRACE_POINTS, "trace()")[1]
 
     def forward(self, tokens: Sequence[int], start_pos: int, *, expect_version: int | None = None,
-                hooks: Mapping[str, HookFn] | None = None) -> np.ndarray:
+                hooks: Mapping[str, HookFn] | None = None, all_logits: bool = False) -> np.ndarray:
         """Process ``tokens`` at positions ``start_pos...`` (the cache must hold the first
         ``start_pos`` positions; anything after is overwritten). Returns the last position's
-        logits, (n_vocab,) float32. ``hooks``: as for :meth:`run_with_hooks`.
+        logits, (n_vocab,) float32, or with ``all_logits`` every position's, (n_tokens,
+        n_vocab) (the output head then runs on every row, as llama.cpp's does when every
+        position's logits are asked for). ``hooks``: as for :meth:`run_with_hooks`.
 
         A pass that does not finish (an error, Ctrl-C) leaves ``tokens`` and the cache in
         agreement: appending (``start_pos == len(tokens)``) leaves the model as it was; an
@@ -385,7 +394,8 @@ class Model:
                 )
             if not 0 <= start_pos <= len(self.tokens):
                 raise ValueError(f"start_pos {start_pos} is past the {len(self.tokens)} cached positions")
-            return self._run(ids, int(start_pos), run_hooks, all_logits=False)[-1]
+            logits = self._run(ids, int(start_pos), run_hooks, outputs=0 if all_logits else ids.size - 1)
+            return logits if all_logits else logits[-1]
 
     # -- the forward pass --------------------------------------------------------------
 
@@ -408,12 +418,13 @@ class Model:
         hooks = self._hooks({}, names)
         return self._fresh(ids, hooks), hooks.kept
 
-    def _fresh(self, ids: np.ndarray, hooks: Hooks) -> np.ndarray:
-        """A fresh context through ``hooks``; ``ids`` checked by _check_tokens."""
+    def _fresh(self, ids: np.ndarray, hooks: Hooks, outputs: int = 0) -> np.ndarray:
+        """A fresh context through ``hooks``; ``ids`` checked by _check_tokens; the logits
+        of the positions from ``outputs`` on."""
         with self._lock, _interrupts_as_keyboard_interrupt():
             self._refuse_reentry("ran a pass on")
             self.reset()
-            return self._run(ids, 0, hooks, all_logits=True)
+            return self._run(ids, 0, hooks, outputs)
 
     def _check_tokens(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
         try:
@@ -433,15 +444,15 @@ class Model:
             )
         return ids
 
-    def _run(self, ids: np.ndarray, start_pos: int, hooks: Hooks, all_logits: bool) -> np.ndarray:
+    def _run(self, ids: np.ndarray, start_pos: int, hooks: Hooks, outputs: int) -> np.ndarray:
         self._refuse_reentry("ran a pass on")
         self._in_pass = True
         try:
-            return self._run_pass(ids, start_pos, hooks, all_logits)
+            return self._run_pass(ids, start_pos, hooks, outputs)
         finally:
             self._in_pass = False
 
-    def _run_pass(self, ids: np.ndarray, start_pos: int, hooks: Hooks, all_logits: bool) -> np.ndarray:
+    def _run_pass(self, ids: np.ndarray, start_pos: int, hooks: Hooks, outputs: int) -> np.ndarray:
         # The positions from start_pos on are about to be overwritten: from now on the
         # cache holds only the first start_pos positions, whatever interrupts the pass.
         kept = self.tokens[:start_pos]
@@ -456,35 +467,31 @@ class Model:
                 # the full length), so the cached keys are recomputed with them first
                 # (through the same hooks: a patch applies to them too).
                 self.tokens = []  # no cached key is valid until they all are
-                self._batches(np.asarray(kept, dtype=np.int64), 0, long_rope, hooks, all_logits=None)
+                self._batches(np.asarray(kept, dtype=np.int64), 0, long_rope, hooks, outputs=None)
             self.cache_uses_long_rope = long_rope
             self.tokens = kept
-        logits = self._batches(ids, start_pos, long_rope, hooks, all_logits)
+        logits = self._batches(ids, start_pos, long_rope, hooks, outputs)
         self.tokens = kept + ids.tolist()
         return logits
 
-    def _batches(self, ids: np.ndarray, start_pos: int, long_rope: bool, hooks: Hooks, all_logits: bool | None) -> np.ndarray:
+    def _batches(self, ids: np.ndarray, start_pos: int, long_rope: bool, hooks: Hooks, outputs: int | None) -> np.ndarray:
         """Run ``ids`` from ``start_pos`` in batches of at most ``n_ubatch`` tokens, as
         llama.cpp splits a prompt into micro-batches (the kernels it picks, and so the
-        sums, depend on a batch's size). Logits of every position (``all_logits``), of the
-        last one, or (None) of none: like llama.cpp, the last layer's feed-forward and the
-        head run only for the positions whose logits are wanted."""
-        outputs = []
+        sums, depend on a batch's size). Logits of the positions from index ``outputs`` of
+        ``ids`` on (0: every one), or (None) of none: like llama.cpp, the last layer's
+        feed-forward and the head run only for the positions whose logits are wanted."""
+        pieces = []
         for s in range(0, ids.size, self.n_ubatch):
             batch_ids = ids[s : s + self.n_ubatch]
-            if all_logits:
-                keep = slice(None)
-            elif all_logits is None or s + self.n_ubatch < ids.size:
-                keep = slice(0, 0)
-            else:
-                keep = slice(-1, None)
+            wanted = outputs is not None and outputs < s + batch_ids.size
+            keep = slice(max(outputs - s, 0), None) if wanted else slice(0, 0)
             x = self._layers(batch_ids, start_pos + s, long_rope, hooks, keep)  # (kept positions, n_embd)
             if x.shape[0]:
                 x = hooks("result_norm", self.output_norm(x))
                 logits = self.numerics.matmul(self.output, x)  # (kept, n_vocab)
                 check_finite(logits, "result_output", f"the product with {self.output.name}")
-                outputs.append(hooks("result_output", logits))
-        return np.concatenate(outputs) if outputs else np.empty((0, self.config.n_vocab), np.float32)
+                pieces.append(hooks("result_output", logits))
+        return np.concatenate(pieces) if pieces else np.empty((0, self.config.n_vocab), np.float32)
 
     def _layers(self, ids: np.ndarray, start_pos: int, long_rope: bool, hooks: Hooks, keep: slice) -> np.ndarray:
         positions = np.arange(start_pos, start_pos + ids.size)

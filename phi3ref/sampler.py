@@ -25,6 +25,7 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
     "min_p_filter",
+    "log_softmax",
     "softmax",
     "sample",
 ]
@@ -91,6 +92,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     e = np.exp(x - np.max(x))
     return e / e.sum()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p of each entry along the last axis (float64): the model's own distribution, as
+    log-probabilities are reported and compared (:attr:`phi3ref.GenerationResult.logprobs`,
+    KL divergences)."""
+    x = np.asarray(logits, dtype=np.float64)
+    shifted = x - np.max(x, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:

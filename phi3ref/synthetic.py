@@ -53,6 +53,7 @@ class ModelShape:
     rms_eps: float = 1e-5
     tied_embeddings: bool = False
     longrope: bool = False
+    fused_qkv: bool = True  # attn_qkv, as llama.cpp's converter writes Phi-3; else attn_q / attn_k / attn_v
 
     @property
     def head_dim(self) -> int:
@@ -67,7 +68,7 @@ class ModelShape:
             # the file stores the floats as float32, and always an original context length
             rope_base=float(np.float32(self.rope_base)), rms_eps=float(np.float32(self.rms_eps)),
             sliding_window=self.sliding_window, rope_orig_ctx=self.rope_orig_ctx or self.n_ctx, has_rope_factors=self.longrope,
-            tied_embeddings=self.tied_embeddings, fused_qkv=True,
+            tied_embeddings=self.tied_embeddings, fused_qkv=self.fused_qkv,
         )
 
 
@@ -164,8 +165,9 @@ def tensor_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, *, pu
     1-D tensors stay F32. Float mixes store every matrix in that float type. Quantized
     mixes follow ``llama_tensor_get_type``: the output head (``token_embd`` when embeddings
     are tied) in Q6_K unless the mix is Q8_0; in Q4_K_M / Q5_K_M ``attn_qkv`` one step up
-    (Q5_K / Q6_K) and ``ffn_down`` in Q6_K on the layers :func:`_use_more_bits` picks;
-    in Q4_K_S ``ffn_down`` in Q5_K on the first eighth of the layers. ``pure`` puts every
+    (Q5_K / Q6_K, as the quantizer of the Phi-3 files on the Hub did), and ``ffn_down`` and
+    a separate ``attn_v`` in Q6_K on the layers :func:`_use_more_bits` picks; in Q4_K_S
+    ``ffn_down`` in Q5_K on the first eighth of the layers and ``attn_v`` on the first four. ``pure`` puts every
     matrix in the base type (``llama-quantize --pure``).
     """
     if mix not in QUANT_MIXES:
@@ -184,6 +186,10 @@ def tensor_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, *, pu
         elif name.endswith("ffn_down.weight") and mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(layer, n_layer):
             chosen = QT.Q6_K
         elif name.endswith("ffn_down.weight") and mix == "Q4_K_S" and layer < n_layer // 8:
+            chosen = QT.Q5_K
+        elif name.endswith("attn_v.weight") and mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(layer, n_layer):
+            chosen = QT.Q6_K
+        elif name.endswith("attn_v.weight") and mix == "Q4_K_S" and layer < 4:
             chosen = QT.Q5_K
     if shape[-1] % QUANT_TYPES[chosen].block_size:
         chosen = _K_FALLBACK.get(chosen, chosen)
@@ -291,6 +297,7 @@ def write_model(
     longrope: bool | None = None,
     sliding_window: int | None = None,
     n_ctx: int | None = None,
+    fused_qkv: bool | None = None,
     vocab: str | os.PathLike[str] | None = None,
     name: str | None = None,
 ) -> Path:
@@ -298,7 +305,8 @@ def write_model(
 
     ``preset`` (:data:`PRESETS`) and ``size`` (``"tiny"``, ``"heads"`` or ``"full"``) give the shape; the
     keyword overrides change single hyperparameters (``sliding_window=0``: none;
-    ``n_ctx``: the training context). ``quant`` is a llama.cpp file type from
+    ``n_ctx``: the training context; ``fused_qkv=False``: separate q, k and v projections,
+    drawn as the same values as the fused one, row for row). ``quant`` is a llama.cpp file type from
     :data:`QUANT_MIXES` (``"Q4_K_M"`` mixes Q4_K, Q5_K, Q6_K and F32 as llama.cpp does);
     ``pure`` stores every matrix in the mix's base type. The same arguments and ``seed``
     write the same bytes. Tensors are drawn, quantized and written one at a time, so a
@@ -310,6 +318,7 @@ def write_model(
         for k, v in dict(
             n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
             n_rot=n_rot, tied_embeddings=tied_embeddings, longrope=longrope, sliding_window=sliding_window, n_ctx=n_ctx,
+            fused_qkv=fused_qkv,
         ).items()
         if v is not None
     }

@@ -216,8 +216,11 @@ class Tokenizer:
             ids = [*ids, self.eos_id]
         return ids
 
-    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
-        """The text of ``ids`` (control tokens dropped with ``skip_special``). Bytes that are
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False, continuation: bool = False) -> str:
+        """The text of ``ids`` (control tokens dropped with ``skip_special``). A SentencePiece
+        vocabulary's text loses the space its encoding prefixes, unless ``continuation``: the
+        ids follow other text (a completion of a raw prompt), and keep it, as llama.cpp's
+        token pieces do. Bytes that are
         not valid UTF-8 become U+FFFD, one per maximal invalid sequence (the Unicode
         Standard's practice, as Python's ``errors="replace"``), and valid neighbours are kept:
         the text of a prefix of ``ids`` is a prefix of the text of ``ids``, up to a trailing
@@ -236,7 +239,7 @@ class Tokenizer:
         # and an invalid byte costs only itself; the space prefixed at encoding is removed.
         skip = self._special_ids if skip_special else frozenset()
         text = b"".join(self._pieces[i] for i in ids if i not in skip).decode("utf-8", errors="replace")
-        return text[1:] if text.startswith(" ") else text
+        return text[1:] if text.startswith(" ") and not continuation else text
 
     def token_text(self, token_id: int) -> str:
         """The vocabulary entry of one id (as stored, e.g. '▁Hello' or '<0x0A>')."""

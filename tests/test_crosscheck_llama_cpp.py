@@ -166,6 +166,21 @@ def test_head_size_no_lane_count_divides(level, realistic_model):
     _check(results)
 
 
+@NEEDS_LLAMA_CPP
+@pytest.mark.parametrize("level", LEVEL_PARAMS)
+def test_separate_q_k_v_projections_equal_llama_cpp(level, tmp_path):
+    """A file with attn_q / attn_k / attn_v instead of attn_qkv (llama.cpp's phi3 graph takes
+    either; its three products run as three matmuls here too): prompt and generation."""
+    path = write_model(tmp_path / "split-qkv.gguf", preset="phi3-medium", size="heads", quant="Q4_K_M", seed=5, fused_qkv=False)
+    prompt, continuation = _prompt(100, 17), _prompt(20, 18)
+    theirs = llama_cpp_calls([("logits", dict(path=str(path), tokens=prompt, n_ctx=N_CTX)),
+                              ("generation", dict(path=str(path), prompt=prompt[:30], continuation=continuation, n_ctx=N_CTX))],
+                             level=_llama_cpp_at(level))
+    ours = phi3ref.load(path, isa=level, n_ctx=N_CTX).logits(prompt)
+    _check([(f"{level} separate q/k/v prompt", compare(ours, theirs[0])),
+            (f"{level} separate q/k/v generation", compare(_generation(path, level, prompt[:30], continuation), theirs[1]))])
+
+
 NATIVE = pytest.mark.skipif(
     bool(isa.native_gaps(HOST)), reason="the installed llama-cpp-python is built natively: " + " / ".join(isa.native_gaps(HOST)))
 
@@ -217,6 +232,185 @@ def test_greedy_generation_matches_llama_cpp(preset, quant, tiny_model):
     finally:
         llm.close()
     assert ours.tokens == theirs
+
+
+@NEEDS_LLAMA_CPP
+@NATIVE
+@pytest.mark.parametrize("preset,quant", [("phi3-mini", "Q4_K_M"), ("phi4-mini", "Q8_0")])
+def test_greedy_logprobs_match_llama_cpp(preset, quant, tiny_model):
+    """generate(tokens=..., temperature=0, logprobs=5) against llama-cpp-python's
+    create_completion(logprobs=5) on a model with every position's logits (logits_all,
+    which its logprobs need; echo=True here runs the prompt pass the same way): the same
+    text and log-probabilities (llama-cpp-python computes them in float32). Its echo
+    cannot take a prompt of token ids (a TypeError inside create_completion)."""
+    import llama_cpp
+
+    path = tiny_model(preset, quant)
+    prompt = _prompt(12, 19)
+    model = phi3ref.load(path, n_ctx=256)
+    ours = phi3ref.generate(tokens=prompt, model=model, temperature=0, repeat_penalty=1.0, max_tokens=12, logprobs=5, echo=True)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False)
+    try:
+        theirs = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1, repeat_penalty=1.0, logprobs=5)
+    finally:
+        llm.close()
+    choice = theirs["choices"][0]
+    got = [r.logprob for r in ours.logprobs]
+    expected = choice["logprobs"]["token_logprobs"]
+    assert len(got) == len(expected) == 12 and ours.finish_reason == "length"
+    assert np.allclose(got, expected, rtol=0, atol=2e-5), (got, expected)
+    assert [max(top.values()) for top in choice["logprobs"]["top_logprobs"]] == pytest.approx([r.top[0][1] for r in ours.logprobs], abs=2e-5)
+    assert choice["text"] == ours.text
+
+
+# ---- perplexity as llama.cpp computes it
+
+
+PERPLEXITY_TEXT = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.parametrize("preset,quant,n_ctx", [("phi3-mini", "Q4_K_M", 128), ("phi3.5-mini", "Q8_0", 320)])
+def test_perplexity_logits_are_llama_cpp_s(preset, quant, n_ctx, tiny_model):
+    """Each chunk's scored half has llama.cpp's logits bit for bit (asked for as
+    llama-perplexity asks: outputs from n_ctx / 2 on), so its perplexity is llama.cpp's
+    (phi3.5-mini at 320: LongRoPE's long factors, as llama.cpp picks them for that context)."""
+    from phi3ref.perplexity import chunks, perplexity, text_tokens, token_nll
+
+    path = tiny_model(preset, quant)
+    model = phi3ref.load(path, n_ctx=n_ctx)
+    tokens = text_tokens(model.tokenizer, PERPLEXITY_TEXT)
+    pieces = chunks(tokens, n_ctx, 3, model.tokenizer.bos_id)
+    theirs = llama_cpp_calls([("chunk_logits", dict(path=str(path), tokens=c, first=n_ctx // 2, n_ctx=n_ctx)) for c in pieces])
+    _check([(f"{preset} {quant} chunk {i}", compare(model.logits(c, first=n_ctx // 2), t)) for i, (c, t) in enumerate(zip(pieces, theirs))])
+    nll = np.concatenate([token_nll(t[:-1], c[n_ctx // 2 + 1 :]) for c, t in zip(pieces, theirs)])
+    assert perplexity(model, tokens, n_ctx, 3).ppl == pytest.approx(float(np.exp(nll.mean())), rel=1e-12)
+
+
+def _llama_perplexity():
+    from phi3ref.llama_builds import BuildError, tool_path
+
+    try:
+        path = tool_path("llama-perplexity", isa.host_level())
+    except BuildError:
+        return None
+    return path if path.exists() else None
+
+
+NEEDS_LLAMA_PERPLEXITY = pytest.mark.skipif(
+    _llama_perplexity() is None,
+    reason="llama-perplexity is not built (python -m phi3ref.llama_builds --tool llama-perplexity: a few minutes)")
+
+
+@NEEDS_LLAMA_PERPLEXITY
+@pytest.mark.parametrize("preset,quant,n_ctx", [("phi3-mini", "Q4_K_M", 128), ("phi4-mini", "Q4_0", 256)])
+def test_perplexity_equals_llama_perplexity(preset, quant, n_ctx, tiny_model, tmp_path):
+    """`phi3ref perplexity` against llama.cpp's own llama-perplexity (built from the
+    installed llama-cpp-python's sources at this CPU's level, -fa off): the same running
+    estimates and final PPL = x +/- err, to the digits it prints."""
+    import re
+    import subprocess
+
+    from phi3ref.perplexity import perplexity, text_tokens
+
+    path = tiny_model(preset, quant)
+    text = tmp_path / "text.txt"
+    text.write_text(PERPLEXITY_TEXT, encoding="utf-8")
+    done = subprocess.run([str(_llama_perplexity()), "-m", str(path), "-f", str(text), "-c", str(n_ctx), "--chunks", "4",
+                           "-fa", "off", "-t", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+    running = [float(x) for x in re.findall(r"\[\d+\]([0-9.]+),", log)]
+    model = phi3ref.load(path, n_ctx=n_ctx)
+    ours = perplexity(model, text_tokens(model.tokenizer, PERPLEXITY_TEXT), n_ctx, 4)
+    assert final, log[-2000:]
+    assert f"{ours.ppl:.4f}" == final.group(1) and f"{ours.ppl_err:.5f}" == final.group(2)
+    assert [f"{p:.4f}" for p in ours.running] == [f"{p:.4f}" for p in running]
+
+
+@NEEDS_LLAMA_CPP
+def test_compare_against_llama_cpp(tiny_model, tmp_path):
+    """compare_runtimes against llama.cpp on a quantized file: KL 0, top-1 100%, max |Δ| 0
+    in ggml numerics; against llama.cpp on another file of the same weights, a KL > 0."""
+    from phi3ref.crosscheck import compare_runtimes
+
+    path = tiny_model("phi3-mini", "Q4_K_M")
+    same = compare_runtimes(path, "llama.cpp", text=PERPLEXITY_TEXT, n_ctx=128, n_chunks=2)
+    assert same.count == 126 and same.kl_max == 0 and same.top1 == 1 and same.max_abs == 0 and same.ppl_model == same.ppl_against
+    tokens = compare_runtimes(path, "llama.cpp", tokens=_prompt(50, 20))
+    assert tokens.count == 49 and tokens.max_abs == 0
+    other = compare_runtimes(path, "llama.cpp", text=PERPLEXITY_TEXT, n_ctx=128, n_chunks=2, against_model=tiny_model("phi3-mini", "Q8_0"))
+    assert other.kl_mean > 0 and other.max_abs > 0
+
+
+def _kl_report(log: str) -> dict[str, float]:
+    import re
+
+    found = {key: re.search(pattern, log) for key, pattern in
+             {"kl_mean": r"Mean    KLD:\s+(-?[0-9.]+)", "kl_max": r"Maximum KLD:\s+(-?[0-9.]+)",
+              "top1": r"Same top p:\s+([0-9.]+)", "ppl_model": r"Mean PPL\(Q\)\s+:\s+([0-9.]+)",
+              "ppl_against": r"Mean PPL\(base\)\s+:\s+([0-9.]+)"}.items()}
+    assert all(found.values()), log[-3000:]
+    return {key: float(m.group(1)) for key, m in found.items()}
+
+
+@NEEDS_LLAMA_PERPLEXITY
+def test_kl_base_files_go_both_ways_with_llama_perplexity(tiny_model, tmp_path):
+    """phi3ref's KL-divergence base file is byte for byte llama-perplexity's for the same
+    model and text; llama-perplexity reads phi3ref's and reports KL ~ 0 for the same model
+    and, for another file, the KL phi3ref reports; phi3ref reads llama-perplexity's."""
+    import subprocess
+
+    from phi3ref.crosscheck import compare_runtimes
+
+    text = tmp_path / "text.txt"
+    text.write_text(PERPLEXITY_TEXT, encoding="utf-8")
+    a, b = tiny_model("phi3-mini", "Q4_K_M"), tiny_model("phi3-mini", "Q8_0")
+
+    def llama(*args):
+        done = subprocess.run([str(_llama_perplexity()), "-f", str(text), "-c", "128", "--chunks", "4", "-fa", "off", "-t", "2", *args],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    llama("-m", str(a), "--kl-divergence-base", str(tmp_path / "theirs.kld"))
+    assert compare_runtimes(a, None, text=PERPLEXITY_TEXT, n_ctx=128, n_chunks=4, save_kld_base=tmp_path / "ours.kld") is None
+    assert (tmp_path / "ours.kld").read_bytes() == (tmp_path / "theirs.kld").read_bytes()
+    same = _kl_report(llama("-m", str(a), "--kl-divergence-base", str(tmp_path / "ours.kld"), "--kl-divergence"))
+    assert abs(same["kl_mean"]) < 1e-4 and same["top1"] == 100.0
+    theirs = _kl_report(llama("-m", str(b), "--kl-divergence-base", str(tmp_path / "ours.kld"), "--kl-divergence"))
+    ours = compare_runtimes(b, tmp_path / "theirs.kld")
+    assert ours.count == 4 * 63 and theirs["kl_mean"] > 1e-4
+    assert ours.kl_mean == pytest.approx(theirs["kl_mean"], rel=2e-3, abs=2e-6)
+    assert ours.kl_max == pytest.approx(theirs["kl_max"], rel=2e-3, abs=2e-6)
+    assert 100 * ours.top1 == pytest.approx(theirs["top1"], abs=1e-3)
+    assert ours.ppl_model == pytest.approx(theirs["ppl_model"], rel=1e-5) and ours.ppl_against == pytest.approx(theirs["ppl_against"], rel=1e-5)
+
+
+@NEEDS_LLAMA_CPP
+def test_diverge_names_the_layer_and_op_of_an_altered_weight(tiny_model, tmp_path):
+    """diverge against llama.cpp: the same file agrees bit for bit at every op; a copy of the
+    file with one weight of layer 1 changed parts at that layer's op (ffn_up-1), and tokens
+    of a text are compared first."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    from phi3ref.diverge import diverge
+
+    path = tiny_model("phi3-mini", "Q8_0")
+    same = diverge(path, "llama.cpp", text="<|user|>\nWrite a haiku about ice hockey<|end|>\n<|assistant|>")
+    assert same.tokens_differ is None and same.first is None and all(e.equal for e in same.table)
+    broken = tmp_path / "broken.gguf"
+    shutil.copy(path, broken)
+    reader = GGUFReader(broken, "r+")
+    (tensor,) = [t for t in reader.tensors if t.name == "blk.1.ffn_up.weight"]
+    tensor.data[3, 2:40] = 0  # the int8 codes of the first block of row 3 (after its float16 scale)
+    reader.data.flush()
+    del reader
+    parted = diverge(path, "llama.cpp", tokens=_prompt(40, 21), against_model=broken)
+    assert parted.first is not None and (parted.first.layer, parted.first.op) == (1, "ffn_up"), parted.format()
 
 
 @NEEDS_LLAMA_CPP

@@ -100,3 +100,31 @@ def test_a_patched_pass_matches_transformers_patched_alike(preset, tiny_model):
     print(f"{preset} patched, exact vs transformers: {got}")
     assert got.max_rel <= 1e-4 and got.top1 == 1.0, got  # float32 rounding (5e-7 measured), not a mismatch
     assert compare(plain, theirs).max_rel > 1e-2  # the patch itself is far from nothing
+
+
+def test_separate_q_k_v_file_matches_transformers(tmp_path):
+    """A file with attn_q / attn_k / attn_v: transformers_model stacks them into qkv_proj."""
+    from phi3ref.synthetic import write_model
+
+    path = write_model(tmp_path / "split.gguf", preset="phi3-medium", quant="Q4_K_M", seed=6, fused_qkv=False)
+    c = compare(phi3ref.load(path, numerics="exact").logits(PROMPT), transformers_logits(path, PROMPT))
+    assert c.max_rel <= 1e-3 and c.top1 == 1.0, c
+
+
+@pytest.mark.parametrize("preset", ["phi3-mini", "phi4-mini"])
+def test_diverge_against_transformers(preset, tiny_model):
+    """Exact numerics against transformers: every op within float32 rounding (q and k after
+    RoPE, attention probabilities included); a chat text that transformers' GGUF tokenizer
+    encodes otherwise (it drops the rstrip of Phi-3's special tokens) stops at the tokens."""
+    from phi3ref.diverge import diverge
+
+    path = tiny_model(preset, "Q4_K_M")
+    result = diverge(path, "transformers", tokens=PROMPT[:40], numerics="exact")
+    assert result.first is None, result.format()
+    compared = {e.op for e in result.table}
+    assert {"inp_embd", "Qcur", "Kcur", "Vcur", "kq_soft_max", "ffn_inp", "ffn_swiglu", "l_out", "result_output"} <= compared
+    assert max(e.rel_err for e in result.table) < 1e-4
+    if preset == "phi3-mini":
+        chat = diverge(path, "transformers", text="<|user|>\nWrite a haiku about ice hockey<|end|>\n<|assistant|>", numerics="exact")
+        if chat.tokens_differ is not None:  # where this transformers reads the file's tokenizer at all
+            assert chat.table == [] and "tokenize the text differently" in chat.format()

@@ -99,7 +99,7 @@ def test_prompt_longer_than_context(tiny_model):
 
 
 def test_bad_arguments(model):
-    with pytest.raises(ValueError, match="give either prompt or messages"):
+    with pytest.raises(ValueError, match="give one of prompt, messages or tokens"):
         phi3ref.generate(model=model)
     with pytest.raises(ValueError, match="top_p"):
         phi3ref.generate("x", model=model, top_p=2)
@@ -246,3 +246,114 @@ def test_generate_chat_and_the_command_line_share_their_defaults(model):
     assert {**chat.sampling, "max_tokens": chat.max_tokens} == wanted
     args = vars(build_parser().parse_args(["generate", "hello"]))
     assert {k: args[k] for k in wanted} == wanted
+
+
+# ---- generation for cross-checkers: token ids or raw text in, log-probabilities out
+
+
+def test_tokens_and_raw_prompts_skip_the_template(model):
+    ids = [1, 15043, 3186]
+    by_ids = phi3ref.generate(tokens=ids, model=model, temperature=0, max_tokens=4)
+    assert by_ids.prompt_tokens == ids and len(by_ids.tokens) == 4
+    # a continuation keeps its first token's space, as llama.cpp's completions do
+    assert by_ids.text == model.tokenizer.decode(by_ids.tokens, skip_special=True, continuation=True)
+    hello = model.tokenizer.encode("Hello", add_bos=False)
+    assert model.tokenizer.decode(hello, continuation=True) == " Hello" and model.tokenizer.decode(hello) == "Hello"
+    raw = phi3ref.generate("Hello world", raw=True, model=model, temperature=0, max_tokens=4)
+    assert raw.prompt_tokens == model.tokenizer.encode("Hello world") and raw.prompt_tokens[0] == model.tokenizer.bos_id
+    assert raw.tokens == phi3ref.generate(tokens=raw.prompt_tokens, model=model, temperature=0, max_tokens=4).tokens
+    numpy_ids = phi3ref.generate(tokens=np.array(ids), model=model, temperature=0, max_tokens=4)
+    assert numpy_ids.tokens == by_ids.tokens
+
+
+def log_softmax_reference(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    return x - np.log(np.exp(x - x.max()).sum()) - x.max()
+
+
+def test_logprobs_are_the_unmodified_distribution(model):
+    """logprobs=N: each generated token's log-probability under the model's raw logits (not
+    the sampler's tempered, penalised distribution), and the N most likely tokens; echo
+    gives the prompt's, each predicted by the position before it."""
+    ids = [1, 450, 4799, 338]
+    r = phi3ref.generate(tokens=ids, model=model, temperature=0.7, repeat_penalty=1.3, seed=5, max_tokens=6, logprobs=4, echo=True)
+    assert [x.token for x in r.logprobs] == r.tokens and [x.token for x in r.prompt_logprobs] == ids
+    model.reset()  # the same passes again: the prompt (every position), then one token at a time
+    every = model.forward(ids, 0, all_logits=True)  # (n, n_vocab): position i predicts token i + 1
+    steps = [every[-1]] + [model.forward([t], len(ids) + i) for i, t in enumerate(r.tokens[:-1])]
+    for record, logits in zip(r.logprobs, steps):
+        expected = log_softmax_reference(logits)
+        assert abs(record.logprob - expected[record.token]) < 1e-9
+        assert [t for t, _ in record.top] == list(np.argsort(-expected, kind="stable")[:4])
+        assert record.top[0][1] >= record.top[-1][1] and record.text == model.tokenizer.decode([record.token], continuation=True)
+    assert r.prompt_logprobs[0].logprob is None and r.prompt_logprobs[0].top == []
+    for i in range(1, len(ids)):
+        assert abs(r.prompt_logprobs[i].logprob - log_softmax_reference(every[i - 1])[ids[i]]) < 1e-9
+    assert phi3ref.generate(tokens=ids, model=model, max_tokens=2, seed=5).logprobs is None
+    assert phi3ref.generate(tokens=ids, model=model, max_tokens=2, seed=5, logprobs=0).logprobs[0].top == []
+
+
+def test_greedy_logprobs_are_the_most_likely(model):
+    r = phi3ref.generate(tokens=[1, 450], model=model, temperature=0, repeat_penalty=1.0, max_tokens=5, logprobs=1)
+    assert all(x.top[0][0] == x.token and x.top[0][1] == x.logprob for x in r.logprobs)
+
+
+def test_a_stream_closed_early_says_cancelled(model):
+    stream = phi3ref.generate(tokens=[1, 450], model=model, seed=2, max_tokens=30, stream=True, logprobs=1)
+    pieces = [next(stream) for _ in range(4)]
+    stream.close()
+    r = stream.result
+    assert r.finish_reason == "cancelled" and r.timings.generated_tokens == len(r.tokens) == len(r.logprobs)
+    assert r.text == model.tokenizer.decode(r.tokens, skip_special=True, continuation=True) and r.text.startswith("".join(pieces))
+    with pytest.raises(StopIteration):
+        next(stream)
+    with phi3ref.generate(tokens=[1, 450], model=model, seed=2, max_tokens=30, stream=True) as left:
+        for i, _ in enumerate(left):
+            if i == 3:
+                break
+    assert left.result.finish_reason == "cancelled" and left.result.text == model.tokenizer.decode(left.result.tokens, skip_special=True, continuation=True)
+    whole = phi3ref.generate(tokens=[1, 450], model=model, seed=2, max_tokens=30, stream=True)
+    assert "".join(whole) == whole.result.text and whole.result.finish_reason in ("length", "eos")
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(tokens=[]), ValueError, "tokens is empty"),
+    (dict(tokens=[40000]), ValueError, "token id 40000 is outside the vocabulary"),
+    (dict(tokens=[1, 2.5]), TypeError, "integer token ids"),
+    (dict(tokens="1,2"), TypeError, "list of integer token ids"),
+    (dict(tokens=[1], prompt="x"), ValueError, "one of prompt, messages or tokens"),
+    (dict(tokens=[1], raw=True), ValueError, "raw=True encodes a prompt string"),
+    (dict(messages=[{"role": "user", "content": "x"}], raw=True), ValueError, "raw=True encodes a prompt string"),
+    (dict(prompt="x", raw=True, system="s"), ValueError, "a system message goes through the chat template"),
+    (dict(prompt="x", raw="yes"), TypeError, "raw must be True or False"),
+    (dict(prompt="x", logprobs=-1), ValueError, "logprobs must be None or an integer"),
+    (dict(prompt="x", logprobs=10**6), ValueError, "logprobs must be None or an integer"),
+    (dict(prompt="x", echo="yes"), TypeError, "echo must be True or False"),
+])
+def test_cross_checking_arguments(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        phi3ref.generate(model=model, **kwargs)
+
+
+@pytest.mark.slow  # child processes
+def test_cli_raw_tokens_logprobs_and_json(tmp_path):
+    import json
+
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    out = run_cli("generate", "--model", "demo", "--tokens", "1,450,4799", "--temperature", "0", "--max-tokens", "3",
+                  "--logprobs", "2", "--echo", "--json", env_extra=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["prompt_tokens"] == [1, 450, 4799] and len(result["logprobs"]) == len(result["tokens"]) == 3
+    assert [len(r["top"]) for r in result["logprobs"]] == [2, 2, 2] and result["prompt_logprobs"][0]["logprob"] is None
+    shown = run_cli("generate", "--model", "demo", "--raw", "Hello", "--max-tokens", "2", "--logprobs", "1", env_extra=env)
+    assert shown.returncode == 0 and "log-probabilities of the generated tokens" in shown.stderr
+    logits = run_cli("logits", "--model", "demo", "--text", "Hello world", "-o", str(tmp_path / "l.npy"), env_extra=env)
+    assert logits.returncode == 0, logits.stderr
+    assert np.load(tmp_path / "l.npy").shape[0] == 3  # BOS, Hello, world
+    for args, message in [(("--tokens", "1,2", "text"), "--tokens is the prompt"), (("--logprobs", "-1"), "--logprobs must be >= 0"),
+                          (("--echo",), "--echo shows the prompt")]:
+        bad = run_cli("generate", "--model", "demo", *args, env_extra=env)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    neither = run_cli("logits", "--model", "demo", "-o", str(tmp_path / "x.npy"), env_extra=env)
+    assert neither.returncode == 2 and "give --tokens or --text" in neither.stderr

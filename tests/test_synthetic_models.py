@@ -91,6 +91,25 @@ def test_q4_k_m_follows_llama_cpp_recipe(tiny_model):
     assert [types[f"blk.{i}.ffn_down.weight"] for i in range(n_layer)] == ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
 
 
+def test_separate_q_k_v_projections(tmp_path):
+    """fused_qkv=False writes attn_q / attn_k / attn_v (types by llama.cpp's recipe for
+    attn_v) holding the fused projection's rows, so the two files are one model."""
+    n_layer = 8
+    split = write_model(tmp_path / "split.gguf", preset="phi3-medium", n_layer=n_layer, fused_qkv=False, seed=4)
+    types = {name: t for name, (t, _) in reader_tensors(split).items()}
+    assert not any(name.endswith("attn_qkv.weight") for name in types)
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(n_layer)] == ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    assert {types[f"blk.{i}.attn_{n}.weight"] for i in range(n_layer) for n in "qk"} == {"Q4_K"}
+    with GGUFFile(split) as gf:
+        assert not Phi3Config.from_gguf(gf).fused_qkv
+    fused = write_model(tmp_path / "fused.gguf", preset="phi3-medium", quant="Q8_0", seed=4)
+    split = write_model(tmp_path / "split8.gguf", preset="phi3-medium", quant="Q8_0", seed=4, fused_qkv=False)
+    with GGUFFile(fused) as a, GGUFFile(split) as b:
+        for i in range(2):
+            parts = [np.asarray(b.tensor_bytes(f"blk.{i}.attn_{n}.weight")) for n in "qkv"]
+            assert np.array_equal(np.asarray(a.tensor_bytes(f"blk.{i}.attn_qkv.weight")), np.concatenate(parts))
+
+
 def test_full_size_mix_matches_the_real_file_size():
     """The real Phi-3-mini-4k-instruct-q4.gguf is 2.39 GB; our plan for the full preset must
     add up to the same size (checked without writing 2.4 GB)."""

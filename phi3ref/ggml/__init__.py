@@ -7,7 +7,8 @@ a llama.cpp build does lives in this package, behind this one face.
   :func:`quantize_activations` (ggml's ``vec_dot_type`` conversion before a product),
   :func:`rms_norm`, :func:`rope` with :func:`cos_sin`, :func:`swiglu`, :func:`expf`,
   :func:`softmax`, :func:`round_to_f16` / :func:`store_f16` (the float16 KV cache),
-  :func:`attention_scores` and :func:`attention_values`.
+  :func:`attention_scores` and :func:`attention_values`; :func:`log_sum_exp`, the
+  log-softmax of llama.cpp's perplexity tool.
 
 Inside, read top-down: ``numerics.py`` (the interface's methods in ggml's terms),
 ``ops.py`` (each operation's arithmetic in words, one kernel call each), ``kernels.py``
@@ -20,10 +21,10 @@ from __future__ import annotations
 from .kernels import activation_type, quantize_activations
 from .numerics import GgmlNumerics
 from .ops import (
-    attention_scores, attention_values, cos_sin, expf, rms_norm, rope, round_to_f16, softmax, store_f16, swiglu,
+    attention_scores, attention_values, cos_sin, expf, log_sum_exp, rms_norm, rope, round_to_f16, softmax, store_f16, swiglu,
 )
 
 __all__ = [
-    "GgmlNumerics", "activation_type", "attention_scores", "attention_values", "cos_sin", "expf", "quantize_activations",
-    "rms_norm", "rope", "round_to_f16", "softmax", "store_f16", "swiglu",
+    "GgmlNumerics", "activation_type", "attention_scores", "attention_values", "cos_sin", "expf", "log_sum_exp",
+    "quantize_activations", "rms_norm", "rope", "round_to_f16", "softmax", "store_f16", "swiglu",
 ]

@@ -52,7 +52,7 @@ __all__ = [
     "ACT_F32", "ACT_F16", "ACT_BF16", "ACT_Q8_0", "ACT_Q8_1", "ACT_Q8_K", "FLOAT_F32", "FLOAT_F16", "FLOAT_BF16",
     "activation_type", "quantize_activations", "matmul_ggml", "matmul_ggml_unpacked", "matmul_float_ggml",
     "attention_scores_f16", "attention_values_f16", "softmax_ggml", "round_to_f16", "store_f16", "rms_norm_ggml",
-    "rope_neox_ggml", "swiglu_ggml", "fma_f32", "libm_cos_sin", "expf_ggml", "warmup",
+    "rope_neox_ggml", "swiglu_ggml", "fma_f32", "libm_cos_sin", "expf_ggml", "log_sum_exp_rows", "warmup",
 ]
 
 # The ggml kernels keep ggml's order of float operations (their fused multiply-adds are
@@ -183,7 +183,7 @@ def _quantize_q8_k(x, q, d, bsums):
 #            weights that are not repacked: per 256-block r = float(isum) * d_w, then
 #            r = fma(-dmin_w, float(min sum), r), and out = fma(r, d_x, out).
 # llama.cpp repacks a Q4_0 / IQ4_NL / Q4_K weight (Q2_K only with AVX-512) when its row
-# count is a multiple of 8. Float weights are phi3ref.kernels.matmul_float_ggml's.
+# count is a multiple of 8. Float weights are matmul_float_ggml's (below).
 MODE_SEQ, MODE_SEQ_MIN, MODE_LANES, MODE_TILED, MODE_LANES2 = 0, 1, 2, 3, 4
 
 
@@ -330,7 +330,7 @@ def _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, p
 
 # --------------------------------------------------------------------------------------
 # SIMD paths for the types that carry Phi-3's weights (Q4_K, Q5_K, Q6_K; Q4_0 and Q8_0 for
-# other mixes), all bit-identical to _dot_unpacked. The K-quants go through phi3ref.simd's
+# other mixes), all bit-identical to _dot_unpacked. The K-quants go through phi3ref.ggml.simd's
 # row kernels (a row against one token or a group of tokens, float sums inside the
 # intrinsic) and, for prompts of Q4_K / Q5_K, its eight-row kernels. Q4_0 / Q8_0 take the
 # tile path: the intrinsics give each block's integer sums for a tile of tokens (the block
@@ -353,7 +353,7 @@ def _lanes_sum(ints, o):
 
 @njit(inline="always")
 def _simd_block_ints(row, qtype, b, q, s, t0, nt, ints, scales, table):
-    """Integer phase for block b of a Q4_0 / Q8_0 row: phi3ref.simd's lane sums for tokens
+    """Integer phase for block b of a Q4_0 / Q8_0 row: phi3ref.ggml.simd's lane sums for tokens
     t0..t0+nt into ints[(b * nt + t) * OUT_STRIDE ...], the block's float16 scale into scales[b]."""
     n_in = q.shape[1]
     dest = ints[b * nt * OUT_STRIDE :]
@@ -406,7 +406,7 @@ def _rows_simd(w, qtype, mode, r0, r1, q, d, s, out, ints, scales, lanes, table)
 
 @njit(inline="always")
 def has_row_path(qtype):
-    """Whether phi3ref.simd's row kernels cover a weight type (in every accumulation mode)."""
+    """Whether phi3ref.ggml.simd's row kernels cover a weight type (in every accumulation mode)."""
     return qtype == Q4_K or qtype == Q5_K or qtype == Q6_K
 
 
@@ -472,7 +472,7 @@ ROWS8_TOKEN_TILE = 64
 
 @njit(inline="always")
 def has_rows8_path(qtype, mode, n_tok):
-    """Whether phi3ref.simd's eight-row kernels cover this product (Q4_K / Q5_K / Q6_K
+    """Whether phi3ref.ggml.simd's eight-row kernels cover this product (Q4_K / Q5_K / Q6_K
     batches summed per token, not in vec_dot lanes)."""
     return (qtype == Q4_K or qtype == Q5_K or qtype == Q6_K) and mode != MODE_LANES and n_tok >= ROWS8_MIN_TOKENS
 
@@ -506,7 +506,7 @@ def matmul_ggml(w, qtype, q, d, s, out, table, repack_q2_k, n_threads):
     """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
     weights. ``q, d, s`` come from :func:`quantize_activations` in the weight type's
     activation format; ``repack_q2_k`` is the level's (phi3ref.isa). Q4_0, Q8_0, Q4_K,
-    Q5_K and Q6_K take the SIMD paths (a few tokens: phi3ref.simd's row kernels for the
+    Q5_K and Q6_K take the SIMD paths (a few tokens: phi3ref.ggml.simd's row kernels for the
     K-quants; otherwise each weight block unpacked once per tile of tokens), every other
     type (and Q4_K's vec_dot, for row counts llama.cpp does not repack)
     :func:`matmul_ggml_unpacked`."""
@@ -561,7 +561,7 @@ def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads):
 # the product's shape allows it (scores: head_dim a multiple of lanes; values: head_dim a
 # multiple of 4; llama.cpp's KV view is a multiple of 256 cells, so the positions always
 # are); otherwise, and for a single token, ggml_vec_dot_f16 (four accumulators of
-# ``lanes`` lanes, see phi3ref.simd). Products of two float16 values are exact in float32,
+# ``lanes`` lanes, see phi3ref.ggml.simd). Products of two float16 values are exact in float32,
 # so the fused multiply-adds of both are plain float32 additions here.
 # ======================================================================================
 
@@ -580,7 +580,7 @@ def tinyblas_values(batched, head_dim):
 
 @njit(inline="always")
 def _tree(v, o, n):
-    """v[o .. o + n] (n = 8 or 16) summed as _reduce_halves in phi3ref.simd: the upper half
+    """v[o .. o + n] (n = 8 or 16) summed as _reduce_halves in phi3ref.ggml.simd: the upper half
     onto the lower until four remain, then (0 + 2) + (1 + 3)."""
     if n == 16:
         a0, a1, a2, a3 = v[o + 8] + v[o], v[o + 9] + v[o + 1], v[o + 10] + v[o + 2], v[o + 11] + v[o + 3]
@@ -603,7 +603,7 @@ def _vec_reduce(acc, lanes, tmp):
     return ((tmp[0] + tmp[4]) + (tmp[1] + tmp[5])) + ((tmp[2] + tmp[6]) + (tmp[3] + tmp[7]))
 
 
-SCORES_CHUNK = 16  # positions per call of phi3ref.simd's scores kernels
+SCORES_CHUNK = 16  # positions per call of phi3ref.ggml.simd's scores kernels
 
 
 @njit(inline="always")
@@ -630,7 +630,7 @@ def _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads):
 @njit(inline="always")
 def _scores_tinyblas(q, k_cache, end, first, last, out, lanes, n_threads):
     """tinyBLAS's kq: the keys converted to float32 once and transposed (n_head_kv, head_dim,
-    positions padded to 16), then phi3ref.simd's scores kernels compute sixteen positions
+    positions padded to 16), then phi3ref.ggml.simd's scores kernels compute sixteen positions
     per call; chunks of sixteen keys that a row does not see are -inf."""
     n_kv, rows, hd = q.shape
     n_sets = first.size
@@ -1090,6 +1090,23 @@ def expf_ggml(x, out, lanes, scalef):
             out[r, i] = _v_expf(x[r, i], scalef)
         for i in range(full, n):
             out[r, i] = np.exp(x[r, i])
+
+
+@njit(cache=True, fastmath=FASTMATH_GGML)
+def log_sum_exp_rows(logits, top, out):
+    """Per row of ``logits`` (m, n) float32, as llama.cpp's perplexity tool computes its
+    log-softmax: ``top[r]`` the largest logit (float32) and ``out[r]`` log of the sum of
+    expf(logit - top), the terms added in double in index order."""
+    for r in range(logits.shape[0]):
+        m = logits[r, 0]
+        for i in range(1, logits.shape[1]):
+            if logits[r, i] > m:
+                m = logits[r, i]
+        total = 0.0
+        for i in range(logits.shape[1]):
+            total += np.float64(np.exp(logits[r, i] - m))  # float32 expf, as the C loop calls it
+        top[r] = m
+        out[r] = np.log(total)
 
 
 def warmup() -> float:

@@ -21,7 +21,7 @@ from . import kernels
 from ..isa import Level
 
 __all__ = [
-    "attention_scores", "attention_values", "cos_sin", "expf", "rms_norm", "rope", "round_to_f16",
+    "attention_scores", "attention_values", "cos_sin", "expf", "log_sum_exp", "rms_norm", "rope", "round_to_f16",
     "softmax", "store_f16", "swiglu",
 ]
 
@@ -144,3 +144,16 @@ def attention_values(
     v16 = np.ascontiguousarray(v_cache).view(np.uint16)
     kernels.attention_values_f16(probs, v16, end, first, last, out, level.lanes, bool(batched), nb.get_num_threads())
     return out
+
+
+def log_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``logits`` (m, n_vocab): the largest logit (float32) and log of the sum of
+    expf(logit - largest), added in double in index order (float64) — the two parts of
+    llama.cpp's perplexity tool's log-softmax (:func:`phi3ref.ggml.kernels.log_sum_exp_rows`)."""
+    logits = np.ascontiguousarray(logits, _F32)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"log_sum_exp takes logits (m, n_vocab), got shape {logits.shape}")
+    top = np.empty(logits.shape[0], _F32)
+    out = np.empty(logits.shape[0], np.float64)
+    kernels.log_sum_exp_rows(logits, top, out)
+    return top, out

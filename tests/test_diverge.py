@@ -1,0 +1,72 @@
+"""phi3ref.diverge: the first op where two runtimes part. Against saved arrays here; against
+llama.cpp and transformers in the crosscheck tier (tests/test_crosscheck_llama_cpp.py,
+tests/test_crosscheck_model.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import phi3ref
+from phi3ref.diverge import NAME_MAP, diverge
+from phi3ref.hooks import PER_LAYER
+
+TOKENS = list(range(300, 330))
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_model, tmp_path_factory):
+    path = tiny_model("phi3-medium", "Q4_K_M")
+    _, cache = phi3ref.load(path).run_with_cache(TOKENS)
+    return path, cache, tmp_path_factory.mktemp("dumps")
+
+
+@pytest.mark.parametrize("altered,how", [("Qcur-1", "rope"), ("kq-1", "scale"), ("ffn_up-0", "weights"), ("result_norm", "norm")])
+def test_the_altered_op_is_named(saved, altered, how):
+    """A runtime whose RoPE is wrong parts at Qcur, one with a wrong score scale at kq: the
+    first point past the tolerance is the one altered, whatever follows it."""
+    path, cache, folder = saved
+    theirs = {name: value.copy() for name, value in cache.items()}
+    if how == "rope":  # one head's rotation off by a sign
+        theirs[altered][:, 1, : theirs[altered].shape[2] // 2] *= -1
+    elif how == "scale":
+        theirs[altered] *= 1.1
+    else:
+        theirs[altered] += 1e-2 * np.abs(theirs[altered]).max()
+    np.savez(folder / f"{altered}.npz", **theirs)
+    result = diverge(path, folder / f"{altered}.npz", tokens=TOKENS)
+    op, _, layer = altered.rpartition("-")
+    assert result.first is not None and result.first.name == altered
+    assert (result.first.op, result.first.layer) == ((op, int(layer)) if op else (altered, None))
+    assert all(e.equal for e in result.table[: result.table.index(result.first)])
+    assert result.as_json()["first"]["name"] == altered and f"first divergence: {altered}" in result.format()
+
+
+def test_agreeing_sides_and_a_directory_of_arrays(saved):
+    path, cache, folder = saved
+    (folder / "dir").mkdir()
+    for name, value in cache.items():
+        np.save(folder / "dir" / f"{name}.npy", value)
+    result = diverge(path, folder / "dir", tokens=TOKENS)
+    assert result.first is None and len(result.table) == len(cache) and all(e.equal for e in result.table)
+    assert "the two sides agree" in result.format()
+    partial = {k: v for k, v in cache.items() if not k.startswith("Vcur")}
+    np.savez(folder / "partial.npz", **partial)
+    assert diverge(path, folder / "partial.npz", tokens=TOKENS).skipped == [k for k in cache if k.startswith("Vcur")]
+
+
+def test_bad_arguments(saved, tmp_path):
+    path, cache, folder = saved
+    np.savez(tmp_path / "shape.npz", **{"wqkv-0": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"wqkv-0: \(30, 384\) here, \(3,\) on the other side"):
+        diverge(path, tmp_path / "shape.npz", tokens=TOKENS)
+    with pytest.raises(ValueError, match="give a text or token ids"):
+        diverge(path, tmp_path / "shape.npz")
+    with pytest.raises(ValueError, match="neither llama.cpp, transformers"):
+        diverge(path, tmp_path / "nothing.txt", tokens=TOKENS)
+    with pytest.raises(ValueError, match="tolerance must be"):
+        diverge(path, tmp_path / "shape.npz", tokens=TOKENS, tolerance=-1)
+
+
+def test_the_name_map_covers_every_hook_point():
+    assert set(NAME_MAP) == {"inp_embd", *PER_LAYER, "result_norm", "result_output"}
