@@ -131,7 +131,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     import time
 
     from .loading import load
-    from .perplexity import perplexity, text_tokens
+    from .perplexity import chunks, perplexity, text_tokens
 
     _check_common(args)
     if args.n_ctx is None:
@@ -144,6 +144,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     path = _local_model("MODEL", args.model)
     model = load(path, n_ctx=args.n_ctx, numerics=args.numerics, threads=args.threads)
     tokens = text_tokens(model.tokenizer, text)
+    chunks(tokens, args.n_ctx, args.chunks, None)  # a text too short for the chunks is refused before the compile
     compile_s = model.numerics.warmup()
     bar = _progress("perplexity")
     t0 = time.perf_counter()
@@ -175,6 +176,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.text is not None and args.tokens is not None:
         raise ValueError("give --text or --tokens, not both")
     tokens = _parse_tokens(args.tokens) if args.tokens is not None else None
+    if tokens is not None and (args.n_ctx is not None or args.chunks is not None):
+        raise ValueError("--n-ctx and --chunks cut a --text into chunks; --tokens are compared as one sequence")
     text = _read_text("--text", args.text) if args.text is not None else None
     if args.save_kld_base is not None and not Path(args.save_kld_base).resolve().parent.is_dir():
         raise FileNotFoundError(f"--save-kld-base {args.save_kld_base}: the folder does not exist")
@@ -211,7 +214,7 @@ def _cmd_diverge(args: argparse.Namespace) -> int:
     tokens = _parse_tokens(args.tokens) if args.tokens is not None else None
     text = _read_text("--text", args.text) if args.text is not None else None
     if text is not None and text.endswith("\n"):
-        text = text[:-1]  # as llama.cpp's tools read a prompt file
+        text = text[:-1]  # as llama.cpp's tools read a prompt file (-f)
     if args.against_model is not None:
         args.against_model = _local_model("--against-model", args.against_model)
     path = _local_model("MODEL", args.model)

@@ -170,9 +170,12 @@ def transformers_model(path: str | os.PathLike[str], *, sliding_window: bool = T
 
 def transformers_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, sliding_window: bool = True) -> np.ndarray:
     """Every position's logits from transformers in float32: (len(tokens), n_vocab)."""
+    return _transformers_run(transformers_model(path, sliding_window=sliding_window), tokens)
+
+
+def _transformers_run(model, tokens: Sequence[int]) -> np.ndarray:
     import torch
 
-    model = transformers_model(path, sliding_window=sliding_window)
     with torch.no_grad():
         out = model(torch.tensor([list(tokens)], dtype=torch.long), use_cache=False)
     return out.logits[0].float().numpy()
@@ -252,15 +255,7 @@ class _LlamaCpp:
         self.lc.llama_model_free(self.model)
 
 
-def _logits_here(path, tokens, n_ctx=None, n_ubatch=512, threads=None):
-    runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads)
-    try:
-        return runtime.decode(list(tokens), first=0)
-    finally:
-        runtime.close()
-
-
-def _chunk_logits_here(path, tokens, first, n_ctx=None, n_ubatch=512, threads=None):
+def _logits_here(path, tokens, n_ctx=None, n_ubatch=512, threads=None, first=0):
     runtime = _LlamaCpp(path, n_ctx, n_ubatch, threads)
     try:
         return runtime.decode(list(tokens), first=first)
@@ -268,7 +263,7 @@ def _chunk_logits_here(path, tokens, first, n_ctx=None, n_ubatch=512, threads=No
         runtime.close()
 
 
-def _tokenize_here(path, text, n_ctx=None, n_ubatch=512, threads=None):
+def _tokenize_here(path, text, threads=None):
     """llama.cpp's token ids of ``text``: special tokens parsed, BOS as the file says."""
     import llama_cpp as lc
 
@@ -338,7 +333,7 @@ def _trace_here(path, tokens, n_ctx=None, n_ubatch=512, threads=None):
     return store
 
 
-_HERE = {"logits": _logits_here, "chunk_logits": _chunk_logits_here, "generation": _generation_here, "trace": _trace_here,
+_HERE = {"logits": _logits_here, "chunk_logits": _logits_here, "generation": _generation_here, "trace": _trace_here,
          "tokenize": _tokenize_here}
 
 
@@ -486,7 +481,7 @@ def compare_runtimes(
     from pathlib import Path
 
     from .loading import load
-    from .perplexity import KLBaseWriter, chunks, kl_statistics, read_kld_base, text_tokens
+    from .perplexity import KLBaseWriter, chunk_bos, chunk_logits, chunks, kl_statistics, read_kld_base, text_tokens
 
     if against is None and save_kld_base is None:
         raise ValueError("compare against a runtime (llama.cpp, transformers) or a saved file, or save a KL base file")
@@ -495,8 +490,8 @@ def compare_runtimes(
         raise ValueError(f"--against {against}: neither a runtime ({', '.join(RUNTIMES)}) nor a .npy / .npz / KL base file")
     base = read_kld_base(against) if kind in (".kld", ".bin", ".dat") else None
     if base is not None:
-        if text is not None or tokens is not None:
-            raise ValueError(f"{against}: a KL base file brings its own tokens; give no text or tokens")
+        if text is not None or tokens is not None or n_chunks is not None:
+            raise ValueError(f"{against}: a KL base file brings its own tokens and chunks; give no text, tokens or chunk count")
         n_ctx = base.n_ctx
     elif (text is None) == (tokens is None):
         raise ValueError("give a text or token ids")
@@ -506,6 +501,10 @@ def compare_runtimes(
         raise ValueError("--against-model names the file the other runtime runs: llama.cpp or transformers")
     if kind in (".npy", ".npz") and not Path(against).is_file():
         raise FileNotFoundError(f"--against {against}: no such file")
+    if save_kld_base is not None and against is not None and Path(save_kld_base).resolve() == Path(against).resolve():
+        raise ValueError(f"--save-kld-base {save_kld_base} is the file compared against")
+    if tokens is not None and len(tokens) < 2:
+        raise ValueError("comparing token ids needs at least 2 of them (each position predicts the next)")
     other = str(against_model or path)
 
     if tokens is not None:
@@ -514,33 +513,18 @@ def compare_runtimes(
     if base is not None:
         if base.n_vocab != model.config.n_vocab:
             raise ValueError(f"{against}: a vocabulary of {base.n_vocab} tokens, the model's has {model.config.n_vocab}")
-        bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
+        bos = chunk_bos(model.tokenizer)
         stream_tokens = base.tokens.reshape(-1).tolist()
         pieces = [[int(row[0]) if bos is None else bos, *row[1:].tolist()] for row in base.tokens]  # BOS first, as there
     elif text is not None:
         stream_tokens = text_tokens(model.tokenizer, text)
-        pieces = chunks(stream_tokens, n_ctx, n_chunks, model.tokenizer.bos_id if model.tokenizer.add_bos else None)
+        pieces = chunks(stream_tokens, n_ctx, n_chunks, chunk_bos(model.tokenizer))
     else:
         stream_tokens, pieces = list(tokens), [list(tokens)]
     first = 0 if tokens is not None else n_ctx // 2
 
     targets = [piece[first + 1 :] for piece in pieces]
-    writer = None if save_kld_base is None else KLBaseWriter(save_kld_base, stream_tokens, n_ctx, len(pieces), model.config.n_vocab)
-
-    def ours() -> Iterator[np.ndarray]:
-        for i, piece in enumerate(pieces):
-            block = model.logits(piece, first=first)[:-1]  # (scored positions, n_vocab)
-            if writer is not None:
-                writer.add(block)
-            yield block
-            if progress is not None:
-                progress(i + 1, len(pieces))
-
-    if against is None:
-        for _ in ours():
-            pass
-        writer.close()
-        return None
+    saved = _saved_logits(Path(against), pieces, first, model.config.n_vocab) if kind in (".npy", ".npz") else None
 
     def theirs() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """(log-probabilities, raw logits or None) of the other side, chunk after chunk."""
@@ -554,20 +538,35 @@ def compare_runtimes(
                 for block in llama_cpp_calls(calls, threads=threads):
                     yield log_softmax(block[:-1]), block[:-1]
         elif kind == "transformers":
+            hf = transformers_model(other)  # built once: it holds every weight in float32
             for p in pieces:
-                block = transformers_logits(other, p)[first:-1]
+                block = _transformers_run(hf, p)[first:-1]
                 yield log_softmax(block), block
         else:
-            for block in _saved_logits(Path(against), pieces, first):
+            for block in saved:
                 yield log_softmax(block), block
 
-    stats = kl_statistics((mine, logp, tok, raw) for mine, (logp, raw), tok in zip(ours(), theirs(), targets))
-    if writer is not None:
-        writer.close()
+    writer = None if save_kld_base is None else KLBaseWriter(save_kld_base, stream_tokens, n_ctx, len(pieces), model.config.n_vocab)
+    try:
+        stats = None
+        mine = chunk_logits(model, pieces, first, progress)
+        if writer is not None:
+            mine = writer.passing(mine)
+        if against is None:
+            for _ in mine:
+                pass
+        else:
+            stats = kl_statistics((q, logp, tok, raw) for q, (logp, raw), tok in zip(mine, theirs(), targets))
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     return stats
 
 
-def _saved_logits(path, pieces: list[list[int]], first: int) -> list[np.ndarray]:
+def _saved_logits(path, pieces: list[list[int]], first: int, n_vocab: int) -> list[np.ndarray]:
     """The blocks of scored positions from a saved logits file (.npy, or .npz with one
     array or a "logits" array), checked against the positions compared."""
     if path.suffix.lower() == ".npz":
@@ -581,7 +580,7 @@ def _saved_logits(path, pieces: list[list[int]], first: int) -> list[np.ndarray]
     n, length, shape = len(pieces), len(pieces[0]), saved.shape
     if saved.ndim == 2 and n == 1:
         saved = saved[None]  # (1, n_tokens, n_vocab)
-    if saved.ndim != 3 or saved.shape[:2] != (n, length) or saved.dtype.kind != "f":
-        want = f"({length}, n_vocab)" if n == 1 else f"({n}, {length}, n_vocab)"
+    if saved.ndim != 3 or saved.shape != (n, length, n_vocab) or saved.dtype.kind != "f":
+        want = f"({length}, {n_vocab})" if n == 1 else f"({n}, {length}, {n_vocab})"
         raise ValueError(f"{path}: logits of shape {shape} ({saved.dtype}); the positions compared need {want} floats")
     return [saved[i, first:-1] for i in range(n)]

@@ -180,33 +180,31 @@ def transformers_intermediates(path: str | os.PathLike[str], tokens: Sequence[in
     handles = []
     layer_of_call: list[int] = []
 
-    def keep(name, value):
-        out[name] = value.detach().float()[0].numpy().copy()
-
-    def on(module, name, what):
+    def hook_on(module, name: str, what: str) -> None:
         def hook(mod, args, result):
-            value = args[0] if what == "input" else (result[0] if isinstance(result, tuple) else result)
-            keep(name, value)
-            if what == "attention" and isinstance(result, tuple) and len(result) > 1 and result[1] is not None:
-                out[name.replace("attn_block", "kq_soft_max")] = result[1].detach().float().numpy().copy()
+            if what == "input":
+                value = args[0][0]  # the batch of one
+            elif what == "attention weights":  # Phi3Attention returns (output, weights (1, n_head, n, n))
+                value = result[1] if isinstance(result, tuple) and len(result) > 1 else None
+            else:
+                value = (result[0] if isinstance(result, tuple) else result)[0]
+            if value is not None:
+                out[name] = value.detach().float().numpy().copy()
         handles.append(module.register_forward_hook(hook))
 
-    on(model.model.embed_tokens, "inp_embd", "output")
+    # the module hooks, read off NAME_MAP ("module path: input | output | attention weights";
+    # "i" is the layer); q and k after RoPE, and v, are taken below
+    for op, (_, where) in NAME_MAP.items():
+        path_, _, what = (where or "").partition(": ")
+        if what not in ("input", "output", "attention weights"):
+            continue
+        if "layers.i" in path_:
+            for i in range(config.num_hidden_layers):
+                hook_on(model.get_submodule(path_.replace("layers.i", f"layers.{i}")), f"{op}-{i}", what)
+        else:
+            hook_on(model.get_submodule(path_), op, what)
     for i, layer in enumerate(model.model.layers):
-        on(layer.input_layernorm, f"attn_norm-{i}", "output")
-        on(layer.self_attn.qkv_proj, f"wqkv-{i}", "output")
-        on(layer.self_attn, f"attn_block-{i}", "attention")
-        on(layer.self_attn.o_proj, f"kqv_out-{i}", "input")
-        on(layer.self_attn.o_proj, f"attn_out-{i}", "output")
-        on(layer.post_attention_layernorm, f"ffn_inp-{i}", "input")
-        on(layer.post_attention_layernorm, f"ffn_norm-{i}", "output")
-        on(layer.mlp.gate_up_proj, f"ffn_up-{i}", "output")
-        on(layer.mlp.down_proj, f"ffn_swiglu-{i}", "input")
-        on(layer.mlp.down_proj, f"ffn_out-{i}", "output")
-        on(layer, f"l_out-{i}", "output")
         handles.append(layer.self_attn.register_forward_pre_hook(lambda mod, args, i=i: layer_of_call.append(i)))
-    on(model.model.norm, "result_norm", "output")
-    on(model.lm_head, "result_output", "output")
     original = modeling_phi3.apply_rotary_pos_emb
 
     def recording(q, k, *args, **kwargs):
@@ -225,8 +223,7 @@ def transformers_intermediates(path: str | os.PathLike[str], tokens: Sequence[in
         for h in handles:
             h.remove()
     for i in range(config.num_hidden_layers):
-        out.pop(f"attn_block-{i}", None)
-        out[f"Vcur-{i}"] = out[f"wqkv-{i}"][:, q_dim + kv_dim :].reshape(len(tokens), -1, head_dim)
+        out[f"Vcur-{i}"] = out[f"wqkv-{i}"][:, q_dim + kv_dim :].reshape(len(tokens), -1, head_dim)  # (n, n_head_kv, d)
     return out
 
 
@@ -282,6 +279,9 @@ def diverge(path: str | os.PathLike[str], against: str | os.PathLike[str], *, to
     else:
         theirs = saved
     table, skipped = _errors(ours, theirs, source, model.config.head_dim)
+    if not table:
+        raise ValueError(f"--against {against}: none of its tensors is named like a phi3ref hook point "
+                         f"({', '.join(list(ours)[:4])}, ...): nothing to compare")
     first = next((e for e in table if e.rel_err > tolerance), None)
     return Divergence(first, table, skipped)
 

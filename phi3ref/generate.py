@@ -121,7 +121,13 @@ def _record(tokenizer: Tokenizer, token: int, logp: np.ndarray | None, n_top: in
     text = tokenizer.decode([token], continuation=True)  # its piece as it reads inside a text
     if logp is None:
         return TokenLogprob(token, text, None, [])
-    best = np.argsort(-logp, kind="stable")[:n_top]  # most likely first, lower ids first among ties
+    if n_top == 0:
+        return TokenLogprob(token, text, float(logp[token]), [])
+    # the n_top most likely (cut at a value, so ties at the cut are all candidates), then
+    # ordered most likely first, lower ids first among ties
+    cut = np.partition(logp, logp.size - n_top)[logp.size - n_top]
+    candidates = np.flatnonzero(logp >= cut)
+    best = candidates[np.lexsort((candidates, -logp[candidates]))][:n_top]
     return TokenLogprob(token, text, float(logp[token]), [(int(t), float(logp[t])) for t in best])
 
 
@@ -230,16 +236,18 @@ def _run(
                 result.logprobs.append(_record(tokenizer, token, log_softmax(logits), n_top))
             piece, stopped = stream.push(token)
             result.text = stream.text
+            if stopped:
+                finish = "stop"
+                result.finish_reason = finish  # before the last piece: a stream closed after it has ended
             if piece:
                 yield piece
             if stopped:
-                finish = "stop"
                 break
         piece = stream.flush()
         result.text = stream.text
+        result.finish_reason = finish
         if piece:
             yield piece
-        result.finish_reason = finish
     finally:  # also when a stream is closed or dropped mid-way (GeneratorExit at a yield)
         if t1 is not None:
             timings.generated_tokens = len(result.tokens)
@@ -253,16 +261,7 @@ def _prompt_ids(
     """The prompt's token ids: ``tokens`` as given (checked against ``n_vocab``), ``prompt``
     encoded as it is (``raw``; BOS as the file says), or ``prompt`` / ``messages`` rendered
     with the file's chat template."""
-    if sum(x is not None for x in (prompt, messages, tokens)) != 1:
-        raise ValueError("give one of prompt, messages or tokens")
-    if prompt is not None and not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    if not isinstance(raw, bool):
-        raise TypeError(f"raw must be True or False, got {raw!r}")
-    if raw and prompt is None:
-        raise ValueError("raw=True encodes a prompt string as it is; messages and tokens take no raw")
-    if system is not None and (raw or tokens is not None):
-        raise ValueError("a system message goes through the chat template: give messages or a prompt without raw=True")
+    _check_prompt(prompt, messages, system, raw, tokens)
     if tokens is not None:
         assert n_vocab is not None, "token ids are checked against the model's vocabulary"
         return _checked_ids(tokens, n_vocab)
@@ -280,6 +279,22 @@ def _prompt_ids(
     return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
 
 
+def _check_prompt(prompt: object, messages: object, system: object, raw: object, tokens: object) -> None:
+    """The prompt arguments that need no model, checked before one is loaded."""
+    if sum(x is not None for x in (prompt, messages, tokens)) != 1:
+        raise ValueError("give one of prompt, messages or tokens")
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not isinstance(raw, bool):
+        raise TypeError(f"raw must be True or False, got {raw!r}")
+    if raw and prompt is None:
+        raise ValueError("raw=True encodes a prompt string as it is; messages and tokens take no raw")
+    if system is not None and (raw or tokens is not None):
+        raise ValueError("a system message goes through the chat template: give messages or a prompt without raw=True")
+    if tokens is not None and (isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray))):
+        raise TypeError(f"tokens must be a list of integer token ids, got {type(tokens).__name__}")
+
+
 def _checked_ids(tokens: object, n_vocab: int) -> list[int]:
     if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence) and not isinstance(tokens, np.ndarray):
         raise TypeError(f"tokens must be a list of integer token ids, got {type(tokens).__name__}")
@@ -295,9 +310,14 @@ def _checked_ids(tokens: object, n_vocab: int) -> list[int]:
     return ids
 
 
-def _check_logprobs(logprobs: object, echo: object, n_vocab: int) -> None:
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= n_vocab):
-        raise ValueError(f"logprobs must be None or an integer from 0 to the vocabulary's {n_vocab}, got {logprobs!r}")
+def _check_logprobs(logprobs: object, echo: object, n_vocab: int | None = None) -> None:
+    """``logprobs`` and ``echo``; the bound on ``logprobs`` once the model (``n_vocab``) is known."""
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
+        raise TypeError(f"logprobs must be None or an integer, got {logprobs!r}")
+    if logprobs is not None and logprobs < 0:
+        raise ValueError(f"logprobs must be None or an integer >= 0, got {logprobs!r}")
+    if logprobs is not None and n_vocab is not None and logprobs > n_vocab:
+        raise ValueError(f"logprobs must be at most the vocabulary's {n_vocab} tokens, got {logprobs!r}")
     if not isinstance(echo, bool):
         raise TypeError(f"echo must be True or False, got {echo!r}")
 
@@ -360,6 +380,8 @@ def generate(
     seed = secrets.randbits(63) if seed is None else seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_prompt(prompt, messages, system, raw, tokens)
+    _check_logprobs(logprobs, echo)
     m = get_model(model)
     _check_logprobs(logprobs, echo, m.config.n_vocab)
     ids = _prompt_ids(m.tokenizer, prompt, messages, system, raw=raw, tokens=tokens, n_vocab=m.config.n_vocab)

@@ -33,7 +33,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from .sampler import log_softmax
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "KLBase", "KLBaseWriter", "KLStatistics", "PerplexityResult", "chunk_logits", "chunks", "kl_statistics", "perplexity", "read_kld_base",
+    "KLBase", "KLBaseWriter", "KLStatistics", "PerplexityResult", "chunk_bos", "chunk_logits", "chunks", "kl_statistics", "perplexity", "read_kld_base",
     "text_tokens", "token_nll", "write_kld_base",
 ]
 
@@ -76,8 +76,10 @@ def token_nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
     llama-perplexity's log_softmax computes it: (m,) float64."""
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     targets = np.asarray(targets, dtype=np.int64)
-    if logits.ndim != 2 or targets.shape != (logits.shape[0],):
-        raise ValueError(f"token_nll takes logits (m, n_vocab) and m targets, got {logits.shape} and {targets.shape}")
+    if logits.ndim != 2 or targets.shape != (logits.shape[0],) or logits.shape[0] == 0:
+        raise ValueError(f"token_nll takes logits (m, n_vocab) and m targets, m >= 1, got {logits.shape} and {targets.shape}")
+    if ((targets < 0) | (targets >= logits.shape[1])).any():
+        raise ValueError(f"token_nll: a target outside the vocabulary of {logits.shape[1]}")
     top, lse = log_sum_exp(logits)  # the largest logit (float32); log sum expf(logit - top), summed in double
     rows = np.arange(logits.shape[0])
     return -((logits[rows, targets] - top).astype(np.float64) - lse)
@@ -86,8 +88,7 @@ def token_nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
 def text_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
     """The ids of a text file's content as llama-perplexity tokenizes it (``-f FILE``): one
     trailing newline dropped, BOS as the file says, special-token text left as text."""
-    if tokenizer.add_eos:
-        raise ValueError("this vocabulary appends EOS to every text, which llama-perplexity refuses")
+    chunk_bos(tokenizer)  # refuses a vocabulary that appends EOS
     if text.endswith("\n"):
         text = text[:-1]
     return tokenizer.encode(text, special=False)
@@ -115,16 +116,23 @@ def chunks(tokens: Sequence[int], n_ctx: int, n_chunks: int | None, bos_id: int 
     return out
 
 
-def chunk_logits(model: Model, pieces: Sequence[Sequence[int]], n_ctx: int) -> Iterable[np.ndarray]:
-    """Each chunk's logits of its scored positions, (n_ctx - 1 - n_ctx / 2, n_vocab): the
-    positions n_ctx / 2 .. n_ctx - 2, each predicting the token after it."""
-    if model.n_ctx < n_ctx:
-        raise ValueError(f"the model holds {model.n_ctx} positions, fewer than the chunks' {n_ctx} (load it with n_ctx={n_ctx})")
-    for chunk in pieces:
-        yield model.logits(chunk, first=n_ctx // 2)[:-1]  # the last position predicts nothing in the chunk
+def chunk_logits(model: Model, pieces: Sequence[Sequence[int]], first: int,
+                 progress: Callable[[int, int], None] | None = None) -> Iterator[np.ndarray]:
+    """Each chunk's logits of its scored positions, (len - 1 - first, n_vocab): the
+    positions ``first`` .. len - 2, each predicting the token after it (llama-perplexity:
+    ``first = n_ctx / 2``). ``progress(done, total)`` after each chunk."""
+    if pieces and model.n_ctx < len(pieces[0]):
+        raise ValueError(f"the model holds {model.n_ctx} positions, fewer than the chunks' {len(pieces[0])} "
+                         f"(load it with n_ctx={len(pieces[0])})")
+    for i, chunk in enumerate(pieces):
+        yield model.logits(chunk, first=first)[:-1]  # the last position predicts nothing in the chunk
+        if progress is not None:
+            progress(i + 1, len(pieces))
 
 
-def _bos_for_chunks(tokenizer: Tokenizer) -> int | None:
+def chunk_bos(tokenizer: Tokenizer) -> int | None:
+    """The id llama-perplexity puts first in every chunk (None: the vocabulary asks for no
+    BOS); ``ValueError`` for a vocabulary that appends EOS, which llama-perplexity refuses."""
     if tokenizer.add_eos:
         raise ValueError("this vocabulary appends EOS to every text, which llama-perplexity refuses")
     return tokenizer.bos_id if tokenizer.add_bos else None
@@ -136,13 +144,13 @@ def perplexity(model: Model, tokens: Sequence[int], n_ctx: int, n_chunks: int | 
     file says) in chunks of ``n_ctx``; ``model`` must hold ``n_ctx`` positions (load it with
     ``n_ctx=n_ctx``, so that LongRoPE picks its factors as llama.cpp does for that
     context). ``progress(chunk, n_chunks, running_ppl)`` is called after each chunk."""
-    pieces = chunks(tokens, n_ctx, n_chunks, _bos_for_chunks(model.tokenizer))
+    pieces = chunks(tokens, n_ctx, n_chunks, chunk_bos(model.tokenizer))
     first = n_ctx // 2
     nll: list[np.ndarray] = []
     total = total2 = 0.0
     count = 0
     running = []
-    for c, (chunk, logits) in enumerate(zip(pieces, chunk_logits(model, pieces, n_ctx))):
+    for c, (chunk, logits) in enumerate(zip(pieces, chunk_logits(model, pieces, first))):
         v = token_nll(logits, chunk[first + 1 :])  # position i predicts token i + 1
         nll.append(v)
         total += float(v.sum())
@@ -227,27 +235,41 @@ class KLBaseWriter:
 
     def add(self, logits: np.ndarray) -> None:
         if np.shape(logits) != self.shape or self.written >= self.n_chunks:
-            self._file.close()
-            self.path.unlink()
+            self.abort()
             raise ValueError(f"chunk {self.written}: logits of shape {np.shape(logits)}, expected {self.shape} "
                              f"for {self.n_chunks} chunks")
         self._file.write(quantize_log_probs(logits).tobytes())
         self.written += 1
 
+    def passing(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """``blocks``, each written on its way through."""
+        for block in blocks:
+            self.add(block)
+            yield block
+
     def close(self) -> Path:
-        self._file.close()
         if self.written != self.n_chunks:
-            self.path.unlink()
+            self.abort()
             raise ValueError(f"{self.written} chunks of logits for a base file of {self.n_chunks}")
+        self._file.close()
         return self.path
+
+    def abort(self) -> None:
+        """Close and remove the partial file (after an error)."""
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def write_kld_base(path: str | os.PathLike[str], tokens: Sequence[int], n_ctx: int, n_chunks: int, n_vocab: int,
                    logits: Iterable[np.ndarray]) -> Path:
     """Write a KL-divergence base file (:class:`KLBaseWriter`) from each chunk's logits in turn."""
     writer = KLBaseWriter(path, tokens, n_ctx, n_chunks, n_vocab)
-    for block in logits:
-        writer.add(block)
+    try:
+        for block in logits:
+            writer.add(block)
+    except BaseException:
+        writer.abort()
+        raise
     return writer.close()
 
 
@@ -342,8 +364,9 @@ def kl_statistics(blocks: Iterable[tuple[np.ndarray, np.ndarray, Sequence[int], 
         q = np.asarray(q, dtype=np.float64)
         base = np.asarray(base, dtype=np.float64)
         tok = np.asarray(tok, dtype=np.int64)
-        if q.shape != base.shape or tok.shape != (q.shape[0],):
-            raise ValueError(f"block {i}: logits {q.shape}, base {base.shape}, targets {tok.shape} do not match")
+        if q.ndim != 2 or q.shape != base.shape or tok.shape != (q.shape[0],) or q.shape[0] == 0:
+            raise ValueError(f"block {i}: logits {q.shape}, base {base.shape}, targets {tok.shape} do not match "
+                             "(or hold no position)")
         log_q = log_softmax(q)
         rows = np.arange(q.shape[0])
         kls.append(np.where(base > -16, np.exp(base) * (base - log_q), 0.0).sum(axis=1))

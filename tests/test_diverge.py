@@ -70,3 +70,10 @@ def test_bad_arguments(saved, tmp_path):
 
 def test_the_name_map_covers_every_hook_point():
     assert set(NAME_MAP) == {"inp_embd", *PER_LAYER, "result_norm", "result_output"}
+
+
+def test_nothing_in_common_is_an_error(saved, tmp_path):
+    path, _, _ = saved
+    np.savez(tmp_path / "other.npz", **{"layer0.mlp": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="none of its tensors is named like a phi3ref hook point"):
+        diverge(path, tmp_path / "other.npz", tokens=TOKENS)

@@ -326,8 +326,9 @@ def test_a_stream_closed_early_says_cancelled(model):
     (dict(messages=[{"role": "user", "content": "x"}], raw=True), ValueError, "raw=True encodes a prompt string"),
     (dict(prompt="x", raw=True, system="s"), ValueError, "a system message goes through the chat template"),
     (dict(prompt="x", raw="yes"), TypeError, "raw must be True or False"),
-    (dict(prompt="x", logprobs=-1), ValueError, "logprobs must be None or an integer"),
-    (dict(prompt="x", logprobs=10**6), ValueError, "logprobs must be None or an integer"),
+    (dict(prompt="x", logprobs=-1), ValueError, "logprobs must be None or an integer >= 0"),
+    (dict(prompt="x", logprobs=10**6), ValueError, "logprobs must be at most the vocabulary's 32064 tokens"),
+    (dict(prompt="x", logprobs=2.5), TypeError, "logprobs must be None or an integer"),
     (dict(prompt="x", echo="yes"), TypeError, "echo must be True or False"),
 ])
 def test_cross_checking_arguments(model, kwargs, error, message):

@@ -160,7 +160,7 @@ def test_compare_against_saved_logits_and_a_base_file(tiny_model, tmp_path):
     back = compare_runtimes(path, tmp_path / "b.kld")
     assert back.count == 2 * 31 and back.top1 == 1 and abs(back.kl_mean) < 1e-5 and back.max_abs is None
     np.savez(tmp_path / "wrong.npz", logits=np.zeros((3, 5), np.float32))
-    with pytest.raises(ValueError, match="logits of shape \\(3, 5\\) \\(float32\\); the positions compared need \\(40, n_vocab\\)"):
+    with pytest.raises(ValueError, match="logits of shape \\(3, 5\\) \\(float32\\); the positions compared need \\(40, 32064\\)"):
         compare_runtimes(path, tmp_path / "wrong.npz", tokens=ids)
     for kwargs, message in [(dict(against=None), "compare against a runtime"), (dict(against="vllm", tokens=ids), "neither a runtime"),
                             (dict(against=tmp_path / "b.kld", tokens=ids), "brings its own tokens"),
@@ -168,3 +168,27 @@ def test_compare_against_saved_logits_and_a_base_file(tiny_model, tmp_path):
                             (dict(against="llama.cpp", tokens=ids, save_kld_base=tmp_path / "c.kld"), "give a text, not token ids")]:
         with pytest.raises(ValueError, match=message):
             compare_runtimes(path, **kwargs)
+
+
+def test_careless_comparisons(tiny_model, tmp_path):
+    from phi3ref.crosscheck import compare_runtimes
+    from phi3ref.perplexity import KLBaseWriter
+
+    path = tiny_model("phi3-mini", "Q4_K_M")
+    with pytest.raises(ValueError, match="needs at least 2 of them"):
+        compare_runtimes(path, "llama.cpp", tokens=[5])
+    with pytest.raises(ValueError, match="a target outside the vocabulary"):
+        token_nll(np.zeros((2, 10), np.float32), [3, 10])
+    np.save(tmp_path / "vocab.npy", np.zeros((40, 100), np.float32))
+    with pytest.raises(ValueError, match=r"\(40, 100\) \(float32\); the positions compared need \(40, 32064\)"):
+        compare_runtimes(path, tmp_path / "vocab.npy", tokens=list(range(200, 240)))
+    compare_runtimes(path, None, text=TEXT, n_ctx=64, n_chunks=2, save_kld_base=tmp_path / "b.kld")
+    with pytest.raises(ValueError, match="is the file compared against"):
+        compare_runtimes(path, tmp_path / "b.kld", save_kld_base=tmp_path / "b.kld")
+    with pytest.raises(ValueError, match="give no text, tokens or chunk count"):
+        compare_runtimes(path, tmp_path / "b.kld", n_chunks=1)
+    writer = KLBaseWriter(tmp_path / "partial.kld", list(range(64)), 16, 2, 50)
+    writer.add(np.zeros((7, 50), np.float32))
+    with pytest.raises(ValueError, match="1 chunks of logits for a base file of 2"):
+        writer.close()
+    assert not (tmp_path / "partial.kld").exists()
