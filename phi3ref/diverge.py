@@ -228,6 +228,8 @@ def transformers_intermediates(path: str | os.PathLike[str], tokens: Sequence[in
 
 
 def _saved_intermediates(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise FileNotFoundError(f"--against {path}: no such file or directory")
     if path.is_dir():
         found = {p.stem: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
     elif path.suffix.lower() == ".npz":

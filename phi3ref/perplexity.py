@@ -277,6 +277,8 @@ def read_kld_base(path: str | os.PathLike[str]) -> KLBase:
     """A KL-divergence base file, checked against its own header (``ValueError`` naming the
     file and what is wrong)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
     if data.size < 20 or bytes(data[:8]) != KLD_MAGIC:
         raise ValueError(f"{path}: not a llama-perplexity KL-divergence base file (no '_logits_' header)")

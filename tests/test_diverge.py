@@ -62,8 +62,11 @@ def test_bad_arguments(saved, tmp_path):
         diverge(path, tmp_path / "shape.npz", tokens=TOKENS)
     with pytest.raises(ValueError, match="give a text or token ids"):
         diverge(path, tmp_path / "shape.npz")
+    (tmp_path / "notes.txt").write_text("not arrays")
     with pytest.raises(ValueError, match="neither llama.cpp, transformers"):
-        diverge(path, tmp_path / "nothing.txt", tokens=TOKENS)
+        diverge(path, tmp_path / "notes.txt", tokens=TOKENS)
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        diverge(path, tmp_path / "missing.npz", tokens=TOKENS)
     with pytest.raises(ValueError, match="tolerance must be"):
         diverge(path, tmp_path / "shape.npz", tokens=TOKENS, tolerance=-1)
 
