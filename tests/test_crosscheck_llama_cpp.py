@@ -287,24 +287,22 @@ def test_perplexity_logits_are_llama_cpp_s(preset, quant, n_ctx, tiny_model):
     assert perplexity(model, tokens, n_ctx, 3).ppl == pytest.approx(float(np.exp(nll.mean())), rel=1e-12)
 
 
-def _llama_perplexity():
-    from phi3ref.llama_builds import BuildError, tool_path
+@pytest.fixture(scope="session")
+def llama_perplexity():
+    """llama.cpp's own llama-perplexity at this CPU's level, built once from the installed
+    llama-cpp-python's sources (phi3ref.llama_builds; about five minutes on two cores, then
+    cached); skipped where it cannot be built (no compiler, no package index)."""
+    from phi3ref.llama_builds import BuildError, build_tool
 
     try:
-        path = tool_path("llama-perplexity", isa.host_level())
-    except BuildError:
-        return None
-    return path if path.exists() else None
+        return build_tool("llama-perplexity", isa.host_level())
+    except BuildError as e:
+        pytest.skip(f"llama-perplexity could not be built: {str(e)[:300]}")
 
 
-NEEDS_LLAMA_PERPLEXITY = pytest.mark.skipif(
-    _llama_perplexity() is None,
-    reason="llama-perplexity is not built (python -m phi3ref.llama_builds --tool llama-perplexity: a few minutes)")
-
-
-@NEEDS_LLAMA_PERPLEXITY
+@NEEDS_LLAMA_CPP
 @pytest.mark.parametrize("preset,quant,n_ctx", [("phi3-mini", "Q4_K_M", 128), ("phi4-mini", "Q4_0", 256)])
-def test_perplexity_equals_llama_perplexity(preset, quant, n_ctx, tiny_model, tmp_path):
+def test_perplexity_equals_llama_perplexity(preset, quant, n_ctx, tiny_model, tmp_path, llama_perplexity):
     """`phi3ref perplexity` against llama.cpp's own llama-perplexity (built from the
     installed llama-cpp-python's sources at this CPU's level, -fa off): the same running
     estimates and final PPL = x +/- err, to the digits it prints."""
@@ -316,7 +314,7 @@ def test_perplexity_equals_llama_perplexity(preset, quant, n_ctx, tiny_model, tm
     path = tiny_model(preset, quant)
     text = tmp_path / "text.txt"
     text.write_text(PERPLEXITY_TEXT, encoding="utf-8")
-    done = subprocess.run([str(_llama_perplexity()), "-m", str(path), "-f", str(text), "-c", str(n_ctx), "--chunks", "4",
+    done = subprocess.run([str(llama_perplexity), "-m", str(path), "-f", str(text), "-c", str(n_ctx), "--chunks", "4",
                            "-fa", "off", "-t", "2"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stdout + done.stderr
@@ -355,8 +353,8 @@ def _kl_report(log: str) -> dict[str, float]:
     return {key: float(m.group(1)) for key, m in found.items()}
 
 
-@NEEDS_LLAMA_PERPLEXITY
-def test_kl_base_files_go_both_ways_with_llama_perplexity(tiny_model, tmp_path):
+@NEEDS_LLAMA_CPP
+def test_kl_base_files_go_both_ways_with_llama_perplexity(tiny_model, tmp_path, llama_perplexity):
     """phi3ref's KL-divergence base file is byte for byte llama-perplexity's for the same
     model and text; llama-perplexity reads phi3ref's and reports KL ~ 0 for the same model
     and, for another file, the KL phi3ref reports; phi3ref reads llama-perplexity's."""
@@ -369,7 +367,7 @@ def test_kl_base_files_go_both_ways_with_llama_perplexity(tiny_model, tmp_path):
     a, b = tiny_model("phi3-mini", "Q4_K_M"), tiny_model("phi3-mini", "Q8_0")
 
     def llama(*args):
-        done = subprocess.run([str(_llama_perplexity()), "-f", str(text), "-c", "128", "--chunks", "4", "-fa", "off", "-t", "2", *args],
+        done = subprocess.run([str(llama_perplexity), "-f", str(text), "-c", "128", "--chunks", "4", "-fa", "off", "-t", "2", *args],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
