@@ -86,8 +86,10 @@ def test_cli_perplexity(tmp_path):
     assert result["n_chunks"] == 2 and result["n_ctx"] == 64 and result["tokens_scored"] == 62 and result["ppl"] > 1
     plain = subprocess.run(env_cmd, capture_output=True, text=True, timeout=600, env=env)
     assert plain.returncode == 0 and f"Final estimate: PPL = {result['ppl']:.4f} +/- " in plain.stdout
-    short = subprocess.run(env_cmd[:-4] + ["--n-ctx", "4096"], capture_output=True, text=True, timeout=600, env=env)
-    assert short.returncode == 2 and "needs at least 8192 tokens" in short.stderr
+    (tmp_path / "short.txt").write_text("Write a haiku about ice hockey", encoding="utf-8")
+    short = subprocess.run(env_cmd[:5] + ["--text", str(tmp_path / "short.txt"), "--n-ctx", "64"], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert short.returncode == 2 and "needs at least 128 tokens" in short.stderr
     missing = subprocess.run(env_cmd[:6] + [str(tmp_path / "none.txt")], capture_output=True, text=True, timeout=600, env=env)
     assert missing.returncode == 1 and "no such file" in missing.stderr
 
