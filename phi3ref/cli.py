@@ -415,6 +415,15 @@ def _add_run_flags(p: argparse.ArgumentParser, json_help: str) -> None:
     p.add_argument("--json", action="store_true", help=json_help)
 
 
+def _add_against_flags(p: argparse.ArgumentParser, against_help: str, required: bool) -> None:
+    """MODEL, --against, --against-model and the tokens (--text or --tokens) of compare and diverge."""
+    p.add_argument("model", help="path to a .gguf file, or 'demo'")
+    p.add_argument("--against", required=required, default=None, help=against_help)
+    p.add_argument("--against-model", default=None, help="the file the other runtime runs (default: the same)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file, encoded as it is")
+    p.add_argument("--tokens", default=None, help="comma-separated token ids")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .synthetic import PRESETS, QUANT_MIXES
 
@@ -475,12 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         "max |Δlogit| and the first position whose top token differs. --text compares llama-perplexity's positions "
         "(the second half of each chunk of --n-ctx); --tokens every position.",
     )
-    p.add_argument("model", help="path to a .gguf file, or 'demo'")
-    p.add_argument("--against", default=None,
-                   help="llama.cpp, transformers, a .npy/.npz of logits, or a KL-divergence base file (.kld) from llama-perplexity")
-    p.add_argument("--against-model", default=None, help="the file the other runtime runs (default: the same)")
-    p.add_argument("--text", default=None, help="a UTF-8 text file")
-    p.add_argument("--tokens", default=None, help="comma-separated token ids")
+    _add_against_flags(p, "llama.cpp, transformers, a .npy/.npz of logits, or a KL-divergence base file (.kld) "
+                       "from llama-perplexity", required=False)
     p.add_argument("--n-ctx", type=int, default=None, help="tokens per chunk of --text (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="at most this many chunks of --text")
     p.add_argument("--save-kld-base", default=None, metavar="PATH",
@@ -494,12 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         "name the first op whose relative error max|Δ| / max|theirs| exceeds --tolerance. Token ids are compared "
         "first when --text is given. Exit status 0: they agree; 1: a divergence (or different tokens).",
     )
-    p.add_argument("model", help="path to a .gguf file, or 'demo'")
-    p.add_argument("--against", required=True,
-                   help="llama.cpp, transformers, or a directory of .npy / an .npz of arrays named by phi3ref's hook points")
-    p.add_argument("--against-model", default=None, help="the file the other runtime runs (default: the same)")
-    p.add_argument("--text", default=None, help="a UTF-8 text file, encoded as it is")
-    p.add_argument("--tokens", default=None, help="comma-separated token ids")
+    _add_against_flags(p, "llama.cpp, transformers, or a directory of .npy / an .npz of arrays named by phi3ref's "
+                       "hook points", required=True)
     p.add_argument("--tolerance", type=float, default=1e-3, help="relative error that counts as parting (default 1e-3)")
     _add_run_flags(p, "print JSON: first (name, layer, op, rel_err) or null, table")
     p.set_defaults(run=_cmd_diverge)
