@@ -31,7 +31,7 @@ from jinja2 import TemplateError
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["PHI3_TEMPLATE", "render_chat", "RENDER_SECONDS", "MAX_OUTPUT_CHARS"]
+__all__ = ["ISOLATE", "PHI3_TEMPLATE", "render_chat", "RENDER_SECONDS", "MAX_OUTPUT_CHARS", "MAX_MEMORY_GROWTH"]
 
 # The Phi-3 format, for files that carry no template: each message as <|role|>\n...<|end|>\n,
 # then the assistant's turn is opened.
@@ -203,7 +203,12 @@ def render_chat(
 ) -> str:
     """Render ``messages`` ([{"role": "user", "content": "..."}, ...]) with ``template``
     (the file's ``tokenizer.chat_template``; the Phi-3 format when None). ``ValueError``
-    for malformed messages or a template that fails or exceeds the module's limits."""
+    for malformed messages or a template that fails or exceeds the module's limits.
+
+    On Linux the template renders in a forked child process whose address space is
+    limited (:data:`MAX_MEMORY_GROWTH` above this process's) and which is killed at the
+    deadline: a single call that would allocate gigabytes, or run for minutes inside C
+    (where no trace function is called), ends there, not in this process."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     clean = []
@@ -215,14 +220,24 @@ def render_chat(
         clean.append({"role": m["role"], "content": m["content"]})
     if template is not None and not isinstance(template, str):
         raise TypeError(f"template must be a str, got {type(template).__name__}")
+    for name, value in (("bos_token", bos_token), ("eos_token", eos_token)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    render = functools.partial(_render, clean, template or PHI3_TEMPLATE, bos_token, eos_token, bool(add_generation_prompt))
+    return _in_child(render) if ISOLATE else render()
+
+
+def _render(messages: list[dict[str, str]], template: str, bos_token: str, eos_token: str, add_generation_prompt: bool) -> str:
+    """Render in this process, within the in-process limits (the trace-function watchdog,
+    the size checks of the sandbox)."""
     watchdog = _Watchdog(RENDER_SECONDS)
     previous = sys.gettrace()
     sys.settrace(watchdog)
     try:
         env = _environment()
         pieces, size = [], 0
-        for piece in env.from_string(template or PHI3_TEMPLATE).generate(
-            messages=clean, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+        for piece in env.from_string(template).generate(
+            messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
         ):
             size += len(piece)
             if size > MAX_OUTPUT_CHARS:
@@ -231,9 +246,99 @@ def render_chat(
         return "".join(pieces)
     except _LimitExceeded as e:
         raise ValueError(f"the chat template exceeded a limit: {e}") from None
+    except MemoryError:
+        raise ValueError(f"the chat template exceeded a limit: rendering grew memory by more than "
+                         f"{MAX_MEMORY_GROWTH // 2**20} MiB") from None
     except TemplateError as e:
         raise ValueError(f"the chat template failed: {e}") from None
     except (Exception, RecursionError) as e:  # the template is untrusted code: any failure is its own
         raise ValueError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
     finally:
         sys.settrace(previous)
+
+
+# Render in a forked child (Linux only: fork with threads is not safe on macOS, and Windows
+# has no fork). Set to False to render in this process, within the in-process limits alone.
+ISOLATE = sys.platform.startswith("linux") and hasattr(os, "fork")
+CHILD_GRACE_SECONDS = 1.0  # beyond RENDER_SECONDS: the fork, and the child's own deadline
+
+
+def _in_child(render) -> str:
+    """``render()`` in a forked child with an address-space limit; its text, or the
+    ``ValueError`` it raised; killed (a ``ValueError`` too) when it outlives the deadline."""
+    import pickle
+    import select
+    import signal
+    import warnings
+
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12+ warns that forking a threaded process may deadlock
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: render, send (ok, text) or (error, message), leave at once
+        try:
+            os.close(read_end)
+            _limit_address_space(MAX_MEMORY_GROWTH)
+            try:
+                reply = ("ok", render())
+            except ValueError as e:
+                reply = ("error", str(e))
+            except BaseException as e:  # noqa: BLE001 - whatever happens in the child is the template's
+                reply = ("error", f"the chat template failed: {type(e).__name__}")
+            try:
+                data = pickle.dumps(reply)
+            except MemoryError:
+                data = pickle.dumps(("error", f"the chat template exceeded a limit: rendering grew memory by more than "
+                                              f"{MAX_MEMORY_GROWTH // 2**20} MiB"))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_end, view):]
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    chunks, done, status = [], False, None
+    deadline = time.monotonic() + RENDER_SECONDS + CHILD_GRACE_SECONDS
+    poller = select.poll()  # (not select(): it fails for descriptors past 1023)
+    poller.register(read_end, select.POLLIN | select.POLLHUP)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                break
+            chunk = os.read(read_end, 1 << 20)
+            if not chunk:
+                done = True
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+        try:
+            status = os.waitpid(pid, 0)[1]
+        except ChildProcessError:  # reaped already: SIGCHLD ignored, or the caller's handler waits for children
+            pass
+    if not done:
+        raise ValueError(f"the chat template exceeded a limit: rendering took more than {RENDER_SECONDS} s")
+    try:
+        kind, value = pickle.loads(b"".join(chunks))
+    except Exception:  # noqa: BLE001 - the child died before it could answer
+        how = ("status unknown" if status is None else f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.WEXITSTATUS(status)}")
+        raise ValueError(f"the chat template failed: the renderer ended without a reply ({how})") from None
+    if kind != "ok":
+        raise ValueError(value)
+    return value
+
+
+def _limit_address_space(extra: int) -> None:
+    """Let this process map at most ``extra`` bytes more than it has mapped now: beyond,
+    an allocation fails (MemoryError) instead of growing."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = mapped + extra if hard == resource.RLIM_INFINITY else min(mapped + extra, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (OSError, ValueError):  # no /proc, or a limit that cannot be lowered: the watchdog still runs
+        pass

@@ -8,13 +8,12 @@ import sys
 
 from . import __version__
 from .gguf_file import GGUFError
-from .hub import HubError
+from .hub import DEMO, HubError
 from .llama_builds import BuildError
 from .errors import ModelBusyError, NonFiniteError
 from .loading import NUMERICS
 
 TUTORIAL_PROMPT = "Write a haiku about ice hockey"
-DEMO = "demo"
 
 __all__ = ["main"]
 
@@ -32,10 +31,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _parse_tokens(text: str) -> list[int]:
-    try:
-        tokens = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ValueError(f"--tokens takes comma-separated integer ids, got {text!r}") from None
+    parts = [t for t in text.replace(" ", "").split(",") if t]
+    if not all(t.isascii() and t.lstrip("-").isdigit() for t in parts):  # (int() also reads other scripts' digits)
+        raise ValueError(f"--tokens takes comma-separated integer ids, got {text!r}")
+    tokens = [int(t) for t in parts]
     if not tokens:
         raise ValueError("--tokens is empty")
     return tokens
@@ -47,9 +46,38 @@ def _local_model(flag: str, value: str) -> str:
 
     if value == DEMO:
         return _demo_model()
-    if not Path(value).is_file():
-        raise FileNotFoundError(f"{flag} {value}: no such file (a local .gguf path, or 'demo')")
+    try:
+        regular = Path(value).is_file()
+    except OSError as e:  # a name too long for the file system, ...
+        raise FileNotFoundError(f"{flag} {value[:200]}: not a usable path ({e.strerror})") from None
+    if not regular:
+        what = "a folder" if Path(value).is_dir() else "no such file" if not Path(value).exists() else "not a regular file"
+        raise FileNotFoundError(f"{flag} {value}: {what} (a local .gguf path, or 'demo')")
     return value
+
+
+def _output_path(flag: str, value: str):
+    """A file a command will write, checked before any work: its folder exists and can be
+    written, and it is not a folder itself."""
+    import os
+    from pathlib import Path
+
+    path = Path(value)
+    try:
+        if path.is_dir():
+            raise FileNotFoundError(f"{flag} {value}: a folder, not a file name")
+        if path.exists() and not path.is_file():
+            raise FileNotFoundError(f"{flag} {value}: not a regular file (a device or a pipe), not written")
+        folder = path.resolve().parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{flag} {value}: the folder {folder} does not exist")
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and e.errno is None:
+            raise
+        raise FileNotFoundError(f"{flag} {value[:200]}: not a usable path ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise FileNotFoundError(f"{flag} {value}: the folder {folder} cannot be written to")
+    return path
 
 
 def _cmd_logits(args: argparse.Namespace) -> int:
@@ -67,9 +95,7 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     _check_common(args)
     if tokens is not None and args.n_ctx is not None and args.n_ctx < len(tokens):
         raise ValueError(f"--n-ctx {args.n_ctx} is less than the {len(tokens)} tokens of --tokens")
-    output = Path(args.output)
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"-o {args.output}: the folder {output.parent} does not exist")
+    output = _output_path("-o", args.output)
     path = _local_model("--model", args.model)
     t0 = time.perf_counter()
     if tokens is None:  # --text: encoded as it is, BOS as the file says
@@ -92,7 +118,8 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     t3 = time.perf_counter()
     if args.last:
         logits = logits[-1:]
-    np.save(output, logits)
+    with open(output, "wb") as f:  # the name as given (np.save would append .npy to a name without it)
+        np.save(f, logits)
     print(
         f"wrote {args.output}: logits {logits.shape[0]}x{logits.shape[1]} float32 ({args.numerics} numerics); "
         f"last position argmax {int(logits[-1].argmax())}; load {t1 - t0:.2f} s, compile and a first pass of "
@@ -106,9 +133,15 @@ def _read_text(flag: str, path: str) -> str:
     from pathlib import Path
 
     try:
+        if Path(path).exists() and not Path(path).is_dir() and not Path(path).is_file():  # a device or a pipe: read forever
+            raise FileNotFoundError(f"{flag} {path}: not a regular file")
         return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{flag} {path}: no such file") from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag} {path}: no such file" if e.errno else str(e)) from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"{flag} {path}: a folder, not a text file") from None
+    except OSError as e:
+        raise FileNotFoundError(f"{flag} {path[:200]}: cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -179,15 +212,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if tokens is not None and (args.n_ctx is not None or args.chunks is not None):
         raise ValueError("--n-ctx and --chunks cut a --text into chunks; --tokens are compared as one sequence")
     text = _read_text("--text", args.text) if args.text is not None else None
-    if args.save_kld_base is not None and not Path(args.save_kld_base).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--save-kld-base {args.save_kld_base}: the folder does not exist")
+    if args.save_kld_base is not None:
+        _output_path("--save-kld-base", args.save_kld_base)
     if args.against_model is not None:
         args.against_model = _local_model("--against-model", args.against_model)
+    level = _llama_cpp_level(args)
     path = _local_model("MODEL", args.model)
     bar = _progress("compare")
     stats = compare_runtimes(path, args.against, text=text, tokens=tokens, n_ctx=args.n_ctx or 512, n_chunks=args.chunks,
                              numerics=args.numerics, against_model=args.against_model, save_kld_base=args.save_kld_base,
-                             threads=args.threads, progress=None if bar is None else (lambda d, n: bar(d, n)))
+                             threads=args.threads, level=level, progress=None if bar is None else (lambda d, n: bar(d, n)))
     if args.save_kld_base is not None:
         print(f"wrote {args.save_kld_base}: phi3ref's log-probabilities ({args.numerics} numerics) as a KL-divergence base; "
               f"check a llama.cpp build against it with llama-perplexity -m MODEL --kl-divergence-base {args.save_kld_base} "
@@ -201,6 +235,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"phi3ref ({args.numerics}) against {args.against}")
         print(stats)
     return 0
+
+
+def _llama_cpp_level(args: argparse.Namespace):
+    """--level of compare and diverge: the llama.cpp build to run (checked before any work)."""
+    from .isa import runnable_level
+
+    if args.level is None:
+        return None
+    if args.against != "llama.cpp":
+        raise ValueError("--level picks a llama.cpp build: it goes with --against llama.cpp")
+    return runnable_level(args.level)
 
 
 def _cmd_diverge(args: argparse.Namespace) -> int:
@@ -217,9 +262,10 @@ def _cmd_diverge(args: argparse.Namespace) -> int:
         text = text[:-1]  # as llama.cpp's tools read a prompt file (-f)
     if args.against_model is not None:
         args.against_model = _local_model("--against-model", args.against_model)
+    level = _llama_cpp_level(args)
     path = _local_model("MODEL", args.model)
     result = diverge(path, args.against, tokens=tokens, text=text, numerics=args.numerics, against_model=args.against_model,
-                     tolerance=args.tolerance, threads=args.threads)
+                     tolerance=args.tolerance, threads=args.threads, level=level)
     if args.json:
         json.dump(result.as_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -241,18 +287,10 @@ def _check_common(args: argparse.Namespace) -> None:
 
 
 def _demo_model() -> str:
-    """A tiny random-weight Phi-3 with the real vocabulary, written once into the user cache."""
-    import os
-    from pathlib import Path
+    """The bundled demo model: a small Phi-3 trained on Python's documentation."""
+    from .hub import demo_path
 
-    from .synthetic import write_model
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3ref"
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / "demo-phi3-mini-tiny-Q4_K_M.gguf"
-    if not path.exists():
-        write_model(path, preset="phi3-mini", size="tiny", quant="Q4_K_M", seed=0)
-    return str(path)
+    return str(demo_path())
 
 
 def _check_generation_flags(args: argparse.Namespace) -> None:
@@ -275,7 +313,8 @@ def _load_for_generation(args: argparse.Namespace):
 
     _check_generation_flags(args)
     if args.model == DEMO:
-        print("phi3ref: --model demo is a tiny model with random weights and the real Phi-3 vocabulary: its output is noise.", file=sys.stderr)
+        print("phi3ref: --model demo is a small Phi-3 trained on Python's documentation: "
+              "expect text in that style, not answers.", file=sys.stderr)
         path = _demo_model()
     else:
         path = resolve_model(args.model, filename=args.file, revision=args.revision, file_flag="--file")
@@ -387,6 +426,9 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 def _cmd_write_model(args: argparse.Namespace) -> int:
     from .synthetic import write_model
 
+    _output_path("OUTPUT", args.output)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     path = write_model(args.output, preset=args.preset, size=args.size, quant=args.quant, pure=args.pure, seed=args.seed)
     print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB): synthetic {args.preset} ({args.size}), {args.quant}, random weights")
     return 0
@@ -422,6 +464,9 @@ def _add_against_flags(p: argparse.ArgumentParser, against_help: str, required: 
     p.add_argument("--against-model", default=None, help="the file the other runtime runs (default: the same)")
     p.add_argument("--text", default=None, help="a UTF-8 text file, encoded as it is")
     p.add_argument("--tokens", default=None, help="comma-separated token ids")
+    p.add_argument("--level", default=None, metavar="LEVEL",
+                   help="against llama.cpp built for this instruction-set level (avx2, avx512, avx512bf16; built once from "
+                   "llama-cpp-python's sources, a few minutes) instead of the installed one, phi3ref's ggml numerics at it too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -549,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a file the command writes: a full disk, no permission, ...
+        print(f"phi3ref: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

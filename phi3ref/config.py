@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from .gguf_file import GGUFError, GGUFFile
 
 __all__ = ["ARCHITECTURE", "Phi3Config", "TensorSpec"]
@@ -113,10 +115,14 @@ class Phi3Config:
             return int(value)
 
         def real(name: str, default: float | None = None) -> float:
-            """A positive, finite number (required unless a default is given)."""
+            """A positive number, finite and not 0 as float32 (required unless a default is
+            given): the forward pass computes with it in float32, as llama.cpp does."""
             value = gf.get_float(key(name)) if default is None else gf.get_float(key(name), default)
-            if not (math.isfinite(value) and value > 0):
-                raise GGUFError(f"{gf.path}: {key(name)} = {value} must be a positive finite number")
+            with np.errstate(over="ignore", under="ignore"):
+                as_f32 = np.float32(value)
+            if not (math.isfinite(value) and value > 0 and np.isfinite(as_f32) and as_f32 > 0):
+                raise GGUFError(f"{gf.path}: {key(name)} = {value} must be a positive finite number that float32 holds "
+                                f"(from {np.finfo(np.float32).smallest_subnormal:.1e} to {np.finfo(np.float32).max:.1e})")
             return float(value)
 
         n_embd = integer("embedding_length")
@@ -225,6 +231,28 @@ class Phi3Config:
         specs.append(TensorSpec("output_norm.weight", (e,)))
         specs.append(TensorSpec("output.weight", (self.n_vocab, e), required=not self.tied_embeddings))
         return specs
+
+    def transformers_names(self) -> dict[str, str]:
+        """transformers' ``Phi3ForCausalLM`` parameter names -> this layout's tensor names
+        (the same matrices in the same numpy order: Phi-3's fused ``qkv_proj`` is
+        ``attn_qkv``, its fused ``gate_up_proj`` is ``ffn_up``; with separate
+        ``attn_q`` / ``attn_k`` / ``attn_v`` the ``qkv_proj`` rows are the three stacked,
+        which this map leaves out). No ``lm_head`` when the embeddings are tied."""
+        names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+        if not self.tied_embeddings:
+            names["lm_head.weight"] = "output.weight"
+        for i in range(self.n_layer):
+            hf, g = f"model.layers.{i}.", f"blk.{i}."
+            names.update({
+                hf + "input_layernorm.weight": g + "attn_norm.weight",
+                hf + "self_attn.o_proj.weight": g + "attn_output.weight",
+                hf + "post_attention_layernorm.weight": g + "ffn_norm.weight",
+                hf + "mlp.gate_up_proj.weight": g + "ffn_up.weight",
+                hf + "mlp.down_proj.weight": g + "ffn_down.weight",
+            })
+            if self.fused_qkv:
+                names[hf + "self_attn.qkv_proj.weight"] = g + "attn_qkv.weight"
+        return names
 
     def check_tensors(self, gf: GGUFFile) -> None:
         """Check that ``gf`` holds every tensor this config needs, with the right shape and

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ from .sampler import log_softmax
 
 __all__ = [
     "Comparison", "TensorMatch", "compare", "compare_traces", "generation_logits", "llama_cpp_calls", "llama_cpp_generation_logits", "llama_cpp_logits", "llama_cpp_trace",
-    "llama_cpp_quantize", "transformers_logits", "transformers_model",
+    "llama_cpp_quantize", "SavedArrays", "transformers_config", "transformers_logits", "transformers_model",
 ]
 
 
@@ -103,6 +104,41 @@ def compare_traces(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -
     return matches
 
 
+def transformers_config(c: Phi3Config, *, short_factors: Sequence[float] | None = None,
+                        long_factors: Sequence[float] | None = None, sliding_window: bool = True):
+    """``transformers.Phi3Config`` of a model of config ``c`` (eager attention); LongRoPE's
+    factors (the file's ``rope_factors_*`` tensors) when ``c`` has them."""
+    import transformers
+
+    rope: dict = {"rope_type": "default", "rope_theta": c.rope_base, "partial_rotary_factor": c.n_rot / c.head_dim}
+    if c.has_rope_factors:
+        if short_factors is None or long_factors is None:
+            raise ValueError("a LongRoPE config needs its short and long factors")
+        rope.update(
+            rope_type="longrope", short_factor=list(short_factors), long_factor=list(long_factors),
+            original_max_position_embeddings=c.rope_orig_ctx, attention_factor=c.longrope_attn_factor,
+        )
+    hf_config = transformers.Phi3Config(
+        vocab_size=c.n_vocab,
+        hidden_size=c.n_embd,
+        intermediate_size=c.n_ff,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_head_kv,
+        max_position_embeddings=c.n_ctx_train,
+        original_max_position_embeddings=c.rope_orig_ctx or c.n_ctx_train,
+        rms_norm_eps=c.rms_eps,
+        rope_parameters=rope,
+        sliding_window=c.sliding_window if sliding_window else None,
+        tie_word_embeddings=c.tied_embeddings,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    hf_config._attn_implementation = "eager"
+    return hf_config
+
+
 def transformers_model(path: str | os.PathLike[str], *, sliding_window: bool = True):
     """``transformers.Phi3ForCausalLM`` (float32, eager attention) with the file's config
     and weights dequantized by phi3ref."""
@@ -111,54 +147,17 @@ def transformers_model(path: str | os.PathLike[str], *, sliding_window: bool = T
 
     with GGUFFile(path) as gf:
         c = Phi3Config.from_gguf(gf)
-        rope: dict = {"rope_type": "default", "rope_theta": c.rope_base, "partial_rotary_factor": c.n_rot / c.head_dim}
+        factors = {}
         if c.has_rope_factors:
-            rope.update(
-                rope_type="longrope",
-                short_factor=gf.dequantize_tensor("rope_factors_short.weight").tolist(),
-                long_factor=gf.dequantize_tensor("rope_factors_long.weight").tolist(),
-                original_max_position_embeddings=c.rope_orig_ctx,
-                attention_factor=c.longrope_attn_factor,
-            )
-        hf_config = transformers.Phi3Config(
-            vocab_size=c.n_vocab,
-            hidden_size=c.n_embd,
-            intermediate_size=c.n_ff,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            num_key_value_heads=c.n_head_kv,
-            max_position_embeddings=c.n_ctx_train,
-            original_max_position_embeddings=c.rope_orig_ctx or c.n_ctx_train,
-            rms_norm_eps=c.rms_eps,
-            rope_parameters=rope,
-            sliding_window=c.sliding_window if sliding_window else None,
-            tie_word_embeddings=c.tied_embeddings,
-            pad_token_id=None,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        hf_config._attn_implementation = "eager"
+            factors = dict(short_factors=gf.dequantize_tensor("rope_factors_short.weight").tolist(),
+                           long_factors=gf.dequantize_tensor("rope_factors_long.weight").tolist())
+        hf_config = transformers_config(c, sliding_window=sliding_window, **factors)
         model = transformers.Phi3ForCausalLM(hf_config).to(torch.float32).eval()
-        names = {
-            "model.embed_tokens.weight": "token_embd.weight",
-            "model.norm.weight": "output_norm.weight",
-        }
-        if not c.tied_embeddings:
-            names["lm_head.weight"] = "output.weight"
-        for i in range(c.n_layer):
-            hf, g = f"model.layers.{i}.", f"blk.{i}."
-            names.update({
-                hf + "input_layernorm.weight": g + "attn_norm.weight",
-                hf + "self_attn.o_proj.weight": g + "attn_output.weight",
-                hf + "post_attention_layernorm.weight": g + "ffn_norm.weight",
-                hf + "mlp.gate_up_proj.weight": g + "ffn_up.weight",
-                hf + "mlp.down_proj.weight": g + "ffn_down.weight",
-            })
-        state = {hf: torch.from_numpy(np.ascontiguousarray(gf.dequantize_tensor(g))) for hf, g in names.items()}
-        for i in range(c.n_layer):  # Phi-3's fused qkv_proj: the file's attn_qkv, or its attn_q / attn_k / attn_v rows stacked
-            parts = ["attn_qkv"] if c.fused_qkv else ["attn_q", "attn_k", "attn_v"]
-            rows = [gf.dequantize_tensor(f"blk.{i}.{p}.weight") for p in parts]
-            state[f"model.layers.{i}.self_attn.qkv_proj.weight"] = torch.from_numpy(np.ascontiguousarray(np.concatenate(rows)))
+        state = {hf: torch.from_numpy(np.ascontiguousarray(gf.dequantize_tensor(g))) for hf, g in c.transformers_names().items()}
+        if not c.fused_qkv:  # qkv_proj: the file's attn_q / attn_k / attn_v rows stacked
+            for i in range(c.n_layer):
+                rows = [gf.dequantize_tensor(f"blk.{i}.{p}.weight") for p in ("attn_q", "attn_k", "attn_v")]
+                state[f"model.layers.{i}.self_attn.qkv_proj.weight"] = torch.from_numpy(np.ascontiguousarray(np.concatenate(rows)))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (c.tied_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
@@ -467,7 +466,7 @@ def compare_runtimes(
     path: str | os.PathLike[str], against: str | os.PathLike[str] | None, *, text: str | None = None,
     tokens: Sequence[int] | None = None, n_ctx: int = 512, n_chunks: int | None = None, numerics: str = "ggml",
     against_model: str | os.PathLike[str] | None = None, save_kld_base: str | os.PathLike[str] | None = None,
-    threads: int | None = None, progress=None,
+    threads: int | None = None, level: str | Level | None = None, progress=None,
 ):
     """phi3ref on the file ``path`` against ``against``: "llama.cpp", "transformers" (on
     ``against_model`` if given, else the same file), an ``.npy`` / ``.npz`` of logits
@@ -477,9 +476,9 @@ def compare_runtimes(
     llama-perplexity's (the second half of each chunk of ``n_ctx``); with ``tokens``, every
     position but the last. Returns :class:`phi3ref.perplexity.KLStatistics`, or None when
     only ``save_kld_base`` (phi3ref's log-probabilities in that format) was asked for.
-    ``progress(done, total)`` per chunk."""
-    from pathlib import Path
-
+    ``level``: llama.cpp built at this instruction-set level (:mod:`phi3ref.llama_builds`)
+    instead of the installed llama-cpp-python, and phi3ref's ggml numerics at the same
+    level. ``progress(done, total)`` per chunk."""
     from .loading import load
     from .perplexity import KLBaseWriter, chunk_bos, chunk_logits, chunks, kl_statistics, read_kld_base, text_tokens
 
@@ -509,7 +508,7 @@ def compare_runtimes(
 
     if tokens is not None:
         n_ctx = len(tokens)
-    model = load(path, n_ctx=n_ctx, numerics=numerics, threads=threads)
+    model = load(path, n_ctx=n_ctx, numerics=numerics, threads=threads, isa=level)
     if base is not None:
         if base.n_vocab != model.config.n_vocab:
             raise ValueError(f"{against}: a vocabulary of {base.n_vocab} tokens, the model's has {model.config.n_vocab}")
@@ -535,7 +534,7 @@ def compare_runtimes(
             group = 8  # chunks per llama.cpp child process: its logits held at once
             for g in range(0, len(pieces), group):
                 calls = [("chunk_logits", dict(path=other, tokens=p, first=first, n_ctx=n_ctx)) for p in pieces[g : g + group]]
-                for block in llama_cpp_calls(calls, threads=threads):
+                for block in llama_cpp_calls(calls, threads=threads, level=level):
                     yield log_softmax(block[:-1]), block[:-1]
         elif kind == "transformers":
             hf = transformers_model(other)  # built once: it holds every weight in float32
@@ -566,21 +565,84 @@ def compare_runtimes(
     return stats
 
 
+class SavedArrays:
+    """Arrays that numpy saved — the members of an ``.npz``, one ``.npy`` (named
+    "logits"), or a folder's ``.npy`` files (by file stem) — opened without reading them:
+    :attr:`headers` gives each one's shape and dtype, checked to be numbers that the file
+    holds in full; :meth:`read` reads one, never unpickling, after the caller has seen its
+    header (a header may claim gigabytes that a small compressed file inflates to).
+    ``ValueError`` naming the file for anything numpy cannot read as such."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import zipfile
+
+        self.path = path = Path(path)
+        self.headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._zip: zipfile.ZipFile | None = None
+        self._members: dict[str, str] = {}
+        self._files: dict[str, Path] = {}
+        try:
+            if path.is_dir():
+                for f in sorted(path.glob("*.npy")):
+                    self._add(f.stem, f)
+            elif path.suffix.lower() == ".npz":
+                self._zip = zipfile.ZipFile(path)
+                for info in self._zip.infolist():
+                    if info.filename.endswith(".npy"):
+                        name = info.filename[: -len(".npy")]
+                        with self._zip.open(info) as f:
+                            shape, dtype = self._header(f, name)
+                        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > info.file_size:
+                            raise ValueError(f"{name} claims more bytes than the archive holds for it")
+                        self.headers[name], self._members[name] = (shape, dtype), info.filename
+            else:
+                self._add("logits", path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not an array file numpy can read without unpickling ({e})") from None
+
+    def _add(self, name: str, file: Path) -> None:
+        with open(file, "rb") as f:
+            shape, dtype = self._header(f, name)
+            if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > file.stat().st_size:
+                raise ValueError(f"{name} claims more bytes than the file holds")
+        self.headers[name], self._files[name] = (shape, dtype), file
+
+    @staticmethod
+    def _header(f, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        if dtype.kind not in "biuf":
+            raise ValueError(f"{name} holds {dtype}, not numbers")
+        return tuple(shape), dtype
+
+    def read(self, name: str) -> np.ndarray:
+        """The array ``name``: a read-only memory map of an ``.npy`` file, or an ``.npz``
+        member read whole."""
+        try:
+            if name in self._files:
+                return np.load(self._files[name], mmap_mode="r", allow_pickle=False)
+            assert self._zip is not None
+            with self._zip.open(self._members[name]) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{self.path}: {name} cannot be read ({e})") from None
+
+
 def _saved_logits(path, pieces: list[list[int]], first: int, n_vocab: int) -> list[np.ndarray]:
     """The blocks of scored positions from a saved logits file (.npy, or .npz with one
-    array or a "logits" array), checked against the positions compared."""
-    if path.suffix.lower() == ".npz":
-        with np.load(path) as archive:
-            names = archive.files
-            if "logits" not in names and len(names) != 1:
-                raise ValueError(f"{path}: holds {names}; name the logits array 'logits'")
-            saved = archive["logits" if "logits" in names else names[0]]
-    else:
-        saved = np.load(path, mmap_mode="r", allow_pickle=False)  # read a chunk at a time
-    n, length, shape = len(pieces), len(pieces[0]), saved.shape
-    if saved.ndim == 2 and n == 1:
-        saved = saved[None]  # (1, n_tokens, n_vocab)
-    if saved.ndim != 3 or saved.shape != (n, length, n_vocab) or saved.dtype.kind != "f":
+    array or a "logits" array), checked against the positions compared before it is read."""
+    arrays = SavedArrays(path)
+    names = list(arrays.headers)
+    if "logits" not in names and len(names) != 1:
+        raise ValueError(f"{path}: holds {names}; name the logits array 'logits'")
+    name = "logits" if "logits" in names else names[0]
+    shape, dtype = arrays.headers[name]
+    n, length = len(pieces), len(pieces[0])
+    if not (shape == (n, length, n_vocab) or (n == 1 and shape == (length, n_vocab))) or dtype.kind != "f":
         want = f"({length}, {n_vocab})" if n == 1 else f"({n}, {length}, {n_vocab})"
-        raise ValueError(f"{path}: logits of shape {shape} ({saved.dtype}); the positions compared need {want} floats")
+        raise ValueError(f"{path}: logits of shape {shape} ({dtype}); the positions compared need {want} floats")
+    saved = arrays.read(name).reshape(n, length, n_vocab)
     return [saved[i, first:-1] for i in range(n)]

@@ -28,9 +28,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+from .isa import Level
+
+if TYPE_CHECKING:
+    from .crosscheck import SavedArrays
 
 __all__ = ["Divergence", "NAME_MAP", "OpError", "diverge", "transformers_intermediates"]
 
@@ -227,28 +232,45 @@ def transformers_intermediates(path: str | os.PathLike[str], tokens: Sequence[in
     return out
 
 
-def _saved_intermediates(path: Path) -> dict[str, np.ndarray]:
+def _saved_intermediates(path: Path) -> "SavedArrays":
+    from .crosscheck import SavedArrays
+
     if not path.exists():
         raise FileNotFoundError(f"--against {path}: no such file or directory")
-    if path.is_dir():
-        found = {p.stem: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
-    elif path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            found = {name: archive[name] for name in archive.files}
-    else:
+    if not path.is_dir() and path.suffix.lower() != ".npz":
         raise ValueError(f"--against {path}: neither llama.cpp, transformers, a directory of .npy files nor an .npz")
-    if not found:
+    found = SavedArrays(path)  # headers only: nothing is read before it is checked against ours
+    if not found.headers:
         raise ValueError(f"--against {path}: no arrays in it")
     return found
 
 
+def _read_saved(saved: "SavedArrays", ours: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The saved arrays named like ours, each read only once its header matches ours in
+    size (attention scores may carry llama.cpp's padding of the keys to 256)."""
+    out = {}
+    for name, value in ours.items():
+        if name not in saved.headers:
+            continue
+        shape = saved.headers[name][0]
+        size = int(np.prod(shape, dtype=np.int64))
+        padded = _split(name)[0] in ("kq", "kq_soft_max") and value.ndim == 4 and len(shape) >= 2 \
+            and size // max(1, shape[-1]) * value.shape[-1] == value.size and value.shape[-1] <= shape[-1] < value.shape[-1] + 256
+        if size != value.size and not padded:
+            raise ValueError(f"{name}: {value.shape} here, {shape} on the other side")
+        out[name] = saved.read(name)
+    return out
+
+
 def diverge(path: str | os.PathLike[str], against: str | os.PathLike[str], *, tokens: Sequence[int] | None = None,
             text: str | None = None, numerics: str = "ggml", against_model: str | os.PathLike[str] | None = None,
-            tolerance: float = 1e-3, threads: int | None = None) -> Divergence:
+            tolerance: float = 1e-3, threads: int | None = None, level: str | Level | None = None) -> Divergence:
     """phi3ref on ``path`` against ``against`` ("llama.cpp", "transformers", or a
     directory / ``.npz`` of arrays named by phi3ref's hook points) on ``tokens`` or on
     ``text`` (encoded as it is, BOS as the file says; each side's token ids are compared
-    first). One batch: at most 512 tokens."""
+    first). One batch: at most 512 tokens. ``level``: llama.cpp built at this
+    instruction-set level instead of the installed llama-cpp-python, and phi3ref's ggml
+    numerics at the same level."""
     from .crosscheck import llama_cpp_calls, llama_cpp_trace
     from .loading import load
 
@@ -263,23 +285,23 @@ def diverge(path: str | os.PathLike[str], against: str | os.PathLike[str], *, to
         saved = _saved_intermediates(Path(against))
     other = str(against_model or path)
     with_tokens = list(tokens) if tokens is not None else None
-    model = load(path, numerics=numerics, threads=threads)  # the default context, which llama.cpp is given too
+    model = load(path, numerics=numerics, threads=threads, isa=level)  # the default context, which llama.cpp is given too
     if text is not None:
         with_tokens = model.tokenizer.encode(text)
         theirs_tokens = None
         if source == "llama.cpp":
-            (theirs_tokens,) = llama_cpp_calls([("tokenize", dict(path=other, text=text))], threads=threads)
+            (theirs_tokens,) = llama_cpp_calls([("tokenize", dict(path=other, text=text))], threads=threads, level=level)
         elif source == "transformers":
             theirs_tokens = _transformers_tokens(other, text)
         if theirs_tokens is not None and list(theirs_tokens) != with_tokens:
             return Divergence(None, [], [], (with_tokens, list(theirs_tokens)))
     _, ours = model.run_with_cache(with_tokens)  # one batch; checks the ids
     if source == "llama.cpp":
-        theirs = llama_cpp_trace(other, with_tokens, n_ctx=model.n_ctx, threads=threads)
+        theirs = llama_cpp_trace(other, with_tokens, n_ctx=model.n_ctx, threads=threads, level=level)
     elif source == "transformers":
         theirs = transformers_intermediates(other, with_tokens)
     else:
-        theirs = saved
+        theirs = _read_saved(saved, ours)
     table, skipped = _errors(ours, theirs, source, model.config.head_dim)
     if not table:
         raise ValueError(f"--against {against}: none of its tensors is named like a phi3ref hook point "

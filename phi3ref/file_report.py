@@ -11,6 +11,7 @@ from gguf import LlamaFileType
 
 from .config import ARCHITECTURE, Phi3Config
 from .gguf_file import GGUFError, GGUFFile
+from .tokenizer import Tokenizer
 
 __all__ = ["describe", "format_report"]
 
@@ -26,6 +27,17 @@ def _token_text(tokens: list[str] | None, token_id: int | None) -> str | None:
     return tokens[token_id]
 
 
+def _plain(gf: GGUFFile, key: str) -> Any:
+    """The value of ``key`` as JSON can hold it: a scalar as it is (a float that is not
+    finite as its repr), anything else as a description of what is stored."""
+    value = gf.get(key)
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if np.isfinite(value) else repr(value)
+    return f"({gf.value_types[key]} of {len(value)})" if gf.value_types[key].startswith("array") else repr(value)[:80]
+
+
 def _tokenizer_summary(gf: GGUFFile) -> dict[str, Any] | None:
     if "tokenizer.ggml.model" not in gf:
         return None
@@ -34,12 +46,12 @@ def _tokenizer_summary(gf: GGUFFile) -> dict[str, Any] | None:
     tokens = tokens if gf.value_types.get("tokenizer.ggml.tokens") == "array[string]" else None
     merges = gf.get("tokenizer.ggml.merges")
     summary: dict[str, Any] = {
-        "model": gf.get("tokenizer.ggml.model"),
-        "pre": gf.get("tokenizer.ggml.pre"),
+        "model": _plain(gf, "tokenizer.ggml.model"),
+        "pre": _plain(gf, "tokenizer.ggml.pre"),
         "n_tokens": len(tokens) if tokens is not None else None,
         "n_merges": len(merges) if isinstance(merges, (list, np.ndarray)) else 0,
-        "add_bos": gf.get("tokenizer.ggml.add_bos_token"),
-        "add_eos": gf.get("tokenizer.ggml.add_eos_token"),
+        "add_bos": _plain(gf, "tokenizer.ggml.add_bos_token"),
+        "add_eos": _plain(gf, "tokenizer.ggml.add_eos_token"),
         "chat_template": "tokenizer.chat_template" in gf,
     }
     special = {}
@@ -81,17 +93,17 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``"problems"`` instead."""
     with GGUFFile(path) as gf:
         problems: list[str] = []
-        file_type = gf.get("general.file_type")
+        file_type = _plain(gf, "general.file_type")
         try:
             file_type_name = LlamaFileType(file_type).name if file_type is not None else None
-        except ValueError:
+        except (ValueError, TypeError):
             file_type_name = f"unknown ({file_type})"
         info: dict[str, Any] = {
             "path": str(gf.path),
             "file_size": gf.file_size,
             "gguf_version": gf.version,
             "architecture": gf.architecture,
-            "name": gf.get("general.name"),
+            "name": _plain(gf, "general.name"),
             "file_type": file_type_name,
             "n_metadata": len(gf.metadata),
             "metadata": _metadata_preview(gf),
@@ -112,6 +124,11 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         info["tokenizer"] = _tokenizer_summary(gf)
         if info["tokenizer"] is None:
             problems.append("no tokenizer.ggml.* vocabulary in the file")
+        else:
+            try:
+                Tokenizer.from_gguf(gf)  # what phi3ref would build from it
+            except GGUFError as e:
+                problems.append(str(e))
 
         tensors = []
         by_type: dict[str, dict[str, float]] = defaultdict(lambda: {"count": 0, "bytes": 0, "elements": 0})

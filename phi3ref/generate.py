@@ -25,12 +25,13 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from .chat_template import render_chat
+from .checks import flag, integer
 from .loading import load
 from .model import Model
 from .sampler import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING, SamplingParams, log_softmax, sample
 from .tokenizer import Tokenizer
 
-__all__ = ["Chat", "GenerationResult", "Timings", "TokenLogprob", "generate", "get_model"]
+__all__ = ["Chat", "GenerationResult", "Timings", "TokenLogprob", "encode_chat", "generate", "get_model"]
 
 
 @dataclass
@@ -272,6 +273,13 @@ def _prompt_ids(
         messages = [{"role": "user", "content": prompt}]
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]
+    return encode_chat(tokenizer, messages)
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """``messages`` rendered with the vocabulary's chat template (the Phi-3 format if it has
+    none; the assistant's turn opened after the last one) and encoded: the ids a chat
+    prompt becomes."""
     bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
     eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
     text = render_chat(messages, tokenizer.chat_template, bos_token=bos, eos_token=eos)
@@ -285,19 +293,23 @@ def _check_prompt(prompt: object, messages: object, system: object, raw: object,
         raise ValueError("give one of prompt, messages or tokens")
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    if not isinstance(raw, bool):
-        raise TypeError(f"raw must be True or False, got {raw!r}")
+    flag("raw", raw)
     if raw and prompt is None:
         raise ValueError("raw=True encodes a prompt string as it is; messages and tokens take no raw")
     if system is not None and (raw or tokens is not None):
         raise ValueError("a system message goes through the chat template: give messages or a prompt without raw=True")
-    if tokens is not None and (isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray))):
-        raise TypeError(f"tokens must be a list of integer token ids, got {type(tokens).__name__}")
+    if tokens is not None:
+        _check_token_list(tokens)
+
+
+def _check_token_list(tokens: object) -> None:
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)) or np.ndim(tokens) != 1:
+        raise TypeError(f"tokens must be a list of integer token ids, got {type(tokens).__name__}"
+                        f"{f' of {np.ndim(tokens)} dimensions' if isinstance(tokens, np.ndarray) else ''}")
 
 
 def _checked_ids(tokens: object, n_vocab: int) -> list[int]:
-    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence) and not isinstance(tokens, np.ndarray):
-        raise TypeError(f"tokens must be a list of integer token ids, got {type(tokens).__name__}")
+    _check_token_list(tokens)
     ids = []
     for t in tokens:
         if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
@@ -312,17 +324,16 @@ def _checked_ids(tokens: object, n_vocab: int) -> list[int]:
 
 def _check_logprobs(logprobs: object, echo: object, n_vocab: int | None = None) -> None:
     """``logprobs`` and ``echo``; the bound on ``logprobs`` once the model (``n_vocab``) is known."""
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
-        raise TypeError(f"logprobs must be None or an integer, got {logprobs!r}")
-    if logprobs is not None and logprobs < 0:
-        raise ValueError(f"logprobs must be None or an integer >= 0, got {logprobs!r}")
+    if logprobs is not None:
+        integer("logprobs", logprobs, lo=0)
     if logprobs is not None and n_vocab is not None and logprobs > n_vocab:
         raise ValueError(f"logprobs must be at most the vocabulary's {n_vocab} tokens, got {logprobs!r}")
-    if not isinstance(echo, bool):
-        raise TypeError(f"echo must be True or False, got {echo!r}")
+    flag("echo", echo)
 
 
 def _check_fits(model: Model, n_prompt: int) -> None:
+    if n_prompt == 0:
+        raise ValueError("the prompt encodes to no tokens (it is empty, and the vocabulary adds no BOS)")
     if n_prompt >= model.n_ctx:
         raise ValueError(
             f"the prompt is {n_prompt} tokens, which leaves no room in the context of {model.n_ctx} "
@@ -375,11 +386,10 @@ def generate(
     llama-cpp-python's ``logits_all`` does).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
-    _check_max_tokens(max_tokens)
+    max_tokens = _check_max_tokens(max_tokens)
     stop = _check_stop(stop)
-    seed = secrets.randbits(63) if seed is None else seed
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = _check_seed(seed)
+    flag("stream", stream)
     _check_prompt(prompt, messages, system, raw, tokens)
     _check_logprobs(logprobs, echo)
     m = get_model(model)
@@ -401,9 +411,13 @@ def generate(
     return result
 
 
-def _check_max_tokens(max_tokens: object) -> None:
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-        raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+def _check_max_tokens(max_tokens: object) -> int:
+    return integer("max_tokens", max_tokens, lo=0)
+
+
+def _check_seed(seed: object) -> int:
+    """The seed to use: ``seed``, or a random one when None (reported so a run can be repeated)."""
+    return secrets.randbits(63) if seed is None else integer("seed", seed, lo=0)
 
 
 def _check_stop(stop: object) -> list[str]:
@@ -450,20 +464,20 @@ class Chat:
     """
 
     def __init__(self, model: Model | str | os.PathLike[str] | None = None, *, system: str | None = None, seed: int | None = None, **sampling):
-        self.model = get_model(model)
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        self.seed = secrets.randbits(63) if seed is None else seed
-        self.rng = np.random.default_rng(self.seed)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        # every argument is checked before a model is loaded
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a str, got {type(system).__name__}")
+        self.seed = _check_seed(seed)
         self.sampling = {**asdict(DEFAULT_SAMPLING), **sampling}
-        self.max_tokens = self.sampling.pop("max_tokens", DEFAULT_MAX_TOKENS)
-        _check_max_tokens(self.max_tokens)
+        self.max_tokens = _check_max_tokens(self.sampling.pop("max_tokens", DEFAULT_MAX_TOKENS))
         self.stop = _check_stop(self.sampling.pop("stop", ()))
-        try:
-            SamplingParams(**self.sampling)  # validate now
-        except TypeError as e:
-            raise TypeError(f"Chat() got an unknown sampling parameter ({e})") from None
+        unknown = sorted(set(self.sampling) - set(asdict(DEFAULT_SAMPLING)))
+        if unknown:
+            raise TypeError(f"Chat() got an unknown sampling parameter {unknown[0]!r}")
+        SamplingParams(**self.sampling)  # validate now
+        self.rng = np.random.default_rng(self.seed)
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.model = get_model(model)
 
     def send(self, text: str, *, stream: bool = False) -> GenerationResult | Iterator[str]:
         """Add a user message and generate the assistant's reply; both are kept in

@@ -190,10 +190,17 @@ class GGUFFile:
     """
 
     def __init__(self, path: str | os.PathLike[str]):
+        if str(path) == "":
+            raise GGUFFileNotFoundError("the path is empty")
         self.path = Path(path)
         name = str(self.path)
-        if not self.path.is_file():
-            raise GGUFFileNotFoundError(f"{name}: no such file")
+        try:
+            regular = self.path.is_file()
+            what = "no such file" if not self.path.exists() else "a folder" if self.path.is_dir() else "not a regular file"
+        except OSError as e:  # a name too long for the file system, ...
+            raise GGUFFileNotFoundError(f"{name[:200]}: not a usable path ({e.strerror})") from None
+        if not regular:
+            raise GGUFFileNotFoundError(f"{name}: {what}")
         self.file_size = self.path.stat().st_size
         if self.file_size < 4:
             raise GGUFError(f"{name}: not a GGUF file ({self.file_size} bytes)")

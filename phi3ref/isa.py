@@ -29,7 +29,7 @@ import os
 import platform
 from dataclasses import dataclass
 
-__all__ = ["LEVELS", "Level", "host_features", "host_level", "haswell_numba_env", "is_x86", "native_gaps", "resolve", "ENV_VAR", "REPORTED_FEATURES"]
+__all__ = ["LEVELS", "Level", "host_features", "host_level", "haswell_numba_env", "is_x86", "native_gaps", "resolve", "runnable_level", "ENV_VAR", "REPORTED_FEATURES"]
 
 ENV_VAR = "PHI3REF_ISA"
 
@@ -194,3 +194,18 @@ def resolve(isa: str | Level | None = None) -> Level:
     if not isinstance(isa, str) or isa.lower() not in LEVELS:
         raise ValueError(f"{source} must be one of {', '.join(LEVELS)}, got {isa!r}")
     return LEVELS[isa.lower()]
+
+
+def runnable_level(name: str | Level, features: frozenset[str] | None = None) -> Level:
+    """The level ``name`` (any case), checked to run on this CPU (``features``: the host's):
+    ``ValueError`` naming the choices for an unknown name, or what the CPU lacks."""
+    if isinstance(name, str) and name.lower() in LEVELS:
+        level = LEVELS[name.lower()]
+    elif isinstance(name, Level):
+        level = name
+    else:
+        raise ValueError(f"unknown level {name!r}; one of {', '.join(LEVELS)}")
+    features = (host_features() if is_x86() else frozenset()) if features is None else features
+    if not level.runs_on(features):
+        raise ValueError(f"this CPU cannot run llama.cpp built for {level.name} (lacks {', '.join(sorted(level.features - features))})")
+    return level

@@ -12,6 +12,7 @@ import os
 
 import numba
 
+from .checks import integer
 from .gguf_file import GGUFFile
 from .isa import Level
 from .model import DEFAULT_UBATCH, Model
@@ -58,18 +59,23 @@ def load(
     from . import hub
 
     chosen = _numerics(numerics, isa)  # a wrong name is refused before any download
+    if tokenizer is not None and tokenizer != "hub" and not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be None, 'hub' or the path of a tokenizer.json, got {tokenizer!r:.60}")
     if threads is not None:
-        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-            raise ValueError(f"threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
-        numba.set_num_threads(threads)
-    local = hub.resolve_model(path or hub.DEFAULT_REPO, filename=filename, revision=revision)
+        numba.set_num_threads(integer("threads", threads, lo=1, hi=numba.config.NUMBA_NUM_THREADS))
+    local = hub.resolve_model(hub.DEFAULT_REPO if path is None else path, filename=filename, revision=revision)
     gguf = GGUFFile(local)
     try:
         model = model_from_file(gguf, numerics=chosen, n_ctx=n_ctx, sliding_window=sliding_window, n_ubatch=n_ubatch)
-        if tokenizer == "hub":
-            model.tokenizer = Tokenizer.from_file(hub.tokenizer_json(str(path or hub.DEFAULT_REPO), revision), gguf=gguf)
-        elif tokenizer is not None:
-            model.tokenizer = Tokenizer.from_file(tokenizer, gguf=gguf)
+        if tokenizer is not None:
+            source = hub.tokenizer_json(str(hub.DEFAULT_REPO if path is None else path), revision) if tokenizer == "hub" else tokenizer
+            chosen_tokenizer = Tokenizer.from_file(source, gguf=gguf)
+            if chosen_tokenizer.n_vocab != model.config.n_vocab:
+                # (from_file pads a shorter JSON with the file's own tokens): ids past the
+                # model's would fail mid-generation
+                raise ValueError(f"tokenizer {source}: {chosen_tokenizer.n_vocab} tokens, not the {model.config.n_vocab} "
+                                 f"of {gguf.path.name}: not this model's vocabulary")
+            model.tokenizer = chosen_tokenizer
     except BaseException:
         gguf.close()
         raise

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .checks import flag, integer
 from .config import Phi3Config
 from .errors import ModelBusyError, NonFiniteError
 from .gguf_file import GGUFError, GGUFFile
@@ -210,10 +211,7 @@ class Model:
         self.config = config = Phi3Config.from_gguf(gguf)
         config.check_tensors(gguf)
         self.numerics = numerics
-        if n_ctx is None:
-            n_ctx = min(config.n_ctx_train, DEFAULT_MAX_CTX)
-        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx <= 0:
-            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        n_ctx = min(config.n_ctx_train, DEFAULT_MAX_CTX) if n_ctx is None else integer("n_ctx", n_ctx, lo=1)
         if n_ctx > config.n_ctx_train:
             # as llama.cpp, allowed with a warning: positions past the trained context are
             # outside what the model has learned
@@ -228,9 +226,7 @@ class Model:
                 f"{_physical_memory() / 2**30:,.1f} GiB of memory"
             )
         self.n_ctx = n_ctx
-        if not isinstance(n_ubatch, int) or isinstance(n_ubatch, bool) or n_ubatch <= 0:
-            raise ValueError(f"n_ubatch must be a positive integer, got {n_ubatch!r}")
-        self.n_ubatch = n_ubatch
+        self.n_ubatch = integer("n_ubatch", n_ubatch, lo=1)
         # Phi-3 files declare a sliding window (2047 for Phi-3-mini-4k); transformers
         # applies it, llama.cpp ignores it ("Phi SWA is currently disabled"): by default,
         # as the numerics' runtime does.
@@ -381,8 +377,10 @@ class Model:
         (:class:`ModelBusyError`) unless :attr:`context_version` still has this value, so
         that a caller continuing its own context notices another caller's pass; after a
         successful pass the version is ``expect_version + 1``."""
-        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
-            raise TypeError(f"start_pos must be an integer, got {start_pos!r}")
+        start_pos = integer("start_pos", start_pos, lo=0)
+        flag("all_logits", all_logits)
+        if expect_version is not None:
+            integer("expect_version", expect_version)
         ids = self._check_tokens(tokens, start_pos)
         run_hooks = NO_HOOKS if hooks is None else self._hooks(hooks, ())
         with self._lock, _interrupts_as_keyboard_interrupt():
@@ -404,12 +402,14 @@ class Model:
             raise TypeError(f"hooks must be a mapping of hook point names to functions, got {type(functions).__name__}")
         if isinstance(keep, str):
             keep = [keep]
+        elif isinstance(keep, (bytes, bytearray)):
+            raise TypeError(f"names must be hook point names or glob patterns (str), got {type(keep).__name__}")
         return Hooks(functions, keep, known=self.hook_names)
 
     def _refuse_reentry(self, what: str) -> None:
         if self._in_pass:  # only a hook can get here: passes are serialised by the lock
-            raise ModelBusyError(f"a hook {what} the model it is hooking: the pass under way would go on "
-                                 "with a KV cache and tokens changed under it")
+            raise ModelBusyError(f"a hook {what} the model it is hooking{' (generate() and Chat start so)' if what == 'reset' else ''}: "
+                                 "the pass under way would go on with a KV cache and tokens changed under it")
 
     def _one_batch(self, tokens: Sequence[int], names: Iterable[str], what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         ids = self._check_tokens(tokens, 0)
@@ -427,8 +427,14 @@ class Model:
             return self._run(ids, 0, hooks, outputs)
 
     def _check_tokens(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        # any iterable of integers (not bools) in order: not a set or a dict (no order)
+        if isinstance(tokens, (str, bytes, Mapping, set, frozenset)) or (isinstance(tokens, np.ndarray) and tokens.ndim != 1):
+            raise TypeError(f"tokens must be a sequence of integer token ids, got {tokens!r:.80}")
         try:
-            ids = np.asarray([operator.index(t) for t in tokens], dtype=object)
+            items = list(tokens)
+            ids = np.asarray([operator.index(t) for t in items if not isinstance(t, (bool, np.bool_))], dtype=object)
+            if ids.size != len(items):  # a bool among them
+                raise TypeError
         except TypeError:
             raise TypeError(f"tokens must be a sequence of integer token ids, got {tokens!r:.80}") from None
         if ids.size == 0:

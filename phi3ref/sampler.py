@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .checks import integer, number
+
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_SAMPLING",
@@ -43,22 +45,18 @@ class SamplingParams:
     repeat_last_n: int = 64
 
     def __post_init__(self) -> None:
-        if not _finite(self.temperature) or self.temperature < 0:
+        t = number("temperature", self.temperature)
+        if t < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None), got {self.top_k!r}")
-        if self.top_p is not None and (not _finite(self.top_p) or not 0 < self.top_p <= 1):
+        if self.top_k is not None:
+            integer("top_k", self.top_k, lo=1)
+        if self.top_p is not None and not 0 < number("top_p", self.top_p) <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p!r}")
-        if self.min_p is not None and (not _finite(self.min_p) or not 0 <= self.min_p <= 1):
+        if self.min_p is not None and not 0 <= number("min_p", self.min_p) <= 1:
             raise ValueError(f"min_p must be in [0, 1] (or None), got {self.min_p!r}")
-        if not _finite(self.repeat_penalty) or self.repeat_penalty <= 0:
+        if number("repeat_penalty", self.repeat_penalty) <= 0:
             raise ValueError(f"repeat_penalty must be a number > 0 (1 = off), got {self.repeat_penalty!r}")
-        if not isinstance(self.repeat_last_n, (int, np.integer)) or isinstance(self.repeat_last_n, bool) or self.repeat_last_n < 0:
-            raise ValueError(f"repeat_last_n must be an integer >= 0 (0 = off), got {self.repeat_last_n!r}")
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(float(x))
+        integer("repeat_last_n", self.repeat_last_n, lo=0)
 
 
 # The tutorial's settings (Candle's Phi-3 example), stated once: the defaults of generate(),
@@ -80,11 +78,13 @@ def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: flo
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Divide by ``temperature`` (> 0): below 1 sharpens the distribution, above 1 flattens it."""
-    if temperature <= 0:
+    """Divide by ``temperature`` (> 0): below 1 sharpens the distribution, above 1 flattens
+    it. A temperature too small for float32 divides by the smallest one float32 holds."""
+    if number("temperature", temperature) <= 0:
         raise ValueError(f"temperature must be > 0 here (0 means greedy: use argmax), got {temperature}")
-    with np.errstate(over="ignore"):  # a tiny temperature overflows to inf: sample() takes the argmax then
-        return np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+    t = max(np.float32(temperature), np.float32(np.finfo(np.float32).smallest_subnormal))
+    with np.errstate(over="ignore"):  # a tiny temperature overflows to +-inf: sample() takes the argmax then
+        return np.asarray(logits, dtype=np.float32) / t
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -139,11 +139,28 @@ def min_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(keep, x, np.float32(-np.inf))
 
 
+def _recent_ids(recent: Sequence[int]) -> np.ndarray:
+    """The ids of ``recent`` as an int64 array (``TypeError`` unless they are integers)."""
+    if isinstance(recent, (str, bytes)) or not isinstance(recent, (Sequence, np.ndarray)):
+        raise TypeError(f"recent must be a sequence of token ids, got {type(recent).__name__}")
+    try:
+        return np.asarray([integer("a recent token id", t) for t in recent], dtype=np.int64)
+    except OverflowError:
+        raise ValueError("a recent token id is outside the logits") from None
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
     """The next token id: the filters in the module's order, then a draw (argmax when the
     temperature is 0). ``ValueError`` for logits that are NaN or +inf (no distribution),
     all -inf (no token allowed), or ``recent`` ids outside the logits."""
-    x = np.asarray(logits, dtype=np.float32)
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    try:
+        x = np.asarray(logits, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TypeError(f"logits must be a 1-D array of numbers, got {logits!r:.60}") from None
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"sample() takes a 1-D array of logits, got shape {x.shape}")
     bad = np.isnan(x) | (x == np.inf)
@@ -153,7 +170,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     if np.all(x == -np.inf):
         raise ValueError("every logit is -inf: no token is allowed")
     if params.repeat_last_n > 0 and params.repeat_penalty != 1.0:
-        window = np.asarray(list(recent)[-params.repeat_last_n :], dtype=np.int64)
+        window = _recent_ids(recent)[-params.repeat_last_n :]
         outside = (window < 0) | (window >= x.size)
         if outside.any():
             raise ValueError(f"recent token id {int(window[outside][0])} is outside the {x.size} logits")
@@ -167,7 +184,9 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     if params.min_p is not None:
         x = min_p_filter(x, params.min_p)
     scaled = apply_temperature(x, params.temperature)
-    if np.any(scaled == np.inf):  # a temperature so small that logits overflow: the limit is argmax
+    if not np.isfinite(np.max(scaled)):
+        # a temperature so small that the largest logit overflowed (or all did, to -inf):
+        # the limit of sampling as the temperature goes to 0 is the argmax
         return int(np.argmax(x))
     probs = softmax(scaled)
     return int(rng.choice(probs.size, p=probs))

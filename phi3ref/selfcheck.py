@@ -141,12 +141,9 @@ def run(levels: list[str] | None = None, quants: tuple[str, ...] = DEFAULT_QUANT
         if not names:
             raise ValueError("this CPU runs none of phi3ref's levels (it lacks AVX2): no llama.cpp build to compare with")
         for name in names:
-            name = name.lower()
-            if name not in isa_levels.LEVELS:
+            if name.lower() not in isa_levels.LEVELS:
                 raise ValueError(f"unknown level {name!r}; one of {', '.join(isa_levels.LEVELS)}, or 'all'")
-            level = isa_levels.LEVELS[name]
-            if not level.runs_on(features):
-                raise ValueError(f"this CPU cannot run llama.cpp built for {level.name} (lacks {', '.join(sorted(level.features - features))})")
+            level = isa_levels.runnable_level(name, features)
             plan.append((level, level))
     with tempfile.TemporaryDirectory(prefix="phi3ref-selfcheck-") as tmp:
         for quant in quants:

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -28,7 +29,7 @@ from .config import ARCHITECTURE, Phi3Config
 from .gguf_file import GGUFFile
 from .quants import QUANT_TYPES, quantize
 
-__all__ = ["ModelShape", "PRESETS", "QUANT_MIXES", "TensorPlan", "preset_shape", "tensor_plan", "tensor_type", "vocab_path", "write_model"]
+__all__ = ["ModelShape", "PRESETS", "QUANT_MIXES", "TensorPlan", "check_output_path", "preset_shape", "tensor_plan", "tensor_type", "vocab_path", "write_model", "write_weights"]
 
 
 def vocab_path() -> Path:
@@ -327,15 +328,72 @@ def write_model(
         shape = replace(shape, sliding_window=None)
     if shape.longrope and not shape.rope_orig_ctx:
         shape = replace(shape, rope_orig_ctx=max(1, shape.n_ctx // 8))
-    _check_shape(shape)
-    if quant not in QUANT_MIXES:
-        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_MIXES)}")
+    _check_shape(shape, quant)
 
+    rng = np.random.default_rng(seed)
+    return _write(path, shape, quant, pure, name or f"phi3ref synthetic {preset} ({quant}, random weights)",
+                  Path(vocab) if vocab else vocab_path(), lambda plan: _values(plan, rng))
+
+
+def write_weights(
+    path: str | os.PathLike[str],
+    shape: ModelShape,
+    weights: Mapping[str, np.ndarray],
+    *,
+    quant: str = "Q4_K_M",
+    pure: bool = False,
+    name: str,
+    description: str | None = None,
+    vocab: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a Phi-3 GGUF of ``shape`` holding ``weights`` ({tensor name: float32 array in
+    numpy order}, every tensor of :func:`tensor_plan`, e.g. a trained model's, converted
+    with :meth:`~phi3ref.config.Phi3Config.transformers_names`), stored in ``quant``'s
+    types as llama.cpp's quantizer would; the vocabulary of ``vocab`` (default: the bundled
+    Phi-3 one). ``ValueError`` naming the tensor for a missing, extra, misshapen or
+    non-finite one, before anything is written."""
+    _check_shape(shape, quant)
+    vocab = Path(vocab) if vocab else vocab_path()
+    with GGUFFile(vocab) as v:
+        n_vocab = len(v.get_array("tokenizer.ggml.tokens"))
+    plans = tensor_plan(shape, n_vocab, quant, pure)
+    expected = {p.name: p.shape for p in plans}
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise ValueError(f"weights holds tensors a {shape} model does not have: {', '.join(extra[:5])}")
+    for tensor, want in expected.items():
+        if tensor not in weights:
+            raise ValueError(f"weights has no tensor {tensor!r}")
+        got = np.shape(weights[tensor])
+        if tuple(got) != want:
+            raise ValueError(f"tensor {tensor!r} has shape {list(got)}, the model needs {list(want)}")
+        if not np.isfinite(weights[tensor]).all():
+            raise ValueError(f"tensor {tensor!r} holds inf or NaN")
+    return _write(path, shape, quant, pure, name, vocab,
+                  lambda plan: np.ascontiguousarray(weights[plan.name], dtype=np.float32), description)
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a ``Path``, refused (``ValueError``) unless a model can be written there:
+    not a folder or a device (the rename at the end would replace it), in a folder that exists."""
     path = Path(path)
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise ValueError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}; a model is written to a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} does not exist")
+    return path
+
+
+def _write(path: str | os.PathLike[str], shape: ModelShape, quant: str, pure: bool, name: str, vocab: Path,
+           values: Callable[[TensorPlan], np.ndarray], description: str | None = None) -> Path:
+    """Write the file: header, then each tensor's ``values(plan)`` encoded, one at a time
+    (a full-size model needs memory for its largest tensor only), through a ``.partial``
+    file renamed at the end."""
+    path = check_output_path(path)
     tmp = path.with_name(path.name + ".partial")
     writer = GGUFWriter(tmp, ARCHITECTURE)
     try:
-        n_vocab = _write_header(writer, shape, quant, preset, name, Path(vocab) if vocab else vocab_path())
+        n_vocab = _write_header(writer, shape, quant, name, description, vocab)
         plans = tensor_plan(shape, n_vocab, quant, pure)
         for plan in plans:
             qt = QUANT_TYPES[plan.qtype]
@@ -344,9 +402,8 @@ def write_model(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        rng = np.random.default_rng(seed)
         for plan in plans:
-            writer.write_tensor_data(_encode(_values(plan, rng), plan.qtype))
+            writer.write_tensor_data(_encode(values(plan), plan.qtype))
         writer.close()
         os.replace(tmp, path)
     finally:
@@ -356,7 +413,9 @@ def write_model(
     return path
 
 
-def _check_shape(shape: ModelShape) -> None:
+def _check_shape(shape: ModelShape, quant: str) -> None:
+    if quant not in QUANT_MIXES:
+        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_MIXES)}")
     for field in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "n_rot", "n_ctx"):
         if getattr(shape, field) <= 0:
             raise ValueError(f"{field} must be positive, got {getattr(shape, field)}")
@@ -370,9 +429,11 @@ def _check_shape(shape: ModelShape) -> None:
         raise ValueError(f"LongRoPE needs 0 < rope_orig_ctx < n_ctx, got {shape.rope_orig_ctx} and {shape.n_ctx}")
 
 
-def _write_header(writer: GGUFWriter, shape: ModelShape, quant: str, preset: str, name: str | None, vocab: Path) -> int:
+def _write_header(writer: GGUFWriter, shape: ModelShape, quant: str, name: str, description: str | None, vocab: Path) -> int:
     a = ARCHITECTURE
-    writer.add_name(name or f"phi3ref synthetic {preset} ({quant}, random weights)")
+    writer.add_name(name)
+    if description:
+        writer.add_description(description)
     writer.add_uint32(f"{a}.context_length", shape.n_ctx)
     # llama.cpp's converter writes the original context for every Phi-3 (= context_length
     # unless the model uses LongRoPE).

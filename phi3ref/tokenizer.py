@@ -28,6 +28,7 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 
+from .checks import flag, integer
 from .gguf_file import GGUFError, GGUFFile
 
 __all__ = ["Tokenizer"]
@@ -117,14 +118,31 @@ class Tokenizer:
         if not tokens:
             raise GGUFError(f"{gf.path}: tokenizer.ggml.tokens is empty")
         n = len(tokens)
+        first: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            if len(t) > MAX_TOKEN_CHARS:
+                raise GGUFError(f"{gf.path}: token {i} of tokenizer.ggml.tokens is {len(t):,} characters long; "
+                                f"a token has at most {MAX_TOKEN_CHARS}")
+            if first.setdefault(t, i) != i:
+                # one text, two ids: text would map to one of them and the other could not be decoded
+                raise GGUFError(f"{gf.path}: tokenizer.ggml.tokens holds {t!r:.60} twice (ids {first[t]} and {i})")
         types = np.full(n, NORMAL, np.int64)
         if "tokenizer.ggml.token_type" in gf:
             types = np.asarray(_typed_array(gf, "tokenizer.ggml.token_type", "integers"), np.int64)
         if types.shape != (n,):
             raise GGUFError(f"{gf.path}: tokenizer.ggml.token_type has {types.size} entries for {n} tokens")
+        if ((types < 0) | (types > BYTE)).any():
+            i = int(np.flatnonzero((types < 0) | (types > BYTE))[0])
+            raise GGUFError(f"{gf.path}: tokenizer.ggml.token_type[{i}] = {types[i]} is not a token type (0 to {BYTE})")
         types = types.copy()
         eog_texts = [i for i, t in enumerate(tokens) if t in EOG_TEXTS]
         types[eog_texts] = CONTROL
+        # special tokens are matched in text by an automaton whose size grows with their
+        # characters (about 75 bytes each)
+        special = sum(len(tokens[i]) for i in np.flatnonzero((types == CONTROL) | (types == USER_DEFINED) | (types == UNKNOWN)))
+        if special > MAX_SPECIAL_CHARS:
+            raise GGUFError(f"{gf.path}: the control, user-defined and unknown tokens of tokenizer.ggml.tokens hold "
+                            f"{special:,} characters, more than the {MAX_SPECIAL_CHARS:,} a vocabulary is allowed")
         if kind == "llama":
             scores = np.asarray(_typed_array(gf, "tokenizer.ggml.scores", "numbers"), dtype=np.float64)
             if scores.shape != (n,):
@@ -176,13 +194,34 @@ class Tokenizer:
         """Load a Hugging Face ``tokenizer.json``. Special ids, BOS policy and the chat
         template come from ``gguf`` when given (the model file), else from the JSON's
         added tokens."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"the tokenizer must be the path of a tokenizer.json, got {path!r:.60}")
         path = Path(path)
+        if not path.is_file():  # (a folder, a device or a pipe would be read forever)
+            raise FileNotFoundError(f"{path}: {'no such file' if not path.exists() else 'not a regular file'}, not a tokenizer.json")
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a tokenizer.json ({e})") from None
         if gguf is not None:
             ref = cls.from_gguf(gguf)
+            # the same vocabulary: ids the file's tokens share with the JSON's spell alike
+            # (its added tokens past them aside)
+            n = min(ref.n_vocab, backend.get_vocab_size(with_added_tokens=True))
+            differ = [i for i in range(n) if backend.id_to_token(i) not in (None, ref.token_text(i))]
+            if len(differ) > n // 100:
+                i = differ[0]
+                raise ValueError(f"{path}: not the vocabulary of the model file ({len(differ)} of {n} tokens differ; "
+                                 f"token {i} is {backend.id_to_token(i)!r} there, {ref.token_text(i)!r} in the file)")
+            if n < ref.n_vocab:
+                # the model's rows past the JSON's tokens (Phi-3: 32,064 rows, 32,011 entries;
+                # the file names the rest [PAD32011] ...): added as the file names them, so that
+                # every id the model can produce decodes
+                backend.add_tokens([AddedToken(ref.token_text(i), special=True, normalized=False) for i in range(n, ref.n_vocab)])
+                wrong = [i for i in range(n, ref.n_vocab) if backend.token_to_id(ref.token_text(i)) != i]
+                if wrong:
+                    raise ValueError(f"{path}: the model file's token {wrong[0]} ({ref.token_text(wrong[0])!r}) cannot be added "
+                                     f"after the {n} tokens of the JSON at its own id")
             return cls(backend, bos_id=ref.bos_id, eos_id=ref.eos_id, eog_ids=ref.eog_ids, add_bos=ref.add_bos,
                        add_eos=ref.add_eos, chat_template=ref.chat_template, kind=ref.kind)
         added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
@@ -204,6 +243,9 @@ class Tokenizer:
         ``special=False`` reads control-token texts such as ``<|user|>`` as plain text."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if add_bos is not None:
+            flag("add_bos", add_bos)
+        flag("special", special)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -225,8 +267,12 @@ class Tokenizer:
         Standard's practice, as Python's ``errors="replace"``), and valid neighbours are kept:
         the text of a prefix of ``ids`` is a prefix of the text of ``ids``, up to a trailing
         U+FFFD that more bytes may complete."""
+        flag("skip_special", skip_special)
+        flag("continuation", continuation)
         try:
-            ids = [operator.index(i) for i in ids]
+            ids = [operator.index(i) if not isinstance(i, (bool, np.bool_)) else None for i in ids]
+            if None in ids:
+                raise TypeError
         except TypeError:
             raise TypeError(f"decode() takes a sequence of integer token ids, got {ids!r:.80}") from None
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
@@ -243,13 +289,21 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The vocabulary entry of one id (as stored, e.g. '▁Hello' or '<0x0A>')."""
-        text = self.backend.id_to_token(int(token_id))
+        i = self._id(token_id)
+        text = self.backend.id_to_token(i)
         if text is None:
-            raise ValueError(f"token id {token_id} is outside the vocabulary")
+            raise ValueError(f"token id {i} is outside the vocabulary (0..{self.n_vocab - 1})")
         return text
 
     def is_special(self, token_id: int) -> bool:
-        return int(token_id) in self._special_ids
+        """Whether ``token_id`` is a control token (``<|user|>``, ``<s>``, ...)."""
+        return self._id(token_id) in self._special_ids
+
+    def _id(self, token_id: object) -> int:
+        i = integer("token_id", token_id)
+        if not 0 <= i < self.n_vocab:
+            raise ValueError(f"token id {i} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return i
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.kind!r}, {self.n_vocab} tokens, bos={self.bos_id}, eog={sorted(self.eog_ids)})"
@@ -287,6 +341,16 @@ def _backend(gf: GGUFFile, build, *args) -> tokenizers.Tokenizer:
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
+# Bounds of a vocabulary, far above real ones, so that a file's lie cannot make building
+# take minutes or gigabytes: a token of at most MAX_TOKEN_CHARS characters (Phi-3's longest
+# has 16); special tokens of MAX_SPECIAL_CHARS in all (Phi-3's: 689); a SentencePiece
+# vocabulary's mergeable tokens of MAX_SPM_CHARS in all (Phi-3's: 160,477), whose every cut
+# is looked up to derive the merges, and merges of MAX_SPM_MERGE_CHARS in all.
+MAX_TOKEN_CHARS = 1024
+MAX_SPECIAL_CHARS = 1_000_000
+MAX_SPM_CHARS = 4_000_000
+MAX_SPM_MERGE_CHARS = 32_000_000  # the merges' texts (Phi-3's: 329,061)
+
 
 # The decoder chain of SentencePiece-style vocabularies: the one _spm_backend builds, and
 # that of Hugging Face's Llama / Phi-3 tokenizer.json
@@ -320,13 +384,24 @@ def _spm_backend(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> to
     vocabulary entries gives a merge, ranked by the merged token's score."""
     vocab = {t: i for i, t in enumerate(tokens)}
     mergeable = (types == NORMAL) | (types == USER_DEFINED) | (types == UNUSED)
+    # every cut of every token is looked up (and its halves copied): bounded, so that a
+    # file's token of a million characters cannot make building take minutes
+    cuts = sum(len(tokens[i]) for i in np.flatnonzero(mergeable))
+    if cuts > MAX_SPM_CHARS:
+        raise GGUFError(f"the mergeable tokens of tokenizer.ggml.tokens hold {cuts:,} characters, "
+                        f"more than the {MAX_SPM_CHARS:,} a SentencePiece vocabulary is allowed")
     ranked = []
+    merged_chars = 0
     for token_id in np.flatnonzero(mergeable):
         token = tokens[token_id]
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
             if left in vocab and right in vocab:
                 ranked.append((-scores[token_id], token_id, vocab[left], left, right))
+                merged_chars += len(token)
+        if merged_chars > MAX_SPM_MERGE_CHARS:
+            raise GGUFError(f"tokenizer.ggml.tokens make merges of more than {MAX_SPM_MERGE_CHARS:,} characters in all "
+                            "(tokens whose every cut is in the vocabulary): not a SentencePiece vocabulary")
     ranked.sort()
     merges = [(left, right) for _, _, _, left, right in ranked]
     unk = next((tokens[i] for i in np.flatnonzero(types == UNKNOWN) if tokens[i] == "<unk>"), None)

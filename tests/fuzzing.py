@@ -317,12 +317,29 @@ def _semantic_lies(gf: GGUFFile) -> list[tuple[str, dict, tuple]]:
     for key in floats + ["phi3.rope.scaling.attn_factor", "phi3.rope.freq_base", "phi3.attention.layer_norm_rms_epsilon"]:
         for value in [float("inf"), float("nan"), 0.0, -1.0, 1e-45, 3.4e38]:
             lies.append((f"{key} = {value}", {key: (VT.FLOAT32, value)}, ()))
+        for value in [1e300, 1e-300, 5e-324]:  # finite as float64, inf or 0 as float32
+            lies.append((f"{key} = {value} (FLOAT64)", {key: (VT.FLOAT64, value)}, ()))
         lies.append((f"{key} as string", {key: (VT.STRING, "1e-5")}, ()))
     for key in ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                 "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"]:
         for spec in [(VT.FLOAT32, float("inf")), (VT.INT32, -1), (VT.UINT32, n_tokens), (VT.UINT64, 2**64 - 1),
                      (VT.ARRAY, [1, 2], VT.INT32), (VT.STRING, "<s>"), (VT.FLOAT64, 1.5)]:
             lies.append((f"{key} = {spec[1]!r}", {key: spec}, ()))
+    tokens = list(gf.get_array("tokenizer.ggml.tokens"))
+    n_ints = lambda value: (VT.ARRAY, [value] * n_tokens, VT.INT32)  # noqa: E731
+    for label, changed in [
+        ("a token twice", tokens[:20] + [tokens[19]] + tokens[21:]),
+        ("a token of 400,000 characters", tokens[:20] + ["x" * 400_000] + tokens[21:]),
+        ("a token of 5,000 characters", tokens[:20] + ["y" * 5_000] + tokens[21:]),
+        ("an empty token", tokens[:20] + [""] + tokens[21:]),
+        ("a token with NUL", tokens[:20] + ["a\x00b"] + tokens[21:]),
+        ("tokens whose every cut is a token", tokens + ["\ua66e" * k for k in range(1, 700)]),
+    ]:
+        lies.append((f"tokenizer.ggml.tokens: {label}", {"tokenizer.ggml.tokens": (VT.ARRAY, changed, VT.STRING),
+                                                         **({} if len(changed) == n_tokens else {"tokenizer.ggml.token_type": (VT.ARRAY, [1] * len(changed), VT.INT32),
+                                                                                                 "tokenizer.ggml.scores": (VT.ARRAY, [0.0] * len(changed), VT.FLOAT32)})}, ()))
+    lies.append(("every token a control token", {"tokenizer.ggml.token_type": n_ints(3)}, ()))
+    lies.append(("every token unused", {"tokenizer.ggml.token_type": n_ints(5)}, ()))
     for key, specs in {
         "tokenizer.ggml.pre": [(VT.ARRAY, ["gpt2"], VT.STRING), (VT.STRING, "nonsense"), (VT.UINT32, 3)],
         "tokenizer.ggml.model": [(VT.STRING, "bert"), (VT.ARRAY, ["llama"], VT.STRING), (VT.UINT32, 1), (VT.STRING, "gpt2"), (VT.STRING, "llama")],
@@ -386,6 +403,12 @@ TEMPLATE_PAYLOADS = [
     "{{ ''.join(['a'] * 100) * 10**6 }}", "{{ '%s' % ('a' * 10**6,) * 100 }}", "{{ [0] * 10**6 + [0] * 10**6 + [0] * 10**6 }}",
     "{{ 'x' | truncate(10**12) }}", "{{ 'a'.zfill(10**9) }}", "{{ 'a\\tb'.expandtabs(10**9) }}",
     "{{ '{0:{1}}'.format('a', '9' * 9) }}", "{{ '%-99999999999d' % 1 }}",
+    # one call that allocates gigabytes, or runs for minutes inside C (no trace function sees it)
+    "{{ ('a' * 999999).replace('a', 'a' * 2400) | length }}", "{{ (('%999999s' * 2400) % ((1,) * 2400)) | length }}",
+    "{{ ('\t' * 2400).expandtabs(999999) | length }}", "{{ ('x' * 999999).join(('a' * 2000) | list) | length }}",
+    "{{ (([[1, 2, 3]] * 100000) | sum(start=[])) | length }}", "{{ ('a' * 999999).translate({97: 'b' * 999}) | length }}",
+    "{{ ('\n' * 999999) | indent(999) | length }}", "{{ ('a' * 999999) | wordwrap(1, wrapstring='b' * 999) | length }}",
+    "{{ range(999999) | list | tojson(indent=999) | length }}", "{{ ('{:999999}' * 2000).format(*range(2000)) | length }}",
 ]
 
 
@@ -485,6 +508,35 @@ def _misuse_calls() -> list[tuple[str, Callable]]:
         ("sample(NaN logits)", lambda path: sample(np.full(5, np.nan, np.float32), SamplingParams(), np.random.default_rng(0))),
         ("sample(all -inf)", lambda path: sample(np.full(5, -np.inf, np.float32), SamplingParams(), np.random.default_rng(0))),
         ("sample(recent out of range)", lambda path: sample(np.zeros(5, np.float32), SamplingParams(repeat_penalty=1.3), np.random.default_rng(0), [99])),
+        ("sample(rng=None)", lambda path: sample(np.zeros(5, np.float32), SamplingParams(), None)),
+        ("sample(recent=None)", lambda path: sample(np.zeros(5, np.float32), SamplingParams(repeat_penalty=1.3), np.random.default_rng(0), None)),
+        ("sample(recent=['a'])", lambda path: sample(np.zeros(5, np.float32), SamplingParams(repeat_penalty=1.3), np.random.default_rng(0), ["a"])),
+        ("sample(temperature=1e-50, logits < 0)", lambda path: sample(-np.arange(1, 6, dtype=np.float32), SamplingParams(temperature=1e-50), np.random.default_rng(0))),
+        ("SamplingParams(temperature=10**400)", lambda path: SamplingParams(temperature=10**400)),
+        ("SamplingParams(top_p='0.5')", lambda path: SamplingParams(top_p="0.5")),
+        ("generate(temperature=10**400)", with_model(lambda m: generate("hi", model=m, temperature=10**400))),
+        ("generate('', raw=True)", with_model(lambda m: generate("", model=m, raw=True, max_tokens=2))),
+        ("generate(tokens=np.array(5))", with_model(lambda m: generate(tokens=np.array(5), model=m))),
+        ("generate(tokens=[True])", with_model(lambda m: generate(tokens=[True], model=m))),
+        ("generate(stream='yes')", with_model(lambda m: generate("hi", model=m, stream="yes"))),
+        ("Chat(seed=-1)", with_model(lambda m: Chat(m, seed=-1))),
+        ("Chat(seed='x')", with_model(lambda m: Chat(m, seed="x"))),
+        ("Chat(system=5)", with_model(lambda m: Chat(m, system=5))),
+        ("Chat(missing, temperature=-1)", lambda path: Chat(path.parent / "missing.gguf", temperature=-1)),
+        ("logits([True, False])", with_model(lambda m: m.logits([True, False]))),
+        ("logits({1, 2})", with_model(lambda m: m.logits({1, 2}))),
+        ("logits({1: 2})", with_model(lambda m: m.logits({1: 2}))),
+        ("forward(all_logits='yes')", with_model(lambda m: m.forward([1], 0, all_logits="yes"))),
+        ("forward(expect_version='x')", with_model(lambda m: m.forward([1], 0, expect_version="x"))),
+        ("run_with_hooks(complex)", with_model(lambda m: m.run_with_hooks([1, 2], {"l_out-0": lambda v, n: v + 1j}))),
+        ("run_with_hooks(digit strings)", with_model(lambda m: m.run_with_hooks([1, 2], {"l_out-0": lambda v, n: v.astype(str)}))),
+        ("tokenizer.token_text(-1)", with_model(lambda m: m.tokenizer.token_text(-1))),
+        ("tokenizer.token_text(2**64)", with_model(lambda m: m.tokenizer.token_text(2**64))),
+        ("tokenizer.token_text(1.7)", with_model(lambda m: m.tokenizer.token_text(1.7))),
+        ("tokenizer.is_special('x')", with_model(lambda m: m.tokenizer.is_special("x"))),
+        ("load(a name too long)", lambda path: load("/tmp/" + "a" * 5000 + ".gguf")),
+        ("load('/dev/zero')", lambda path: load("/dev/zero")),
+        ("load(tokenizer=5)", lambda path: load(path, tokenizer=5)),
     ]
     return calls
 
@@ -515,9 +567,10 @@ def check_interrupt(path: Path, rng: np.random.Generator) -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGALRM, ctrl_c)
-    signal.setitimer(signal.ITIMER_REAL, max(1e-5, float(rng.random()) * duration * 1.2))
     try:
         try:
+            # (armed inside the try: a short timer may ring before the pass begins)
+            signal.setitimer(signal.ITIMER_REAL, max(1e-5, float(rng.random()) * duration * 1.2))
             model.forward(b, start)
         finally:
             armed[0] = False  # (an interrupt here is caught below too)

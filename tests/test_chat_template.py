@@ -52,6 +52,41 @@ def test_hostile_templates(template, message):
     assert time.perf_counter() - start < RENDER_SECONDS + 3
 
 
+@pytest.mark.skipif(not chat_template.ISOLATE, reason="templates render in a child process on Linux only")
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        # one call each that would allocate gigabytes, or run for minutes inside C
+        ("{{ ('a' * 999999).replace('a', 'a' * 2400) | length }}", "grew memory"),
+        ("{{ (('%999999s' * 2400) % ((1,) * 2400)) | length }}", "grew memory"),
+        ("{{ ('\t' * 2400).expandtabs(999999) | length }}", "grew memory"),
+        ("{{ ('x' * 999999).join(('a' * 1000) | list) | length }}", "grew memory"),
+        ("{{ (([[1, 2, 3]] * 100000) | sum(start=[])) | length }}", "took more than"),
+    ],
+)
+def test_a_single_call_is_contained_by_the_child(template, message):
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="the chat template exceeded a limit") as e:
+        render_chat(MESSAGES, template)
+    assert message in str(e.value)
+    assert time.perf_counter() - start < RENDER_SECONDS + chat_template.CHILD_GRACE_SECONDS + 1
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss == peak  # nothing grew here
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["child", "in-process"])
+def test_the_in_process_limits_hold_without_the_child(isolate, monkeypatch):
+    """Where templates render in this process (not Linux), its own limits still apply."""
+    monkeypatch.setattr(chat_template, "ISOLATE", isolate and chat_template.ISOLATE)
+    with pytest.raises(ValueError, match="took more than"):
+        render_chat(MESSAGES, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    with pytest.raises(ValueError, match="beyond the limit"):
+        render_chat(MESSAGES, "{{ 'a' * 10**10 }}")
+    assert render_chat(MESSAGES, "{{ messages[0]['content'] }}!") == MESSAGES[0]["content"] + "!"
+
+
 def test_memory_growth_stops_rendering(monkeypatch):
     # Many strings, each within the size limit, kept in a list: only the memory watchdog
     # stops this. The time limit is lifted so that a slow, busy machine reaches the memory
@@ -90,3 +125,31 @@ def test_the_caller_s_trace_function_is_restored():
         assert sys.gettrace() is tracer
     finally:
         sys.settrace(None)
+
+
+@pytest.mark.skipif(not chat_template.ISOLATE, reason="templates render in a child process on Linux only")
+def test_the_child_survives_the_caller_s_process_habits():
+    """A caller that ignores SIGCHLD (its children reaped by the kernel), or that holds more
+    than 1,023 open files (select() cannot watch their descriptors), still renders."""
+    import os
+    import resource
+    import signal
+
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        assert render_chat(MESSAGES) == "<s><|user|>\nWrite a haiku about ice hockey<|end|>\n<|assistant|>\n"
+        with pytest.raises(ValueError, match="took more than"):
+            render_chat(MESSAGES, "{{ (([[1, 2, 3]] * 100000) | sum(start=[])) | length }}")
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the open-file limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    files = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert render_chat(MESSAGES).endswith("<|assistant|>\n")
+    finally:
+        for f in files:
+            os.close(f)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

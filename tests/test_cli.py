@@ -45,6 +45,23 @@ def test_inspect_json(tiny_model, capsys):
     assert info["tokenizer"]["special"]["eos"] == {"id": 32000, "text": "<|endoftext|>"}
 
 
+def test_inspect_json_of_metadata_of_the_wrong_kind(tiny_model, tmp_path, capsys):
+    """Arrays (and non-finite numbers) where a scalar belongs are described, not dumped
+    (numpy arrays once made json.dump raise)."""
+    from craft import rewrite_gguf
+    from gguf import GGUFValueType as VT
+
+    path = rewrite_gguf(tiny_model("phi3-mini", "Q4_0"), tmp_path / "lie.gguf", set_kv={
+        "general.name": (VT.ARRAY, [1, 2], VT.INT32), "tokenizer.ggml.add_bos_token": (VT.ARRAY, [True], VT.BOOL),
+        "tokenizer.ggml.model": (VT.ARRAY, [1], VT.UINT8), "tokenizer.ggml.pre": (VT.ARRAY, [1.5], VT.FLOAT32),
+        "general.file_type": (VT.FLOAT32, float("nan"))})
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == "(array[int32] of 2)" and info["tokenizer"]["add_bos"] == "(array[bool] of 1)"
+    assert info["tokenizer"]["model"] == "(array[uint8] of 1)" and info["file_type"] == "unknown (nan)"
+    assert main(["inspect", str(path)]) == 0 and "phi3ref cannot run this file" in capsys.readouterr().out
+
+
 def test_inspect_vocab_only(capsys):
     assert main(["inspect", str(vocab_path())]) == 0
     text = capsys.readouterr().out
@@ -92,9 +109,10 @@ def test_logits_command(tiny_model, tmp_path):
     import phi3ref
 
     path = tiny_model("phi3-mini", "Q4_0")
-    out = run("logits", "--model", str(path), "--tokens", "1,32010,1724,338", "-o", str(tmp_path / "l.npy"), "--numerics", "exact")
+    out = run("logits", "--model", str(path), "--tokens", "1,32010,1724,338", "-o", str(tmp_path / "l.logits"), "--numerics", "exact")
     assert out.returncode == 0, out.stderr
-    saved = np.load(tmp_path / "l.npy")
+    assert f"wrote {tmp_path / 'l.logits'}:" in out.stderr and not (tmp_path / "l.logits.npy").exists()  # the name given
+    saved = np.load(tmp_path / "l.logits")
     assert saved.shape == (4, 32064) and saved.dtype == np.float32
     assert np.array_equal(saved, phi3ref.load(path, numerics="exact").logits([1, 32010, 1724, 338]))
     assert "last position argmax" in out.stderr
@@ -112,6 +130,8 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
     import time
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where --model demo would be written
+    text = tmp_path / "t.txt"
+    text.write_text("some text", encoding="utf-8")
     start = time.perf_counter()
     for args, message in [
         (("generate", "--max-tokens", "-5"), "--max-tokens must be >= 0"),
@@ -120,7 +140,21 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
         (("generate", "--threads", "0"), "--threads must be from 1"),
         (("generate", "--model", "demo", "--file", "x.gguf"), "--model demo has none"),
         (("logits", "--model", str(tmp_path / "nope.gguf"), "--tokens", "1", "-o", str(tmp_path / "l.npy")), "no such file"),
-        (("logits", "--model", str(tmp_path), "--tokens", "1", "-o", str(tmp_path / "l.npy")), "no such file"),
+        (("logits", "--model", str(tmp_path), "--tokens", "1", "-o", str(tmp_path / "l.npy")), "a folder"),
+        (("logits", "--model", "/tmp/" + "a" * 5000 + ".gguf", "--tokens", "1", "-o", str(tmp_path / "l.npy")), "not a usable path"),
+        (("logits", "--model", str(vocab_path()), "--tokens", "1", "-o", str(tmp_path)), "a folder, not a file name"),
+        (("perplexity", str(vocab_path()), "--text", str(tmp_path)), "a folder, not a text file"),
+        (("compare", str(vocab_path()), "--against", "llama.cpp", "--text", str(tmp_path)), "a folder, not a text file"),
+        (("compare", str(vocab_path()), "--text", str(text), "--save-kld-base", str(tmp_path)), "a folder, not a file name"),
+        (("compare", str(vocab_path()), "--against", "transformers", "--tokens", "1,2", "--level", "avx2"), "--level picks a llama.cpp build"),
+        (("compare", str(vocab_path()), "--against", "llama.cpp", "--tokens", "1,2", "--level", "sse2"), "unknown level 'sse2'"),
+        (("write-model", str(tmp_path)), "a folder, not a file name"),
+        (("write-model", str(tmp_path / "m.gguf"), "--seed", "-1"), "--seed must be >= 0"),
+        (("write-model", "/dev/null"), "not a regular file (a device or a pipe), not written"),
+        (("logits", "--model", str(vocab_path()), "--tokens", "1", "-o", "/dev/null"), "not a regular file"),
+        (("perplexity", str(vocab_path()), "--text", "/dev/zero"), "--text /dev/zero: not a regular file"),
+        (("logits", "--model", str(vocab_path()), "--tokens", "1,\u0663", "-o", str(tmp_path / "l.npy")), "comma-separated integer ids"),
+        (("inspect", ""), "the path is empty"),
         (("logits", "--model", str(vocab_path()), "--tokens", "1", "-o", str(tmp_path / "no" / "l.npy")), "does not exist"),
         (("logits", "--model", str(vocab_path()), "--tokens", "1,2,3", "--n-ctx", "2", "-o", str(tmp_path / "l.npy")), "less than the 3 tokens"),
     ]:

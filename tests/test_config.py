@@ -38,6 +38,11 @@ from phi3ref.gguf_file import GGUFError, GGUFFile
         ("phi3.vocab_size", (VT.UINT32, 32066), "vocabulary sizes disagree (phi3.vocab_size: 32066, tokenizer.ggml.tokens: 32064"),
         ("phi3.rope.scaling.attn_factor", (VT.FLOAT32, float("nan")), "attn_factor = nan must be a positive finite number"),
         ("phi3.rope.scaling.attn_factor", (VT.FLOAT32, -1.0), "attn_factor = -1.0 must be a positive finite number"),
+        # finite as float64 but not as float32, in which the pass computes: inf or 0
+        ("phi3.attention.layer_norm_rms_epsilon", (VT.FLOAT64, 1e300), "epsilon = 1e.300 must be a positive finite number that float32 holds"),
+        ("phi3.attention.layer_norm_rms_epsilon", (VT.FLOAT64, 1e-300), "must be a positive finite number that float32 holds"),
+        ("phi3.rope.freq_base", (VT.FLOAT64, 1e-300), "freq_base = 1e-300 must be a positive finite number that float32 holds"),
+        ("phi3.rope.scaling.attn_factor", (VT.FLOAT64, 1e300), "attn_factor = 1e.300 must be a positive finite number"),
     ],
 )
 def test_lies_in_the_hyperparameters(key, spec, message, tiny_model, tmp_path):

@@ -71,6 +71,11 @@ def _llama_cpp_at(level: isa.Level) -> isa.Level | None:
     return None if INSTALLED_IS_HOST_LEVEL and level == isa.host_level() else level
 
 
+# the llama.cpp that computes at the host's level: the installed one, or built for it (the
+# installed one is built natively: on a CPU with AMX it takes paths no level follows)
+HOST_BUILD = _llama_cpp_at(isa.host_level())
+
+
 PRESETS_HERE = ["phi3-mini", "phi3-medium", "phi3.5-mini", "phi4-mini"]  # size "heads": the real head sizes
 WRITTEN = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 LLAMA_QUANTIZED = ["Q2_K", "Q3_K_M", "IQ4_NL", "IQ4_XS"]  # types phi3ref cannot write: llama.cpp's quantizer makes them
@@ -164,6 +169,25 @@ def test_head_size_no_lane_count_divides(level, realistic_model):
     ours = _generation(realistic_model("phi3-mini-hd40", "Q8_0"), level, _prompt(20, 14), _prompt(30, 15))
     results.append((f"{level} head 40 Q8_0 generation", compare(ours, theirs[2])))
     _check(results)
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.parametrize("level", LEVEL_PARAMS)
+def test_the_demo_model_equals_llama_cpp(level):
+    """The trained demo model (trained weights, tied embeddings, Q4_K_M): the tutorial's chat
+    prompt and its generation, a 300-token prompt of its own training text."""
+    from phi3ref.hub import demo_path
+    from phi3ref.training import documents
+
+    path = demo_path()
+    model = phi3ref.load(path, isa=level)
+    chat = model.tokenizer.encode("<|user|>\nWrite a haiku about ice hockey<|end|>\n<|assistant|>\n")
+    text = model.tokenizer.encode(documents()[0].text)[:300]
+    theirs = llama_cpp_calls([("logits", dict(path=str(path), tokens=text, n_ctx=model.n_ctx)),
+                              ("generation", dict(path=str(path), prompt=chat, continuation=text[:40], n_ctx=model.n_ctx))],
+                             level=_llama_cpp_at(level))
+    _check([(f"{level} demo model, 300 tokens of text", compare(model.logits(text), theirs[0])),
+            (f"{level} demo model, chat prompt and 40 tokens", compare(generation_logits(model, chat, text[:40]), theirs[1]))])
 
 
 @NEEDS_LLAMA_CPP
@@ -281,7 +305,8 @@ def test_perplexity_logits_are_llama_cpp_s(preset, quant, n_ctx, tiny_model):
     model = phi3ref.load(path, n_ctx=n_ctx)
     tokens = text_tokens(model.tokenizer, PERPLEXITY_TEXT)
     pieces = chunks(tokens, n_ctx, 3, model.tokenizer.bos_id)
-    theirs = llama_cpp_calls([("chunk_logits", dict(path=str(path), tokens=c, first=n_ctx // 2, n_ctx=n_ctx)) for c in pieces])
+    theirs = llama_cpp_calls([("chunk_logits", dict(path=str(path), tokens=c, first=n_ctx // 2, n_ctx=n_ctx)) for c in pieces],
+                             level=HOST_BUILD)
     _check([(f"{preset} {quant} chunk {i}", compare(model.logits(c, first=n_ctx // 2), t)) for i, (c, t) in enumerate(zip(pieces, theirs))])
     nll = np.concatenate([token_nll(t[:-1], c[n_ctx // 2 + 1 :]) for c, t in zip(pieces, theirs)])
     assert perplexity(model, tokens, n_ctx, 3).ppl == pytest.approx(float(np.exp(nll.mean())), rel=1e-12)
@@ -334,11 +359,12 @@ def test_compare_against_llama_cpp(tiny_model, tmp_path):
     from phi3ref.crosscheck import compare_runtimes
 
     path = tiny_model("phi3-mini", "Q4_K_M")
-    same = compare_runtimes(path, "llama.cpp", text=PERPLEXITY_TEXT, n_ctx=128, n_chunks=2)
+    same = compare_runtimes(path, "llama.cpp", text=PERPLEXITY_TEXT, n_ctx=128, n_chunks=2, level=HOST_BUILD)
     assert same.count == 126 and same.kl_max == 0 and same.top1 == 1 and same.max_abs == 0 and same.ppl_model == same.ppl_against
-    tokens = compare_runtimes(path, "llama.cpp", tokens=_prompt(50, 20))
+    tokens = compare_runtimes(path, "llama.cpp", tokens=_prompt(50, 20), level=HOST_BUILD)
     assert tokens.count == 49 and tokens.max_abs == 0
-    other = compare_runtimes(path, "llama.cpp", text=PERPLEXITY_TEXT, n_ctx=128, n_chunks=2, against_model=tiny_model("phi3-mini", "Q8_0"))
+    other = compare_runtimes(path, "llama.cpp", text=PERPLEXITY_TEXT, n_ctx=128, n_chunks=2, against_model=tiny_model("phi3-mini", "Q8_0"),
+                             level=HOST_BUILD)
     assert other.kl_mean > 0 and other.max_abs > 0
 
 
@@ -398,7 +424,7 @@ def test_diverge_names_the_layer_and_op_of_an_altered_weight(tiny_model, tmp_pat
     from phi3ref.diverge import diverge
 
     path = tiny_model("phi3-mini", "Q8_0")
-    same = diverge(path, "llama.cpp", text="<|user|>\nWrite a haiku about ice hockey<|end|>\n<|assistant|>")
+    same = diverge(path, "llama.cpp", text="<|user|>\nWrite a haiku about ice hockey<|end|>\n<|assistant|>", level=HOST_BUILD)
     assert same.tokens_differ is None and same.first is None and all(e.equal for e in same.table)
     broken = tmp_path / "broken.gguf"
     shutil.copy(path, broken)
@@ -407,7 +433,7 @@ def test_diverge_names_the_layer_and_op_of_an_altered_weight(tiny_model, tmp_pat
     tensor.data[3, 2:40] = 0  # the int8 codes of the first block of row 3 (after its float16 scale)
     reader.data.flush()
     del reader
-    parted = diverge(path, "llama.cpp", tokens=_prompt(40, 21), against_model=broken)
+    parted = diverge(path, "llama.cpp", tokens=_prompt(40, 21), against_model=broken, level=HOST_BUILD)
     assert parted.first is not None and (parted.first.layer, parted.first.op) == (1, "ffn_up"), parted.format()
 
 

@@ -69,6 +69,39 @@ def test_bad_arguments(saved, tmp_path):
         diverge(path, tmp_path / "missing.npz", tokens=TOKENS)
     with pytest.raises(ValueError, match="tolerance must be"):
         diverge(path, tmp_path / "shape.npz", tokens=TOKENS, tolerance=-1)
+    # files numpy reads only by unpickling, or not at all, are refused naming them
+    np.savez(tmp_path / "objects.npz", **{"wqkv-0": np.array([{"a": 1}], dtype=object)})
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not a zip")
+    for name in ("objects.npz", "broken.npz"):
+        with pytest.raises(ValueError, match=f"{name}: not an array file numpy can read without unpickling"):
+            diverge(path, tmp_path / name, tokens=TOKENS)
+    np.save(tmp_path / "objects.npy", np.array([None, 1], dtype=object), allow_pickle=True)
+    from phi3ref.crosscheck import compare_runtimes
+
+    with pytest.raises(ValueError, match="objects.npy: not an array file numpy can read without unpickling"):
+        compare_runtimes(path, tmp_path / "objects.npy", tokens=TOKENS)
+    # a header that claims gigabytes (a small file, or a deflated member that inflates) is
+    # refused before anything is read or allocated
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (100000, 100000)})
+    with pytest.raises(ValueError, match="huge.npy: not an array file .* .logits claims more bytes than the file holds."):
+        compare_runtimes(path, tmp_path / "huge.npy", tokens=TOKENS)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "wqkv-0.npy").write_bytes((tmp_path / "huge.npy").read_bytes())
+    with pytest.raises(ValueError, match="wqkv-0 claims more bytes than the file holds"):
+        diverge(path, tmp_path / "folder", tokens=TOKENS)
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, **{"wqkv-0": np.zeros((20000, 20000), np.float32)})  # 1.6 GB inflated, 1.5 MB on disk
+    assert bomb.stat().st_size < 5e6
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=r"wqkv-0: \(30, 384\) here, \(20000, 20000\) on the other side"):
+        diverge(path, bomb, tokens=TOKENS)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 500_000  # kB: the member was never inflated
+    np.save(tmp_path / "text.npy", np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="text.npy: not an array file .* .logits holds <U1, not numbers."):
+        compare_runtimes(path, tmp_path / "text.npy", tokens=TOKENS)
 
 
 def test_the_name_map_covers_every_hook_point():

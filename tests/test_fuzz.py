@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fuzz harness forks and reads /proc")
 
-SAMPLE_CASES = 600
+SAMPLE_CASES = 2000
 
 
 def _run(cases: int, seed: int, tmp_path: Path) -> dict:

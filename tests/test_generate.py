@@ -154,6 +154,31 @@ def test_hub_offline_error(monkeypatch, tmp_path):
         resolve_model(tmp_path / "missing.gguf")
 
 
+def test_local_paths_that_are_no_model_file(tmp_path):
+    (tmp_path / "x.gguf").mkdir()  # a folder named like a model file is not one
+    with pytest.raises(FileNotFoundError, match="a folder with 0 .gguf files: name one with --file"):
+        resolve_model(tmp_path, file_flag="--file")
+    with pytest.raises(FileNotFoundError, match="x.gguf: a folder, not a .gguf file"):
+        resolve_model(tmp_path, filename="x.gguf")
+    with pytest.raises(FileNotFoundError, match="not a usable path .File name too long."):
+        resolve_model("/tmp/" + "a" * 5000 + ".gguf")
+    with pytest.raises(FileNotFoundError, match="/dev/zero: not a regular file"):
+        resolve_model("/dev/zero")
+    with pytest.raises(FileNotFoundError, match="not a usable path"):
+        phi3ref.GGUFFile("/tmp/" + "a" * 5000 + ".gguf")
+    with pytest.raises(TypeError, match="tokenizer must be None, 'hub' or the path of a tokenizer.json"):
+        phi3ref.load(tmp_path / "missing.gguf", tokenizer=5)
+    with pytest.raises(FileNotFoundError, match="the model path is empty"):
+        phi3ref.load("")
+    with pytest.raises(TypeError, match="revision must be a str"):
+        resolve_model(tmp_path, revision=5)
+    with pytest.raises(ValueError, match="a folder; a model is written to a file name"):
+        phi3ref.synthetic.write_model(tmp_path)
+    assert resolve_model("demo") == phi3ref.hub.demo_path() and phi3ref.hub.demo_path().is_file()
+    with pytest.raises(ValueError, match="the demo model has none"):
+        resolve_model("demo", filename="x.gguf")
+
+
 def run_cli(*args, env_extra=None, stdin=None, tmp_path=None):
     import os
 
@@ -174,7 +199,7 @@ def test_cli_generate_with_a_local_model(tiny_model):
 def test_cli_demo_and_chat(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     out = run_cli("generate", "--model", "demo", "--max-tokens", "4", env_extra=env)
-    assert out.returncode == 0 and "output is noise" in out.stderr
+    assert out.returncode == 0 and "trained on Python's documentation" in out.stderr
     chat = run_cli("chat", "--model", "demo", "--max-tokens", "3", "--seed", "2", env_extra=env, stdin="Hello\nAgain\n/exit\n")
     assert chat.returncode == 0, chat.stderr
     assert chat.stderr.count("generation:") == 2  # one timing line per turn
@@ -326,14 +351,44 @@ def test_a_stream_closed_early_says_cancelled(model):
     (dict(messages=[{"role": "user", "content": "x"}], raw=True), ValueError, "raw=True encodes a prompt string"),
     (dict(prompt="x", raw=True, system="s"), ValueError, "a system message goes through the chat template"),
     (dict(prompt="x", raw="yes"), TypeError, "raw must be True or False"),
-    (dict(prompt="x", logprobs=-1), ValueError, "logprobs must be None or an integer >= 0"),
+    (dict(prompt="x", logprobs=-1), ValueError, "logprobs must be an integer >= 0"),
     (dict(prompt="x", logprobs=10**6), ValueError, "logprobs must be at most the vocabulary's 32064 tokens"),
-    (dict(prompt="x", logprobs=2.5), TypeError, "logprobs must be None or an integer"),
+    (dict(prompt="x", logprobs=2.5), TypeError, "logprobs must be an integer"),
+    (dict(prompt="x", seed=-1), ValueError, "seed must be an integer >= 0"),
+    (dict(prompt="x", seed="x"), TypeError, "seed must be an integer"),
+    (dict(prompt="x", max_tokens=np.int64(-1)), ValueError, "max_tokens must be an integer >= 0"),
+    (dict(prompt="x", stream="yes"), TypeError, "stream must be True or False"),
+    (dict(tokens=np.array(5)), TypeError, "list of integer token ids, got ndarray of 0 dimensions"),
+    (dict(prompt="", raw=True), None, None),
     (dict(prompt="x", echo="yes"), TypeError, "echo must be True or False"),
 ])
 def test_cross_checking_arguments(model, kwargs, error, message):
+    if error is None:  # (an empty raw prompt: BOS alone, as the vocabulary adds one)
+        assert phi3ref.generate(model=model, max_tokens=1, **kwargs).prompt_tokens == [model.tokenizer.bos_id]
+        return
     with pytest.raises(error, match=message):
         phi3ref.generate(model=model, **kwargs)
+
+
+def test_numpy_integers_are_integers(model):
+    result = phi3ref.generate("x", model=model, max_tokens=np.int64(2), seed=np.uint32(3), logprobs=np.int16(2))
+    assert result.seed == 3 and len(result.tokens) <= 2 and len(result.logprobs) == len(result.tokens)
+
+
+def test_chat_checks_its_arguments_before_loading(tmp_path):
+    missing = tmp_path / "missing.gguf"  # never opened: every check comes first
+    for kwargs, error, message in [
+        (dict(seed=-1), ValueError, "seed must be an integer >= 0"),
+        (dict(seed="x"), TypeError, "seed must be an integer"),
+        (dict(seed=1.5), TypeError, "seed must be an integer"),
+        (dict(temperature=-1), ValueError, "temperature"),
+        (dict(system=5), TypeError, "system must be a str"),
+        (dict(bogus=1), TypeError, "unknown sampling parameter 'bogus'"),
+    ]:
+        with pytest.raises(error, match=message):
+            phi3ref.Chat(missing, **kwargs)
+    with pytest.raises(FileNotFoundError):
+        phi3ref.Chat(missing)
 
 
 @pytest.mark.slow  # child processes

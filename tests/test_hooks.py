@@ -110,7 +110,7 @@ def _cache_with(model, functions):
     ({3: lambda v, n: None}, TypeError, "hook names must be strings"),
     ([("l_out-0", print)], TypeError, "hooks must be a mapping"),
     ({"l_out-0": lambda v, n: v[:, :3]}, ValueError, r"the hook at l_out-0 returned shape \(16, 3\); the point's value has shape \(16, "),
-    ({"l_out-0": lambda v, n: "abc"}, TypeError, "the hook at l_out-0 returned str, not an array of numbers"),
+    ({"l_out-0": lambda v, n: "abc"}, TypeError, "the hook at l_out-0 returned str, not an array of real numbers"),
     ({"l_out-0": lambda v, n: v * np.nan}, ValueError, r"the hook at l_out-0 returned nan at \(0, 0\): replacements must be finite"),
     ({"attn_norm-1": lambda v, n: v - np.inf}, ValueError, "the hook at attn_norm-1 returned -inf"),
     ({"kq-0": lambda v, n: v + np.inf}, ValueError, r"the hook at kq-0 returned inf .* \(-inf masks a key here; \+inf and NaN do not\)"),

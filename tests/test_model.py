@@ -134,7 +134,7 @@ def test_bad_input(tiny_model):
         model.forward([4], 5)
     with pytest.raises(ValueError, match="numerics must be one of"):
         phi3ref.load(tiny_model("phi3-mini", "Q4_0"), numerics="fast")
-    with pytest.raises(ValueError, match="n_ctx must be a positive integer"):
+    with pytest.raises(ValueError, match="n_ctx must be an integer >= 1"):
         phi3ref.load(tiny_model("phi3-mini", "Q4_0"), n_ctx=0)
     with pytest.raises(ValueError, match="threads must be an integer"):
         phi3ref.load(tiny_model("phi3-mini", "Q4_0"), threads=0)
@@ -346,6 +346,17 @@ def test_careless_calls(tiny_model):
         model.logits([1.5])
     with pytest.raises(TypeError, match="start_pos must be an integer"):
         model.forward([1], "0")
+    with pytest.raises(ValueError, match="start_pos must be an integer >= 0, got -1"):
+        model.forward([1], np.int64(-1))
+    for tokens in ([True, False], [1, np.bool_(True)], {1, 2}, {1: 2}, "12", 7, np.array(5)):
+        with pytest.raises(TypeError, match="tokens must be a sequence of integer token ids"):
+            model.logits(tokens)
+    with pytest.raises(TypeError, match="all_logits must be True or False"):
+        model.forward([1], 0, all_logits="yes")
+    with pytest.raises(TypeError, match="expect_version must be an integer"):
+        model.forward([1], 0, expect_version="x")
+    assert model.forward(np.array([1, 2], np.int32), np.int64(0)).shape == (model.config.n_vocab,)
+    assert phi3ref.load(tiny_model("phi3-mini", "Q4_0"), n_ctx=np.int64(16), threads=np.int8(1), n_ubatch=np.uint16(8)).n_ctx == 16
     with pytest.raises(ValueError, match="needs a KV cache of .* GiB, more than this machine's"):
         phi3ref.load(tiny_model("phi3-mini", "Q4_0"), n_ctx=10**12)
     with pytest.warns(UserWarning, match="n_ctx=1024 is more than the 512 positions"):

@@ -108,7 +108,7 @@ def test_filters_restrict_the_draw():
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": 0}, "top_k"),
-        ({"top_k": 2.5}, "top_k"),
+
         ({"min_p": -0.1}, "min_p"),
         ({"repeat_penalty": 0}, "repeat_penalty"),
         ({"repeat_last_n": -1}, "repeat_last_n"),
@@ -117,6 +117,43 @@ def test_filters_restrict_the_draw():
 def test_invalid_values_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"top_k": 2.5}, TypeError, "top_k must be an integer, got 2.5"),
+        ({"top_k": True}, TypeError, "top_k must be an integer"),
+        ({"temperature": "0.5"}, TypeError, "temperature must be a number"),
+        ({"temperature": 10**400}, ValueError, "temperature must be a finite number, got an integer of 1329 bits"),
+        ({"top_p": 1 + 2j}, TypeError, "top_p must be a number"),
+        ({"repeat_last_n": np.int64(-1)}, ValueError, "repeat_last_n must be an integer >= 0"),
+    ],
+)
+def test_values_of_the_wrong_kind_name_the_parameter(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_numpy_numbers_are_numbers():
+    p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), repeat_last_n=np.uint8(8))
+    assert sample(np.array([1.0, 2.0, 3.0], np.float32), p, np.random.default_rng(0)) in (0, 1, 2)
+
+
+def test_careless_sample_arguments():
+    logits, rng = np.zeros(3, np.float32), np.random.default_rng(0)
+    with pytest.raises(TypeError, match="rng must be a numpy Generator"):
+        sample(logits, SamplingParams(), None)
+    with pytest.raises(TypeError, match="params must be a SamplingParams"):
+        sample(logits, {"temperature": 1.0}, rng)
+    with pytest.raises(TypeError, match="recent must be a sequence of token ids"):
+        sample(logits, SamplingParams(repeat_penalty=1.2), rng, None)
+    with pytest.raises(TypeError, match="a recent token id must be an integer, got 'a'"):
+        sample(logits, SamplingParams(repeat_penalty=1.2), rng, ["a"])
+    with pytest.raises(ValueError, match="outside the logits"):
+        sample(logits, SamplingParams(repeat_penalty=1.2), rng, [2**70])
+    with pytest.raises(TypeError, match="logits must be a 1-D array of numbers"):
+        sample(["a", "b"], SamplingParams(), rng)
 
 
 # -- refusals and properties ------------------------------------------------------------------
@@ -143,6 +180,10 @@ def test_recent_ids_outside_the_logits_are_refused():
 def test_a_vanishing_temperature_is_argmax():
     logits = np.array([1e30, 3e30, -2e30], np.float32)
     assert sample(logits, SamplingParams(temperature=1e-30), np.random.default_rng(0)) == 1
+    # logits all below 0 divided by a temperature float32 cannot hold (or that makes them -inf)
+    for temperature in (1e-40, 1e-50, 1e-300):
+        assert sample(np.array([-2.0, -1.0, -3.0], np.float32), SamplingParams(temperature=temperature), np.random.default_rng(0)) == 1
+        assert sample(np.array([0.0, -1.0], np.float32), SamplingParams(temperature=temperature), np.random.default_rng(0)) == 0
 
 
 _LOGITS = hnp.arrays(np.float32, st.integers(1, 40), elements=st.floats(-1e4, 1e4, width=32))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import struct
+import time
 
+import numpy as np
 import pytest
 from conftest import DATA
 from craft import RawGGUF, gpt2_vocab, kv, kv_str, kv_str_array, rewrite_gguf
@@ -11,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from gguf import GGUFValueType as VT
 
-from phi3ref import GGUFError
+from phi3ref import GGUFError, GGUFFile
 from phi3ref.tokenizer import Tokenizer
 from phi3ref.synthetic import vocab_path
 
@@ -198,6 +200,96 @@ def test_gpt2_merges_naming_unknown_tokens(tmp_path):
     bad = rewrite_gguf(good, tmp_path / "bad-pre.gguf", set_kv={"tokenizer.ggml.pre": (VT.ARRAY, ["gpt2"], VT.STRING)})
     with pytest.raises(GGUFError, match="'tokenizer.ggml.pre' should be a string, but it is array"):
         Tokenizer.from_gguf(bad)
+
+
+def test_a_token_text_twice_is_refused(tmp_path):
+    """Two ids with one text: encoding maps the text to one of them, and the other once
+    decoded to '' (and the vocabulary seemed one token short)."""
+    with GGUFFile(vocab_path()) as gf:
+        tokens = list(gf.get_array("tokenizer.ggml.tokens"))
+    tokens[281] = tokens[280]
+    path = rewrite_gguf(vocab_path(), tmp_path / "dup.gguf", set_kv={"tokenizer.ggml.tokens": (VT.ARRAY, tokens, VT.STRING)})
+    with pytest.raises(GGUFError, match=f"tokenizer.ggml.tokens holds {tokens[280]!r} twice .ids 280 and 281."):
+        Tokenizer.from_gguf(path)
+    gpt2 = gpt2_vocab(tmp_path / "gpt2.gguf")
+    with GGUFFile(gpt2) as gf:
+        tokens = list(gf.get_array("tokenizer.ggml.tokens"))
+    tokens[-1] = tokens[-2]
+    bad = rewrite_gguf(gpt2, tmp_path / "dup2.gguf", set_kv={"tokenizer.ggml.tokens": (VT.ARRAY, tokens, VT.STRING)})
+    with pytest.raises(GGUFError, match="twice"):
+        Tokenizer.from_gguf(bad)
+
+
+@pytest.mark.parametrize("extra,token_type,message", [
+    (["x" * 400_000], 1, "token 32064 of tokenizer.ggml.tokens is 400,000 characters long"),
+    (["\ua66e" * k for k in range(1, 1025)], 1, "merges of more than 32,000,000 characters"),
+    ([f"<|c{i}|>" + "z" * 1000 for i in range(1200)], 3, "control, user-defined and unknown tokens of tokenizer.ggml.tokens hold"),
+])
+def test_building_a_hostile_vocabulary_is_bounded(extra, token_type, message, tmp_path):
+    """A token of a million characters, tokens whose every cut is in the vocabulary (merges
+    come from every cut of a SentencePiece token) or megabytes of control tokens once took
+    minutes, or gigabytes, or crashed the process in the tokenizers library."""
+    with GGUFFile(vocab_path()) as gf:
+        tokens, types = list(gf.get_array("tokenizer.ggml.tokens")), list(gf.get_array("tokenizer.ggml.token_type"))
+    tokens, types = tokens + extra, [int(t) for t in types] + [token_type] * len(extra)
+    path = rewrite_gguf(vocab_path(), tmp_path / "long.gguf", set_kv={
+        "tokenizer.ggml.tokens": (VT.ARRAY, tokens, VT.STRING), "tokenizer.ggml.scores": (VT.ARRAY, [0.0] * len(tokens), VT.FLOAT32),
+        "tokenizer.ggml.token_type": (VT.ARRAY, types, VT.INT32)})
+    start = time.perf_counter()
+    with pytest.raises(GGUFError, match=message):
+        Tokenizer.from_gguf(path)
+    assert time.perf_counter() - start < 10
+
+
+def test_a_tokenizer_json_of_another_vocabulary_is_refused(tmp_path, tok):
+    other = Tokenizer.from_gguf(gpt2_vocab(tmp_path / "gpt2.gguf"))
+    other.backend.save(str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match="not the vocabulary of the model file"):
+        Tokenizer.from_file(tmp_path / "other.json", gguf=vocab_path())
+
+
+def test_token_types_outside_llama_cpp_s(tmp_path):
+    with GGUFFile(vocab_path()) as gf:
+        types = [int(t) for t in gf.get_array("tokenizer.ggml.token_type")]
+    types[7] = -1  # (a uint64 of 2**64 - 1 reads as -1)
+    path = rewrite_gguf(vocab_path(), tmp_path / "types.gguf", set_kv={"tokenizer.ggml.token_type": (VT.ARRAY, types, VT.INT64)})
+    with pytest.raises(GGUFError, match=r"tokenizer.ggml.token_type\[7\] = -1 is not a token type \(0 to 6\)"):
+        Tokenizer.from_gguf(path)
+
+
+def test_a_shorter_tokenizer_json_is_padded_with_the_file_s_tokens(tmp_path, tok):
+    """Phi-3's tokenizer.json has 32,011 entries for the model's 32,064 rows (the file names
+    the rest [PAD32011] ...): every id the model can produce must decode."""
+    import json
+
+    full = json.loads(tok.backend.to_str())
+    full["added_tokens"] = [t for t in full["added_tokens"] if t["id"] < 32011]
+    (tmp_path / "short.json").write_text(json.dumps(full), encoding="utf-8")
+    short = Tokenizer.from_file(tmp_path / "short.json", gguf=vocab_path())
+    assert short.n_vocab == 32064 and short.decode([32063]) == tok.decode([32063])
+    assert short.encode(CHAT) == tok.encode(CHAT)
+    with pytest.raises(FileNotFoundError, match="not a regular file, not a tokenizer.json"):
+        Tokenizer.from_file("/dev/zero")
+    with pytest.raises(TypeError, match="the tokenizer must be the path of a tokenizer.json"):
+        Tokenizer.from_file(5)
+
+
+def test_careless_token_ids(tok):
+    for bad, error in ((-1, ValueError), (2**64, ValueError), (32064, ValueError), (1.7, TypeError), ("5", TypeError), (None, TypeError)):
+        with pytest.raises(error, match="token"):
+            tok.token_text(bad)
+        with pytest.raises(error, match="token"):
+            tok.is_special(bad)
+    assert tok.token_text(np.int64(32010)) == "<|user|>" and tok.is_special(np.uint16(32010))
+
+
+def test_careless_flags_and_bools(tok):
+    with pytest.raises(TypeError, match="integer token ids"):
+        tok.decode([True])
+    for call, name in ((lambda: tok.decode([1], skip_special="x"), "skip_special"), (lambda: tok.encode("a", add_bos="yes"), "add_bos"),
+                       (lambda: tok.encode("a", special=None), "special"), (lambda: tok.decode([1], continuation=1), "continuation")):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            call()
 
 
 def test_careless_text_and_ids(tok):
