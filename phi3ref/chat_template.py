@@ -224,7 +224,8 @@ def render_chat(
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     render = functools.partial(_render, clean, template or PHI3_TEMPLATE, bos_token, eos_token, bool(add_generation_prompt))
-    return _in_child(render) if ISOLATE else render()
+    # phi3ref's own template needs no containment: only a file's template runs in a child
+    return _in_child(render) if ISOLATE and template is not None else render()
 
 
 def _render(messages: list[dict[str, str]], template: str, bos_token: str, eos_token: str, add_generation_prompt: bool) -> str:

@@ -132,11 +132,11 @@ def _replacement(name: str, value: np.ndarray, replaced: object) -> np.ndarray:
     """A hook's return value as the pass's own: a fresh C-contiguous float32 array of the
     point's shape (anything else is refused, naming the point)."""
     try:
-        dtype = np.asarray(replaced).dtype
+        given = np.asarray(replaced)
         # complex would lose its imaginary part, strings of digits would be read as numbers
-        if dtype.kind not in "biuf":
-            raise TypeError(f"dtype {dtype}")
-        out = np.array(replaced, dtype=np.float32, order="C")
+        if given.dtype.kind not in "biuf":
+            raise TypeError(f"dtype {given.dtype}")
+        out = np.array(given, dtype=np.float32, order="C")  # a copy: the pass owns it
     except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(f"the hook at {name} returned {type(replaced).__name__}, not an array of real numbers ({e})") from None
     if out.shape != value.shape:

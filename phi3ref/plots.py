@@ -14,6 +14,7 @@ import numpy as np
 
 from .checks import integer
 from .lens import top_tokens
+from .sampler import log_softmax
 from .tokenizer import Tokenizer
 
 __all__ = ["plot_attention", "plot_distribution", "plot_head_scores", "plot_logit_lens", "plot_rotation", "token_labels"]
@@ -37,7 +38,7 @@ def token_labels(tokenizer: Tokenizer, tokens: Sequence[int]) -> list[str]:
     """Short labels for a plot's axis: each token's text, whitespace made visible."""
     out = []
     for t in tokens:
-        text = tokenizer.token_text(integer("token id", t)).replace("\u2581", "\u00b7").replace("\n", "\u21b5").replace(" ", "\u00b7")
+        text = tokenizer.token_text(t).replace("\u2581", "\u00b7").replace("\n", "\u21b5").replace(" ", "\u00b7")  # (token_text checks the id)
         out.append(text if len(text) <= 12 else text[:11] + "\u2026")
     return out
 
@@ -95,8 +96,7 @@ def plot_logit_lens(lens: np.ndarray, tokenizer: Tokenizer, position: int = -1, 
     k = integer("k", k, lo=1, hi=lens.shape[2])
     rows = lens[:, position]  # (depth, n_vocab)
     final = top_tokens(rows[-1], tokenizer, k)
-    logp = rows.astype(np.float64) - rows.max(axis=1, keepdims=True)
-    probs = np.exp(logp) / np.exp(logp).sum(axis=1, keepdims=True)  # (depth, n_vocab)
+    probs = np.exp(log_softmax(rows))  # (depth, n_vocab)
     ax = _axes(ax, (6, 3.5))
     depth = np.arange(rows.shape[0])
     for t, text, _ in final:

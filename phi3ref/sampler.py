@@ -139,12 +139,13 @@ def min_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(keep, x, np.float32(-np.inf))
 
 
-def _recent_ids(recent: Sequence[int]) -> np.ndarray:
-    """The ids of ``recent`` as an int64 array (``TypeError`` unless they are integers)."""
-    if isinstance(recent, (str, bytes)) or not isinstance(recent, (Sequence, np.ndarray)):
+def _recent_ids(recent: Sequence[int], last_n: int) -> np.ndarray:
+    """The last ``last_n`` ids of ``recent`` as an int64 array (``TypeError`` unless they
+    are integers). Only the window is checked: ``recent`` is often the whole history."""
+    if isinstance(recent, (str, bytes)) or not isinstance(recent, (Sequence, np.ndarray)) or getattr(recent, "ndim", 1) != 1:
         raise TypeError(f"recent must be a sequence of token ids, got {type(recent).__name__}")
     try:
-        return np.asarray([integer("a recent token id", t) for t in recent], dtype=np.int64)
+        return np.asarray([integer("a recent token id", t) for t in recent[-last_n:]], dtype=np.int64)
     except OverflowError:
         raise ValueError("a recent token id is outside the logits") from None
 
@@ -170,7 +171,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     if np.all(x == -np.inf):
         raise ValueError("every logit is -inf: no token is allowed")
     if params.repeat_last_n > 0 and params.repeat_penalty != 1.0:
-        window = _recent_ids(recent)[-params.repeat_last_n :]
+        window = _recent_ids(recent, params.repeat_last_n)
         outside = (window < 0) | (window >= x.size)
         if outside.any():
             raise ValueError(f"recent token id {int(window[outside][0])} is outside the {x.size} logits")

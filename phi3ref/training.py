@@ -181,10 +181,12 @@ def split(docs: Sequence[Document], every: int) -> tuple[list[Document], list[Do
     return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
 
 
-def heldout_text(recipe: Recipe = Recipe()) -> str:
-    """The held-out documents' texts, one after another (blank lines between): the text the
-    demo model's perplexity is measured on (``phi3ref perplexity --text``, llama-perplexity)."""
-    return "\n\n".join(d.text for d in split(documents(), recipe.heldout_every)[1]) + "\n"
+def heldout_text(recipe: Recipe = Recipe(), docs: Sequence[Document] | None = None) -> str:
+    """The held-out documents' texts (of ``docs``, by default :func:`documents`), one after
+    another (blank lines between): the text the demo model's perplexity is measured on
+    (``phi3ref perplexity --text``, llama-perplexity)."""
+    docs = documents() if docs is None else docs
+    return "\n\n".join(d.text for d in split(docs, recipe.heldout_every)[1]) + "\n"
 
 
 def chat_ids(tokenizer: Tokenizer, doc: Document) -> list[int]:
@@ -424,12 +426,13 @@ def evaluate(path: str | Path, *, n_ctx: int = 512, recipe: Recipe = Recipe(), n
 
     model = load(path, numerics=numerics, n_ctx=n_ctx)
     tokenizer = model.tokenizer
-    text = heldout_text(recipe)
+    docs = documents()  # (parses the standard library: once)
+    text = heldout_text(recipe, docs)
     ids = text_tokens(tokenizer, text)
     result = perplexity(model, ids, n_ctx)
     pieces = chunks(ids, n_ctx, None, chunk_bos(tokenizer))
     targets = np.concatenate([np.asarray(p[n_ctx // 2 + 1 :]) for p in pieces])
-    train_docs = split(documents(), recipe.heldout_every)[0]
+    train_docs = split(docs, recipe.heldout_every)[0]
     train_ids = np.concatenate([np.asarray(chat_ids(tokenizer, d), np.int64) for d in train_docs])
     report = dict(path=str(path), numerics=model.numerics.name, n_ctx=n_ctx, chunks=result.n_chunks,
                   tokens_scored=result.tokens_scored, ppl=f"{result.ppl:.4f} +/- {result.ppl_err:.5f}",
