@@ -128,6 +128,13 @@ def _source_tree(version: str) -> Path:
     return tree
 
 
+def source_tree() -> Path:
+    """llama.cpp's source tree (``vendor/llama.cpp``) of the installed llama-cpp-python,
+    fetched once: its ``models/ggml-vocab-*.gguf`` vocabularies and their test vectors
+    serve the tokenizer cross-checks."""
+    return _source_tree(installed_version())
+
+
 def build(level: Level, *, jobs: int | None = None) -> Path:
     """llama.cpp of the installed llama-cpp-python, built at ``level`` (once; cached):
     the directory holding its libllama.so, for ``LLAMA_CPP_LIB_PATH``."""

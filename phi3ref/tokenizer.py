@@ -8,8 +8,9 @@ from the ``tokenizer.ggml.*`` metadata, as llama.cpp tokenizes:
   pair first), spaces written as U+2581, a U+2581 prepended to every stretch of text
   (the first, and each after a special token, as llama.cpp does), bytes outside the
   vocabulary as ``<0xNN>`` tokens;
-* ``gpt2`` (byte-level BPE, Phi-4-mini): the file's merges, the pre-tokenizer regex that
-  ``tokenizer.ggml.pre`` names, bytes mapped to printable characters as GPT-2 does.
+* ``gpt2`` (byte-level BPE, Phi-2, Phi-4, Phi-4-mini): the file's merges, split first by
+  the regexes of the pre-tokenizer that ``tokenizer.ggml.pre`` names, with its flags
+  (:data:`PRE_TOKENIZERS`), bytes mapped to printable characters as GPT-2 does.
 
 Control tokens (``<|user|>``, ``<|end|>``, ...) are single ids when special-token parsing
 is on; user-defined tokens always are.
@@ -21,6 +22,7 @@ import json
 import operator
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -46,23 +48,49 @@ EOG_TEXTS = (
     "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
 )
 
-# Pre-tokenizer regexes of the GPT-2-style vocabularies (llama.cpp's llm_tokenizer_bpe)
+# How llama.cpp splits text before byte-level BPE, for each tokenizer.ggml.pre name a Phi
+# family file can carry (llama-vocab.cpp: the name -> type chain, the regexes of each type
+# in llm_tokenizer_bpe, and the flags each name sets). Several regexes apply in turn, each
+# to the pieces the one before left (unicode.cpp's unicode_regex_split).
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# (llama.cpp's own code for this pattern, not a regex engine, splits it, and ends with the
+# "\s+" that its regex text leaves out: the text here says what the code does)
 _LLAMA3_REGEX = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# llama.cpp's adaptation of o200k's regex: \p{Lu}/\p{Ll} become "a letter but not a-z" /
+# "a letter but not A-Z", as its std::regex sees text with every non-ASCII letter collapsed
+# into one class — so a non-ASCII letter counts as both cases, and \p{M} marks are not letters
 _GPT4O_REGEX = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"[^\r\n\p{L}\p{N}]?(?:(?=[\p{L}])(?:[^a-z]))*(?:(?=[\p{L}])(?:[^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|[^\r\n\p{L}\p{N}]?(?:(?=[\p{L}])(?:[^a-z]))+(?:(?=[\p{L}])(?:[^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_REGEXES = {
-    "default": _GPT2_REGEX,
-    "gpt2": _GPT2_REGEX,
-    "llama3": _LLAMA3_REGEX,
-    "llama-bpe": _LLAMA3_REGEX,
-    "gpt-4o": _GPT4O_REGEX,
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """One llama.cpp pre-tokenizer type: its regexes (applied in turn), whether a piece that
+    is itself a token skips the merges (``ignore_merges``), and whether BOS is added when
+    the file has no ``tokenizer.ggml.add_bos_token``."""
+
+    regexes: tuple[str, ...]
+    ignore_merges: bool = False
+    add_bos: bool = False
+
+
+_DEFAULT = PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"))
+_GPT2 = PreTokenizer((_GPT2_REGEX,))
+_LLAMA3 = PreTokenizer((_LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
+_DBRX = PreTokenizer((_LLAMA3_REGEX,))  # llama3's regex, but its merges always apply
+_GPT4O = PreTokenizer((_GPT4O_REGEX,))
+PRE_TOKENIZERS = {
+    "default": _DEFAULT,  # also a file without tokenizer.ggml.pre
+    "gpt-2": _GPT2, "phi-2": _GPT2,  # Phi-2
+    "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3,
+    "dbrx": _DBRX, "smaug-bpe": _DBRX,  # Phi-4 (14B) and its reasoning variants: dbrx
+    "gpt-4o": _GPT4O,  # Phi-4-mini
 }
 
 
@@ -143,6 +171,7 @@ class Tokenizer:
         if special > MAX_SPECIAL_CHARS:
             raise GGUFError(f"{gf.path}: the control, user-defined and unknown tokens of tokenizer.ggml.tokens hold "
                             f"{special:,} characters, more than the {MAX_SPECIAL_CHARS:,} a vocabulary is allowed")
+        pre = None  # a gpt2 vocabulary's PreTokenizer
         if kind == "llama":
             scores = np.asarray(_typed_array(gf, "tokenizer.ggml.scores", "numbers"), dtype=np.float64)
             if scores.shape != (n,):
@@ -150,12 +179,14 @@ class Tokenizer:
             backend = _backend(gf, _spm_backend, tokens, scores, types)
         elif kind == "gpt2":
             merges = _typed_array(gf, "tokenizer.ggml.merges", "strings")
-            pre = gf.get_str("tokenizer.ggml.pre", "default")
-            if pre not in PRE_TOKENIZER_REGEXES:
+            pre_name = gf.get_str("tokenizer.ggml.pre", "default")
+            if pre_name not in PRE_TOKENIZERS:
                 raise GGUFError(
-                    f"{gf.path}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZER_REGEXES)})"
+                    f"{gf.path}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not supported "
+                    f"(supported: {', '.join(PRE_TOKENIZERS)})"
                 )
-            backend = _backend(gf, _bpe_backend, tokens, merges, PRE_TOKENIZER_REGEXES[pre])
+            pre = PRE_TOKENIZERS[pre_name]
+            backend = _backend(gf, _bpe_backend, tokens, merges, pre)
         else:
             raise GGUFError(f"{gf.path}: tokenizer model {kind!r} is not supported (phi3ref reads 'llama' and 'gpt2')")
         # llama.cpp strips the whitespace after Phi-3's special tokens (all but <unk>, <s>
@@ -183,7 +214,7 @@ class Tokenizer:
             bos_id=bos,
             eos_id=eos,
             eog_ids=eog,
-            add_bos=gf.get_bool("tokenizer.ggml.add_bos_token", kind == "llama"),
+            add_bos=gf.get_bool("tokenizer.ggml.add_bos_token", kind == "llama" or (pre is not None and pre.add_bos)),
             add_eos=gf.get_bool("tokenizer.ggml.add_eos_token", False),
             chat_template=gf.get_str("tokenizer.chat_template", None),
             kind=kind,
@@ -418,8 +449,9 @@ def _spm_backend(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> to
     return backend
 
 
-def _bpe_backend(tokens: list[str], merges: list[str] | None, regex: str) -> tokenizers.Tokenizer:
-    """A GPT-2-style byte-level BPE from the file's tokens and merges."""
+def _bpe_backend(tokens: list[str], merges: list[str] | None, pre: PreTokenizer) -> tokenizers.Tokenizer:
+    """A GPT-2-style byte-level BPE from the file's tokens and merges, split first as
+    llama.cpp splits for the file's pre-tokenizer ``pre``."""
     if not merges:
         raise GGUFError("a gpt2 vocabulary needs tokenizer.ggml.merges")
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -432,12 +464,10 @@ def _bpe_backend(tokens: list[str], merges: list[str] | None, regex: str) -> tok
             if part not in vocab:
                 raise GGUFError(f"merge #{i} {m!r} in tokenizer.ggml.merges names {part!r}, which is not in the vocabulary")
         pairs.append((left, right))
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
+        [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated", invert=False) for r in pre.regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     backend.decoder = decoders.ByteLevel()
     return backend

@@ -17,11 +17,15 @@ phi3ref's own writer — the file bundled as ``phi3ref/data/demo.gguf`` (``--mod
   (the user asks about it, the assistant answers with the text), so that a chat prompt is
   answered in the documentation's words and ends with ``<|end|>``; one document in
   :data:`Recipe.heldout_every` is held out;
-* **a copying task** in every batch — a random run of tokens, then the same run again —
-  meant to grow induction heads (a head that finds the previous occurrence of the current
-  token and predicts what followed it: Olsson et al., 2022, "In-context learning and
-  induction heads"); its first copy is not scored (it cannot be predicted). In the bundled
-  model no induction head has formed yet (docs/demo-model.md);
+* **a copying task** beside the text, meant to grow induction heads (a head that finds the
+  previous occurrence of the current token and attends to what followed it: Olsson et al.,
+  2022, "In-context learning and induction heads"): rows of random tokens — the text's most
+  frequent ones — in which a run of them appears twice at a random distance, only the
+  second run's predictable tokens scored. In the bundled model no induction head has
+  formed yet (docs/demo-model.md says what was tried); the recipe's other phases and
+  options — text alone first (``lead_steps``), copying alone (``copy_steps``), the copying
+  scored over its pool of tokens only (``copy_softmax="pool"``), text rows that repeat
+  their own first part (``repeat_rows``) — are there for that search;
 * **the training** is transformers' ``Phi3ForCausalLM`` in float32 (torch, from the
   ``crosscheck`` extra): AdamW, a linear warm-up and a cosine decay, the full softmax over
   the 32,064 tokens;
@@ -76,20 +80,29 @@ class Recipe:
     """Everything that decides the trained weights (with the Python's documentation)."""
 
     shape: ModelShape = DEMO_SHAPE
-    # phase 1 (off by default): the copying task alone, in short rows. 2,000 steps of it
-    # lower the copying loss to about 2.5 nats (an induction head forming), but the text
-    # phase after it then stalls near 6.5 nats and loses the copying: the bundled model
-    # was trained without it (--copy-steps 0); a recipe that keeps both is issue 16's next step
+    # phase 0 (off by default): text alone, at text_lr after the warm-up — meant to form a
+    # previous-token head first, which an induction head builds on
+    lead_steps: int = 0
+    # phase 1 (off by default): the copying task alone, in short rows
     copy_steps: int = 0
     copy_batch: int = 128
     copy_len: int = 20  # tokens in a copying row: random tokens, a run of them placed twice
     copy_run: tuple[int, int] = (2, 6)  # the run's length, from .. to
     copy_pool: int = 500  # the rows' tokens: the text's most frequent ones
+    # the copying rows' softmax: over the whole vocabulary ("vocab", the bundled model's), or
+    # over the pool alone ("pool": which of them comes next is the task; a softmax over the
+    # vocabulary also teaches that only the pool's tokens exist, and after a phase of
+    # copying alone the text starts from 20 nats instead of 10)
+    copy_softmax: str = "vocab"
     # phase 2: the text, with the copying task beside it (longer rows: the distances grow)
     steps: int = 700
     batch_size: int = 8  # rows of seq_len tokens of text per step
     seq_len: int = 512
     doc_start_rows: int = 2  # rows that start at a document's beginning (the chat header)
+    # rows whose first part (16 .. seq_len / 2 tokens) comes again after it: text that
+    # repeats, the natural copying task (the second copy costs little once a head copies)
+    repeat_rows: int = 0
+    repeat_min: int = 16
     text_copy_batch: int = 32
     text_copy_len: int = 32
     lr: float = 1e-3  # phase 1's, after a linear warm-up of warmup_steps
@@ -213,25 +226,34 @@ def unigram_perplexity(train_ids: np.ndarray, targets: np.ndarray, n_vocab: int)
 
 class _Batches:
     """Each step's rows: :meth:`text` gives windows of ``seq_len + 1`` tokens of the text
-    (some from a document's start); :meth:`copies` rows of the copying task — random
-    tokens with one run of them placed twice, at random distances — labelled only where
-    the second run can be predicted from the first (its tokens but the first; -100
-    elsewhere). The distance varies from row to row, so a head cannot learn "attend d
-    back": it has to find the earlier occurrence of the current token and read what came
-    after it, which is what an induction head does."""
+    (some from a document's start; ``repeat_rows`` of them with their first part again
+    after it); :meth:`copies` rows of the copying task — random tokens with one run of
+    them placed twice, at random distances — labelled only where the second run can be
+    predicted from the first (its tokens but the first; -100 elsewhere). The distance
+    varies from row to row, so a head cannot learn "attend d back": it has to find the
+    earlier occurrence of the current token and read what came after it, which is what an
+    induction head does."""
 
     def __init__(self, stream: np.ndarray, starts: np.ndarray, copy_tokens: np.ndarray, bos: int, recipe: Recipe):
         self.stream, self.copy_tokens, self.bos, self.r = stream, copy_tokens, bos, recipe
         self.starts = starts[starts + recipe.seq_len + 1 <= stream.size]
         self.rng = np.random.default_rng(recipe.seed)
 
-    def text(self) -> tuple[np.ndarray, np.ndarray]:
+    def text(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, labels, repeated)``: ``repeated`` marks the labels that a second copy
+        makes predictable (the rows' own first parts told them), for the log."""
         r, n = self.r, self.r.seq_len + 1
         ids = np.empty((r.batch_size, n), np.int64)  # (batch_size, seq_len + 1)
+        repeated = np.zeros(ids.shape, bool)
         for row in range(r.batch_size):
             start = int(self.rng.choice(self.starts)) if row < r.doc_start_rows else int(self.rng.integers(0, self.stream.size - n))
-            ids[row] = self.stream[start : start + n]
-        return ids, ids
+            window = self.stream[start : start + n]
+            if row >= r.batch_size - r.repeat_rows:  # the window's first `part` tokens, then the window again
+                part = int(self.rng.integers(r.repeat_min, n // 2 + 1))
+                window = np.concatenate([window[:part], window[: n - part]])
+                repeated[row, part + 1 :] = True
+            ids[row] = window
+        return ids, ids, repeated
 
     def copies(self, rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.r.copy_run
@@ -255,15 +277,20 @@ def check_recipe(recipe: Recipe) -> Recipe:
         raise TypeError(f"recipe must be a phi3ref.training.Recipe, got {type(recipe).__name__}")
     if not isinstance(recipe.shape, ModelShape):
         raise TypeError(f"recipe.shape must be a phi3ref.synthetic.ModelShape, got {type(recipe.shape).__name__}")
+    if recipe.copy_softmax not in ("vocab", "pool"):
+        raise ValueError(f"recipe.copy_softmax must be 'vocab' or 'pool', got {recipe.copy_softmax!r}")
     if recipe.quant not in QUANT_MIXES:
         raise ValueError(f"recipe.quant {recipe.quant!r} is not one of {', '.join(QUANT_MIXES)}")
-    for name in ("copy_steps", "seed"):
+    for name in ("lead_steps", "copy_steps", "seed"):
         integer(f"recipe.{name}", getattr(recipe, name), lo=0)
-    for name in ("copy_batch", "steps", "batch_size", "text_copy_batch", "warmup_steps", "copy_pool", "threads"):
+    for name in ("copy_batch", "steps", "batch_size", "warmup_steps", "copy_pool", "threads"):
         integer(f"recipe.{name}", getattr(recipe, name), lo=1)
     integer("recipe.heldout_every", recipe.heldout_every, lo=2)
     integer("recipe.seq_len", recipe.seq_len, lo=2, hi=recipe.shape.n_ctx)  # positions past n_ctx would be trained, not used
     integer("recipe.doc_start_rows", recipe.doc_start_rows, lo=0, hi=recipe.batch_size)
+    integer("recipe.repeat_rows", recipe.repeat_rows, lo=0, hi=recipe.batch_size)
+    integer("recipe.repeat_min", recipe.repeat_min, lo=1, hi=(recipe.seq_len + 1) // 2)
+    integer("recipe.text_copy_batch", recipe.text_copy_batch, lo=0)
     lo, hi = (integer("recipe.copy_run[0]", recipe.copy_run[0], lo=2), integer("recipe.copy_run[1]", recipe.copy_run[1], lo=2))
     if lo > hi:
         raise ValueError(f"recipe.copy_run must be (shortest, longest), got {recipe.copy_run}")
@@ -327,15 +354,28 @@ def _train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=recipe.lr, betas=(0.9, 0.95))
     batches = _Batches(stream, starts, copy_tokens, tokenizer.bos_id, recipe)
-    losses = []  # (text, copying) per step
+    losses = []  # (text, copying, repeated text) per step
 
-    def loss_of(ids: np.ndarray, labels: np.ndarray):
-        """Cross-entropy over the whole vocabulary at the labelled positions (the head runs
-        only there: a copying row has a few)."""
+    pool = torch.from_numpy(np.sort(copy_tokens)) if recipe.copy_softmax == "pool" else None
+
+    def token_losses(ids: np.ndarray, labels: np.ndarray, among: torch.Tensor | None = None):
+        """Cross-entropy at each labelled position (the head runs only there: a copying row
+        has a few) over the whole vocabulary, or over the tokens ``among`` (sorted ids: the
+        copying task's pool — which of them comes next is the task; how likely any token
+        is, is the text's to teach), and where those positions are."""
         hidden = model.model(torch.from_numpy(ids[:, :-1])).last_hidden_state  # (rows, length, n_embd), normed
         targets = torch.from_numpy(labels[:, 1:])
         scored = targets != -100
-        return torch.nn.functional.cross_entropy(model.lm_head(hidden[scored]), targets[scored])  # (scored, n_vocab) logits
+        targets = targets[scored]
+        if among is None:
+            logits = model.lm_head(hidden[scored])  # (scored, n_vocab)
+        else:
+            logits = hidden[scored] @ model.lm_head.weight[among].T  # (scored, pool)
+            targets = torch.searchsorted(among, targets)
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none"), scored.numpy()
+
+    def loss_of(ids: np.ndarray, labels: np.ndarray, among: torch.Tensor | None = None):
+        return token_losses(ids, labels, among)[0].mean()
 
     def step_with(loss, lr: float, decay: bool) -> None:
         for group in opt.param_groups:
@@ -346,20 +386,33 @@ def _train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
 
+    for step in range(recipe.lead_steps):  # phase 0: text alone (previous-token heads form)
+        loss = loss_of(*batches.text()[:2])
+        step_with(loss, recipe.text_lr * min(1.0, (step + 1) / recipe.warmup_steps), decay=True)
+        losses.append((loss.item(), float("nan"), float("nan")))
+        if step % 50 == 0 or step == recipe.lead_steps - 1:
+            log(f"lead text step {step:5d}  loss {np.mean([t for t, _, _ in losses[-min(50, step + 1):]]):.3f}  {time.perf_counter() - start_time:7.1f} s")
     for step in range(recipe.copy_steps):  # phase 1: copying
-        loss = loss_of(*batches.copies(recipe.copy_batch, recipe.copy_len))
+        loss = loss_of(*batches.copies(recipe.copy_batch, recipe.copy_len), pool)
         step_with(loss, recipe.lr * min(1.0, (step + 1) / recipe.warmup_steps), decay=False)
-        losses.append((float("nan"), loss.item()))
+        losses.append((float("nan"), loss.item(), float("nan")))
         if step % 100 == 0 or step == recipe.copy_steps - 1:
-            log(f"copying step {step:5d}  loss {np.mean([c for _, c in losses[-min(100, step + 1):]]):.3f}  {time.perf_counter() - start_time:7.1f} s")
+            log(f"copying step {step:5d}  loss {np.mean([c for _, c, _ in losses[-min(100, step + 1):]]):.3f}  {time.perf_counter() - start_time:7.1f} s")
     for step in range(recipe.steps):  # phase 2: text, and copying beside it
-        text_loss = loss_of(*batches.text())
-        copy_loss = loss_of(*batches.copies(recipe.text_copy_batch, recipe.text_copy_len))
-        step_with(text_loss + copy_loss, _learning_rate(step, recipe), decay=True)
-        losses.append((text_loss.item(), copy_loss.item()))
+        ids, labels, repeated = batches.text()
+        per_token, scored = token_losses(ids, labels)
+        repeated = torch.from_numpy(repeated[:, 1:][scored])  # (scored,): which losses a second copy made predictable
+        loss = per_token.mean()
+        if recipe.text_copy_batch:
+            copy_loss = loss_of(*batches.copies(recipe.text_copy_batch, recipe.text_copy_len), pool)
+            loss = loss + copy_loss
+        step_with(loss, _learning_rate(step, recipe), decay=True)
+        losses.append((per_token[~repeated].mean().item(), copy_loss.item() if recipe.text_copy_batch else float("nan"),
+                       per_token[repeated].mean().item() if recipe.repeat_rows else float("nan")))
         if step % 50 == 0 or step == recipe.steps - 1:
-            text, copying = np.mean(losses[-min(50, step + 1):], axis=0)
-            log(f"text step {step:5d}  text loss {text:.3f}  copying loss {copying:.3f}  {time.perf_counter() - start_time:7.1f} s")
+            text, copying, second = np.mean(losses[-min(50, step + 1):], axis=0)
+            log(f"text step {step:5d}  text loss {text:.3f}  repeated text {second:.3f}  copying loss {copying:.3f}  "
+                f"{time.perf_counter() - start_time:7.1f} s")
     model.eval()
     with torch.no_grad():  # held-out loss, in windows of seq_len, a batch at a time
         n = recipe.seq_len + 1
@@ -379,7 +432,8 @@ def _train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
         recipe=asdict(recipe), python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
         train_documents=len(train_docs), train_tokens=int(stream.size), heldout_documents=len(held_docs),
         heldout_tokens=int(heldout.size), final_loss=float(np.nanmean(losses[-50:], axis=0)[0]),
-        final_copying_loss=float(np.nanmean(losses[-50:], axis=0)[1]), heldout_loss=heldout_loss,
+        final_copying_loss=float(np.nanmean(losses[-50:], axis=0)[1]), final_repeated_loss=float(np.nanmean(losses[-50:], axis=0)[2]),
+        heldout_loss=heldout_loss,
         train_seconds=round(train_seconds, 1), files=[str(p) for p in written],
     )
 

@@ -197,14 +197,14 @@ def gpt2_vocab(path: Path, vocab_size: int = 400) -> Path:
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from phi3ref.tokenizer import PRE_TOKENIZER_REGEXES
+    from phi3ref.tokenizer import PRE_TOKENIZERS
 
     corpus = ["The quick brown fox jumps over the lazy dog. 1234 numbers!", "Ice hockey haiku: puck on the frozen lake.",
               "naïve café — résumé 🦙", "Write a haiku about ice hockey"] * 50
     specials = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     trained = tokenizers.Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(PRE_TOKENIZER_REGEXES["gpt2"]), behavior="isolated"),
+        pre_tokenizers.Split(tokenizers.Regex(PRE_TOKENIZERS["gpt-2"].regexes[0]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     trained.decoder = decoders.ByteLevel()
@@ -216,7 +216,7 @@ def gpt2_vocab(path: Path, vocab_size: int = 400) -> Path:
     types = [3 if t in specials else 1 for t in tokens]
     return RawGGUF(kvs=[
         kv_str("tokenizer.ggml.model", "gpt2"),
-        kv_str("tokenizer.ggml.pre", "gpt2"),
+        kv_str("tokenizer.ggml.pre", "gpt-2"),
         kv_str_array("tokenizer.ggml.tokens", tokens),
         kv_str_array("tokenizer.ggml.merges", merges),
         kv("tokenizer.ggml.token_type", VT.ARRAY, encode_value(VT.ARRAY, types, VT.INT32)),

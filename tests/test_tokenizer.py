@@ -121,7 +121,7 @@ def test_gpt2_vocabulary_from_gguf(tmp_path):
     types = [3 if t == "<|endoftext|>" else 1 for t in tokens]
     path = RawGGUF(kvs=[
         kv_str("tokenizer.ggml.model", "gpt2"),
-        kv_str("tokenizer.ggml.pre", "gpt2"),
+        kv_str("tokenizer.ggml.pre", "gpt-2"),
         kv_str_array("tokenizer.ggml.tokens", tokens),
         kv_str_array("tokenizer.ggml.merges", merges),
         kv("tokenizer.ggml.token_type", VT.ARRAY, struct.pack("<IQ", VT.INT32, len(types)) + struct.pack(f"<{len(types)}i", *types)),
@@ -199,6 +199,10 @@ def test_gpt2_merges_naming_unknown_tokens(tmp_path):
         Tokenizer.from_gguf(bad)
     bad = rewrite_gguf(good, tmp_path / "bad-pre.gguf", set_kv={"tokenizer.ggml.pre": (VT.ARRAY, ["gpt2"], VT.STRING)})
     with pytest.raises(GGUFError, match="'tokenizer.ggml.pre' should be a string, but it is array"):
+        Tokenizer.from_gguf(bad)
+    # "gpt2" is the tokenizer model's name, not a pre-tokenizer's: llama.cpp refuses it too
+    bad = rewrite_gguf(good, tmp_path / "gpt2-pre.gguf", set_kv={"tokenizer.ggml.pre": (VT.STRING, "gpt2")})
+    with pytest.raises(GGUFError, match=r"pre-tokenizer 'gpt2' \(tokenizer.ggml.pre\) is not supported \(supported: default, gpt-2, phi-2"):
         Tokenizer.from_gguf(bad)
 
 

@@ -50,18 +50,40 @@ def test_copying_rows_hold_one_run_twice():
     recipe = training.Recipe()
     pool = np.arange(1000, 3000)
     batches = training._Batches(np.arange(5000) % 300, np.array([0, 100]), pool, 1, recipe)
-    ids, labels = batches.copies(64, 20)
-    assert ids.shape == labels.shape == (64, 21) and (ids[:, 0] == 1).all() and np.isin(ids[:, 1:], pool).all()
-    distances = set()
+    ids, labels = batches.copies(64, recipe.copy_len)
+    assert ids.shape == labels.shape == (64, recipe.copy_len + 1) and (ids[:, 0] == 1).all() and np.isin(ids[:, 1:], pool).all()
+    distances, runs = set(), set()
     for row, lab in zip(ids, labels):
         scored = np.flatnonzero(lab != -100)
         assert recipe.copy_run[0] - 1 <= scored.size <= recipe.copy_run[1] - 1
-        assert (lab[scored] == row[scored]).all()
+        assert (lab[scored] == row[scored]).all() and (np.diff(scored) == 1).all()
         for i in scored:  # the token after the earlier occurrence of the token before
             earlier = [j for j in range(1, i - 1) if row[j] == row[i - 1] and row[j + 1] == row[i]]
             assert earlier, (row, lab)
         distances.add(int(scored[0] - earlier[-1]))
+        runs.add(scored.size + 1)
     assert len(distances) > 5  # no fixed offset to learn instead
+    assert min(runs) == recipe.copy_run[0] and max(runs) == recipe.copy_run[1]
+
+
+def test_text_rows_repeat_their_first_part():
+    """The last repeat_rows rows of a text batch: a window's first part, then the window
+    again from its start; `repeated` marks exactly the labels the first part gives away."""
+    recipe = replace(training.Recipe(), batch_size=6, repeat_rows=4, doc_start_rows=1, seq_len=40, repeat_min=5)
+    stream = np.arange(10_000)  # every token once: a repeat can only be the row's own
+    batches = training._Batches(stream, np.array([0, 500, 900]), np.arange(10), 1, recipe)
+    parts = set()
+    for _ in range(20):
+        ids, labels, repeated = batches.text()
+        assert ids.shape == labels.shape == repeated.shape == (6, 41) and (labels == ids).all()
+        assert not repeated[:2].any()  # plain text rows
+        assert (np.diff(ids[:2], axis=1) == 1).all() and ids[0, 0] in (0, 500, 900)
+        for row, rep in zip(ids[2:], repeated[2:]):
+            part = int(np.flatnonzero(np.diff(row) != 1)[0]) + 1  # where the window starts again
+            assert recipe.repeat_min <= part <= 41 // 2 and (row[part : 2 * part] == row[:part]).all() and (np.diff(row[part:]) == 1).all()
+            assert (np.flatnonzero(rep) == np.arange(part + 1, 41)).all()
+            parts.add(part)
+    assert len(parts) > 5
 
 
 def test_the_learning_rate_of_the_text_phase():
@@ -89,7 +111,10 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
                             (dict(warmup_steps=0), "recipe.warmup_steps must be an integer >= 1, got 0"),
                             (dict(seq_len=513), "recipe.seq_len must be an integer from 2 to 512, got 513"),
                             (dict(copy_len=10), "recipe.copy_len must be an integer from 12 to 511, got 10"),
+                            (dict(repeat_rows=9), "recipe.repeat_rows must be an integer from 0 to 8, got 9"),
+                            (dict(repeat_min=300), "recipe.repeat_min must be an integer from 1 to 256, got 300"),
                             (dict(copy_run=(5, 3)), "recipe.copy_run must be .shortest, longest."),
+                            (dict(copy_softmax="pooled"), "recipe.copy_softmax must be 'vocab' or 'pool', got 'pooled'"),
                             (dict(lr=float("nan")), "recipe.lr must be a finite number")]:
         with pytest.raises(ValueError, match=message):
             training.check_recipe(replace(training.Recipe(), **change))
@@ -146,48 +171,17 @@ def test_the_export_computes_what_transformers_computes(tied, tmp_path):
 @pytest.mark.slow
 @NEEDS_TORCH
 def test_a_few_training_steps(tmp_path, monkeypatch, docs):
-    """train() end to end on a few documents: the loss falls, and both files load."""
+    """train() end to end on a few documents, every phase and option on: the loss falls,
+    and both files load."""
     monkeypatch.setattr(training, "documents", lambda: docs[:40])
-    recipe = replace(training.Recipe(), copy_steps=6, copy_batch=8, steps=12, batch_size=4, seq_len=64, text_copy_batch=4,
-                     text_copy_len=32, warmup_steps=2, lr=3e-3)
+    recipe = replace(training.Recipe(), lead_steps=3, copy_steps=6, copy_batch=8, steps=12, batch_size=4, seq_len=64,
+                     text_copy_batch=4, text_copy_len=32, repeat_rows=2, repeat_min=8, copy_softmax="pool", warmup_steps=2, lr=3e-3)
     lines = []
     report = training.train(recipe, tmp_path / "demo.gguf", log=lines.append)
     assert report["final_loss"] < 10.2 and np.isfinite(report["heldout_loss"]) and np.isfinite(report["final_copying_loss"])
-    assert sum(line.startswith("copying step") for line in lines) == 2 and sum(line.startswith("text step") for line in lines) == 2
+    assert np.isfinite(report["final_repeated_loss"])
+    assert report["final_copying_loss"] < np.log(recipe.copy_pool) + 0.5  # scored over the pool: near its entropy, not the vocabulary's
+    assert [sum(line.startswith(kind) for line in lines) for kind in ("lead text step", "copying step", "text step")] == [2, 2, 2]
     for path in report["files"]:
         model = phi3ref.load(path)
         assert model.config.n_layer == recipe.shape.n_layer and np.isfinite(model.logits([1, 2, 3])).all()
-
-
-# -- the bundled demo model ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return phi3ref.load("demo")
-
-
-def test_the_demo_model_is_the_one_described(demo):
-    assert demo.gguf.path == demo_path() and demo.config.n_layer == training.DEMO_SHAPE.n_layer
-    assert demo.config.n_embd == training.DEMO_SHAPE.n_embd and demo.config.tied_embeddings
-    assert "phi3ref.training" in demo.gguf.get_str("general.description")
-
-
-def test_the_demo_model_writes_english(demo, docs):
-    """The tutorial's prompt gets text whose words are mostly the documentation's, in ASCII
-    as the documentation is (a random model's text mixes every script of the vocabulary)."""
-    vocabulary = {w.lower() for d in docs for w in re.findall(r"[A-Za-z]+", d.text)}
-    texts = [phi3ref.generate("Write a haiku about ice hockey", model=demo, seed=seed, max_tokens=60).text for seed in range(1, 7)]
-    words = [w for text in texts for w in re.findall(r"[A-Za-z]+", text)]
-    assert len(words) >= 60, texts
-    assert sum(w.lower() in vocabulary for w in words) / len(words) >= 0.75, texts
-    assert sum(len(re.findall(r"[^\x00-\x7f\u2018\u2019\u201c\u201d]", text)) for text in texts) <= 3, texts
-
-
-def test_the_demo_model_has_grown_a_previous_token_head(demo):
-    """The head the walkthrough shows: one that attends to the token before the query
-    (on a random model no head's score gets near; an induction head has not formed in
-    this recipe yet — issue 16)."""
-    text = demo.tokenizer.encode("The for statement is used to iterate over the elements of a sequence (such as a string, tuple or list).")
-    prev = previous_token_scores(attention_patterns(demo, text))
-    assert prev.max() > 0.45, prev
