@@ -123,3 +123,62 @@ def test_bpe_vocabularies_pass_llama_cpp_s_own_test_vectors(llama_cpp_models, vo
     assert len(inputs) >= 30 and len(outputs) >= len(inputs)
     for text, expected in zip(inputs, outputs):
         assert ours.encode(text, add_bos=False, special=False) == [int(t) for t in expected.split()], text
+
+
+# -- Phi-4's real vocabulary: cl100k's ranks, as the converter stores them ------------------------
+
+
+@pytest.fixture(scope="module")
+def tiktoken_pair(llama_cpp_models, tmp_path_factory):
+    """A vocabulary-only GGUF with a Phi-4-generation tokenizer (tiktoken ranks from
+    bpe-openai, the model's special tokens and pre-tokenizer), written over llama.cpp's own
+    vocab file so that llama.cpp loads it; both tokenizers on it, and the reference."""
+    from craft import VT, rewrite_gguf
+
+    from phi3ref import tiktoken_vocab
+
+    made = []
+
+    def get(encoding: str, special: tiktoken_vocab.SpecialTokens):
+        try:
+            ranks = tiktoken_vocab.bundled_ranks(encoding)
+        except ModuleNotFoundError as e:
+            pytest.skip(str(e))
+        meta = tiktoken_vocab.vocabulary(ranks, special)
+        kinds = {"tokenizer.ggml.tokens": (VT.ARRAY, VT.STRING), "tokenizer.ggml.merges": (VT.ARRAY, VT.STRING),
+                 "tokenizer.ggml.token_type": (VT.ARRAY, VT.INT32), "tokenizer.ggml.add_bos_token": (VT.BOOL,),
+                 "tokenizer.ggml.bos_token_id": (VT.UINT32,), "tokenizer.ggml.eos_token_id": (VT.UINT32,)}
+        set_kv = {k: (kinds[k][0], v, kinds[k][1]) if len(kinds.get(k, ())) == 2 else (kinds.get(k, (VT.STRING,))[0], v)
+                  for k, v in meta.items()}
+        set_kv["llama.vocab_size"] = (VT.UINT32, special.n_vocab)
+        set_kv["general.name"] = (VT.STRING, f"{special.pre} vocabulary ({encoding})")
+        path = rewrite_gguf(llama_cpp_models / "ggml-vocab-llama-bpe.gguf", tmp_path_factory.mktemp("tiktoken") / f"{encoding}.gguf",
+                            set_kv=set_kv)
+        made.append(llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False))
+        import bpe_openai
+
+        return Tokenizer.from_gguf(path), made[-1], bpe_openai.get_encoding(encoding)
+
+    yield get
+    for llm in made:
+        llm.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # bpe-openai reads its data with importlib's old API
+@pytest.mark.parametrize("model", ["phi4", "phi4-mini"])
+def test_phi4_vocabularies_give_llama_cpp_s_and_tiktoken_s_ids(tiktoken_pair, model):
+    """phi3ref's tokens on Phi-4's vocabulary (cl100k, dbrx) and Phi-4-mini's (o200k,
+    gpt-4o) equal llama.cpp's, special tokens parsed or not, and — without special tokens —
+    tiktoken's own encoding as bpe-openai computes it."""
+    from phi3ref.tiktoken_vocab import PHI4, PHI4_MINI
+
+    encoding, special = {"phi4": ("cl100k_base", PHI4), "phi4-mini": ("o200k_base", PHI4_MINI)}[model]
+    ours, llm, reference = tiktoken_pair(encoding, special)
+    for text in BPE_TEXTS:
+        for parse in (True, False):
+            assert ours.encode(text, special=parse) == llm.tokenize(text.encode(), add_bos=True, special=parse), (text, parse)
+        assert ours.encode(text, special=False) == list(reference.encode_ordinary(text)), text
+    for token_id, text in special.named.items():
+        assert ours.encode(text, special=True) == [token_id]
+    assert not ours.add_bos
+    assert ours.eos_id == ours.encode(special.eos, special=True)[0] and ours.eos_id in ours.eog_ids

@@ -1,0 +1,74 @@
+"""phi3ref.tiktoken_vocab: merges recovered from ranks (against a naive BPE), the rank
+file reader's errors, Phi-4's special-token layout."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+
+import pytest
+
+from phi3ref import tiktoken_vocab
+
+
+def _bpe(word: bytes, merges: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Naive BPE: apply the lowest-ranked merge present until none is."""
+    parts, rank = [word[i : i + 1] for i in range(len(word))], {m: r for r, m in enumerate(merges)}
+    while True:
+        pairs = [(rank[p], i) for i, p in enumerate(zip(parts, parts[1:])) if p in rank]
+        if not pairs:
+            return parts
+        _, i = min(pairs)
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+
+
+def test_merges_recovered_from_ranks_rebuild_every_token():
+    """Ranks made by merges (each token reachable by BPE with the ones before, as training
+    makes them): the recovered merges are those merges, and BPE with them turns each
+    token's bytes back into that one token."""
+    merges = [(b"a", b"b"), (b"c", b"d"), (b"ab", b"cd"), (b" ", b"ab"), (b"ab", b"ab"), (b"abcd", b"ab"), (b" ", b"abcd")]
+    ranks = {bytes([b]): b for b in range(256)}
+    for left, right in merges:
+        ranks[left + right] = len(ranks)
+    tokens, recovered = tiktoken_vocab.tokens_and_merges(ranks)
+    alphabet = tiktoken_vocab.byte_alphabet()
+    assert len(tokens) == len(ranks) and tokens[ord("a")] == "a" and tokens[ord(" ")] == alphabet[32] == "Ġ"
+    assert recovered == [" ".join("".join(alphabet[x] for x in part) for part in m) for m in merges]
+    for token in ranks:
+        assert _bpe(token, merges) == [token]
+
+
+def test_byte_alphabet_is_gpt2_s():
+    alphabet = tiktoken_vocab.byte_alphabet()
+    assert len(set(alphabet.values())) == 256 and alphabet[ord("A")] == "A" and alphabet[10] == "Ċ" and alphabet[255] == "ÿ"
+
+
+def test_rank_files_are_checked(tmp_path):
+    def write(name, lines):
+        path = tmp_path / name
+        path.write_bytes(gzip.compress("".join(lines).encode()))
+        return path
+
+    single = [f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)]
+    assert len(tiktoken_vocab.read_ranks(write("ok.tiktoken.gz", single))) == 256
+    with pytest.raises(ValueError, match=r"bad.tiktoken.gz: line 257 is not '<base64 token> <rank>'"):
+        tiktoken_vocab.read_ranks(write("bad.tiktoken.gz", single + ["not base64!\n"]))
+    with pytest.raises(ValueError, match=r"the ranks are not 0..256, each once"):
+        tiktoken_vocab.read_ranks(write("gap.tiktoken.gz", single + [f"{base64.b64encode(b'ab').decode()} 300\n"]))
+    with pytest.raises(ValueError, match=r"1 single bytes are not tokens \(the first: 0x00\)"):
+        tiktoken_vocab.read_ranks(write("short.tiktoken.gz", single[1:] + [f"{base64.b64encode(b'ab').decode()} 0\n"]))
+
+
+def test_phi4_special_tokens_sit_where_phi4_s_do():
+    """cl100k's 256 single bytes stand in for its ranks: the layout after them is Phi-4's
+    (dummies counted around the named tokens, <|dummy_85|> the padding id 100349)."""
+    ranks = {bytes([b]): b for b in range(256)}
+    special = tiktoken_vocab.SpecialTokens(n_vocab=256 + 96, named={k - 100256 + 256: v for k, v in tiktoken_vocab.PHI4.named.items()},
+                                           bos="<|endoftext|>", eos="<|im_end|>", pre="dbrx")
+    meta = tiktoken_vocab.vocabulary(ranks, special)
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert tokens[256] == "<|dummy_0|>" and tokens[256 + 1] == "<|endoftext|>" and tokens[256 + 5] == "<|dummy_1|>"
+    assert tokens[256 + 100349 - 100256] == "<|dummy_85|>" and tokens[-1] == "<|dummy_87|>"
+    assert meta["tokenizer.ggml.token_type"][255:258] == [1, 3, 3] and meta["tokenizer.ggml.eos_token_id"] == 256 + 9
+    with pytest.raises(ValueError, match="the special tokens' ids must lie from 256"):
+        tiktoken_vocab.vocabulary(ranks, tiktoken_vocab.PHI4.__class__(n_vocab=300, named={10: "<|x|>"}))
