@@ -411,8 +411,8 @@ def _train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
                        per_token[repeated].mean().item() if recipe.repeat_rows else float("nan")))
         if step % 50 == 0 or step == recipe.steps - 1:
             text, copying, second = np.mean(losses[-min(50, step + 1):], axis=0)
-            log(f"text step {step:5d}  text loss {text:.3f}  repeated text {second:.3f}  copying loss {copying:.3f}  "
-                f"{time.perf_counter() - start_time:7.1f} s")
+            log(f"text step {step:5d}  text loss {text:.3f}" + (f"  repeated text {second:.3f}" if recipe.repeat_rows else "")
+                + (f"  copying loss {copying:.3f}" if recipe.text_copy_batch else "") + f"  {time.perf_counter() - start_time:7.1f} s")
     model.eval()
     with torch.no_grad():  # held-out loss, in windows of seq_len, a batch at a time
         n = recipe.seq_len + 1
@@ -428,12 +428,12 @@ def _train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
     written = [export(model, recipe.shape, out, quant=recipe.quant, name=DEMO_NAME, description=description)]
     if recipe.quant != "F32":
         written.append(export(model, recipe.shape, out.with_suffix(".f32.gguf"), quant="F32", name=DEMO_NAME, description=description))
+    last = [float(np.mean(column[~np.isnan(column)])) if (~np.isnan(column)).any() else None  # the last 50 steps' means
+            for column in np.asarray(losses[-50:]).T]  # (3, steps): text, copying, repeated text
     return dict(
         recipe=asdict(recipe), python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
         train_documents=len(train_docs), train_tokens=int(stream.size), heldout_documents=len(held_docs),
-        heldout_tokens=int(heldout.size), final_loss=float(np.nanmean(losses[-50:], axis=0)[0]),
-        final_copying_loss=float(np.nanmean(losses[-50:], axis=0)[1]), final_repeated_loss=float(np.nanmean(losses[-50:], axis=0)[2]),
-        heldout_loss=heldout_loss,
+        heldout_tokens=int(heldout.size), final_loss=last[0], final_copying_loss=last[1], final_repeated_loss=last[2], heldout_loss=heldout_loss,
         train_seconds=round(train_seconds, 1), files=[str(p) for p in written],
     )
 
