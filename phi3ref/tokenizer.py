@@ -179,7 +179,7 @@ class Tokenizer:
             backend = _backend(gf, _spm_backend, tokens, scores, types)
         elif kind == "gpt2":
             merges = _typed_array(gf, "tokenizer.ggml.merges", "strings")
-            pre_name = gf.get_str("tokenizer.ggml.pre", "default")
+            pre_name = gf.get_str("tokenizer.ggml.pre", "default") or "default"  # llama.cpp reads "" as missing
             if pre_name not in PRE_TOKENIZERS:
                 raise GGUFError(
                     f"{gf.path}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not supported "

@@ -92,14 +92,14 @@ class Recipe:
     # the copying rows' softmax: over the whole vocabulary ("vocab", the bundled model's), or
     # over the pool alone ("pool": which of them comes next is the task; a softmax over the
     # vocabulary also teaches that only the pool's tokens exist, and after a phase of
-    # copying alone the text starts from 20 nats instead of 10)
+    # copying alone the text starts far above a fresh model's loss: docs/demo-model.md)
     copy_softmax: str = "vocab"
     # phase 2: the text, with the copying task beside it (longer rows: the distances grow)
     steps: int = 700
     batch_size: int = 8  # rows of seq_len tokens of text per step
     seq_len: int = 512
     doc_start_rows: int = 2  # rows that start at a document's beginning (the chat header)
-    # rows whose first part (16 .. seq_len / 2 tokens) comes again after it: text that
+    # rows whose first part (repeat_min .. (seq_len + 1) // 2 tokens) comes again after it: text that
     # repeats, the natural copying task (the second copy costs little once a head copies)
     repeat_rows: int = 0
     repeat_min: int = 16

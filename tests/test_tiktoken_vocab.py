@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+from dataclasses import replace
 
 import pytest
 
@@ -39,8 +40,11 @@ def test_merges_recovered_from_ranks_rebuild_every_token():
 
 
 def test_byte_alphabet_is_gpt2_s():
+    from tokenizers import pre_tokenizers
+
     alphabet = tiktoken_vocab.byte_alphabet()
-    assert len(set(alphabet.values())) == 256 and alphabet[ord("A")] == "A" and alphabet[10] == "Ċ" and alphabet[255] == "ÿ"
+    assert sorted(alphabet.values()) == sorted(pre_tokenizers.ByteLevel.alphabet())  # the same 256 characters
+    assert alphabet[ord("A")] == "A" and alphabet[32] == "Ġ" and alphabet[10] == "Ċ" and alphabet[255] == "ÿ"
 
 
 def test_rank_files_are_checked(tmp_path):
@@ -57,18 +61,41 @@ def test_rank_files_are_checked(tmp_path):
         tiktoken_vocab.read_ranks(write("gap.tiktoken.gz", single + [f"{base64.b64encode(b'ab').decode()} 300\n"]))
     with pytest.raises(ValueError, match=r"1 single bytes are not tokens \(the first: 0x00\)"):
         tiktoken_vocab.read_ranks(write("short.tiktoken.gz", single[1:] + [f"{base64.b64encode(b'ab').decode()} 0\n"]))
+    with pytest.raises(ValueError, match=r"dup.tiktoken.gz: line 257 repeats the token of line 1"):
+        tiktoken_vocab.read_ranks(write("dup.tiktoken.gz", single + [f"{base64.b64encode(bytes([0])).decode()} 256\n"]))
+    assert len(tiktoken_vocab.read_ranks(write("blank.tiktoken.gz", single[:100] + ["\n"] + single[100:]))) == 256
+    (tmp_path / "plain.tiktoken.gz").write_text("".join(single))  # not gzip
+    with pytest.raises(ValueError, match=r"plain.tiktoken.gz: not a tiktoken rank file"):
+        tiktoken_vocab.read_ranks(tmp_path / "plain.tiktoken.gz")
+    with pytest.raises(ValueError, match=r"ranks: the ranks are not 0..256, each once"):
+        tiktoken_vocab.tokens_and_merges({**{bytes([b]): b for b in range(256)}, b"ab": 300})
 
 
 def test_phi4_special_tokens_sit_where_phi4_s_do():
     """cl100k's 256 single bytes stand in for its ranks: the layout after them is Phi-4's
     (dummies counted around the named tokens, <|dummy_85|> the padding id 100349)."""
     ranks = {bytes([b]): b for b in range(256)}
-    special = tiktoken_vocab.SpecialTokens(n_vocab=256 + 96, named={k - 100256 + 256: v for k, v in tiktoken_vocab.PHI4.named.items()},
-                                           bos="<|endoftext|>", eos="<|im_end|>", pre="dbrx")
+    phi4 = tiktoken_vocab.PHI4
+    special = replace(phi4, n_vocab=256 + 96, named={k - 100256 + 256: v for k, v in phi4.named.items()})
     meta = tiktoken_vocab.vocabulary(ranks, special)
     tokens = meta["tokenizer.ggml.tokens"]
     assert tokens[256] == "<|dummy_0|>" and tokens[256 + 1] == "<|endoftext|>" and tokens[256 + 5] == "<|dummy_1|>"
-    assert tokens[256 + 100349 - 100256] == "<|dummy_85|>" and tokens[-1] == "<|dummy_87|>"
+    assert tokens[256 + 100349 - 100256] == "<|dummy_85|>" and tokens[-1] == "<|dummy_87|>" and len(set(tokens)) == len(tokens)
     assert meta["tokenizer.ggml.token_type"][255:258] == [1, 3, 3] and meta["tokenizer.ggml.eos_token_id"] == 256 + 9
-    with pytest.raises(ValueError, match="the special tokens' ids must lie from 256"):
-        tiktoken_vocab.vocabulary(ranks, tiktoken_vocab.PHI4.__class__(n_vocab=300, named={10: "<|x|>"}))
+    assert meta["tokenizer.ggml.pre"] == "dbrx" and meta["tokenizer.chat_template"] == phi4.template
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(named={10: "<|x|>"}), "the special tokens' ids must lie from 256"),
+    (dict(n_vocab=200), "n_vocab must be an integer of at least the 256 ranks"),
+    (dict(dummy="<d>"), "the special tokens' texts .named and dummies. must differ"),
+    (dict(dummy="<{x}>"), "dummy '<{x}>' must be a format string with one {}"),
+    (dict(named={256: "<a>", 257: "<a>"}), "the special tokens' texts .named and dummies. must differ"),
+    (dict(named={256: "a"}), r"special token texts are also ordinary tokens: \['a'\]"),
+    (dict(bos="<|nope|>"), "bos '<|nope|>' is not one of the named special tokens"),
+])
+def test_bad_special_tokens_are_refused(change, message):
+    ranks = {bytes([b]): b for b in range(256)}
+    base = tiktoken_vocab.SpecialTokens(n_vocab=260, named={256: "<|s|>"})
+    with pytest.raises(ValueError, match=message):
+        tiktoken_vocab.vocabulary(ranks, replace(base, **change))
