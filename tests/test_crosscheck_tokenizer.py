@@ -145,11 +145,9 @@ def tiktoken_pair(llama_cpp_models, tmp_path_factory):
         except ModuleNotFoundError as e:
             pytest.skip(str(e))
         meta = tiktoken_vocab.vocabulary(ranks, special)
-        kinds = {"tokenizer.ggml.tokens": (VT.ARRAY, VT.STRING), "tokenizer.ggml.merges": (VT.ARRAY, VT.STRING),
-                 "tokenizer.ggml.token_type": (VT.ARRAY, VT.INT32), "tokenizer.ggml.add_bos_token": (VT.BOOL,),
-                 "tokenizer.ggml.bos_token_id": (VT.UINT32,), "tokenizer.ggml.eos_token_id": (VT.UINT32,)}
-        set_kv = {k: (kinds[k][0], v, kinds[k][1]) if len(kinds.get(k, ())) == 2 else (kinds.get(k, (VT.STRING,))[0], v)
-                  for k, v in meta.items()}
+        arrays = {"tokenizer.ggml.tokens": VT.STRING, "tokenizer.ggml.merges": VT.STRING, "tokenizer.ggml.token_type": VT.INT32}
+        scalars = {bool: VT.BOOL, int: VT.UINT32, str: VT.STRING}
+        set_kv = {k: (VT.ARRAY, v, arrays[k]) if k in arrays else (scalars[type(v)], v) for k, v in meta.items()}
         set_kv["llama.vocab_size"] = (VT.UINT32, special.n_vocab)
         set_kv["general.name"] = (VT.STRING, f"{special.pre} vocabulary ({encoding})")
         path = rewrite_gguf(llama_cpp_models / "ggml-vocab-llama-bpe.gguf", tmp_path_factory.mktemp("tiktoken") / f"{encoding}.gguf",
