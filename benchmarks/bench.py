@@ -1,6 +1,8 @@
-"""phi3ref against llama.cpp on the full-size synthetic Phi-3-mini Q4_K_M, side by side.
+"""phi3ref against llama.cpp on a full-size synthetic model Q4_K_M, side by side: Phi-3-mini
+by default; ``--preset phi4-mini`` (its 200k-row output head is its largest matrix) or
+``--preset phi4`` (14.7B, about 9 GB: where the machine's memory allows).
 
-    python benchmarks/bench.py [--rounds 3] [--threads 2] [--transformers] [--level native] [--out benchmarks/results]
+    python benchmarks/bench.py [--preset phi3-mini] [--rounds 3] [--threads 2] [--transformers] [--level native] [--out DIR]
 
 Every measurement runs in a fresh process; the runtimes alternate within each round and
 the medians over rounds are reported, with the ratios phi3ref / llama.cpp as the headline
@@ -8,7 +10,8 @@ the medians over rounds are reported, with the ratios phi3ref / llama.cpp as the
 load time, prefill speed for 128- and 512-token prompts (fresh context each), decode speed
 over 64 tokens after the 128-token prompt, peak RSS, and for phi3ref the time from process
 start to the first generated token and the JIT compile time of a cold Numba cache (once).
-Writes results.json, results.md and results.png (with matplotlib) to --out.
+Writes results.json, results.md and results.png (with matplotlib) to --out (default
+benchmarks/results, for another preset benchmarks/results/<preset>).
 
 ``--level``: ``native`` (default) measures the installed llama-cpp-python (built for this
 CPU) beside phi3ref as this CPU runs it; a phi3ref.isa level measures llama.cpp built for
@@ -33,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from write_full_model import DEFAULT_PATH, ensure_full_model  # noqa: E402
+from write_full_model import ensure_full_model  # noqa: E402
 
 PROMPTS = (128, 512)
 DECODE = 64
@@ -133,13 +136,18 @@ def run(script: str, *args: str, env: dict | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEFAULT_PATH)
+    from phi3ref.synthetic import PRESETS
+
+    parser.add_argument("--preset", default="phi3-mini", choices=list(PRESETS), help="the full-size model measured (written once, cached)")
+    parser.add_argument("--model", type=Path, help="the file of --preset's shape to measure (default: benchmarks/models/<preset>-full-Q4_K_M.gguf)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--transformers", action="store_true", help="also measure HF transformers (fp32, slow, ~18 GB)")
     parser.add_argument("--level", default="native", help="native, or a phi3ref.isa level: avx2, avx512, avx512bf16 (see above)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    results_dir = Path(__file__).parent / "results"
+    args.out = args.out or (results_dir if args.preset == "phi3-mini" else results_dir / args.preset)
     from phi3ref import isa
 
     features = isa.host_features()
@@ -160,7 +168,7 @@ def main() -> None:
             envs["phi3ref"].update(isa.haswell_numba_env(), NUMBA_CACHE_DIR=str(numba_cache))
             instruction_set += " compiled for Haswell: neither executes AVX-512, VNNI or GFNI"
 
-    model, _ = ensure_full_model(args.model)
+    model, _ = ensure_full_model(args.model, preset=args.preset)
     file_bytes = model.stat().st_size
     args.out.mkdir(parents=True, exist_ok=True)
     runtimes = {"phi3ref": PHI3REF, "llama.cpp": LLAMA_CPP}
@@ -188,6 +196,7 @@ def main() -> None:
         "instruction_set": instruction_set,
         "threads": args.threads,
         "rounds": args.rounds,
+        "preset": args.preset,
         "model": str(model),
         "file_bytes": file_bytes,
         "medians": medians,
@@ -200,9 +209,9 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
     lines = [
-        f"Full-size synthetic Phi-3-mini Q4_K_M ({file_bytes / 1e9:.2f} GB), {results['machine']}, {args.threads} threads, "
+        f"Full-size synthetic {args.preset} Q4_K_M ({file_bytes / 1e9:.2f} GB), {results['machine']}, {args.threads} threads, "
         f"{results['date']}; instruction set: {instruction_set}; medians of {args.rounds} rounds "
-        f"(`python benchmarks/bench.py --rounds {args.rounds} --level {args.level}`).",
+        f"(`python benchmarks/bench.py --preset {args.preset} --rounds {args.rounds} --level {args.level}`).",
         "",
         "| | " + " | ".join(runtimes) + " | phi3ref / llama.cpp |",
         "|---|" + "---|" * (len(runtimes) + 1),
@@ -240,7 +249,7 @@ def _chart(results: dict, runtimes: dict, path: Path) -> None:
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks([j + width * (len(runtimes) - 1) / 2 for j in range(len(speed))], [label for _, label in speed])
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"Phi-3-mini Q4_K_M, {results['machine']}, {results['date']}, level {results.get('level', 'native')}")
+    ax.set_title(f"{results.get('preset', 'phi3-mini')} Q4_K_M, {results['machine']}, {results['date']}, level {results.get('level', 'native')}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -22,9 +22,8 @@ import numpy as np
 import phi3ref
 from phi3ref import isa
 from phi3ref.crosscheck import compare, llama_cpp_calls, llama_cpp_quantize, transformers_logits
-from phi3ref.synthetic import write_model
+from phi3ref.synthetic import PRESETS, write_model
 
-PRESETS = ["phi3-mini", "phi3-medium", "phi3.5-mini", "phi4-mini"]
 WRITTEN = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 LLAMA_QUANTIZED = ["Q2_K", "Q3_K_M", "IQ4_NL", "IQ4_XS"]
 N_CTX = 2048

@@ -29,7 +29,7 @@ from .config import ARCHITECTURE, Phi3Config
 from .gguf_file import GGUFFile
 from .quants import QUANT_TYPES, quantize
 
-__all__ = ["ModelShape", "PRESETS", "QUANT_MIXES", "TensorPlan", "check_output_path", "preset_shape", "tensor_plan", "tensor_type", "vocab_path", "write_model", "write_weights"]
+__all__ = ["ModelShape", "PRESETS", "PRESET_VOCABULARIES", "QUANT_MIXES", "TensorPlan", "check_output_path", "preset_shape", "preset_vocab", "tensor_plan", "tensor_type", "vocab_path", "write_model", "write_weights"]
 
 
 def vocab_path() -> Path:
@@ -49,7 +49,7 @@ class ModelShape:
     n_rot: int
     n_ctx: int = 4096
     rope_orig_ctx: int | None = None  # set (< n_ctx) for LongRoPE
-    sliding_window: int | None = 2047
+    sliding_window: int | None = 2047  # None: the file has no phi3.attention.sliding_window; 0: it says 0 (none)
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
     tied_embeddings: bool = False
@@ -68,7 +68,7 @@ class ModelShape:
             n_head=self.n_head, n_head_kv=self.n_head_kv, head_dim=self.head_dim, n_rot=self.n_rot,
             # the file stores the floats as float32, and always an original context length
             rope_base=float(np.float32(self.rope_base)), rms_eps=float(np.float32(self.rms_eps)),
-            sliding_window=self.sliding_window, rope_orig_ctx=self.rope_orig_ctx or self.n_ctx, has_rope_factors=self.longrope,
+            sliding_window=self.sliding_window or None, rope_orig_ctx=self.rope_orig_ctx or self.n_ctx, has_rope_factors=self.longrope,
             tied_embeddings=self.tied_embeddings, fused_qkv=self.fused_qkv,
         )
 
@@ -97,6 +97,12 @@ PRESETS: dict[str, dict[str, ModelShape]] = {
             n_ctx=1024, rope_orig_ctx=256, sliding_window=None, longrope=True,
         ),
     },
+    "phi4": {  # Phi-4 (14B; also Phi-4-reasoning and -reasoning-plus): GQA 40/10, rope base 250,000, no sliding window
+        "full": ModelShape(n_layer=40, n_embd=5120, n_ff=17920, n_head=40, n_head_kv=10, n_rot=128, n_ctx=16384,
+                           rope_base=250000.0, sliding_window=0),
+        "tiny": ModelShape(n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=1, n_rot=64, n_ctx=512,
+                           rope_base=250000.0, sliding_window=0),
+    },
     "phi4-mini": {  # Phi-4-mini-instruct: GQA 24/8, partial rotary (96 of 128), tied embeddings, LongRoPE
         "full": ModelShape(
             n_layer=32, n_embd=3072, n_ff=8192, n_head=24, n_head_kv=8, n_rot=96,
@@ -118,10 +124,29 @@ _REAL_HEADS = {
     "phi3-mini": dict(n_embd=768, n_head=8, n_head_kv=8, n_rot=96),  # head 96
     "phi3-medium": dict(n_embd=512, n_head=4, n_head_kv=1, n_rot=128),  # head 128, GQA 4
     "phi3.5-mini": dict(n_embd=768, n_head=8, n_head_kv=8, n_rot=96),  # head 96, LongRoPE
+    "phi4": dict(n_embd=512, n_head=4, n_head_kv=1, n_rot=128),  # head 128, GQA 4
     "phi4-mini": dict(n_embd=768, n_head=6, n_head_kv=2, n_rot=96),  # head 128, rotary 96, GQA 3
 }
 for _name, _heads in _REAL_HEADS.items():
     PRESETS[_name]["heads"] = replace(PRESETS[_name]["tiny"], n_ctx=2048, **_heads)
+
+
+# The Phi-4 generation's presets and their vocabularies (phi3ref.tiktoken_vocab.VOCABULARIES);
+# the Phi-3 presets have the bundled Phi-3 one
+PRESET_VOCABULARIES = {"phi4": "phi4", "phi4-mini": "phi4-mini"}
+
+
+def preset_vocab(preset: str) -> Path:
+    """The vocabulary-only GGUF that ``preset``'s models take their tokenizer from: the
+    bundled Phi-3 one, or for the Phi-4 generation the one
+    :func:`phi3ref.tiktoken_vocab.vocab_file` makes from tiktoken's ranks (cached)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset not in PRESET_VOCABULARIES:
+        return vocab_path()
+    from .tiktoken_vocab import vocab_file
+
+    return vocab_file(PRESET_VOCABULARIES[preset])
 
 
 def preset_shape(preset: str, size: str = "tiny") -> ModelShape:
@@ -305,9 +330,10 @@ def write_model(
     """Write a synthetic Phi-3 family GGUF with random weights; return its path.
 
     ``preset`` (:data:`PRESETS`) and ``size`` (``"tiny"``, ``"heads"`` or ``"full"``) give the shape; the
-    keyword overrides change single hyperparameters (``sliding_window=0``: none;
+    keyword overrides change single hyperparameters (``sliding_window=0``: none, as Phi-4 says;
     ``n_ctx``: the training context; ``fused_qkv=False``: separate q, k and v projections,
-    drawn as the same values as the fused one, row for row). ``quant`` is a llama.cpp file type from
+    drawn as the same values as the fused one, row for row). ``vocab``: a GGUF file whose
+    ``tokenizer.*`` keys are copied (default: the preset's, :func:`preset_vocab`). ``quant`` is a llama.cpp file type from
     :data:`QUANT_MIXES` (``"Q4_K_M"`` mixes Q4_K, Q5_K, Q6_K and F32 as llama.cpp does);
     ``pure`` stores every matrix in the mix's base type. The same arguments and ``seed``
     write the same bytes. Tensors are drawn, quantized and written one at a time, so a
@@ -324,15 +350,16 @@ def write_model(
         if v is not None
     }
     shape = replace(shape, **overrides)
-    if shape.sliding_window == 0:
-        shape = replace(shape, sliding_window=None)
     if shape.longrope and not shape.rope_orig_ctx:
         shape = replace(shape, rope_orig_ctx=max(1, shape.n_ctx // 8))
     _check_shape(shape, quant)
 
     rng = np.random.default_rng(seed)
-    return _write(path, shape, quant, pure, name or f"phi3ref synthetic {preset} ({quant}, random weights)",
-                  Path(vocab) if vocab else vocab_path(), lambda plan: _values(plan, rng))
+    # the preset leads the name: llama.cpp gives a file whose general.name holds "phi3" or
+    # "phi-3" Phi-3's special-token handling (its special tokens swallow the spaces after
+    # them; it looks up "</s>", "<unk>" and "<s>", which a Phi-4 vocabulary has not)
+    return _write(path, shape, quant, pure, name or f"{preset} synthetic ({quant}, random weights)",
+                  Path(vocab) if vocab else preset_vocab(preset), lambda plan: _values(plan, rng))
 
 
 def write_weights(
@@ -419,6 +446,8 @@ def _check_shape(shape: ModelShape, quant: str) -> None:
     for field in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "n_rot", "n_ctx"):
         if getattr(shape, field) <= 0:
             raise ValueError(f"{field} must be positive, got {getattr(shape, field)}")
+    if shape.sliding_window is not None and shape.sliding_window < 0:
+        raise ValueError(f"sliding_window must be 0 (none) or positive, got {shape.sliding_window}")
     if shape.n_embd % shape.n_head:
         raise ValueError(f"n_embd={shape.n_embd} is not a multiple of n_head={shape.n_head}")
     if shape.n_head % shape.n_head_kv:
@@ -446,7 +475,7 @@ def _write_header(writer: GGUFWriter, shape: ModelShape, quant: str, name: str, 
     writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", shape.rms_eps)
     writer.add_uint32(f"{a}.rope.dimension_count", shape.n_rot)
     writer.add_float32(f"{a}.rope.freq_base", shape.rope_base)
-    if shape.sliding_window:
+    if shape.sliding_window is not None:
         writer.add_uint32(f"{a}.attention.sliding_window", shape.sliding_window)
     if shape.longrope:
         assert shape.rope_orig_ctx

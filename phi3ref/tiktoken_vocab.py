@@ -10,10 +10,12 @@ printable character per byte. (Phi-4's GGUF files copy their merges from the mod
 ``tokenizer.json``; the vocabularies made here tokenize as those do — the tests hold
 them to llama.cpp and to tiktoken's own encoder — without being those files.)
 
-The rank files come from a package, never from the network: ``bpe-openai`` (MIT licence)
-bundles both encodings; :func:`bundled_ranks` reads its data files without importing its
-compiled extension. The vocabularies this module makes serve the tests and are made by
-them, not shipped.
+The rank files ship with phi3ref (``phi3ref/data/*.tiktoken.gz``, 2.4 MB compressed: copies
+of those the ``bpe-openai`` package bundles, MIT licence); nothing comes from the network.
+A vocabulary is made from them on first use — recovering the merges takes about a second
+for cl100k and three for o200k — and kept as a vocabulary-only GGUF file in phi3ref's cache
+folder (:func:`vocab_file`): that is what the ``phi4`` and ``phi4-mini`` presets of
+:func:`phi3ref.synthetic.write_model` write their tokenizer from.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["PHI4", "PHI4_MINI", "SpecialTokens", "bundled_ranks", "byte_alphabet", "read_ranks", "tokens_and_merges", "vocabulary"]
+from gguf import GGUFValueType
+
+__all__ = ["ENCODINGS", "PHI4", "PHI4_MINI", "VOCABULARIES", "SpecialTokens", "bundled_ranks", "byte_alphabet", "rank_file", "read_ranks",
+           "tokens_and_merges", "vocab_file", "vocabulary", "write_vocab"]
 
 # Token types of tokenizer.ggml.token_type (llama.cpp's llama_token_type)
 NORMAL, CONTROL = 1, 3
+ENCODINGS = ("cl100k_base", "o200k_base")
 
 
 def read_ranks(path: str | os.PathLike[str]) -> dict[bytes, int]:
@@ -71,19 +79,16 @@ def _check_ranks(ranks: Mapping[bytes, int], where: str) -> None:
 
 
 def bundled_ranks(encoding: str) -> dict[bytes, int]:
-    """The ranks of ``encoding`` ("cl100k_base" or "o200k_base") from the ``bpe-openai``
-    package's data files (``pip install phi3ref[crosscheck]``)."""
-    from importlib import resources
+    """The ranks of ``encoding`` ("cl100k_base" or "o200k_base"), from the copies of
+    tiktoken's rank files that phi3ref ships (``phi3ref/data/<encoding>.tiktoken.gz``)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    return read_ranks(rank_file(encoding))
 
-    if encoding not in ("cl100k_base", "o200k_base"):
-        raise ValueError(f"encoding must be 'cl100k_base' or 'o200k_base', got {encoding!r}")
-    try:
-        data = resources.files("bpe_openai.data")
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("the tiktoken ranks come from the bpe-openai package: pip install bpe-openai "
-                                  "(or phi3ref[crosscheck])") from None
-    with resources.as_file(data / f"{encoding}.tiktoken.gz") as path:
-        return read_ranks(path)
+
+def rank_file(encoding: str) -> Path:
+    """The bundled rank file of ``encoding`` (gzip-compressed, as bpe-openai 0.1.4 ships it)."""
+    return Path(str(resources.files("phi3ref") / "data" / f"{encoding}.tiktoken.gz"))
 
 
 def byte_alphabet() -> dict[int, str]:
@@ -165,21 +170,28 @@ PHI4 = SpecialTokens(
 )
 
 
-# Phi-4-mini-style: o200k's 199,998 ranks, then special tokens up to 200,064. The named ids
-# are those of the model's tokenizer that its chat template and stop tokens use (and
-# tiktoken's own two); the other ids here are placeholders (the model has its tool-calling
-# tokens among them), not yet checked against its added tokens — matched only as special
-# tokens, they leave ordinary text alone
+# Phi-4-mini: o200k's 199,998 ranks, then special tokens up to 200,064. Named: tiktoken's own
+# two and the tokens of the model's chat template and tool calling (ids as in its
+# tokenizer); the other ids are placeholders (<|dummy_i|>): the model's file names them as
+# its converter does, and as control tokens matched only while parsing special tokens they
+# leave the tokenization of ordinary text alone
 PHI4_MINI = SpecialTokens(
     n_vocab=200064,
     named={199999: "<|endoftext|>", 200018: "<|endofprompt|>", 200019: "<|assistant|>", 200020: "<|end|>",
-           200021: "<|user|>", 200022: "<|system|>", 200023: "<|tool|>"},
+           200021: "<|user|>", 200022: "<|system|>", 200023: "<|tool|>", 200024: "<|/tool|>", 200025: "<|tool_call|>",
+           200026: "<|/tool_call|>", 200027: "<|tool_response|>", 200028: "<|tag|>"},
     bos="<|endoftext|>",
     eos="<|endoftext|>",
-    template=("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-              "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"),
+    # Phi-4-mini: a system message may carry the tools' descriptions, between <|tool|> and <|/tool|>
+    template=("{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+              "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+              "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"),
     pre="gpt-4o",
 )
+
+# the vocabularies of the Phi-4 generation: the rank file each starts from, its special tokens
+VOCABULARIES: dict[str, tuple[str, SpecialTokens]] = {"phi4": ("cl100k_base", PHI4), "phi4-mini": ("o200k_base", PHI4_MINI)}
 
 
 def vocabulary(ranks: Mapping[bytes, int], special: SpecialTokens) -> dict:
@@ -217,3 +229,63 @@ def vocabulary(ranks: Mapping[bytes, int], special: SpecialTokens) -> dict:
     if special.template is not None:
         meta["tokenizer.chat_template"] = special.template
     return meta
+
+
+# GGUF value types of the tokenizer keys that vocabulary() writes: arrays by key, scalars by
+# their Python type
+_ARRAY_TYPES = {"tokenizer.ggml.tokens": GGUFValueType.STRING, "tokenizer.ggml.merges": GGUFValueType.STRING,
+                "tokenizer.ggml.token_type": GGUFValueType.INT32}
+_SCALAR_TYPES = {bool: GGUFValueType.BOOL, int: GGUFValueType.UINT32, str: GGUFValueType.STRING}
+
+
+def write_vocab(path: str | os.PathLike[str], meta: Mapping[str, object], *, name: str) -> Path:
+    """Write ``meta`` (:func:`vocabulary`'s keys) as a vocabulary-only GGUF file of
+    architecture ``phi3`` (no tensors, no hyperparameters): what
+    :func:`phi3ref.synthetic.write_model` copies a tokenizer from. (A ``name`` holding
+    "phi3" or "phi-3" makes llama.cpp treat the special tokens as Phi-3's.) Written to a
+    ``.partial`` file renamed at the end, so that a reader never sees half a file."""
+    from gguf import GGUFWriter
+
+    from .config import ARCHITECTURE
+
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    writer = GGUFWriter(tmp, ARCHITECTURE)
+    try:
+        writer.add_name(name)
+        for key, value in meta.items():
+            if key in _ARRAY_TYPES:
+                writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=_ARRAY_TYPES[key])
+            else:
+                writer.add_key_value(key, value, _SCALAR_TYPES[type(value)])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def vocab_file(model: str) -> Path:
+    """The vocabulary-only GGUF file of ``model`` (a key of :data:`VOCABULARIES`: "phi4",
+    "phi4-mini"), made from the bundled ranks on first use (1-3 s) and kept in phi3ref's
+    cache folder (``$PHI3REF_CACHE``, else ``~/.cache/phi3ref``) under a name that changes
+    with the rank file and the special tokens."""
+    from .llama_builds import cache_root
+
+    if model not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {model!r}; choose one of {', '.join(VOCABULARIES)}")
+    encoding, special = VOCABULARIES[model]
+    digest = hashlib.sha256(rank_file(encoding).read_bytes())
+    digest.update(repr((_FORMAT, special)).encode())
+    path = cache_root() / "vocab" / f"{model}-{digest.hexdigest()[:16]}.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_vocab(path, vocabulary(bundled_ranks(encoding), special), name=f"{model} vocabulary ({encoding})")
+    return path
+
+
+_FORMAT = 2  # bump when vocabulary() or write_vocab() write other bytes: the cached files are remade

@@ -7,8 +7,8 @@ phi3ref's own writer — the file bundled as ``phi3ref/data/demo.gguf`` (``--mod
 ``phi3ref.load("demo")``):
 
 * **the architecture** is Phi-3's (a ``phi3`` GGUF: fused q|k|v and gate|up projections,
-  RMSNorm, NEOX RoPE, SwiGLU), small (:data:`DEMO_SHAPE`: 4 layers, 256 wide, 4 heads of
-  64, a context of 512);
+  RMSNorm, NEOX RoPE, SwiGLU), small (:data:`DEMO_SHAPE`: 4 layers, 128 wide, 4 heads of
+  32, a context of 512: 5.2 million parameters, most of them the embedding);
 * **the vocabulary and chat template** are the real Phi-3 ones (32,064 tokens), so every
   tool of phi3ref and llama.cpp runs on it;
 * **the text** is Python's own documentation, which every Python ships under the PSF
@@ -17,22 +17,22 @@ phi3ref's own writer — the file bundled as ``phi3ref/data/demo.gguf`` (``--mod
   (the user asks about it, the assistant answers with the text), so that a chat prompt is
   answered in the documentation's words and ends with ``<|end|>``; one document in
   :data:`Recipe.heldout_every` is held out;
-* **a copying task** beside the text, meant to grow induction heads (a head that finds the
-  previous occurrence of the current token and attends to what followed it: Olsson et al.,
-  2022, "In-context learning and induction heads"): rows of random tokens — the text's most
-  frequent ones — in which a run of them appears twice at a random distance, only the
-  second run's predictable tokens scored. In the bundled model no induction head has
-  formed yet (docs/demo-model.md says what was tried); the recipe's other phases and
-  options — text alone first (``lead_steps``), copying alone (``copy_steps``), the copying
-  scored over its pool of tokens only (``copy_softmax="pool"``), text rows that repeat
-  their own first part (``repeat_rows``) — are there for that search;
+* **a copying task** first, and then beside the text, which grows an induction head (a head
+  that finds the previous occurrence of the current token and attends to what followed it:
+  Olsson et al., 2022, "In-context learning and induction heads"): rows of a random
+  sequence of 4-32 tokens — drawn from the text's most frequent ones — followed by the same
+  sequence again, the second copy scored over those tokens (a previous-token head and an
+  induction head form within 400 steps of it alone). The recipe's other options —
+  text alone first (``lead_steps``), runs placed twice at a random distance
+  (``copy_form="runs"``), text rows that repeat their own first part (``repeat_rows``) —
+  are those of the search that docs/demo-model.md tells;
 * **the training** is transformers' ``Phi3ForCausalLM`` in float32 (torch, from the
   ``crosscheck`` extra): AdamW, a linear warm-up and a cosine decay, the full softmax over
   the 32,064 tokens;
 * **the export** is :func:`phi3ref.synthetic.write_weights` — the same tensor layout and
   llama.cpp quant mix as every synthetic model (``Q4_K_M``).
 
-    python -m phi3ref.training --out demo.gguf --threads 1   # train and export (about 50 min)
+    python -m phi3ref.training --out demo.gguf   # train and export (36 minutes on 2 cores)
     python -m phi3ref.training --evaluate demo.gguf     # held-out perplexity beside a unigram baseline
 
 The documents come from the Python that runs the script, so another Python version trains
@@ -65,10 +65,14 @@ from .tokenizer import Tokenizer
 __all__ = ["DEMO_SHAPE", "Document", "Recipe", "check_recipe", "documents", "evaluate", "export", "heldout_text", "split", "train", "unigram_perplexity"]
 
 # The demo model's shape: Phi-3-mini's structure, scaled down so that it trains on a CPU.
-# Rows of 256 keep every K-quant (Q4_K, Q5_K, Q6_K) applicable, as in the real files. The
-# embeddings are tied (as Phi-4-mini's): with a 32,064-token vocabulary and 256 dimensions
-# the embedding matrix is most of the model, and once is enough.
-DEMO_SHAPE = ModelShape(n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=4, n_rot=64, n_ctx=512, sliding_window=None,
+# 128 wide: with the "repeat" copying rows an induction head forms within 400 steps at this
+# width (4 heads of 32), where 256 wide (4 heads of 64) had not after 800 (docs/demo-model.md,
+# "The search for an induction head"). Rows of 128 are too short for the K-quants (blocks of
+# 256): the Q4_K_M mix stores those matrices in llama.cpp's fallback types (Q5_0, Q5_1,
+# Q8_0), and ffn_down, whose rows are the MLP's 512, in Q4_K and Q6_K. The embeddings are
+# tied (as Phi-4-mini's): with a 32,064-token vocabulary the embedding matrix is most of
+# the model, and once is enough.
+DEMO_SHAPE = ModelShape(n_layer=4, n_embd=128, n_ff=512, n_head=4, n_head_kv=4, n_rot=32, n_ctx=512, sliding_window=None,
                         tied_embeddings=True)
 
 
@@ -83,19 +87,24 @@ class Recipe:
     # phase 0 (off by default): text alone, at text_lr after the warm-up — meant to form a
     # previous-token head first, which an induction head builds on
     lead_steps: int = 0
-    # phase 1 (off by default): the copying task alone, in short rows
-    copy_steps: int = 0
-    copy_batch: int = 128
-    copy_len: int = 20  # tokens in a copying row: random tokens, a run of them placed twice
-    copy_run: tuple[int, int] = (2, 6)  # the run's length, from .. to
+    # phase 1: the copying task alone — the induction head forms here (steps 200-400)
+    copy_steps: int = 400
+    copy_batch: int = 64
+    copy_len: int = 64  # tokens in a copying row (BOS not counted)
+    copy_run: tuple[int, int] = (4, 32)  # the run's length, from .. to
+    # the copying rows: "runs" — random tokens, a run of them placed twice at a random
+    # distance, its second copy's predictable tokens scored (a few per row); "repeat" — a
+    # random sequence of a run's length, then the same sequence again (random tokens after
+    # it), the whole second copy but its first token scored
+    copy_form: str = "repeat"
     copy_pool: int = 500  # the rows' tokens: the text's most frequent ones
-    # the copying rows' softmax: over the whole vocabulary ("vocab", the bundled model's), or
-    # over the pool alone ("pool": which of them comes next is the task; a softmax over the
+    # the copying rows' softmax: over the whole vocabulary ("vocab"), or over the pool alone
+    # ("pool", the bundled model's: which of them comes next is the task; a softmax over the
     # vocabulary also teaches that only the pool's tokens exist, and after a phase of
     # copying alone the text starts far above a fresh model's loss: docs/demo-model.md)
-    copy_softmax: str = "vocab"
-    # phase 2: the text, with the copying task beside it (longer rows: the distances grow)
-    steps: int = 700
+    copy_softmax: str = "pool"
+    # phase 2: the text, with the copying task beside it (so that the head stays)
+    steps: int = 1400
     batch_size: int = 8  # rows of seq_len tokens of text per step
     seq_len: int = 512
     doc_start_rows: int = 2  # rows that start at a document's beginning (the chat header)
@@ -104,8 +113,8 @@ class Recipe:
     repeat_rows: int = 0
     repeat_min: int = 16
     text_copy_batch: int = 32
-    text_copy_len: int = 32
-    lr: float = 1e-3  # phase 1's, after a linear warm-up of warmup_steps
+    text_copy_len: int = 64
+    lr: float = 2e-3  # phase 1's, after a linear warm-up of warmup_steps
     # phase 2's: from lr up to text_lr in warmup_steps, then a cosine decay to min_lr (at
     # 1e-3 the text loss stalls near 6.5 nats, at 3e-3 it falls below 5 in a few hundred steps)
     text_lr: float = 3e-3
@@ -227,9 +236,10 @@ def unigram_perplexity(train_ids: np.ndarray, targets: np.ndarray, n_vocab: int)
 class _Batches:
     """Each step's rows: :meth:`text` gives windows of ``seq_len + 1`` tokens of the text
     (some from a document's start; ``repeat_rows`` of them with their first part again
-    after it); :meth:`copies` rows of the copying task — random tokens with one run of
-    them placed twice, at random distances — labelled only where the second run can be
-    predicted from the first (its tokens but the first; -100 elsewhere). The distance
+    after it); :meth:`copies` rows of the copying task (``copy_form``) — random tokens
+    with one run of them placed twice at a random distance, or a random sequence followed
+    by itself — labelled only where the second copy can be predicted from the first (its
+    tokens but the first; -100 elsewhere). The distance (the run's length, for "repeat")
     varies from row to row, so a head cannot learn "attend d back": it has to find the
     earlier occurrence of the current token and read what came after it, which is what an
     induction head does."""
@@ -262,8 +272,11 @@ class _Batches:
         for row in range(rows):
             run = int(self.rng.integers(lo, hi + 1))
             tokens = self.rng.choice(self.copy_tokens, size=length)
-            first = int(self.rng.integers(0, length - 2 * run + 1))
-            second = int(self.rng.integers(first + run, length - run + 1))
+            if self.r.copy_form == "repeat":
+                first, second = 0, run
+            else:
+                first = int(self.rng.integers(0, length - 2 * run + 1))
+                second = int(self.rng.integers(first + run, length - run + 1))
             tokens[second : second + run] = tokens[first : first + run]
             ids[row] = np.concatenate([[self.bos], tokens])
             labels[row, 2 + second : 1 + second + run] = tokens[second + 1 : second + run]
@@ -279,6 +292,8 @@ def check_recipe(recipe: Recipe) -> Recipe:
         raise TypeError(f"recipe.shape must be a phi3ref.synthetic.ModelShape, got {type(recipe.shape).__name__}")
     if recipe.copy_softmax not in ("vocab", "pool"):
         raise ValueError(f"recipe.copy_softmax must be 'vocab' or 'pool', got {recipe.copy_softmax!r}")
+    if recipe.copy_form not in ("runs", "repeat"):
+        raise ValueError(f"recipe.copy_form must be 'runs' or 'repeat', got {recipe.copy_form!r}")
     if recipe.quant not in QUANT_MIXES:
         raise ValueError(f"recipe.quant {recipe.quant!r} is not one of {', '.join(QUANT_MIXES)}")
     for name in ("lead_steps", "copy_steps", "seed"):

@@ -153,3 +153,16 @@ def test_the_child_survives_the_caller_s_process_habits():
         for f in files:
             os.close(f)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_phi4_generation_s_templates():
+    """Phi-4's ChatML-style template (<|im_sep|> between role and content) and Phi-4-mini's
+    render as those models expect; the generation prompt ends where the reply begins."""
+    from phi3ref.tiktoken_vocab import PHI4, PHI4_MINI
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert render_chat(messages, PHI4.template, bos_token="<|endoftext|>", eos_token="<|im_end|>") == (
+        "<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>")
+    assert render_chat(messages, PHI4_MINI.template, bos_token="<|endoftext|>", eos_token="<|endoftext|>") == (
+        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>")
+    assert render_chat(messages, PHI4_MINI.template, eos_token="<|endoftext|>", add_generation_prompt=False).endswith("<|end|><|endoftext|>")

@@ -26,7 +26,7 @@ def test_inspect_model(tiny_model):
     assert "architecture  phi3" in text
     assert "grouped-query attention 4/2; partial rotary 48/64; LongRoPE from 256" in text
     assert "tied embeddings" in text
-    assert "<|user|>" in text and "32064 tokens" in text
+    assert "<|user|>" in text and "200064 tokens" in text
     assert "blk.1.ffn_down.weight" in text and "Q6_K" in text
     assert "phi3ref supports this model" in text
 

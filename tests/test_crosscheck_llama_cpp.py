@@ -76,7 +76,7 @@ def _llama_cpp_at(level: isa.Level) -> isa.Level | None:
 HOST_BUILD = _llama_cpp_at(isa.host_level())
 
 
-PRESETS_HERE = ["phi3-mini", "phi3-medium", "phi3.5-mini", "phi4-mini"]  # size "heads": the real head sizes
+PRESETS_HERE = ["phi3-mini", "phi3-medium", "phi3.5-mini", "phi4", "phi4-mini"]  # size "heads": the real head sizes
 WRITTEN = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 LLAMA_QUANTIZED = ["Q2_K", "Q3_K_M", "IQ4_NL", "IQ4_XS"]  # types phi3ref cannot write: llama.cpp's quantizer makes them
 ALL_QUANTS = WRITTEN + LLAMA_QUANTIZED
@@ -223,11 +223,13 @@ def test_installed_llama_cpp_is_the_host_level(quant, tiny_model):
 
 
 @NEEDS_LLAMA_CPP
+@pytest.mark.parametrize("preset", ["phi3-medium", "phi4-mini"])
 @pytest.mark.parametrize("level", LEVEL_PARAMS)
-def test_trace_matches_llama_cpp_layer_by_layer(level, realistic_model):
+def test_trace_matches_llama_cpp_layer_by_layer(level, preset, realistic_model):
     """Every intermediate phi3ref traces equals llama.cpp's tensor of the same name, on a
-    prompt past every batch threshold (GQA, head 128)."""
-    path = realistic_model("phi3-medium", "Q4_K_M")
+    prompt past every batch threshold (GQA, head 128; Phi-4-mini: partial rotary, the
+    200k-row tied output head)."""
+    path = realistic_model(preset, "Q4_K_M")
     prompt = _prompt(300, 16)
     (theirs,) = llama_cpp_calls([("trace", dict(path=str(path), tokens=prompt, n_ctx=N_CTX))], level=_llama_cpp_at(level))
     matches = compare_traces(phi3ref.load(path, isa=level, n_ctx=N_CTX).trace(prompt), theirs)
@@ -237,7 +239,7 @@ def test_trace_matches_llama_cpp_layer_by_layer(level, realistic_model):
 
 @NEEDS_LLAMA_CPP
 @NATIVE
-@pytest.mark.parametrize("preset,quant", [("phi3-mini", "Q4_K_M"), ("phi4-mini", "Q4_0"), ("phi3-medium", "Q8_0")])
+@pytest.mark.parametrize("preset,quant", [("phi3-mini", "Q4_K_M"), ("phi4-mini", "Q4_0"), ("phi3-medium", "Q8_0"), ("phi4", "Q4_K_M")])
 def test_greedy_generation_matches_llama_cpp(preset, quant, tiny_model):
     """phi3ref.generate(temperature=0) picks the same tokens as llama.cpp's own greedy
     sampler on the same file and prompt."""

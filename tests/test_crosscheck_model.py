@@ -3,6 +3,15 @@ original context, the sliding window, and a pass patched through hook points.
 
 Tier ``crosscheck``: needs torch and transformers (the ``crosscheck`` extra). llama.cpp:
 tests/test_crosscheck_llama_cpp.py.
+
+The reference is ``phi3ref.crosscheck.transformers_model``: transformers' ``Phi3ForCausalLM``
+built from the file's hyperparameters as phi3ref reads them, with its weights. Not
+transformers' own GGUF loader: that maps neither ``rope.dimension_count`` (partial rotary)
+nor the LongRoPE factors nor the sliding window, so a Phi-4-mini file comes out as another
+model — with transformers 5.25 on the tiny ``phi4-mini`` preset, rotary over all 128 of 128
+dimensions instead of 96 and no LongRoPE: max |Δlogit| 11.4 from ``transformers_model``'s
+logits, the same top token at 1 of 64 positions. (The tiny ``phi4`` preset comes out right —
+full rotary, no window, the rope base read: the two agree within 1.1e-5.)
 """
 
 from __future__ import annotations

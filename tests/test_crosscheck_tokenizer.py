@@ -125,37 +125,23 @@ def test_bpe_vocabularies_pass_llama_cpp_s_own_test_vectors(llama_cpp_models, vo
         assert ours.encode(text, add_bos=False, special=False) == [int(t) for t in expected.split()], text
 
 
-# -- Phi-4's real vocabulary: cl100k's ranks, as the converter stores them ------------------------
+# -- The Phi-4 generation's vocabularies: cl100k's and o200k's ranks, as the converter stores them --
 
 
 @pytest.fixture(scope="module")
-def tiktoken_pair(llama_cpp_models, tmp_path_factory):
-    """A vocabulary-only GGUF with a Phi-4-generation tokenizer (tiktoken ranks from
-    bpe-openai, the model's special tokens and pre-tokenizer), written over llama.cpp's own
-    vocab file so that llama.cpp loads it; both tokenizers on it, and the reference."""
-    from craft import VT, rewrite_gguf
-
-    from phi3ref import tiktoken_vocab
-
+def tiktoken_pair(tiny_model):
+    """The tokenizers of a ``phi4`` or ``phi4-mini`` preset's model file (tiktoken's ranks,
+    the model's special tokens and pre-tokenizer): phi3ref's, llama.cpp's, and the
+    reference encoder of bpe-openai."""
+    bpe_openai = pytest.importorskip("bpe_openai")
     made = []
 
-    def get(encoding: str, special: tiktoken_vocab.SpecialTokens):
-        try:
-            ranks = tiktoken_vocab.bundled_ranks(encoding)
-        except ModuleNotFoundError as e:
-            pytest.skip(str(e))
-        meta = tiktoken_vocab.vocabulary(ranks, special)
-        arrays = {"tokenizer.ggml.tokens": VT.STRING, "tokenizer.ggml.merges": VT.STRING, "tokenizer.ggml.token_type": VT.INT32}
-        scalars = {bool: VT.BOOL, int: VT.UINT32, str: VT.STRING}
-        set_kv = {k: (VT.ARRAY, v, arrays[k]) if k in arrays else (scalars[type(v)], v) for k, v in meta.items()}
-        set_kv["llama.vocab_size"] = (VT.UINT32, special.n_vocab)
-        set_kv["general.name"] = (VT.STRING, f"{special.pre} vocabulary ({encoding})")
-        path = rewrite_gguf(llama_cpp_models / "ggml-vocab-llama-bpe.gguf", tmp_path_factory.mktemp("tiktoken") / f"{encoding}.gguf",
-                            set_kv=set_kv)
+    def get(preset: str):
+        path = tiny_model(preset, "Q4_0")
         made.append(llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False))
-        import bpe_openai
+        from phi3ref.tiktoken_vocab import VOCABULARIES
 
-        return Tokenizer.from_gguf(path), made[-1], bpe_openai.get_encoding(encoding)
+        return Tokenizer.from_gguf(path), made[-1], bpe_openai.get_encoding(VOCABULARIES[preset][0])
 
     yield get
     for llm in made:
@@ -168,10 +154,10 @@ def test_phi4_vocabularies_give_llama_cpp_s_and_tiktoken_s_ids(tiktoken_pair, mo
     """phi3ref's tokens on Phi-4's vocabulary (cl100k, dbrx) and Phi-4-mini's (o200k,
     gpt-4o) equal llama.cpp's, special tokens parsed or not, and — without special tokens —
     tiktoken's own encoding as bpe-openai computes it."""
-    from phi3ref.tiktoken_vocab import PHI4, PHI4_MINI
+    from phi3ref.tiktoken_vocab import VOCABULARIES
 
-    encoding, special = {"phi4": ("cl100k_base", PHI4), "phi4-mini": ("o200k_base", PHI4_MINI)}[model]
-    ours, llm, reference = tiktoken_pair(encoding, special)
+    special = VOCABULARIES[model][1]
+    ours, llm, reference = tiktoken_pair(model)
     for text in BPE_TEXTS:
         for parse in (True, False):
             assert ours.encode(text, special=parse) == llm.tokenize(text.encode(), add_bos=True, special=parse), (text, parse)

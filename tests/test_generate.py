@@ -413,3 +413,49 @@ def test_cli_raw_tokens_logprobs_and_json(tmp_path):
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
     neither = run_cli("logits", "--model", "demo", "-o", str(tmp_path / "x.npy"), env_extra=env)
     assert neither.returncode == 2 and "give --tokens or --text" in neither.stderr
+
+
+def _bigram_model(path, preset: str, chain: list[int]):
+    """A model of ``preset``'s shape and vocabulary that says ``chain[1:]`` after
+    ``chain[0]``: the attention and MLP write nothing (zero projections), so the last
+    position's logits depend on its own token only; each chain token's embedding is a random
+    vector and the output row of the token after it is that same vector (about 256 logits
+    above every other: sampling at temperature 1 picks it every time). Each token of
+    ``chain`` but the last comes once."""
+    from dataclasses import replace
+
+    from phi3ref.synthetic import preset_shape, preset_vocab, tensor_plan, write_weights
+    from phi3ref.tokenizer import Tokenizer
+
+    shape = replace(preset_shape(preset), tied_embeddings=False)  # an output head of its own
+    n_vocab = Tokenizer.from_gguf(preset_vocab(preset)).n_vocab
+    rng = np.random.default_rng(0)
+    weights = {p.name: (np.ones if p.kind in ("norm", "rope_long", "rope_short") else np.zeros)(p.shape, np.float32)
+               for p in tensor_plan(shape, n_vocab, "Q8_0")}
+    for token, after in zip(chain, chain[1:]):
+        weights["token_embd.weight"][token] = rng.standard_normal(shape.n_embd)
+        weights["output.weight"][after] = weights["token_embd.weight"][token]
+    return write_weights(path, shape, weights, quant="Q8_0", name=f"{preset} bigram", vocab=preset_vocab(preset))
+
+
+@pytest.mark.slow  # a child process
+@pytest.mark.parametrize("preset,end", [("phi4", "<|im_end|>"), ("phi4-mini", "<|end|>")])
+def test_phi4_generation_stops_on_its_end_of_turn_token(tmp_path, preset, end):
+    """Phi-4 ends a turn with <|im_end|>, Phi-4-mini with <|end|>: `phi3ref generate` on a
+    model that says "Hello" and then that token prints "Hello" and stops (reason eos) — on
+    the models' own vocabularies and chat templates (the prompt ends with the template's
+    generation prompt: <|im_sep|> for Phi-4, <|assistant|> for Phi-4-mini)."""
+    from phi3ref.synthetic import preset_vocab
+    from phi3ref.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(preset_vocab(preset))
+    (start,) = tok.encode({"phi4": "<|im_sep|>", "phi4-mini": "<|assistant|>"}[preset], special=True)
+    (hello,), (world,), (stop,) = tok.encode("Hello"), tok.encode(" world"), tok.encode(end, special=True)
+    assert stop in tok.eog_ids
+    path = _bigram_model(tmp_path / "bigram.gguf", preset, [start, hello, stop, world])  # past the stop: " world"
+    r = phi3ref.generate("Hi", model=phi3ref.load(path), max_tokens=10, seed=1)
+    assert (r.tokens, r.text, r.finish_reason) == ([hello], "Hello", "eos")  # the end-of-turn token ends, unprinted
+    assert r.prompt_tokens[-1] == start
+    out = run_cli("generate", "--model", str(path), "--seed", "1", "--max-tokens", "10", "Hi")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Hello" and "[eos]" in out.stderr

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 
 from phi3ref import GGUFFile, Phi3Config
 from phi3ref.quants import QUANT_TYPES
-from phi3ref.synthetic import PRESETS, QUANT_MIXES, preset_shape, tensor_plan, tensor_type, vocab_path, write_model
+from phi3ref.synthetic import PRESETS, QUANT_MIXES, preset_shape, preset_vocab, tensor_plan, tensor_type, vocab_path, write_model
 
 
 def reader_tensors(path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -41,7 +41,10 @@ def test_tiny_preset_layout(preset, tiny_model):
     assert list(tensors) == expected_names(shape.n_layer, shape.longrope, shape.tied_embeddings)
 
     e, hd = shape.n_embd, shape.n_embd // shape.n_head
-    assert tensors["token_embd.weight"][1] == (32064, e)
+    with GGUFFile(preset_vocab(preset)) as vocab:
+        n_vocab = len(vocab.get_array("tokenizer.ggml.tokens"))
+    assert n_vocab == {"phi4": 100352, "phi4-mini": 200064}.get(preset, 32064)
+    assert tensors["token_embd.weight"][1] == (n_vocab, e)
     assert tensors["blk.0.attn_qkv.weight"][1] == ((shape.n_head + 2 * shape.n_head_kv) * hd, e)
     assert tensors["blk.0.attn_output.weight"][1] == (e, shape.n_head * hd)
     assert tensors["blk.0.ffn_up.weight"][1] == (2 * shape.n_ff, e)
@@ -66,13 +69,17 @@ def test_tiny_preset_layout(preset, tiny_model):
             long = gf.dequantize_tensor("rope_factors_long.weight")
             short = gf.dequantize_tensor("rope_factors_short.weight")
             assert (long >= 1).all() and (short >= 1).all() and long[-1] > short[-1]
-        # the real vocabulary, special tokens and chat template
-        with GGUFFile(vocab_path()) as vocab:
-            for key in ("tokenizer.ggml.tokens", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token"):
+        # Phi-4 says "no sliding window" with a 0; the others' tiny sizes leave the key out
+        assert gf.get("phi3.attention.sliding_window") == (0 if preset == "phi4" else None)
+        assert config.sliding_window is None
+        # the preset's vocabulary (every tokenizer key), special tokens and chat template
+        with GGUFFile(preset_vocab(preset)) as vocab:
+            keys = [k for k in vocab.metadata if k.startswith("tokenizer.")]
+            assert keys == [k for k in gf.metadata if k.startswith("tokenizer.")]
+            assert {"tokenizer.ggml.tokens", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.token_type"} <= set(keys)
+            for key in keys:
                 a, b = gf.get(key), vocab.get(key)
                 assert (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b), key
-            assert np.array_equal(gf.get_array("tokenizer.ggml.scores"), vocab.get_array("tokenizer.ggml.scores"))
-            assert np.array_equal(gf.get_array("tokenizer.ggml.token_type"), vocab.get_array("tokenizer.ggml.token_type"))
             assert gf.value_types["tokenizer.ggml.token_type"] == vocab.value_types["tokenizer.ggml.token_type"]
 
 
@@ -166,15 +173,21 @@ def test_bad_arguments(tmp_path):
         write_model(tmp_path / "x.gguf", preset="phi3-medium", n_head_kv=3)
     with pytest.raises(ValueError, match="n_rot=66 must be even and at most head_dim=64"):
         write_model(tmp_path / "x.gguf", n_rot=66)
+    with pytest.raises(ValueError, match=r"sliding_window must be 0 \(none\) or positive, got -1"):
+        write_model(tmp_path / "x.gguf", sliding_window=-1)
+    with pytest.raises(ValueError, match="unknown preset 'phi5'; choose one of phi3-mini, "):
+        write_model(tmp_path / "x.gguf", preset="phi5")
     assert not list(tmp_path.iterdir()), "a failed write leaves no file behind"
 
 
 def test_presets_have_the_family_shapes():
-    mini, medium, phi35, phi4 = (PRESETS[p]["full"] for p in ("phi3-mini", "phi3-medium", "phi3.5-mini", "phi4-mini"))
+    mini, medium, phi35, phi4, phi4_mini = (PRESETS[p]["full"] for p in ("phi3-mini", "phi3-medium", "phi3.5-mini", "phi4", "phi4-mini"))
     assert (mini.n_embd, mini.n_ff, mini.n_layer, mini.n_head, mini.n_rot) == (3072, 8192, 32, 32, 96)
     assert (medium.n_embd, medium.n_head, medium.n_head_kv, medium.head_dim) == (5120, 40, 10, 128)
     assert phi35.longrope and phi35.n_ctx == 131072 and phi35.rope_orig_ctx == 4096
-    assert phi4.tied_embeddings and phi4.head_dim == 128 and phi4.n_rot == 96 and phi4.n_head_kv == 8
+    assert (phi4.n_layer, phi4.n_embd, phi4.n_ff, phi4.n_head, phi4.n_head_kv, phi4.n_rot) == (40, 5120, 17920, 40, 10, 128)
+    assert (phi4.rope_base, phi4.n_ctx, phi4.sliding_window, phi4.tied_embeddings) == (250000.0, 16384, 0, False)
+    assert phi4_mini.tied_embeddings and phi4_mini.head_dim == 128 and phi4_mini.n_rot == 96 and phi4_mini.n_head_kv == 8
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

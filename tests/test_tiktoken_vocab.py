@@ -99,3 +99,42 @@ def test_bad_special_tokens_are_refused(change, message):
     base = tiktoken_vocab.SpecialTokens(n_vocab=260, named={256: "<|s|>"})
     with pytest.raises(ValueError, match=message):
         tiktoken_vocab.vocabulary(ranks, replace(base, **change))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # bpe-openai reads its data with importlib's old API
+def test_bundled_ranks_are_bpe_openai_s():
+    """The rank files phi3ref ships are bpe-openai 0.1.4's, byte for byte (where it is
+    installed: the crosscheck extra), and hold each encoding's count of ranks."""
+    assert len(tiktoken_vocab.bundled_ranks("cl100k_base")) == 100256
+    assert len(tiktoken_vocab.bundled_ranks("o200k_base")) == 199998
+    with pytest.raises(ValueError, match="encoding must be one of cl100k_base, o200k_base, got 'p50k_base'"):
+        tiktoken_vocab.bundled_ranks("p50k_base")
+    try:
+        from importlib import resources
+
+        theirs = resources.files("bpe_openai.data")
+    except ModuleNotFoundError:
+        pytest.skip("bpe-openai is not installed (pip install phi3ref[crosscheck])")
+    for encoding in tiktoken_vocab.ENCODINGS:
+        assert tiktoken_vocab.rank_file(encoding).read_bytes() == (theirs / f"{encoding}.tiktoken.gz").read_bytes(), encoding
+
+
+def test_vocab_file_is_made_once_and_kept(tmp_path, monkeypatch):
+    """vocab_file() writes the vocabulary-only GGUF into the cache folder on first use and
+    returns the same file after; phi3ref reads Phi-4's tokenizer from it."""
+    from phi3ref.gguf_file import GGUFFile
+    from phi3ref.tokenizer import Tokenizer
+
+    monkeypatch.setenv("PHI3REF_CACHE", str(tmp_path))
+    path = tiktoken_vocab.vocab_file("phi4")
+    assert path.parent == tmp_path / "vocab" and path.name.startswith("phi4-") and path.suffix == ".gguf"
+    stamp = path.stat().st_mtime_ns
+    assert tiktoken_vocab.vocab_file("phi4") == path and path.stat().st_mtime_ns == stamp
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no partial file is left behind"
+    with GGUFFile(path) as gf:
+        assert gf.get("general.architecture") == "phi3" and "phi3" not in gf.get("general.name").lower()
+        assert len(gf.get_array("tokenizer.ggml.merges")) == 100000 and not gf.tensors
+    tok = Tokenizer.from_gguf(path)
+    assert tok.n_vocab == 100352 and tok.encode("<|im_start|>user<|im_sep|>Hi<|im_end|>", special=True) == [100264, 882, 100266, 13347, 100265]
+    with pytest.raises(ValueError, match="unknown vocabulary 'phi5'; choose one of phi4, phi4-mini"):
+        tiktoken_vocab.vocab_file("phi5")

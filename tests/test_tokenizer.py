@@ -93,9 +93,14 @@ def test_gguf_without_vocabulary(tmp_path):
         Tokenizer.from_gguf(bad_bos)
 
 
-def test_model_file_and_vocab_file_agree(tiny_model, tok):
-    model_tok = Tokenizer.from_gguf(tiny_model("phi4-mini", "Q4_0"))
-    assert model_tok.encode(CHAT) == tok.encode(CHAT)
+@pytest.mark.parametrize("preset", ["phi3-mini", "phi4", "phi4-mini"])
+def test_model_file_and_vocab_file_agree(tiny_model, preset):
+    """A preset's model file tokenizes as the vocabulary file it was written from."""
+    from phi3ref.synthetic import preset_vocab
+
+    model_tok, vocab_tok = Tokenizer.from_gguf(tiny_model(preset, "Q4_0")), Tokenizer.from_gguf(preset_vocab(preset))
+    assert model_tok.encode(CHAT) == vocab_tok.encode(CHAT) and model_tok.n_vocab == vocab_tok.n_vocab
+    assert model_tok.eog_ids == vocab_tok.eog_ids and model_tok.bos_id == vocab_tok.bos_id
 
 
 def test_gpt2_vocabulary_from_gguf(tmp_path):
