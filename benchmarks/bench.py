@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="the file of --preset's shape to measure (default: benchmarks/models/<preset>-full-Q4_K_M.gguf)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--transformers", action="store_true", help="also measure HF transformers (fp32, slow, ~18 GB)")
+    parser.add_argument("--transformers", action="store_true", help="also measure HF transformers (fp32 from its own GGUF loader: slow, ~18 GB for phi3-mini; it misreads phi4-mini's partial rotary and LongRoPE)")
     parser.add_argument("--level", default="native", help="native, or a phi3ref.isa level: avx2, avx512, avx512bf16 (see above)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

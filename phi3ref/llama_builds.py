@@ -63,7 +63,8 @@ def installed_version() -> str:
 
 
 def cache_root() -> Path:
-    """Where builds are kept: $PHI3REF_CACHE, else $XDG_CACHE_HOME/phi3ref, else ~/.cache/phi3ref."""
+    """phi3ref's cache folder (llama.cpp builds, the Phi-4 vocabularies): $PHI3REF_CACHE, else
+    $XDG_CACHE_HOME/phi3ref, else ~/.cache/phi3ref."""
     if os.environ.get("PHI3REF_CACHE"):
         return Path(os.environ["PHI3REF_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi3ref"

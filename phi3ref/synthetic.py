@@ -8,8 +8,11 @@ vocabulary are those of llama.cpp's ``phi3`` GGUF files; only the weight values 
     >>> from phi3ref.synthetic import write_model
     >>> write_model("tiny.gguf", preset="phi3-mini", size="tiny", quant="Q4_K_M")
 
-The vocabulary, special tokens and chat template come from ``phi3ref/data/ggml-vocab-phi-3.gguf``
-(llama.cpp's vocab-only Phi-3 file; see ``phi3ref/data/README.md`` for attribution).
+Each preset's vocabulary, special tokens and chat template are its model's
+(:func:`preset_vocab`): for the Phi-3 presets ``phi3ref/data/ggml-vocab-phi-3.gguf``
+(llama.cpp's vocab-only Phi-3 file; see ``phi3ref/data/README.md`` for attribution), for
+``phi4`` and ``phi4-mini`` the vocabularies :mod:`phi3ref.tiktoken_vocab` makes from
+tiktoken's rank files.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from gguf import GGUFValueType, GGUFWriter, LlamaFileType
 from .config import ARCHITECTURE, Phi3Config
 from .gguf_file import GGUFFile
 from .quants import QUANT_TYPES, quantize
+from .tiktoken_vocab import VOCABULARIES, vocab_file
 
-__all__ = ["ModelShape", "PRESETS", "PRESET_VOCABULARIES", "QUANT_MIXES", "TensorPlan", "check_output_path", "preset_shape", "preset_vocab", "tensor_plan", "tensor_type", "vocab_path", "write_model", "write_weights"]
+__all__ = ["ModelShape", "PRESETS", "QUANT_MIXES", "TensorPlan", "check_output_path", "preset_shape", "preset_vocab", "tensor_plan", "tensor_type", "vocab_path", "write_model", "write_weights"]
 
 
 def vocab_path() -> Path:
@@ -131,22 +135,14 @@ for _name, _heads in _REAL_HEADS.items():
     PRESETS[_name]["heads"] = replace(PRESETS[_name]["tiny"], n_ctx=2048, **_heads)
 
 
-# The Phi-4 generation's presets and their vocabularies (phi3ref.tiktoken_vocab.VOCABULARIES);
-# the Phi-3 presets have the bundled Phi-3 one
-PRESET_VOCABULARIES = {"phi4": "phi4", "phi4-mini": "phi4-mini"}
-
-
 def preset_vocab(preset: str) -> Path:
     """The vocabulary-only GGUF that ``preset``'s models take their tokenizer from: the
-    bundled Phi-3 one, or for the Phi-4 generation the one
+    bundled Phi-3 one, or for the Phi-4 generation (a preset named as a key of
+    :data:`phi3ref.tiktoken_vocab.VOCABULARIES`) the one
     :func:`phi3ref.tiktoken_vocab.vocab_file` makes from tiktoken's ranks (cached)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if preset not in PRESET_VOCABULARIES:
-        return vocab_path()
-    from .tiktoken_vocab import vocab_file
-
-    return vocab_file(PRESET_VOCABULARIES[preset])
+    return vocab_file(preset) if preset in VOCABULARIES else vocab_path()
 
 
 def preset_shape(preset: str, size: str = "tiny") -> ModelShape:
@@ -339,7 +335,11 @@ def write_model(
     write the same bytes. Tensors are drawn, quantized and written one at a time, so a
     full-size model needs memory for its largest tensor only.
     """
+    check_output_path(path)  # before a vocabulary is made for it
     shape = preset_shape(preset, size)
+    if name is not None and preset in VOCABULARIES and vocab is None and any(k in name.lower() for k in ("phi3", "phi-3")):
+        raise ValueError(f"name {name!r}: llama.cpp gives a file whose name holds 'phi3' or 'phi-3' Phi-3's special tokens, "
+                         f"which {preset}'s vocabulary lacks (it would refuse the file); name it otherwise")
     overrides = {
         k: v
         for k, v in dict(

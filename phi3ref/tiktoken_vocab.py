@@ -12,8 +12,8 @@ them to llama.cpp and to tiktoken's own encoder — without being those files.)
 
 The rank files ship with phi3ref (``phi3ref/data/*.tiktoken.gz``, 2.4 MB compressed: copies
 of those the ``bpe-openai`` package bundles, MIT licence); nothing comes from the network.
-A vocabulary is made from them on first use — recovering the merges takes about a second
-for cl100k and three for o200k — and kept as a vocabulary-only GGUF file in phi3ref's cache
+A vocabulary is made from them on first use — about a second for cl100k and two for o200k,
+most of it recovering the merges — and kept as a vocabulary-only GGUF file in phi3ref's cache
 folder (:func:`vocab_file`): that is what the ``phi4`` and ``phi4-mini`` presets of
 :func:`phi3ref.synthetic.write_model` write their tokenizer from.
 """
@@ -25,6 +25,8 @@ import binascii
 import gzip
 import hashlib
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -81,13 +83,13 @@ def _check_ranks(ranks: Mapping[bytes, int], where: str) -> None:
 def bundled_ranks(encoding: str) -> dict[bytes, int]:
     """The ranks of ``encoding`` ("cl100k_base" or "o200k_base"), from the copies of
     tiktoken's rank files that phi3ref ships (``phi3ref/data/<encoding>.tiktoken.gz``)."""
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
     return read_ranks(rank_file(encoding))
 
 
 def rank_file(encoding: str) -> Path:
     """The bundled rank file of ``encoding`` (gzip-compressed, as bpe-openai 0.1.4 ships it)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
     return Path(str(resources.files("phi3ref") / "data" / f"{encoding}.tiktoken.gz"))
 
 
@@ -243,13 +245,19 @@ def write_vocab(path: str | os.PathLike[str], meta: Mapping[str, object], *, nam
     architecture ``phi3`` (no tensors, no hyperparameters): what
     :func:`phi3ref.synthetic.write_model` copies a tokenizer from. (A ``name`` holding
     "phi3" or "phi-3" makes llama.cpp treat the special tokens as Phi-3's.) Written to a
-    ``.partial`` file renamed at the end, so that a reader never sees half a file."""
+    ``.partial`` file of its own renamed at the end, so that a reader — or another writer
+    of the same file — never sees half a file."""
     from gguf import GGUFWriter
 
     from .config import ARCHITECTURE
 
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    for key, value in meta.items():
+        if key not in _ARRAY_TYPES and type(value) not in _SCALAR_TYPES:
+            raise ValueError(f"{key}: a {type(value).__name__} is not a value write_vocab writes (bool, int, str, or one of the arrays)")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+    os.close(fd)
+    tmp = Path(tmp_name)
     writer = GGUFWriter(tmp, ARCHITECTURE)
     try:
         writer.add_name(name)
@@ -272,20 +280,27 @@ def write_vocab(path: str | os.PathLike[str], meta: Mapping[str, object], *, nam
 def vocab_file(model: str) -> Path:
     """The vocabulary-only GGUF file of ``model`` (a key of :data:`VOCABULARIES`: "phi4",
     "phi4-mini"), made from the bundled ranks on first use (1-3 s) and kept in phi3ref's
-    cache folder (``$PHI3REF_CACHE``, else ``~/.cache/phi3ref``) under a name that changes
-    with the rank file and the special tokens."""
+    cache folder (:func:`phi3ref.llama_builds.cache_root`) under a name hashed from the rank
+    file, the special tokens and this module's source (so that an edit of how vocabularies
+    are made remakes them); the files of earlier names are removed."""
     from .llama_builds import cache_root
 
     if model not in VOCABULARIES:
         raise ValueError(f"unknown vocabulary {model!r}; choose one of {', '.join(VOCABULARIES)}")
     encoding, special = VOCABULARIES[model]
     digest = hashlib.sha256(rank_file(encoding).read_bytes())
-    digest.update(repr((_FORMAT, special)).encode())
+    digest.update(repr(special).encode())
+    digest.update(Path(__file__).read_bytes())
     path = cache_root() / "vocab" / f"{model}-{digest.hexdigest()[:16]}.gguf"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_vocab(path, vocabulary(bundled_ranks(encoding), special), name=f"{model} vocabulary ({encoding})")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_vocab(path, vocabulary(bundled_ranks(encoding), special), name=f"{model} vocabulary ({encoding})")
+        except OSError as e:  # not writable, a file in the way, a full disk
+            raise OSError(f"cannot write the {model} vocabulary into {path.parent} ({e.strerror or e}); "
+                          "set PHI3REF_CACHE to a folder phi3ref may write to") from None
+        for stale in path.parent.glob(f"{model}-*.gguf"):  # made by an earlier phi3ref
+            if stale != path and re.fullmatch(rf"{re.escape(model)}-[0-9a-f]{{16}}", stale.stem):
+                stale.unlink(missing_ok=True)
     return path
 
-
-_FORMAT = 2  # bump when vocabulary() or write_vocab() write other bytes: the cached files are remade

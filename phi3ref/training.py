@@ -27,8 +27,8 @@ phi3ref's own writer — the file bundled as ``phi3ref/data/demo.gguf`` (``--mod
   (``copy_form="runs"``), text rows that repeat their own first part (``repeat_rows``) —
   are those of the search that docs/demo-model.md tells;
 * **the training** is transformers' ``Phi3ForCausalLM`` in float32 (torch, from the
-  ``crosscheck`` extra): AdamW, a linear warm-up and a cosine decay, the full softmax over
-  the 32,064 tokens;
+  ``crosscheck`` extra): AdamW, a linear warm-up and a cosine decay; the text's loss is the
+  full softmax over the 32,064 tokens, the copying rows' over their pool;
 * **the export** is :func:`phi3ref.synthetic.write_weights` — the same tensor layout and
   llama.cpp quant mix as every synthetic model (``Q4_K_M``).
 

@@ -177,6 +177,10 @@ def test_bad_arguments(tmp_path):
         write_model(tmp_path / "x.gguf", sliding_window=-1)
     with pytest.raises(ValueError, match="unknown preset 'phi5'; choose one of phi3-mini, "):
         write_model(tmp_path / "x.gguf", preset="phi5")
+    with pytest.raises(ValueError, match="name 'my phi3 test': llama.cpp gives a file whose name holds 'phi3'"):
+        write_model(tmp_path / "x.gguf", preset="phi4", name="my phi3 test")
+    with pytest.raises(ValueError, match="does not exist"):  # the path, before any vocabulary is made
+        write_model(tmp_path / "missing" / "x.gguf", preset="phi4-mini")
     assert not list(tmp_path.iterdir()), "a failed write leaves no file behind"
 
 

@@ -109,6 +109,8 @@ def test_bundled_ranks_are_bpe_openai_s():
     assert len(tiktoken_vocab.bundled_ranks("o200k_base")) == 199998
     with pytest.raises(ValueError, match="encoding must be one of cl100k_base, o200k_base, got 'p50k_base'"):
         tiktoken_vocab.bundled_ranks("p50k_base")
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        tiktoken_vocab.rank_file("p50k_base")
     try:
         from importlib import resources
 
@@ -131,10 +133,20 @@ def test_vocab_file_is_made_once_and_kept(tmp_path, monkeypatch):
     stamp = path.stat().st_mtime_ns
     assert tiktoken_vocab.vocab_file("phi4") == path and path.stat().st_mtime_ns == stamp
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no partial file is left behind"
+    stale = path.with_name("phi4-0123456789abcdef.gguf")  # an earlier phi3ref's: removed when a new one is made
+    stale.write_bytes(path.read_bytes())
+    path.unlink()
+    assert tiktoken_vocab.vocab_file("phi4") == path and not stale.exists()
     with GGUFFile(path) as gf:
         assert gf.get("general.architecture") == "phi3" and "phi3" not in gf.get("general.name").lower()
         assert len(gf.get_array("tokenizer.ggml.merges")) == 100000 and not gf.tensors
     tok = Tokenizer.from_gguf(path)
     assert tok.n_vocab == 100352 and tok.encode("<|im_start|>user<|im_sep|>Hi<|im_end|>", special=True) == [100264, 882, 100266, 13347, 100265]
+    with pytest.raises(ValueError, match="tokenizer.ggml.scores: a list is not a value write_vocab writes"):
+        tiktoken_vocab.write_vocab(tmp_path / "bad.gguf", {"tokenizer.ggml.scores": [0.0]}, name="bad")
     with pytest.raises(ValueError, match="unknown vocabulary 'phi5'; choose one of phi4, phi4-mini"):
         tiktoken_vocab.vocab_file("phi5")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("PHI3REF_CACHE", str(tmp_path / "a-file"))  # a cache folder that cannot be made
+    with pytest.raises(OSError, match="cannot write the phi4-mini vocabulary into .*a-file/vocab .*set PHI3REF_CACHE"):
+        tiktoken_vocab.vocab_file("phi4-mini")

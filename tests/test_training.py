@@ -5,8 +5,9 @@ demo model's insides (heads that a trained model grows) and its text."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -213,7 +214,11 @@ def demo():
 def test_the_demo_model_is_the_one_described(demo):
     assert demo.gguf.path == demo_path() and demo.config.n_layer == training.DEMO_SHAPE.n_layer
     assert demo.config.n_embd == training.DEMO_SHAPE.n_embd and demo.config.tied_embeddings
-    assert "phi3ref.training" in demo.gguf.get_str("general.description")
+    description = demo.gguf.get_str("general.description")
+    assert "phi3ref.training" in description
+    # the bundled file was made by today's defaults: `python -m phi3ref.training --out` remakes it
+    recipe = json.loads(description[description.index("recipe ") + len("recipe "):])
+    assert recipe == json.loads(json.dumps(asdict(training.Recipe())))
 
 
 def test_the_demo_model_writes_english(demo, docs):
