@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import gzip
 import hashlib
 import os
@@ -277,6 +278,17 @@ def write_vocab(path: str | os.PathLike[str], meta: Mapping[str, object], *, nam
     return path
 
 
+@functools.cache
+def _digest(model: str) -> str:
+    """The cache name's hash for ``model``: its rank file, its special tokens and this
+    module's source — read once per process, not at every model written."""
+    encoding, special = VOCABULARIES[model]
+    digest = hashlib.sha256(rank_file(encoding).read_bytes())
+    digest.update(repr(special).encode())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def vocab_file(model: str) -> Path:
     """The vocabulary-only GGUF file of ``model`` (a key of :data:`VOCABULARIES`: "phi4",
     "phi4-mini"), made from the bundled ranks on first use (1-3 s) and kept in phi3ref's
@@ -288,10 +300,7 @@ def vocab_file(model: str) -> Path:
     if model not in VOCABULARIES:
         raise ValueError(f"unknown vocabulary {model!r}; choose one of {', '.join(VOCABULARIES)}")
     encoding, special = VOCABULARIES[model]
-    digest = hashlib.sha256(rank_file(encoding).read_bytes())
-    digest.update(repr(special).encode())
-    digest.update(Path(__file__).read_bytes())
-    path = cache_root() / "vocab" / f"{model}-{digest.hexdigest()[:16]}.gguf"
+    path = cache_root() / "vocab" / f"{model}-{_digest(model)}.gguf"
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -415,7 +415,7 @@ def test_cli_raw_tokens_logprobs_and_json(tmp_path):
     assert neither.returncode == 2 and "give --tokens or --text" in neither.stderr
 
 
-def _bigram_model(path, preset: str, chain: list[int]):
+def _bigram_model(path, preset: str, n_vocab: int, chain: list[int]):
     """A model of ``preset``'s shape and vocabulary that says ``chain[1:]`` after
     ``chain[0]``: the attention and MLP write nothing (zero projections), so the last
     position's logits depend on its own token only; each chain token's embedding is a random
@@ -425,10 +425,8 @@ def _bigram_model(path, preset: str, chain: list[int]):
     from dataclasses import replace
 
     from phi3ref.synthetic import preset_shape, preset_vocab, tensor_plan, write_weights
-    from phi3ref.tokenizer import Tokenizer
 
     shape = replace(preset_shape(preset), tied_embeddings=False)  # an output head of its own
-    n_vocab = Tokenizer.from_gguf(preset_vocab(preset)).n_vocab
     rng = np.random.default_rng(0)
     weights = {p.name: (np.ones if p.kind in ("norm", "rope_long", "rope_short") else np.zeros)(p.shape, np.float32)
                for p in tensor_plan(shape, n_vocab, "Q8_0")}
@@ -452,7 +450,7 @@ def test_phi4_generation_stops_on_its_end_of_turn_token(tmp_path, preset, end):
     (start,) = tok.encode({"phi4": "<|im_sep|>", "phi4-mini": "<|assistant|>"}[preset], special=True)
     (hello,), (world,), (stop,) = tok.encode("Hello"), tok.encode(" world"), tok.encode(end, special=True)
     assert stop in tok.eog_ids
-    path = _bigram_model(tmp_path / "bigram.gguf", preset, [start, hello, stop, world])  # past the stop: " world"
+    path = _bigram_model(tmp_path / "bigram.gguf", preset, tok.n_vocab, [start, hello, stop, world])  # past the stop: " world"
     r = phi3ref.generate("Hi", model=phi3ref.load(path), max_tokens=10, seed=1)
     assert (r.tokens, r.text, r.finish_reason) == ([hello], "Hello", "eos")  # the end-of-turn token ends, unprinted
     assert r.prompt_tokens[-1] == start
