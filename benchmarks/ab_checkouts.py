@@ -26,7 +26,7 @@ from write_full_model import DEFAULT_PATH, ensure_full_model  # noqa: E402
 CHILD = r"""
 import json, sys, time, numpy as np, phi3ref
 model = phi3ref.load(sys.argv[1], threads=int(sys.argv[2]), n_ctx=1024)
-model.numerics.warmup()
+(model.warmup if hasattr(model, "warmup") else model.numerics.warmup)()  # an older checkout has only the latter
 prompt = np.random.default_rng(0).integers(100, 32000, size=128).tolist()
 model.forward(prompt[:16], 0)  # first touch of every weight page
 t = time.perf_counter(); logits = model.forward(prompt, 0); prefill = 128 / (time.perf_counter() - t)

@@ -2,15 +2,17 @@
 by default; ``--preset phi4-mini`` (its 200k-row output head is its largest matrix) or
 ``--preset phi4`` (14.7B, about 9 GB: where the machine's memory allows).
 
-    python benchmarks/bench.py [--preset phi3-mini] [--rounds 3] [--threads 2] [--transformers] [--level native] [--out DIR]
+    python benchmarks/bench.py [--preset phi3-mini] [--rounds 3] [--threads 2] [--long] [--scaling] [--transformers] [--level native] [--out DIR]
 
 Every measurement runs in a fresh process; the runtimes alternate within each round and
 the medians over rounds are reported, with the ratios phi3ref / llama.cpp as the headline
 (the machines are noisy, ratios from the same run are what compare). Measured per runtime:
 load time, prefill speed for 128- and 512-token prompts (fresh context each), decode speed
 over 64 tokens after the 128-token prompt, peak RSS, and for phi3ref the time from process
-start to the first generated token and the JIT compile time of a cold Numba cache (once).
-Writes results.json, results.md and results.png (with matplotlib) to --out (default
+start to the first generated token and the JIT compile time of a cold Numba cache (once,
+in a fresh cache folder). ``--long`` adds a long context (a 2,048-token prefill of a 4k
+context; 32 tokens decoded from position 3,500, where attention weighs most); ``--scaling``
+adds the speed-up from 1 thread to ``--threads`` for both runtimes. Writes results.json, results.md and results.png (with matplotlib) to --out (default
 benchmarks/results, for another preset benchmarks/results/<preset>).
 
 ``--level``: ``native`` (default) measures the installed llama-cpp-python (built for this
@@ -48,13 +50,21 @@ import numpy as np
 import phi3ref
 path, threads, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
-model = phi3ref.load(path, threads=threads, n_ctx=1024)
+model = phi3ref.load(path, threads=threads, n_ctx=LONG_CTX if mode == "long" else 1024)
 load_s = time.perf_counter() - t0
-compile_s = model.numerics.warmup()  # the kernels the model's numerics use, compiled or loaded from the cache
+compile_s = model.warmup()  # the kernels of the model's weight types in its numerics, compiled or loaded from the cache
 out = {"compile_s": compile_s, "load_s": load_s}
 if mode == "first-token":
     r = phi3ref.generate("Write a haiku about ice hockey", model=model, max_tokens=1, seed=0)
     out["first_token_s"] = time.perf_counter() - t_start
+elif mode == "long":  # a long prompt, then decoding deep in the context: attention's share grows
+    prompt = np.random.default_rng(1).integers(100, 32000, size=LONG_POS).tolist()
+    t = time.perf_counter(); logits = model.forward(prompt[:LONG_PREFILL], 0); out[f"prefill{LONG_PREFILL}_tok_s"] = LONG_PREFILL / (time.perf_counter() - t)
+    logits = model.forward(prompt[LONG_PREFILL:], LONG_PREFILL)
+    pos, t = LONG_POS, time.perf_counter()
+    for _ in range(LONG_DECODE):
+        logits = model.forward([int(np.argmax(logits))], pos); pos += 1
+    out[f"decode_at{LONG_POS}_tok_s"] = LONG_DECODE / (time.perf_counter() - t)
 else:
     rng = np.random.default_rng(0)
     for n in (128, 512):
@@ -75,12 +85,21 @@ LLAMA_CPP = r"""
 import json, resource, sys, time
 import numpy as np
 import llama_cpp
-path, threads = sys.argv[1], int(sys.argv[2])
+path, threads, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
-llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+llm = llama_cpp.Llama(model_path=path, n_ctx=LONG_CTX if mode == "long" else 1024, n_batch=512, n_ubatch=512,
+                      n_threads=threads, n_threads_batch=threads, verbose=False)
 out = {"load_s": time.perf_counter() - t0}
 rng = np.random.default_rng(0)
-for n in (128, 512):
+if mode == "long":
+    prompt = np.random.default_rng(1).integers(100, 32000, size=LONG_POS).tolist()
+    t = time.perf_counter(); llm.eval(prompt[:LONG_PREFILL]); out[f"prefill{LONG_PREFILL}_tok_s"] = LONG_PREFILL / (time.perf_counter() - t)
+    llm.eval(prompt[LONG_PREFILL:])
+    t = time.perf_counter()
+    for _ in range(LONG_DECODE):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    out[f"decode_at{LONG_POS}_tok_s"] = LONG_DECODE / (time.perf_counter() - t)
+for n in (128, 512) if mode != "long" else ():
     prompt = rng.integers(100, 32000, size=n).tolist()
     llm.reset()
     t = time.perf_counter(); llm.eval(prompt); out[f"prefill{n}_tok_s"] = n / (time.perf_counter() - t)
@@ -118,6 +137,13 @@ out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 102
 print(json.dumps(out))
 """
 
+# the long-context measurement (--long): a 2,048-token prefill, then decoding at position
+# 3,500 of a 4k context, where attention's share of the work is largest
+LONG_CTX, LONG_PREFILL, LONG_POS, LONG_DECODE = 4096, 2048, 3500, 32
+for _name in ("PHI3REF", "LLAMA_CPP"):
+    globals()[_name] = globals()[_name].replace("LONG_CTX", str(LONG_CTX)).replace("LONG_PREFILL", str(LONG_PREFILL)) \
+        .replace("LONG_POS", str(LONG_POS)).replace("LONG_DECODE", str(LONG_DECODE))
+
 METRICS = [
     ("load_s", "load (s)", False),
     ("prefill128_tok_s", "prefill 128 (tok/s)", True),
@@ -125,6 +151,11 @@ METRICS = [
     ("decode_tok_s", "decode 64 after 128 (tok/s)", True),
     ("peak_rss_bytes", "peak RSS (GB)", False),
 ]
+LONG_METRICS = [
+    (f"prefill{LONG_PREFILL}_tok_s", f"prefill {LONG_PREFILL:,} of a {LONG_CTX // 1024}k context (tok/s)", True),
+    (f"decode_at{LONG_POS}_tok_s", f"decode {LONG_DECODE} at position {LONG_POS:,} (tok/s)", True),
+]
+SCALED = ["prefill512_tok_s", "decode_tok_s"]  # reported at 1 thread too with --scaling
 
 
 def run(script: str, *args: str, env: dict | None = None) -> dict:
@@ -144,6 +175,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--transformers", action="store_true", help="also measure HF transformers (fp32 from its own GGUF loader: slow, ~18 GB for phi3-mini; it misreads phi4-mini's partial rotary and LongRoPE)")
     parser.add_argument("--level", default="native", help="native, or a phi3ref.isa level: avx2, avx512, avx512bf16 (see above)")
+    parser.add_argument("--long", action="store_true", help=f"also a {LONG_PREFILL:,}-token prefill and decoding at position "
+                        f"{LONG_POS:,} of a {LONG_CTX:,}-token context (about two minutes per runtime and round)")
+    parser.add_argument("--scaling", action="store_true", help="also measure at 1 thread: the speed-up from 1 to --threads")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results_dir = Path(__file__).parent / "results"
@@ -179,16 +213,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cold:
         cold_run = run(PHI3REF, str(model), str(args.threads), "first-token", env={**envs["phi3ref"], "NUMBA_CACHE_DIR": cold})
     samples: dict[str, list[dict]] = {name: [] for name in runtimes}
+    long_samples: dict[str, list[dict]] = {name: [] for name in ("phi3ref", "llama.cpp")}
+    one_thread: dict[str, list[dict]] = {name: [] for name in ("phi3ref", "llama.cpp")}
     first_token = []
     for r in range(args.rounds):
         order = list(runtimes) if r % 2 == 0 else list(reversed(runtimes))
         for name in order:
-            extra = ("full",) if name == "phi3ref" else ()
-            samples[name].append(run(runtimes[name], str(model), str(args.threads), *extra, env=envs[name]))
+            samples[name].append(run(runtimes[name], str(model), str(args.threads), "full", env=envs[name]))
             print(f"round {r + 1}/{args.rounds} {name}: {samples[name][-1]}", file=sys.stderr, flush=True)
+            if name in one_thread and args.scaling:
+                one_thread[name].append(run(runtimes[name], str(model), "1", "full", env=envs[name]))
+                print(f"round {r + 1}/{args.rounds} {name}, 1 thread: {one_thread[name][-1]}", file=sys.stderr, flush=True)
+            if name in long_samples and args.long:
+                long_samples[name].append(run(runtimes[name], str(model), str(args.threads), "long", env=envs[name]))
+                print(f"round {r + 1}/{args.rounds} {name}, long context: {long_samples[name][-1]}", file=sys.stderr, flush=True)
         first_token.append(run(PHI3REF, str(model), str(args.threads), "first-token", env=envs["phi3ref"])["first_token_s"])
 
     medians = {name: {k: statistics.median(s[k] for s in runs) for k, _, _ in METRICS} for name, runs in samples.items()}
+    long_medians = {name: {k: statistics.median(s[k] for s in runs) for k, _, _ in LONG_METRICS}
+                    for name, runs in long_samples.items() if runs}
+    one_thread_medians = {name: {k: statistics.median(s[k] for s in runs) for k in SCALED} for name, runs in one_thread.items() if runs}
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -205,13 +249,20 @@ def main() -> None:
         "phi3ref_first_token_cold_cache_s": cold_run["first_token_s"],
         "phi3ref_first_token_warm_cache_s": statistics.median(first_token),
         "ratios": {k: medians["phi3ref"][k] / medians["llama.cpp"][k] for k, _, _ in METRICS},
+        "long_context": {"medians": long_medians, "samples": long_samples,
+                         "ratios": {k: long_medians["phi3ref"][k] / long_medians["llama.cpp"][k] for k, _, _ in LONG_METRICS}}
+        if long_medians else None,
+        "one_thread": {"medians": one_thread_medians, "samples": one_thread,
+                       "speedup": {name: {k: medians[name][k] / m[k] for k in SCALED} for name, m in one_thread_medians.items()}}
+        if one_thread_medians else None,
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
+    flags = "".join(f" --{f}" for f in ("long", "scaling") if getattr(args, f))
     lines = [
         f"Full-size synthetic {args.preset} Q4_K_M ({file_bytes / 1e9:.2f} GB), {results['machine']}, {args.threads} threads, "
         f"{results['date']}; instruction set: {instruction_set}; medians of {args.rounds} rounds "
-        f"(`python benchmarks/bench.py --preset {args.preset} --rounds {args.rounds} --level {args.level}`).",
+        f"(`python benchmarks/bench.py --preset {args.preset} --rounds {args.rounds} --level {args.level}{flags}`).",
         "",
         "| | " + " | ".join(runtimes) + " | phi3ref / llama.cpp |",
         "|---|" + "---|" * (len(runtimes) + 1),
@@ -220,6 +271,17 @@ def main() -> None:
         scale = 1e9 if key == "peak_rss_bytes" else 1
         cells = [f"{medians[name][key] / scale:.2f}" for name in runtimes]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {results['ratios'][key]:.2f}x |")
+    for key, label, _ in LONG_METRICS if long_medians else ():
+        cells = [f"{long_medians[name][key]:.2f}" if name in long_medians else "—" for name in runtimes]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {results['long_context']['ratios'][key]:.2f}x |")
+    if one_thread_medians:
+        speedup = results["one_thread"]["speedup"]
+        lines += ["", f"Thread scaling, 1 to {args.threads} threads (tok/s at {args.threads} / at 1; medians at 1 thread: "
+                  + "; ".join(f"{name} prefill 512 {m['prefill512_tok_s']:.2f}, decode {m['decode_tok_s']:.2f}"
+                              for name, m in one_thread_medians.items()) + "):", "",
+                  "| | " + " | ".join(speedup) + " |", "|---|" + "---|" * len(speedup)]
+        for key, label in (("prefill512_tok_s", "prefill 512"), ("decode_tok_s", "decode 64 after 128")):
+            lines.append(f"| {label} | " + " | ".join(f"{speedup[name][key]:.2f}x" for name in speedup) + " |")
     lines += [
         "",
         f"phi3ref peak RSS / file size: {medians['phi3ref']['peak_rss_bytes'] / file_bytes:.2f}. "
@@ -240,14 +302,16 @@ def _chart(results: dict, runtimes: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speed = [(k, label) for k, label, higher in METRICS if higher]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    long = (results.get("long_context") or {}).get("medians", {})
+    speed = [(k, label) for k, label, higher in METRICS if higher] + ([(k, label) for k, label, _ in LONG_METRICS] if long else [])
+    fig, ax = plt.subplots(figsize=(11 if long else 8, 4))
     width = 0.8 / len(runtimes)
     for i, name in enumerate(runtimes):
-        values = [results["medians"][name][k] for k, _ in speed]
+        values = [results["medians"][name].get(k, long.get(name, {}).get(k, 0.0)) for k, _ in speed]
         bars = ax.bar([j + i * width for j in range(len(speed))], values, width, label=name)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks([j + width * (len(runtimes) - 1) / 2 for j in range(len(speed))], [label for _, label in speed])
+    ax.set_xticks([j + width * (len(runtimes) - 1) / 2 for j in range(len(speed))],
+                  [label.replace(" (tok/s)", "").replace(" of a", "\nof a").replace(" at ", "\nat ") for _, label in speed], fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{results.get('preset', 'phi3-mini')} Q4_K_M, {results['machine']}, {results['date']}, level {results.get('level', 'native')}")
     ax.legend()

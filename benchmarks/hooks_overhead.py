@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.model or ensure_full_model()[0]
     model = phi3ref.load(path, threads=args.threads, n_ctx=512)
-    model.numerics.warmup()
+    model.warmup()
     prompt = np.random.default_rng(0).integers(100, 32000, size=128).tolist()
     n_points = len(model.hook_names)
 

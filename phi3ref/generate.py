@@ -36,10 +36,14 @@ __all__ = ["Chat", "GenerationResult", "Timings", "TokenLogprob", "encode_chat",
 
 @dataclass
 class Timings:
+    """Where a generation's time went; ``compile_seconds``: compiling (or loading from the
+    cache) the model's kernels, on a model's first generation only, kept out of the speeds."""
+
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -53,6 +57,7 @@ class Timings:
         return (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_per_second:.2f} tok/s; "
             f"generation: {self.generated_tokens} tokens, {self.generation_tokens_per_second:.2f} tok/s"
+            + (f"; compile {self.compile_seconds:.1f} s" if self.compile_seconds >= 0.05 else "")
         )
 
 
@@ -203,6 +208,7 @@ def _run(
     result.finish_reason = "cancelled"
     if logprobs is not None:
         result.logprobs = []
+    timings.compile_seconds = model.warmup()  # 0 after the model's first pass
     t0 = time.perf_counter()
     t1 = None
     try:

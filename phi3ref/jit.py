@@ -6,8 +6,14 @@ kernels import this first).
   multiply-add instructions the CPU Numba compiles for has (``vpdpbusd`` with AVX-512 VNNI
   or AVX-VNNI, ``vpmaddubsw`` + ``vpmaddwd`` with AVX2, else portable LLVM vector code);
   ``PHI3REF_SIMD=generic`` forces the portable form (the tests run each form).
-* **The on-disk cache**: each form in a folder of its own, each entry stamped with the
-  content of the files whose facts the kernels bake in.
+* **The on-disk cache**: in phi3ref's cache folder (:mod:`phi3ref.user_cache`, so that a
+  read-only install caches too; ``NUMBA_CACHE_DIR`` overrides it, as for any Numba code),
+  each form in a folder of its own, each entry stamped with the content of the files whose
+  facts the kernels bake in.
+* **Specialised kernels, compiled when first used**: :func:`specialized` makes a kernel
+  for one value of a parameter (a weight type) that the code then holds as a constant,
+  so that a model compiles only the branches of its own weight types;
+  :func:`compile_notice` says on stderr that a slow compile is under way.
 * **fork()**: a forked child can still run the kernels.
 """
 
@@ -16,13 +22,19 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import subprocess
+import sys
 import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import llvmlite.binding as llvm_binding
 import numba as nb
 from numba.core import config
 
-__all__ = ["AVX2", "FASTMATH", "FORM", "GFNI512", "VNNI", "VNNI512"]
+__all__ = ["AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "VNNI", "VNNI512", "WarmJob", "all_kernels", "compile_notice", "run_warm_jobs", "kernel_cache_folder", "specialized"]
 
 # Fast-math flags of every float kernel. They may reassociate (LLVM vectorizes their sums);
 # no 'nnan'/'ninf', so NaN and infinity propagate as IEEE says. (The ggml kernels keep
@@ -59,40 +71,59 @@ FORM = "-".join(name for name, on in (("vnni", VNNI), ("vnni512", VNNI512), ("gf
 # cache written before an edit of those files, or in another form, would be loaded as if
 # current. phi3ref's functions are therefore cached through a locator that puts each form
 # in a folder of its own and stamps the entries with the content hash of those two files.
+# The folder is phi3ref's cache folder, not Numba's default __pycache__ beside the source
+# (which a read-only install cannot write): kernels/<install>/simd-<form>, <install> told
+# apart by the package's path, so that two installs (two virtualenvs) do not overwrite
+# each other's entries. NUMBA_CACHE_DIR, where set, is obeyed as Numba obeys it; a folder
+# that cannot be written falls back to Numba's own choice (still per form and stamped).
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _KERNEL_FOLDERS = (_PACKAGE, os.path.join(_PACKAGE, "ggml"))  # where phi3ref's @njit functions live
 _BAKED_IN = (os.path.join(_PACKAGE, "ggml", "simd.py"), os.path.join(_PACKAGE, "quants.py"))
 
 
+def kernel_cache_folder() -> str:
+    """Where this install's compiled kernels of this process's SIMD form are cached (those
+    of phi3ref.ggml in its subfolder ``ggml``), unless NUMBA_CACHE_DIR is set: then under it."""
+    from .user_cache import cache_root
+
+    install = hashlib.sha256(_PACKAGE.encode()).hexdigest()[:12]
+    return os.path.join(cache_root(), "kernels", install, f"simd-{FORM}")
+
+
 def _cache_locator_class(impl):
     from numba.core import caching
 
     class KernelCacheLocator(caching._CacheLocator):
-        """Numba's own choice of cache folder for a phi3ref function, with ``FORM`` as a
-        subfolder and the content hash of simd.py and quants.py in the source stamp."""
+        """The cache folder of a phi3ref function (:func:`kernel_cache_folder`, else Numba's
+        own choice with ``FORM`` as a subfolder), the content hash of simd.py and quants.py
+        in its source stamp."""
 
-        def __init__(self, inner):
-            self._inner = inner
+        def __init__(self, inner, path):
+            self._inner, self._path = inner, path
 
         @classmethod
         def from_function(cls, py_func, py_file):
             if os.path.dirname(os.path.abspath(py_file)) not in _KERNEL_FOLDERS:
                 return None
             for other in impl._locator_classes:
-                if other is not cls:
-                    inner = other.from_function(py_func, py_file)
-                    if inner is not None:
-                        self = cls(inner)
-                        try:
-                            self.ensure_cache_path()
-                        except OSError:  # the form's folder cannot be written: try the next place
-                            continue
-                        return self
+                inner = None if other is cls else other.from_function(py_func, py_file)
+                if inner is None:
+                    continue
+                numba_choice = os.path.join(inner.get_cache_path(), f"simd-{FORM}")
+                # a subfolder per source folder: Numba names entries by file, not package (kernels.*)
+                ours = os.path.normpath(os.path.join(kernel_cache_folder(), os.path.relpath(os.path.dirname(os.path.abspath(py_file)), _PACKAGE)))
+                for path in ([numba_choice] if config.CACHE_DIR else [ours, numba_choice]):
+                    self = cls(inner, path)
+                    try:
+                        self.ensure_cache_path()
+                    except OSError:  # cannot be written: try the next place
+                        continue
+                    return self
             return None
 
         def get_cache_path(self):
-            return os.path.join(self._inner.get_cache_path(), f"simd-{FORM}")
+            return self._path
 
         def get_source_stamp(self):
             return self._inner.get_source_stamp(), SOURCE_HASH
@@ -129,6 +160,116 @@ def _install_cache_locator() -> None:
 
 
 _install_cache_locator()
+
+
+# ---- kernels made for one weight type, compiled when first used ------------------------
+
+KERNELS: list = []  # every kernel made by specialized(), in the order made (the tests count their signatures)
+
+
+def specialized(fn: Callable, name: str, **options) -> Callable:
+    """``fn`` compiled by Numba (``cache=True`` and ``options``) under ``name``: ``fn`` is
+    a closure over the value it is made for (a weight type), which its compiled code holds
+    as a constant, so that the branches of other values fold away and are never compiled.
+    Numba compiles it at its first call, or loads it from the cache; ``name`` (unique in
+    the module) names its cache entries apart from those of the other values'."""
+    fn.__name__ = fn.__qualname__ = name
+    kernel = nb.njit(cache=True, **options)(fn)
+    KERNELS.append(kernel)
+    return kernel
+
+
+def all_kernels() -> dict[str, Callable]:
+    """Every phi3ref kernel made so far in this process, by module and name: the ``@njit``
+    functions of phi3ref's modules and those :func:`specialized` made (the tests read their
+    compiled signatures and code)."""
+    found = {f"{f.py_func.__module__}.{f.__name__}": f for f in KERNELS}
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("phi3ref"):
+            for name, f in vars(module).items():
+                if isinstance(f, nb.core.registry.CPUDispatcher):
+                    found.setdefault(f"{f.py_func.__module__}.{f.__name__}", f)
+    return found
+
+
+@dataclass
+class WarmJob:
+    """A part of a warm-up: ``run()`` compiles (or loads) ``kernels()``; ``cost``: its rough
+    compile seconds, to share the parts out."""
+
+    name: str
+    cost: float
+    run: Callable[[], None]
+    kernels: Callable[[], list]
+
+
+def _in_cache(kernel) -> bool:
+    """Whether Numba's cache holds entries of ``kernel`` (its index file exists; where the
+    cache cannot be read so, True: nothing to gain from a helper)."""
+    path = getattr(getattr(getattr(kernel, "_cache", None), "_cache_file", None), "_index_path", None)
+    return path is None or os.path.exists(path)
+
+
+def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[list[str]], str]) -> None:
+    """Run every job of a warm-up. When two or more of them are not in the cache and this
+    process may use two cores or more, a helper process compiles about half of those
+    meanwhile, into the same cache (``helper_call(names)``: the Python code that runs the
+    named jobs there), and this process then loads them: Numba compiles one function at a
+    time, so a second process halves a cold start. Each process compiles other kernels,
+    so they never write the same cache entry; whatever the helper did not finish is
+    compiled here."""
+    cold = [j for j in jobs if not all(_in_cache(k) for k in j.kernels())]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    helper = None
+    if len(cold) >= 2 and cores >= 2 and os.environ.get("PHI3REF_COMPILE_HELPER", "1") != "0":
+        mine, theirs, load = [], [], [0.0, 1.0]  # the helper's start: Python, Numba and phi3ref imported
+        for job in sorted(cold, key=lambda j: -j.cost):  # the longest first, each to the lighter side
+            side = 0 if load[0] <= load[1] else 1
+            (mine, theirs)[side].append(job.name)
+            load[side] += job.cost
+        env = {**os.environ, "PHI3REF_COMPILE_HELPER": "0"}
+        helper = subprocess.Popen([sys.executable, "-c", helper_call(theirs)], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        jobs = [j for j in jobs if j.name not in theirs] + [j for j in jobs if j.name in theirs]
+    try:
+        for job in jobs:
+            if helper is not None and job.name not in mine:
+                try:
+                    helper.wait(timeout=900)  # then load what it compiled
+                except subprocess.TimeoutExpired:
+                    pass  # compile it here
+                helper.kill()
+                helper = None
+            job.run()
+    finally:
+        if helper is not None:
+            helper.kill()
+
+
+@contextmanager
+def compile_notice(what: str, *, after: float = 1.0) -> Iterator[None]:
+    """Run the block; if it is still running after ``after`` seconds (the kernels are being
+    compiled, not loaded from the cache), say so on stderr — a first run compiles for
+    some seconds, and a silent terminal looks hung — and say when it is done."""
+    start = time.perf_counter()
+    said, lock = threading.Event(), threading.Lock()  # the lock: the two lines in their order
+
+    def say() -> None:
+        with lock:
+            said.set()
+            print(f"phi3ref: compiling the Numba kernels for {what} (first use only: they are cached in "
+                  f"{os.environ.get('NUMBA_CACHE_DIR') or kernel_cache_folder()}) ...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(after, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with lock:
+            if said.is_set():
+                print(f"phi3ref: kernels ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 # ---- fork() ----------------------------------------------------------------------------

@@ -19,7 +19,9 @@ All kernels are parallel over output rows, one contiguous slice of rows per thre
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Iterable
 
 import numba as nb
 import numpy as np
@@ -27,11 +29,11 @@ from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import quants
-from .jit import FASTMATH  # first: the kernel cache is set up before any kernel is decorated
+from .jit import FASTMATH, compile_notice, specialized  # first: the kernel cache is set up before any kernel is decorated
 
 __all__ = [
     "FASTMATH", "F16_TABLE", "BF16_TABLE", "block_layout", "decode_row", "read_f16", "row_scratch", "unpack_row",
-    "matmul_exact", "matmul_f16", "matmul_f32", "warmup",
+    "matmul_exact", "matmul_exact_kernel", "matmul_f16", "matmul_f32", "warm_weights", "warmup", "weight_types",
 ]
 
 # 16-bit float bit pattern -> float32 value (ggml keeps the same table for float16)
@@ -307,25 +309,35 @@ def _expand(qtype, wq, wsc, wmn, wd, wm, out):
                 out[i] = dl * np.float32(wq[i])
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def matmul_exact(w, qtype, x, out, table, n_threads):
+def matmul_exact(w, qtype, x, out, table, n_threads) -> None:
     """out[t, r] = sum_i W[r, i] * x[t, i] with W decoded row by row to float32.
 
-    w: (n_rows, row_bytes) uint8; x: (n_tokens, n_in) float32; out: (n_tokens, n_rows) float32.
+    w: (n_rows, row_bytes) uint8; x: (n_tokens, n_in) float32; out: (n_tokens, n_rows)
+    float32. One kernel per weight type, compiled at its first call (:func:`matmul_exact_kernel`).
     """
-    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
-    per = (n_rows + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        row = np.empty(n_in, dtype=np.float32)
-        wq, wsc, wmn, wd, wm = row_scratch(n_in)
-        for r in range(th * per, min(n_rows, (th + 1) * per)):
-            unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
-            _expand(qtype, wq, wsc, wmn, wd, wm, row)
-            for k in range(n_tok):
-                acc = np.float32(0)
-                for i in range(n_in):
-                    acc += row[i] * x[k, i]
-                out[k, r] = acc
+    matmul_exact_kernel(qtype)(w, x, out, table, n_threads)
+
+
+@functools.cache
+def matmul_exact_kernel(qtype: int):
+    """:func:`matmul_exact` for one block type: ``qtype`` is a constant of its code."""
+
+    def kernel(w, x, out, table, n_threads):
+        n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
+        per = (n_rows + n_threads - 1) // n_threads
+        for th in prange(n_threads):
+            row = np.empty(n_in, dtype=np.float32)
+            wq, wsc, wmn, wd, wm = row_scratch(n_in)
+            for r in range(th * per, min(n_rows, (th + 1) * per)):
+                unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
+                _expand(qtype, wq, wsc, wmn, wd, wm, row)
+                for k in range(n_tok):
+                    acc = np.float32(0)
+                    for i in range(n_in):
+                        acc += row[i] * x[k, i]
+                    out[k, r] = acc
+
+    return specialized(kernel, f"matmul_exact_{QT(qtype).name}", parallel=True, fastmath=FASTMATH)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -367,23 +379,50 @@ def read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def warm_weights() -> list[tuple[int, np.ndarray]]:
-    """(type id, a read-only 4 x 256 weight) of every block type: what a warm-up compiles for."""
-    return [
-        (int(qtype), read_only(np.zeros((4, 256 // t.block_size * t.type_size), dtype=np.uint8)))
-        for qtype, t in quants.QUANT_TYPES.items() if t.block_size > 1
-    ]
+def warm_weights(weights: Iterable[tuple[int, int]] | None = None) -> list[tuple[int, np.ndarray]]:
+    """What a warm-up multiplies to compile the matrix products of ``weights`` ((type id,
+    row count) of each weight matrix; None: of every type): (type id, a small read-only
+    weight of that type, in the weight's class of row count), once per type and class.
+    Block types: uint8 rows of 256 elements; F32: float32; F16 / BF16: uint16. The class of
+    row count is its residue's share in the kernel choice: ggml takes other kernels for a
+    row count that is not a multiple of 8 (see phi3ref.ggml.kernels.accumulation_mode)."""
+    if weights is None:
+        weights = [(int(t), n) for t in quants.QUANT_TYPES for n in (8, 4)]
+    made = {}
+    for qtype, n_rows in weights:
+        t = quants.QUANT_TYPES[QT(qtype)]
+        rows = 8 if n_rows % 8 == 0 else 4
+        if (qtype, rows) not in made:
+            if t.block_size > 1:
+                zeros = np.zeros((rows, 256 // t.block_size * t.type_size), dtype=np.uint8)
+            else:
+                zeros = np.zeros((rows, 256), dtype=np.float32 if qtype == F32 else np.uint16)
+            made[(qtype, rows)] = read_only(zeros)
+    return [(qtype, w) for (qtype, _), w in made.items()]
 
 
-def warmup() -> float:
-    """Compile (or load from Numba's on-disk cache) the exact numerics' kernels, for every
-    type they serve; return the seconds it took, reported apart from run time."""
+def weight_types(weights: Iterable[tuple[int, int]] | None) -> str:
+    """The weight types of a warm-up, for its notice: "Q4_K, Q6_K weights"."""
+    if weights is None:
+        return "every weight type"
+    return ", ".join(QT(t).name for t in sorted({t for t, _ in weights})) + " weights"
+
+
+def warmup(weights: Iterable[tuple[int, int]] | None = None) -> float:
+    """Compile (or load from Numba's on-disk cache) the exact numerics' matrix products of
+    ``weights`` ((type id, row count) of each weight matrix; None: every type); return the
+    seconds it took, reported apart from run time (and said on stderr while it lasts)."""
     start = time.perf_counter()
     threads = nb.get_num_threads()
     x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
-    out = np.empty((2, 4), dtype=np.float32)
-    matmul_f32(read_only(np.zeros((4, 256), np.float32)), x, out, threads)
-    matmul_f16(read_only(np.zeros((4, 256), np.uint16)), x, out, F16_TABLE, threads)
-    for qt, w in warm_weights():
-        matmul_exact(w, qt, x, out, F16_TABLE, threads)
+    weights = None if weights is None else list(weights)
+    with compile_notice(f"{weight_types(weights)} in exact numerics"):
+        for qt, w in warm_weights(weights):
+            out = np.empty((2, w.shape[0]), dtype=np.float32)
+            if qt == F32:
+                matmul_f32(w, x, out, threads)
+            elif qt in (F16, BF16):
+                matmul_f16(w, x, out, F16_TABLE if qt == F16 else BF16_TABLE, threads)
+            else:
+                matmul_exact(w, qt, x, out, F16_TABLE, threads)
     return time.perf_counter() - start

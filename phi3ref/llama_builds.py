@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .isa import Level
+from .user_cache import cache_root
 
-__all__ = ["BuildError", "TOOLS", "build", "build_tool", "cache_root", "installed_version", "library_dir", "tool_path"]
+__all__ = ["BuildError", "TOOLS", "build", "build_tool", "installed_version", "library_dir", "tool_path"]
 
 PACKAGE = "llama-cpp-python"
 # only what llama-cpp-python's bindings load; no tools, tests, examples or network code
@@ -60,14 +61,6 @@ def installed_version() -> str:
         return version(PACKAGE)
     except PackageNotFoundError:
         raise BuildError(f"{PACKAGE} is not installed (pip install phi3ref[crosscheck])") from None
-
-
-def cache_root() -> Path:
-    """phi3ref's cache folder (llama.cpp builds, the Phi-4 vocabularies): $PHI3REF_CACHE, else
-    $XDG_CACHE_HOME/phi3ref, else ~/.cache/phi3ref."""
-    if os.environ.get("PHI3REF_CACHE"):
-        return Path(os.environ["PHI3REF_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi3ref"
 
 
 def library_dir(level: Level, version: str | None = None) -> Path:

@@ -102,7 +102,8 @@ def _stacklevel_outside_phi3ref() -> int:
 # the interface Model uses (phi3ref.numerics.Numerics): checked by name, as this module
 # does not import the numerics
 _NUMERICS_ATTRIBUTES = ("name", "kv_dtype", "applies_sliding_window", "longrope_context", "matmul", "rms_norm",
-                        "rope_angles", "rope", "store", "attention_scores", "softmax", "attention_values", "swiglu")
+                        "rope_angles", "rope", "store", "attention_scores", "softmax", "attention_values", "swiglu",
+                        "warmup")
 
 
 # What trace() records: the hook points llama.cpp names the same way and computes the same
@@ -283,6 +284,7 @@ class Model:
         self.generation_lock = threading.Lock()
         self._make_tokenizer = tokenizer
         self._tokenizer: Tokenizer | None = None
+        self._warm = False  # whether warmup() has run: the first pass runs it
 
     # -- public API ------------------------------------------------------------------------
 
@@ -316,6 +318,22 @@ class Model:
         generation resumes from them: see :meth:`forward`'s ``expect_version``)."""
         with self._lock:
             return self.tokens, self._version
+
+    def matrices(self) -> list[Weight]:
+        """The weight matrices the passes multiply by (the output head last)."""
+        mats = [w for b in self.blocks for w in (*b.attn.projections, b.attn.out, b.mlp.gate_up, b.mlp.down)]
+        return mats + [self.output]
+
+    def warmup(self) -> float:
+        """Compile the kernels this model's passes take (or load them from the cache): its
+        numerics' kernels for its weight types, and no others. The first pass calls it;
+        call it before to keep the compile out of a measurement (``phi3ref warmup FILE``
+        compiles ahead for a file). Returns the seconds it took: 0 once done."""
+        if self._warm:
+            return 0.0
+        seconds = self.numerics.warmup(self.matrices())
+        self._warm = True
+        return seconds
 
     def reset(self) -> None:
         """Forget the cached context."""
@@ -452,6 +470,8 @@ class Model:
 
     def _run(self, ids: np.ndarray, start_pos: int, hooks: Hooks, outputs: int) -> np.ndarray:
         self._refuse_reentry("ran a pass on")
+        if not self._warm:  # every kernel the passes take, compiled in one go (said on stderr when slow)
+            self.warmup()
         self._in_pass = True
         try:
             return self._run_pass(ids, start_pos, hooks, outputs)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Iterable
 
 import numba as nb
 import numpy as np
@@ -110,9 +111,10 @@ class Numerics(ABC):
         """silu(gate) * up of the fused projection (n, 2 n_ff), gate first: (n, n_ff)."""
 
     @abstractmethod
-    def warmup(self) -> float:
-        """Compile (or load from Numba's cache) the kernels this numerics uses, and only
-        those; the seconds it took."""
+    def warmup(self, weights: Iterable[Weight] | None = None) -> float:
+        """Compile (or load from Numba's cache) the kernels this numerics uses for a model
+        of ``weights`` (its weight matrices; None: of every weight type), and only those;
+        the seconds it took."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -125,8 +127,8 @@ class ExactNumerics(Numerics):
     kv_dtype = np.float32
     applies_sliding_window = True
 
-    def warmup(self) -> float:
-        return kernels.warmup()
+    def warmup(self, weights: Iterable[Weight] | None = None) -> float:
+        return kernels.warmup(None if weights is None else [(int(w.qtype), w.n_rows) for w in weights])
 
     def longrope_context(self, n_ctx: int) -> None:
         return None
@@ -200,7 +202,7 @@ class NumpyNumerics(ExactNumerics):
 
     name = "numpy"
 
-    def warmup(self) -> float:
+    def warmup(self, weights: Iterable[Weight] | None = None) -> float:
         return 0.0  # no kernel
 
     def matmul(self, weight: Weight, x: np.ndarray) -> np.ndarray:

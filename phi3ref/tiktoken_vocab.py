@@ -292,10 +292,10 @@ def _digest(model: str) -> str:
 def vocab_file(model: str) -> Path:
     """The vocabulary-only GGUF file of ``model`` (a key of :data:`VOCABULARIES`: "phi4",
     "phi4-mini"), made from the bundled ranks on first use (1-3 s) and kept in phi3ref's
-    cache folder (:func:`phi3ref.llama_builds.cache_root`) under a name hashed from the rank
+    cache folder (:func:`phi3ref.user_cache.cache_root`) under a name hashed from the rank
     file, the special tokens and this module's source (so that an edit of how vocabularies
     are made remakes them); the files of earlier names are removed."""
-    from .llama_builds import cache_root
+    from .user_cache import cache_root
 
     if model not in VOCABULARIES:
         raise ValueError(f"unknown vocabulary {model!r}; choose one of {', '.join(VOCABULARIES)}")

@@ -123,9 +123,9 @@ for i, path in enumerate(sys.argv[3:]):
         out[f"{i}-decode-{level}"] = generation_logits(model, tokens[:30], tokens[30:])
 # x86 intrinsics in the compiled IR, but LLVM's own llvm.x86.atomic.* (its x86 lowering of
 # Numba's reference-count atomics: plain atomics on other targets)
+from phi3ref.jit import all_kernels
 found = sorted({
-    f"{mod}.{name}: {x}" for mod, module in list(sys.modules.items()) if mod.startswith("phi3ref")
-    for name, fn in vars(module).items() if isinstance(fn, numba.core.registry.CPUDispatcher)
+    f"{name}: {x}" for name, fn in all_kernels().items()
     for sig in fn.signatures for x in re.findall(r"llvm\.x86\.[\w.]+", fn.inspect_llvm(sig))
     if not x.startswith("llvm.x86.atomic.") and any(f in x for f in forbidden)
 })

@@ -125,6 +125,15 @@ def test_logits_command_bad_tokens(tiny_model, tmp_path, tokens, message):
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_warmup_command(tiny_model, capsys):
+    """phi3ref warmup compiles (or finds cached) the kernels of the file's weight types and says which."""
+    assert main(["warmup", str(tiny_model("phi3-mini", "Q4_K_M")), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["weight_types"] == ["Q4_K", "Q5_K", "Q6_K"] and out["numerics"] == "ggml" and out["compile_seconds"] >= 0
+    assert main(["warmup", str(tiny_model("phi3-mini", "Q8_0")), "--numerics", "exact"]) == 0
+    assert "the kernels of Q8_0 weights in ExactNumerics() are ready" in capsys.readouterr().out
+
+
 def test_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
     """Bad flags once were reported only after a download, a compile or a load."""
     import time
@@ -157,6 +166,9 @@ def test_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
         (("inspect", ""), "the path is empty"),
         (("logits", "--model", str(vocab_path()), "--tokens", "1", "-o", str(tmp_path / "no" / "l.npy")), "does not exist"),
         (("logits", "--model", str(vocab_path()), "--tokens", "1,2,3", "--n-ctx", "2", "-o", str(tmp_path / "l.npy")), "less than the 3 tokens"),
+        (("warmup", str(tmp_path / "nope.gguf")), "no such file"),
+        (("warmup", str(vocab_path()), "--threads", "0"), "--threads must be from 1"),
+        (("warmup", str(vocab_path()), "--isa", "sse2"), "isa must be one of avx2"),
     ]:
         code = main(list(args))
         assert code in (1, 2) and message in capsys.readouterr().err, args

@@ -86,42 +86,118 @@ def test_warmup_reports_compile_time(warmup):
 def test_kernel_cache_knows_the_simd_form_and_source():
     """Numba's cache of phi3ref's kernels sits in a folder per SIMD form and is stamped with
     the content of simd.py and quants.py (whose block layouts the kernels bake in), so
-    neither an edit of those nor another form loads stale code."""
+    neither an edit of those nor another form loads stale code; the kernels made for one
+    weight type (jit.specialized) are cached the same way."""
     import hashlib
+    import os
 
-    from phi3ref import quants
+    from phi3ref import jit, quants
     from phi3ref.ggml import simd
 
-    for kernel in (ggml_kernels.matmul_ggml, kernels.matmul_exact):  # both folders of kernels
+    q4_k = int(QT.Q4_K)
+    for kernel in (ggml_kernels.matmul_ggml_simd_kernel(q4_k), kernels.matmul_exact_kernel(q4_k), ggml_kernels.rms_norm_ggml):
         cache = kernel._cache
         assert type(cache._impl.locator).__name__ == "KernelCacheLocator"
-        assert cache._cache_path.endswith(f"simd-{simd.FORM}")
+        assert f"simd-{simd.FORM}" in Path(cache._cache_path).parts
+        if not os.environ.get("NUMBA_CACHE_DIR"):
+            assert Path(cache._cache_path).is_relative_to(jit.kernel_cache_folder())
         stamp = cache._impl.locator.get_source_stamp()
         assert stamp[1] == hashlib.sha256(Path(simd.__file__).read_bytes() + Path(quants.__file__).read_bytes()).digest()
 
 
-def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
-    """In a fresh process, each numerics' warmup() then a prompt and a decoded token: the
-    forward pass must not add a signature to any kernel (it would compile on a user's
-    first prompt)."""
+def test_kernels_are_cached_in_the_user_cache_folder(tmp_path):
+    """Without NUMBA_CACHE_DIR, a fresh process caches its kernels in phi3ref's cache folder
+    (PHI3REF_CACHE here), per install and SIMD form — not beside the package's source,
+    which a read-only install cannot write — and a second process loads them."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["PHI3REF_CACHE"] = str(tmp_path)
     code = (
-        "import numba, phi3ref\n"
-        "from phi3ref import kernels\n"
-        "from phi3ref.ggml import kernels as ggml_kernels\n"
+        "import numpy as np, phi3ref.jit as jit\n"
+        "from phi3ref.kernels import decode_row, F16_TABLE\n"
+        "decode_row(np.zeros(18, np.uint8), 8, np.empty(32, np.float32), F16_TABLE)\n"  # one Q8_0 block
+        "print(jit.kernel_cache_folder(), decode_row.stats.cache_hits.total(), decode_row.stats.cache_misses.total())\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600) for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr[-2000:]
+    folder, hits, misses = runs[0].stdout.split()
+    assert Path(folder).is_relative_to(tmp_path / "kernels") and any(Path(folder).glob("kernels.decode_row-*.nbi"))
+    assert (int(hits), int(misses)) == (0, 1)
+    assert runs[1].stdout.split()[1:] == ["1", "0"]  # loaded, not compiled
+
+
+def test_compile_notice_speaks_only_when_slow(capsys):
+    import time
+
+    from phi3ref.jit import compile_notice
+
+    with compile_notice("Q4_K weights", after=0.05):
+        time.sleep(0.3)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("phi3ref: compiling the Numba kernels for Q4_K weights") and "kernels ready in" in err[1]
+    with compile_notice("Q4_K weights", after=5):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
+    """In a fresh process, each numerics' model.warmup() then a prompt and a decoded token:
+    the forward pass must not add a signature to any kernel (it would compile on a user's
+    first prompt); and warmup compiled the matrix products of the model's weight types
+    (Q4_K, Q5_K, Q6_K) and of no other type."""
+    code = (
+        "import re, phi3ref\n"
+        "from phi3ref.jit import all_kernels\n"
         "def signatures():\n"
-        "    return {f'{m.__name__}.{n}': len(f.signatures) for m in (kernels, ggml_kernels)\n"
-        "            for n, f in vars(m).items() if isinstance(f, numba.core.registry.CPUDispatcher)}\n"
+        "    return {name: len(f.signatures) for name, f in all_kernels().items()}\n"
         "added = {}\n"
         "for numerics in ('ggml', 'exact'):\n"
         "    model = phi3ref.load(%r, n_ctx=64, numerics=numerics)\n"
-        "    model.numerics.warmup()\n"
+        "    model.warmup()\n"
         "    before = signatures()\n"
         "    model.forward(list(range(100, 120)), 0)\n"
         "    model.forward([5], 20)\n"
         "    after = signatures()\n"
-        "    added.update({f'{numerics} {n}': (before[n], after[n]) for n in after if after[n] != before[n]})\n"
+        "    added.update({f'{numerics} {n}': (before.get(n, 0), after[n]) for n in after if after[n] != before.get(n, 0)})\n"
+        "made = sorted({m.group(1) for n, s in signatures().items() if s for m in [re.search(r'matmul_[a-z_]+_([A-Z][A-Z0-9_]*)$', n)] if m})\n"
         "print(added)\n"
+        "print(made)\n"
     ) % str(tiny_model("phi3-mini", "Q4_K_M"))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1100)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "{}", f"compiled after warmup (kernel: signatures before, after): {done.stdout}"
+    added, made = done.stdout.strip().splitlines()
+    assert made == "['Q4_K', 'Q5_K', 'Q6_K']", made
+    assert added == "{}", f"compiled after warmup (kernel: signatures before, after): {added}"
+
+
+def test_a_cold_warmup_shares_the_compile_with_a_helper(tiny_model, tmp_path):
+    """With an empty cache, model.warmup() has a helper process compile part of the kernels
+    into the cache while it compiles the rest, then loads the helper's (cache hits); the
+    logits are those of a warm-up without a helper."""
+    import os
+
+    code = (
+        "import sys, numpy as np, phi3ref\n"
+        "from phi3ref.jit import all_kernels\n"
+        "model = phi3ref.load(%r, n_ctx=64)\n"
+        "model.warmup()\n"
+        "hits = sorted(n for n, f in all_kernels().items() if f.stats.cache_hits.total())\n"
+        "misses = sorted(n for n, f in all_kernels().items() if f.stats.cache_misses.total())\n"
+        "np.save(sys.argv[1], model.logits(list(range(100, 120))))\n"
+        "print(hits)\n"
+        "print(misses)\n"
+    ) % str(tiny_model("phi3-mini", "Q4_K_M"))
+    runs = {}
+    for helper in ("1", "0"):
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / f"cache{helper}"), "PHI3REF_COMPILE_HELPER": helper}
+        out = tmp_path / f"logits{helper}.npy"
+        done = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=1100)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[helper] = done.stdout.strip().splitlines(), np.load(out)
+    (hits, misses), with_helper = runs["1"]
+    assert hits != "[]" and misses != "[]", (hits, misses)  # some loaded (the helper's), some compiled here
+    (hits, _), without = runs["0"]
+    assert hits == "[]"  # alone, it compiled everything itself
+    assert np.array_equal(with_helper, without)

@@ -28,7 +28,9 @@ is parallel over output rows in ``n_threads`` contiguous slices.
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Iterable
 
 import numba as nb
 import numpy as np
@@ -37,9 +39,11 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import quants
+from ..jit import WarmJob, compile_notice, run_warm_jobs, specialized
 from ..kernels import (  # first: phi3ref.jit sets up the kernel cache before any kernel is decorated
     BF16, F16, F16_TABLE, F32, I32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0_BYTES, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
-    Q8_0_BYTES, block_layout, read_f16, read_only, row_scratch, unpack_row, warm_weights,
+    Q8_0_BYTES, block_layout, read_f16, row_scratch, unpack_row, warm_weights,
+    weight_types,
 )
 from .simd import (
     OUT_STRIDE, ROW_TOKENS, bits_f32, f32_bits, float_to_half, fma32, half_to_float, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
@@ -49,9 +53,9 @@ from .simd import (
 )
 
 __all__ = [
-    "ACT_F32", "ACT_F16", "ACT_BF16", "ACT_Q8_0", "ACT_Q8_1", "ACT_Q8_K", "FLOAT_F32", "FLOAT_F16", "FLOAT_BF16",
+    "ACT_F32", "ACT_F16", "ACT_BF16", "ACT_Q8_0", "ACT_Q8_1", "ACT_Q8_K", "FLOAT_F32", "FLOAT_F16", "FLOAT_BF16", "FLOAT_KIND",
     "activation_type", "quantize_activations", "matmul_ggml", "matmul_ggml_unpacked", "matmul_float_ggml",
-    "attention_scores_f16", "attention_values_f16", "softmax_ggml", "round_to_f16", "store_f16", "rms_norm_ggml",
+    "matmul_ggml_simd_kernel", "matmul_ggml_unpacked_kernel", "matmul_float_ggml_kernel", "attention_scores_f16", "attention_scores_kernel", "attention_values_kernel", "attention_values_f16", "softmax_ggml", "round_to_f16", "store_f16", "rms_norm_ggml",
     "rope_neox_ggml", "swiglu_ggml", "fma_f32", "libm_cos_sin", "expf_ggml", "log_sum_exp_rows", "warmup",
 ]
 
@@ -456,10 +460,11 @@ def _rows_k(w, qtype, mode, r0, r1, q, d, s, out):
         g1 = max(t0, min(t1, grouped_end))
         for r in range(r0, r1):
             row = w[r]
-            for t in range(t0, g1, ROW_TOKENS):
-                _row_kernel(qtype, mode, ROW_TOKENS, row, q, d, s, out, r, t)
-            for t in range(g1, t1):
-                _row_kernel(qtype, mode, 1, row, q, d, s, out, r, t)
+            t = t0
+            while t < t1:  # one call site: Numba compiles each inlined copy anew
+                n_group = ROW_TOKENS if t < g1 else 1
+                _row_kernel(qtype, mode, n_group, row, q, d, s, out, r, t)
+                t += n_group
 
 
 ROWS8_MIN_TOKENS = 4  # below this, a token's row kernel streams the weights faster
@@ -501,57 +506,79 @@ def _rows8_k(w, qtype, mode, r0, r1, q, d, s, out, acc):
                     q4_k_rows8_seq_min(w, r, q, d, s, g1, t1 - g1, acc, out)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def matmul_ggml(w, qtype, q, d, s, out, table, repack_q2_k, n_threads):
+def matmul_ggml(w, qtype, q, d, s, out, table, repack_q2_k, n_threads) -> None:
     """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
     weights. ``q, d, s`` come from :func:`quantize_activations` in the weight type's
     activation format; ``repack_q2_k`` is the level's (phi3ref.isa). Q4_0, Q8_0, Q4_K,
-    Q5_K and Q6_K take the SIMD paths (a few tokens: phi3ref.ggml.simd's row kernels for the
-    K-quants; otherwise each weight block unpacked once per tile of tokens), every other
-    type (and Q4_K's vec_dot, for row counts llama.cpp does not repack)
-    :func:`matmul_ggml_unpacked`."""
-    n_rows, n_tok = w.shape[0], out.shape[0]
-    mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
-    if not has_simd_path(qtype) or (qtype == Q4_K and mode == MODE_LANES):
+    Q5_K and Q6_K take the SIMD paths (:func:`matmul_ggml_simd_kernel`: a few tokens:
+    phi3ref.ggml.simd's row kernels for the K-quants; otherwise each weight block unpacked
+    once per tile of tokens), every other type (and Q4_K's vec_dot, for row counts
+    llama.cpp does not repack) :func:`matmul_ggml_unpacked`. The choice is made here, so
+    that only the kernels a weight takes are ever compiled."""
+    mode = accumulation_mode.py_func(qtype, w.shape[0], out.shape[0], repack_q2_k)
+    if has_simd_path.py_func(qtype) and not (qtype == Q4_K and mode == MODE_LANES):
+        matmul_ggml_simd_kernel(qtype)(w, q, d, s, out, table, repack_q2_k, n_threads)
+    else:
         matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads)
-        return
-    per = (n_rows + n_threads - 1) // n_threads
-    if has_rows8_path(qtype, mode, n_tok):
-        per8 = (n_rows // 8 + n_threads - 1) // n_threads * 8  # whole groups of eight rows per thread
-        for th in prange(n_threads):
-            acc = np.empty(ROWS8_TOKEN_TILE * 16, dtype=np.float32)
-            _rows8_k(w, qtype, mode, th * per8, min(n_rows // 8 * 8, (th + 1) * per8), q, d, s, out, acc)
-        if n_rows % 8:  # the last rows, one at a time
-            _rows_k(w, qtype, mode, n_rows // 8 * 8, n_rows, q, d, s, out)
-        return
-    if has_row_path(qtype):
-        for th in prange(n_threads):
-            _rows_k(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out)
-        return
-    for th in prange(n_threads):
-        n_blocks = q.shape[1] // 32  # an upper bound for every type
-        ints = np.empty(n_blocks * min(n_tok, TOKEN_TILE) * OUT_STRIDE, dtype=np.int32)
-        scales = np.empty((n_blocks, 2), dtype=np.float32)
-        lanes = np.empty(8, dtype=np.float32)
-        _rows_simd(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out, ints, scales, lanes, table)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads):
-    """:func:`matmul_ggml` for any block type, the plain way: each weight row is unpacked
-    to codes and scales once (:func:`unpack_row`), then dotted with every token's codes in
-    scalar loops. The reference the SIMD path is tested against, bit for bit."""
-    n_rows, n_tok, n_in = w.shape[0], out.shape[0], q.shape[1]
-    mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
-    per = (n_rows + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        wq, wsc, wmn, wd, wm = row_scratch(n_in)
-        lanes = np.zeros(16, dtype=np.float32)
-        parts = np.zeros(16, dtype=np.int32)
-        for r in range(th * per, min(n_rows, (th + 1) * per)):
-            unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
-            for t in range(n_tok):
-                out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts)
+def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads) -> None:
+    """:func:`matmul_ggml` for any block type, the plain way (:func:`matmul_ggml_unpacked_kernel`):
+    the reference the SIMD path is tested against, bit for bit."""
+    matmul_ggml_unpacked_kernel(qtype)(w, q, d, s, out, table, repack_q2_k, n_threads)
+
+
+@functools.cache
+def matmul_ggml_simd_kernel(qtype: int):
+    """The SIMD paths of :func:`matmul_ggml` for one weight type (Q4_0, Q8_0, Q4_K, Q5_K,
+    Q6_K), compiled at its first call: ``qtype`` is a constant of its code."""
+
+    def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+        n_rows, n_tok = w.shape[0], out.shape[0]
+        mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
+        per = (n_rows + n_threads - 1) // n_threads
+        if has_row_path(qtype):
+            rows8 = has_rows8_path(qtype, mode, n_tok)
+            per8 = (n_rows // 8 + n_threads - 1) // n_threads * 8  # whole groups of eight rows per thread
+            for th in prange(n_threads):
+                r0, r1 = th * per, min(n_rows, (th + 1) * per)
+                if rows8:
+                    acc = np.empty(ROWS8_TOKEN_TILE * 16, dtype=np.float32)
+                    _rows8_k(w, qtype, mode, th * per8, min(n_rows // 8 * 8, (th + 1) * per8), q, d, s, out, acc)
+                    # the last rows (n_rows % 8), one at a time, by the last thread
+                    r0, r1 = (n_rows // 8 * 8, n_rows) if th == n_threads - 1 else (0, 0)
+                _rows_k(w, qtype, mode, r0, r1, q, d, s, out)
+            return
+        for th in prange(n_threads):
+            n_blocks = q.shape[1] // 32  # an upper bound for every type
+            ints = np.empty(n_blocks * min(n_tok, TOKEN_TILE) * OUT_STRIDE, dtype=np.int32)
+            scales = np.empty((n_blocks, 2), dtype=np.float32)
+            lanes = np.empty(8, dtype=np.float32)
+            _rows_simd(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out, ints, scales, lanes, table)
+
+    return specialized(kernel, f"matmul_ggml_simd_{QT(qtype).name}", parallel=True, fastmath=FASTMATH_GGML)
+
+
+@functools.cache
+def matmul_ggml_unpacked_kernel(qtype: int):
+    """:func:`matmul_ggml_unpacked` for one weight type, compiled at its first call: each
+    weight row is unpacked to codes and scales once (:func:`unpack_row`), then dotted with
+    every token's codes in scalar loops."""
+
+    def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+        n_rows, n_tok, n_in = w.shape[0], out.shape[0], q.shape[1]
+        mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
+        per = (n_rows + n_threads - 1) // n_threads
+        for th in prange(n_threads):
+            wq, wsc, wmn, wd, wm = row_scratch(n_in)
+            lanes = np.zeros(16, dtype=np.float32)
+            parts = np.zeros(16, dtype=np.int32)
+            for r in range(th * per, min(n_rows, (th + 1) * per)):
+                unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
+                for t in range(n_tok):
+                    out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts)
+
+    return specialized(kernel, f"matmul_ggml_unpacked_{QT(qtype).name}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 # ======================================================================================
@@ -660,8 +687,7 @@ def _scores_tinyblas(q, k_cache, end, first, last, out, lanes, n_threads):
                     scores8(q, item * hd, keys, h * hd * end_pad + p0, end_pad, hd, out, item * end + p0, n_valid)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_threads):
+def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_threads) -> None:
     """out[h, r, p] = q[h, r] . k_cache[p, h] for positions p < end, as llama.cpp's kq
     product sums it: tinyBLAS with ``lanes`` lanes when ``batched`` (the batch has two
     tokens or more) and head_dim is a multiple of lanes, else ggml_vec_dot_f16. q:
@@ -669,11 +695,22 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
     head_dim) uint16 float16 bit patterns (the cache itself, no copy); out: (n_head_kv,
     rows, end) float32. Row r needs only the keys first[t] .. last[t] (t = r % len(first),
     as in softmax_ggml): keys it does not need may be left out (-inf) — whole chunks of
-    sixteen in the tinyBLAS form, single keys in the other."""
-    if tinyblas_scores(batched, q.shape[2], lanes):
-        _scores_tinyblas(q, k_cache, end, first, last, out, lanes, n_threads)
-    else:
-        _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads)
+    sixteen in the tinyBLAS form, single keys in the other. One kernel per lane count
+    (the level's), compiled at its first call."""
+    attention_scores_kernel(lanes)(q, k_cache, end, first, last, out, batched, n_threads)
+
+
+@functools.cache
+def attention_scores_kernel(lanes: int):
+    """:func:`attention_scores_f16` for ``lanes`` (8 or 16), a constant of its code."""
+
+    def kernel(q, k_cache, end, first, last, out, batched, n_threads):
+        if tinyblas_scores(batched, q.shape[2], lanes):
+            _scores_tinyblas(q, k_cache, end, first, last, out, lanes, n_threads)
+        else:
+            _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads)
+
+    return specialized(kernel, f"attention_scores_f16_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 VALUES_CHUNK = 4  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
@@ -711,8 +748,7 @@ def _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads):
                     out[item // rows, item % rows, j] = _vec_reduce(acc[item - c0, j], lanes, tmp)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, n_threads):
+def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, n_threads) -> None:
     """out[h, r, j] = sum over positions p < end of probs[h, r, p] * v_cache[p, h, j], as
     llama.cpp's kqv product sums it: tinyBLAS with ``lanes`` lanes over positions (lane
     p % lanes) when ``batched`` and head_dim is a multiple of 4, else ggml_vec_dot_f16.
@@ -720,23 +756,34 @@ def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, 
     n_head_kv, head_dim) uint16; out: (n_head_kv, rows, head_dim). Row r adds only
     positions first[t] .. last[t] (t = r % len(first)): the others have probability 0
     after the causal mask, and a 0 product adds nothing (ggml multiplies them anyway, which
-    differs only for an infinite or NaN value in the cache)."""
-    n_kv, rows, hd = out.shape
-    if not tinyblas_values(batched, hd):
-        _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads)
-        return
-    n_sets = first.size
-    n_items = n_kv * rows
-    per = (n_items + n_threads - 1) // n_threads
-    for th in prange(n_threads):  # sixteen outputs of one row per call, lanes in registers
-        for item in range(th * per, min(n_items, (th + 1) * per)):
-            h, t = item // rows, item % rows % n_sets
-            for j0 in range(0, hd, 16):
-                lo, hi, n_valid = first[t], min(last[t], end - 1), min(16, hd - j0)
-                if lanes == 16:
-                    values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
-                else:
-                    values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+    differs only for an infinite or NaN value in the cache). One kernel per lane
+    count (the level's), compiled at its first call."""
+    attention_values_kernel(lanes)(probs, v_cache, end, first, last, out, batched, n_threads)
+
+
+@functools.cache
+def attention_values_kernel(lanes: int):
+    """:func:`attention_values_f16` for ``lanes`` (8 or 16), a constant of its code."""
+
+    def kernel(probs, v_cache, end, first, last, out, batched, n_threads):
+        n_kv, rows, hd = out.shape
+        if not tinyblas_values(batched, hd):
+            _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads)
+            return
+        n_sets = first.size
+        n_items = n_kv * rows
+        per = (n_items + n_threads - 1) // n_threads
+        for th in prange(n_threads):  # sixteen outputs of one row per call, lanes in registers
+            for item in range(th * per, min(n_items, (th + 1) * per)):
+                h, t = item // rows, item % rows % n_sets
+                for j0 in range(0, hd, 16):
+                    lo, hi, n_valid = first[t], min(last[t], end - 1), min(16, hd - j0)
+                    if lanes == 16:
+                        values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+                    else:
+                        values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+
+    return specialized(kernel, f"attention_values_f16_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 # ======================================================================================
@@ -750,6 +797,8 @@ def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, 
 # ======================================================================================
 
 FLOAT_F32, FLOAT_F16, FLOAT_BF16 = 0, 1, 2
+_FLOAT_NAMES = {FLOAT_F32: "F32", FLOAT_F16: "F16", FLOAT_BF16: "BF16"}
+FLOAT_KIND = {F32: FLOAT_F32, F16: FLOAT_F16, BF16: FLOAT_BF16}  # of each float weight type
 
 
 def _float_row(w, r, row, table):
@@ -862,27 +911,37 @@ def _float_tinyblas(kind, row, x, t, n, kn, bf16_dot, acc):
     return _tree(acc, 0, kn)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def matmul_float_ggml(w, kind, x, out, table, lanes, bf16_dot, n_threads):
+def matmul_float_ggml(w, kind, x, out, table, lanes, bf16_dot, n_threads) -> None:
     """out[t, r] = dot(W[r], x[t]) for float weights as llama.cpp sums it: ``kind``
     FLOAT_F32 (w float32), FLOAT_F16 / FLOAT_BF16 (w uint16 bit patterns, decoded through
     ``table``); x (n_tokens, n_in) float32, already rounded to the weight's type; the
-    level's ``lanes`` and ``bf16_dot`` (phi3ref.isa)."""
-    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
-    kn = 32 if (kind == FLOAT_BF16 and bf16_dot) else lanes
-    tiny = n_tok >= 2 and n_in % kn == 0 and n_rows % 4 == 0
-    per = (n_rows + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        row = np.empty(n_in, dtype=np.float32)
-        acc = np.empty(64, dtype=np.float32)
-        tmp = np.empty(16, dtype=np.float32)
-        for r in range(th * per, min(n_rows, (th + 1) * per)):
-            _float_row(w, r, row, table)
-            for t in range(n_tok):
-                if tiny:
-                    out[t, r] = _float_tinyblas(kind, row, x, t, n_in, kn, bf16_dot, acc)
-                else:
-                    out[t, r] = _float_vec_dot(kind, row, x, t, n_in, lanes, bf16_dot, acc, tmp)
+    level's ``lanes`` and ``bf16_dot`` (phi3ref.isa). One kernel per kind, compiled at its
+    first call (:func:`matmul_float_ggml_kernel`)."""
+    matmul_float_ggml_kernel(kind)(w, x, out, table, lanes, bf16_dot, n_threads)
+
+
+@functools.cache
+def matmul_float_ggml_kernel(kind: int):
+    """:func:`matmul_float_ggml` for one kind of float weight: ``kind`` is a constant of its code."""
+
+    def kernel(w, x, out, table, lanes, bf16_dot, n_threads):
+        n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
+        kn = 32 if (kind == FLOAT_BF16 and bf16_dot) else lanes
+        tiny = n_tok >= 2 and n_in % kn == 0 and n_rows % 4 == 0
+        per = (n_rows + n_threads - 1) // n_threads
+        for th in prange(n_threads):
+            row = np.empty(n_in, dtype=np.float32)
+            acc = np.empty(64, dtype=np.float32)
+            tmp = np.empty(16, dtype=np.float32)
+            for r in range(th * per, min(n_rows, (th + 1) * per)):
+                _float_row(w, r, row, table)
+                for t in range(n_tok):
+                    if tiny:
+                        out[t, r] = _float_tinyblas(kind, row, x, t, n_in, kn, bf16_dot, acc)
+                    else:
+                        out[t, r] = _float_vec_dot(kind, row, x, t, n_in, lanes, bf16_dot, acc, tmp)
+
+    return specialized(kernel, f"matmul_float_ggml_{_FLOAT_NAMES[kind]}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 def _hexf(literal: str) -> np.float32:
@@ -1109,33 +1168,86 @@ def log_sum_exp_rows(logits, top, out):
         out[r] = np.log(total)
 
 
-def warmup() -> float:
-    """Compile (or load from Numba's on-disk cache) the ggml kernels a model uses, for every
-    type they serve; return the seconds it took, reported apart from run time. Kernels only
-    the tests call (the plain reference matmul, ``fma_f32``, ``expf_ggml``) are left to
-    compile when called."""
+def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, only: list[str] | None = None) -> float:
+    """Compile (or load from Numba's on-disk cache) the ggml kernels a model uses: those of
+    attention and the rest of a layer, and the matrix products of ``weights`` ((type id,
+    row count) of each weight matrix; None: every type), for each kernel a model of those
+    weights can take; return the seconds it took, reported apart from run time (and said
+    on stderr while it lasts). A cold cache is filled by two processes
+    (:func:`phi3ref.jit.run_warm_jobs`); ``only``: the parts (by name) a helper runs.
+    Kernels only the tests call (``fma_f32``, ``expf_ggml``) are left to compile when called."""
     start = time.perf_counter()
-    threads = nb.get_num_threads()
-    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
-    out = np.empty((2, 4), dtype=np.float32)
-    matmul_float_ggml(read_only(np.zeros((4, 256), np.float32)), FLOAT_F32, x, out, F16_TABLE, 16, False, threads)
-    matmul_float_ggml(read_only(np.zeros((4, 256), np.uint16)), FLOAT_F16, x, out, F16_TABLE, 16, False, threads)
-    libm_cos_sin(x)
-    one = np.zeros(1, np.int64)
-    softmax_ggml(x, one, one, np.empty_like(x), 16, True, threads)
-    round_to_f16(x.reshape(2, 4, 64).copy(), threads)  # (n_head_kv, rows, head_dim), as attention rounds
-    rms_norm_ggml(x, x[0], np.float32(1e-5), np.empty_like(x), threads)
-    swiglu_ggml(x, 128, np.empty((2, 128), np.float32), 16, True, threads)
-    heads = x.reshape(2, 4, 64)
-    for layout in (heads, x[:, :128].reshape(2, 2, 64)):  # contiguous, and a view of a fused projection
-        angles = np.ascontiguousarray(x[:, :32])  # (n_tokens, n_rot / 2)
-        rope_neox_ggml(layout, angles, angles, 64, np.empty(layout.shape, np.float32))
-        store_f16(layout.reshape(2, -1), np.empty((2, layout[0].size), np.uint16))
-    cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
-    scores = np.empty((1, 2, 3), dtype=np.float32)
-    attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, 16, True, threads)
-    attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), 16, True, threads)
-    for qt, w in warm_weights():
-        q, d, s = quantize_activations(x, activation_type(qt))
-        matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
+    weights = None if weights is None else [(int(t), int(n)) for t, n in weights]
+    jobs = _warm_jobs(weights, lanes)
+    if only is not None:
+        for job in jobs:
+            if job.name in only:
+                job.run()
+        return time.perf_counter() - start
+
+    def helper_call(names: list[str]) -> str:
+        return f"from phi3ref.ggml.kernels import warmup; warmup({weights!r}, {lanes!r}, only={names!r})"
+
+    with compile_notice(f"{weight_types(weights)} in ggml numerics"):
+        run_warm_jobs(jobs, helper_call)
     return time.perf_counter() - start
+
+
+def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJob]:
+    """The parts of :func:`warmup`: attention, the rest of a layer, and one per weight type
+    and class of row count; each calls its kernels on small arrays of the types, layouts
+    and flags a model passes."""
+    threads = nb.get_num_threads()
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    one = np.zeros(1, np.int64)
+
+    cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
+    scores = np.zeros((1, 2, 3), dtype=np.float32)
+
+    def kq():
+        attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, lanes, True, threads)
+
+    def kqv():
+        attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), lanes, True, threads)
+
+    def exps():
+        softmax_ggml(x, one, one, np.empty_like(x), lanes, True, threads)
+        swiglu_ggml(x, 128, np.empty((8, 128), np.float32), lanes, True, threads)
+
+    def layer():
+        libm_cos_sin(x)
+        round_to_f16(x.reshape(8, 4, 64).copy(), threads)  # (n_head_kv, rows, head_dim), as attention rounds
+        rms_norm_ggml(x, x[0], np.float32(1e-5), np.empty_like(x), threads)
+        heads = x.reshape(8, 4, 64)
+        for layout in (heads, x[:, :128].reshape(8, 2, 64)):  # contiguous, and a view of a fused projection
+            angles = np.ascontiguousarray(x[:, :32])  # (n_tokens, n_rot / 2)
+            rope_neox_ggml(layout, angles, angles, 64, np.empty(layout.shape, np.float32))
+            store_f16(layout.reshape(8, -1), np.empty((8, layout[0].size), np.uint16))
+
+    def product(qt, w):
+        def run():
+            for n_tok in (1, 8):  # ggml takes other kernels for a batch of 8 tokens or more
+                q, d, s = quantize_activations(x[:n_tok], activation_type(qt))
+                out = np.empty((n_tok, w.shape[0]), dtype=np.float32)
+                if qt in FLOAT_KIND:
+                    matmul_float_ggml(w, FLOAT_KIND[qt], d, out, F16_TABLE, lanes, False, threads)
+                else:
+                    matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
+        return run
+
+    def product_kernels(qt, rows):
+        if qt in FLOAT_KIND:
+            return [matmul_float_ggml_kernel(FLOAT_KIND[qt])]
+        simd = has_simd_path.py_func(qt)
+        unpacked = not simd or (qt == Q4_K and rows % 8)  # see matmul_ggml
+        return ([matmul_ggml_simd_kernel(qt)] if simd else []) + ([matmul_ggml_unpacked_kernel(qt)] if unpacked else [])
+
+    jobs = [  # measured seconds, cold, on 2 cores (phi3-mini's Q4_K_M)
+        WarmJob("kq", 2.2, kq, lambda: [attention_scores_kernel(lanes)]),
+        WarmJob("kqv", 2.9, kqv, lambda: [attention_values_kernel(lanes)]),
+        WarmJob("exp", 2.8, exps, lambda: [softmax_ggml, swiglu_ggml]),
+        WarmJob("layer", 2.1, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
+    ]
+    for qt, w in warm_weights(weights):
+        jobs.append(WarmJob(f"{QT(qt).name}/{w.shape[0]}", 3.4, product(qt, w), lambda qt=qt, rows=w.shape[0]: product_kernels(qt, rows)))
+    return jobs

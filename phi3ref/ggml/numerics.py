@@ -8,9 +8,10 @@ numerics, operation by operation, is listed in :mod:`phi3ref.numerics`.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numba as nb
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 
 from ..isa import Level
 from ..isa import resolve as resolve_isa
@@ -22,7 +23,6 @@ from . import kernels, ops
 __all__ = ["GgmlNumerics"]
 
 _F32 = np.float32
-_FLOAT_KINDS = {QT.F32: kernels.FLOAT_F32, QT.F16: kernels.FLOAT_F16, QT.BF16: kernels.FLOAT_BF16}
 
 
 class GgmlNumerics(Numerics):
@@ -36,8 +36,8 @@ class GgmlNumerics(Numerics):
     def __init__(self, level: str | Level | None = None):
         self.level = resolve_isa(level)  # a name, a Level, or None: $PHI3REF_ISA, else this CPU's
 
-    def warmup(self) -> float:
-        return kernels.warmup()
+    def warmup(self, weights: Iterable[Weight] | None = None) -> float:
+        return kernels.warmup(None if weights is None else [(int(w.qtype), w.n_rows) for w in weights], self.level.lanes)
 
     def longrope_context(self, n_ctx: int) -> int:
         # llama.cpp picks the factors once, by its context size, rounded up to a multiple of 256
@@ -50,7 +50,7 @@ class GgmlNumerics(Numerics):
         if weight.float_view is not None:
             # ggml converts the activations to the weight's type (d holds them), then sums
             # in the level's lanes
-            kernels.matmul_float_ggml(weight.float_view, _FLOAT_KINDS[weight.qtype], d, out, float_table(weight),
+            kernels.matmul_float_ggml(weight.float_view, kernels.FLOAT_KIND[int(weight.qtype)], d, out, float_table(weight),
                                       level.lanes, level.bf16_dot, threads)
         else:
             kernels.matmul_ggml(weight.raw, int(weight.qtype), q, d, s, out, F16_TABLE, level.repack_q2_k, threads)
