@@ -12,7 +12,8 @@ over 64 tokens after the 128-token prompt, peak RSS, and for phi3ref the time fr
 start to the first generated token and the JIT compile time of a cold Numba cache (once,
 in a fresh cache folder). ``--long`` adds a long context (a 2,048-token prefill of a 4k
 context; 32 tokens decoded from position 3,500, where attention weighs most); ``--scaling``
-adds the speed-up from 1 thread to ``--threads`` for both runtimes. Writes results.json, results.md and results.png (with matplotlib) to --out (default
+adds the speed-up from 1 thread to ``--threads`` for both runtimes; ``--publish`` puts the
+table in README.md and the chart in docs/images/ (the docs show what a run printed). Writes results.json, results.md and results.png (with matplotlib) to --out (default
 benchmarks/results, for another preset benchmarks/results/<preset>).
 
 ``--level``: ``native`` (default) measures the installed llama-cpp-python (built for this
@@ -87,8 +88,10 @@ import numpy as np
 import llama_cpp
 path, threads, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
-llm = llama_cpp.Llama(model_path=path, n_ctx=LONG_CTX if mode == "long" else 1024, n_batch=512, n_ubatch=512,
-                      n_threads=threads, n_threads_batch=threads, verbose=False)
+# (llama-cpp-python keeps n_batch rows of logits, indexed by position: the long context
+# needs n_batch = n_ctx; the micro-batches stay 512 tokens, as phi3ref's)
+llm = llama_cpp.Llama(model_path=path, n_ctx=LONG_CTX if mode == "long" else 1024, n_batch=LONG_CTX if mode == "long" else 512,
+                      n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 out = {"load_s": time.perf_counter() - t0}
 rng = np.random.default_rng(0)
 if mode == "long":
@@ -179,9 +182,17 @@ def main() -> None:
                         f"{LONG_POS:,} of a {LONG_CTX:,}-token context (about two minutes per runtime and round)")
     parser.add_argument("--scaling", action="store_true", help="also measure at 1 thread: the speed-up from 1 to --threads")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy results.json / .png to docs/images/ and put results.md in README.md, between the "
+                        "markers <!-- bench:PRESET:LEVEL --> and <!-- /bench:PRESET:LEVEL -->")
+    parser.add_argument("--publish-only", action="store_true", help="publish the last run's results in --out, measuring nothing")
     args = parser.parse_args()
     results_dir = Path(__file__).parent / "results"
     args.out = args.out or (results_dir if args.preset == "phi3-mini" else results_dir / args.preset)
+    if args.publish_only:
+        last = json.loads((args.out / "results.json").read_text())
+        _publish(args.out, last["preset"], last["level"], (args.out / "results.md").read_text().rstrip("\n"))
+        return
     from phi3ref import isa
 
     features = isa.host_features()
@@ -294,6 +305,29 @@ def main() -> None:
         _chart(results, runtimes, args.out / "results.png")
     except ImportError:
         print("(matplotlib not installed: no chart)", file=sys.stderr)
+    if args.publish:
+        _publish(args.out, args.preset, args.level, "\n".join(lines))
+
+
+def _publish(out: Path, preset: str, level: str, table: str) -> None:
+    """Copy the results to docs/images/bench[-PRESET]-LEVEL.{json,png} and put the table in
+    README.md between its markers for (preset, level): the docs show what this run printed."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    stem = "bench" + ("" if preset == "phi3-mini" else f"-{preset}") + f"-{level}"
+    for suffix in (".json", ".png"):
+        if (out / f"results{suffix}").exists():
+            shutil.copyfile(out / f"results{suffix}", root / "docs" / "images" / f"{stem}{suffix}")
+    readme = root / "README.md"
+    text = readme.read_text()
+    begin, end = f"<!-- bench:{preset}:{level} -->", f"<!-- /bench:{preset}:{level} -->"
+    if begin not in text or end not in text:
+        print(f"README.md has no markers {begin} ... {end}: table not placed", file=sys.stderr)
+        return
+    head, rest = text.split(begin, 1)
+    readme.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    print(f"published: docs/images/{stem}.*, README.md ({begin})", file=sys.stderr)
 
 
 def _chart(results: dict, runtimes: dict, path: Path) -> None:

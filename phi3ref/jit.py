@@ -34,7 +34,10 @@ import llvmlite.binding as llvm_binding
 import numba as nb
 from numba.core import config
 
-__all__ = ["AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "VNNI", "VNNI512", "WarmJob", "all_kernels", "compile_notice", "run_warm_jobs", "kernel_cache_folder", "specialized"]
+__all__ = [
+    "AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "VNNI", "VNNI512", "WarmJob", "all_kernels", "compile_notice",
+    "kernel_cache_folder", "run_warm_jobs", "specialized",
+]
 
 # Fast-math flags of every float kernel. They may reassociate (LLVM vectorizes their sums);
 # no 'nnan'/'ninf', so NaN and infinity propagate as IEEE says. (The ggml kernels keep
@@ -112,7 +115,8 @@ def _cache_locator_class(impl):
                     continue
                 numba_choice = os.path.join(inner.get_cache_path(), f"simd-{FORM}")
                 # a subfolder per source folder: Numba names entries by file, not package (kernels.*)
-                ours = os.path.normpath(os.path.join(kernel_cache_folder(), os.path.relpath(os.path.dirname(os.path.abspath(py_file)), _PACKAGE)))
+                source_folder = os.path.relpath(os.path.dirname(os.path.abspath(py_file)), _PACKAGE)  # "." or "ggml"
+                ours = os.path.normpath(os.path.join(kernel_cache_folder(), source_folder))
                 for path in ([numba_choice] if config.CACHE_DIR else [ours, numba_choice]):
                     self = cls(inner, path)
                     try:
@@ -204,10 +208,14 @@ class WarmJob:
 
 
 def _in_cache(kernel) -> bool:
-    """Whether Numba's cache holds entries of ``kernel`` (its index file exists; where the
-    cache cannot be read so, True: nothing to gain from a helper)."""
-    path = getattr(getattr(getattr(kernel, "_cache", None), "_cache_file", None), "_index_path", None)
-    return path is None or os.path.exists(path)
+    """Whether Numba's cache holds current entries of ``kernel``: an index of this Numba and
+    of today's source stamp (an index an older phi3ref left is stale). Where the cache
+    cannot be read so, True: a helper would gain nothing."""
+    index = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
+    try:
+        return index is None or bool(index._load_index())  # {} when missing, stale or of another Numba
+    except Exception:  # a Numba whose cache files differ
+        return True
 
 
 def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[list[str]], str]) -> None:

@@ -729,7 +729,9 @@ def _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads):
     per = (n_items + n_threads - 1) // n_threads
     step = 4 * lanes
     for th in prange(n_threads):
-        acc = np.empty((VALUES_CHUNK, hd, step), dtype=np.float32)
+        # (item, lane slot, output element): a position's values, contiguous in the cache,
+        # meet contiguous accumulators, so the loop over the head's elements is vector code
+        acc = np.empty((VALUES_CHUNK, step, hd), dtype=np.float32)
         tmp = np.empty(16, dtype=np.float32)
         i0, i1 = th * per, min(n_items, (th + 1) * per)
         for c0 in range(i0, i1, VALUES_CHUNK):
@@ -742,10 +744,10 @@ def _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads):
                     if first[r % n_sets] <= p <= last[r % n_sets]:
                         pr = probs[h, r, p]
                         for j in range(hd):
-                            acc[item - c0, j, slot] += pr * half_to_float(v_cache[p, h, j])
+                            acc[item - c0, slot, j] += pr * half_to_float(v_cache[p, h, j])
             for item in range(c0, c1):
                 for j in range(hd):
-                    out[item // rows, item % rows, j] = _vec_reduce(acc[item - c0, j], lanes, tmp)
+                    out[item // rows, item % rows, j] = _vec_reduce(acc[item - c0, :, j], lanes, tmp)
 
 
 def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, n_threads) -> None:
