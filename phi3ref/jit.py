@@ -86,8 +86,9 @@ _BAKED_IN = (os.path.join(_PACKAGE, "ggml", "simd.py"), os.path.join(_PACKAGE, "
 
 
 def kernel_cache_folder() -> str:
-    """Where this install's compiled kernels of this process's SIMD form are cached (those
-    of phi3ref.ggml in its subfolder ``ggml``), unless NUMBA_CACHE_DIR is set: then under it."""
+    """phi3ref's folder for this install's compiled kernels of this process's SIMD form
+    (those of phi3ref.ggml in its subfolder ``ggml``): where they are cached unless
+    NUMBA_CACHE_DIR is set (then Numba's folder under it is) or it cannot be written."""
     from .user_cache import cache_root
 
     install = hashlib.sha256(_PACKAGE.encode()).hexdigest()[:12]
@@ -228,30 +229,39 @@ def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[list[str]], str]) 
     compiled here."""
     cold = [j for j in jobs if not all(_in_cache(k) for k in j.kernels())]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    helper = None
-    if len(cold) >= 2 and cores >= 2 and os.environ.get("PHI3REF_COMPILE_HELPER", "1") != "0":
+    helper, wait = None, 0.0
+    # no helper where sys.executable is not a plain Python (a frozen or embedded program)
+    python = sys.executable and not getattr(sys, "frozen", False)
+    if len(cold) >= 2 and cores >= 2 and python and os.environ.get("PHI3REF_COMPILE_HELPER", "1") != "0":
         mine, theirs, load = [], [], [0.0, 1.0]  # the helper's start: Python, Numba and phi3ref imported
         for job in sorted(cold, key=lambda j: -j.cost):  # the longest first, each to the lighter side
             side = 0 if load[0] <= load[1] else 1
             (mine, theirs)[side].append(job.name)
             load[side] += job.cost
         env = {**os.environ, "PHI3REF_COMPILE_HELPER": "0"}
-        helper = subprocess.Popen([sys.executable, "-c", helper_call(theirs)], env=env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        jobs = [j for j in jobs if j.name not in theirs] + [j for j in jobs if j.name in theirs]
+        try:
+            helper = subprocess.Popen([sys.executable, "-c", helper_call(theirs)], env=env,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:  # no helper: everything is compiled here
+            helper = None
+        else:
+            jobs = [j for j in jobs if j.name not in theirs] + [j for j in jobs if j.name in theirs]
+            wait = 30 + 4 * load[1]  # seconds: a helper this late is not waited for
     try:
         for job in jobs:
             if helper is not None and job.name not in mine:
                 try:
-                    helper.wait(timeout=900)  # then load what it compiled
+                    helper.wait(timeout=wait)  # then load what it compiled
                 except subprocess.TimeoutExpired:
-                    pass  # compile it here
+                    pass  # compile the rest here
                 helper.kill()
+                helper.wait()
                 helper = None
             job.run()
     finally:
         if helper is not None:
             helper.kill()
+            helper.wait()
 
 
 @contextmanager
@@ -260,10 +270,12 @@ def compile_notice(what: str, *, after: float = 1.0) -> Iterator[None]:
     compiled, not loaded from the cache), say so on stderr — a first run compiles for
     some seconds, and a silent terminal looks hung — and say when it is done."""
     start = time.perf_counter()
-    said, lock = threading.Event(), threading.Lock()  # the lock: the two lines in their order
+    said, done, lock = threading.Event(), threading.Event(), threading.Lock()  # the lock: the two lines in their order
 
     def say() -> None:
         with lock:
+            if done.is_set():  # finished while the timer fired: nothing to announce
+                return
             said.set()
             print(f"phi3ref: compiling the Numba kernels for {what} (first use only: they are cached in "
                   f"{os.environ.get('NUMBA_CACHE_DIR') or kernel_cache_folder()}) ...", file=sys.stderr, flush=True)
@@ -276,6 +288,7 @@ def compile_notice(what: str, *, after: float = 1.0) -> Iterator[None]:
     finally:
         timer.cancel()
         with lock:
+            done.set()
             if said.is_set():
                 print(f"phi3ref: kernels ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 

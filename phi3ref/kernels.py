@@ -323,13 +323,16 @@ def matmul_exact_kernel(qtype: int):
     """:func:`matmul_exact` for one block type: ``qtype`` is a constant of its code."""
 
     def kernel(w, x, out, table, n_threads):
+        # unpack_row is a cached function of its own: an int, not the constant, so that
+        # every type shares its one compiled signature
+        any_type = qtype + 0
         n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
         per = (n_rows + n_threads - 1) // n_threads
         for th in prange(n_threads):
             row = np.empty(n_in, dtype=np.float32)
             wq, wsc, wmn, wd, wm = row_scratch(n_in)
             for r in range(th * per, min(n_rows, (th + 1) * per)):
-                unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
+                unpack_row(w[r], any_type, wq, wsc, wmn, wd, wm, table)
                 _expand(qtype, wq, wsc, wmn, wd, wm, row)
                 for k in range(n_tok):
                     acc = np.float32(0)

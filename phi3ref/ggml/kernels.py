@@ -566,6 +566,9 @@ def matmul_ggml_unpacked_kernel(qtype: int):
     every token's codes in scalar loops."""
 
     def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+        # unpack_row is a cached function of its own: an int, not the constant, so that
+        # every type shares its one compiled signature
+        any_type = qtype + 0
         n_rows, n_tok, n_in = w.shape[0], out.shape[0], q.shape[1]
         mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
         per = (n_rows + n_threads - 1) // n_threads
@@ -574,7 +577,7 @@ def matmul_ggml_unpacked_kernel(qtype: int):
             lanes = np.zeros(16, dtype=np.float32)
             parts = np.zeros(16, dtype=np.int32)
             for r in range(th * per, min(n_rows, (th + 1) * per)):
-                unpack_row(w[r], qtype, wq, wsc, wmn, wd, wm, table)
+                unpack_row(w[r], any_type, wq, wsc, wmn, wd, wm, table)
                 for t in range(n_tok):
                     out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts)
 
@@ -1180,6 +1183,8 @@ def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, on
     Kernels only the tests call (``fma_f32``, ``expf_ggml``) are left to compile when called."""
     start = time.perf_counter()
     weights = None if weights is None else [(int(t), int(n)) for t, n in weights]
+    if weights is None or any(activation_type(t) == ACT_Q8_K for t, _ in weights):
+        quantize_activations(np.zeros((1, 256), np.float32), ACT_Q8_K)  # every K-quant job's: compiled before a helper starts
     jobs = _warm_jobs(weights, lanes)
     if only is not None:
         for job in jobs:
@@ -1226,22 +1231,23 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
             rope_neox_ggml(layout, angles, angles, 64, np.empty(layout.shape, np.float32))
             store_f16(layout.reshape(8, -1), np.empty((8, layout[0].size), np.uint16))
 
-    def product(qt, w):
+    def product(qt, ws):
         def run():
-            for n_tok in (1, 8):  # ggml takes other kernels for a batch of 8 tokens or more
-                q, d, s = quantize_activations(x[:n_tok], activation_type(qt))
-                out = np.empty((n_tok, w.shape[0]), dtype=np.float32)
-                if qt in FLOAT_KIND:
-                    matmul_float_ggml(w, FLOAT_KIND[qt], d, out, F16_TABLE, lanes, False, threads)
-                else:
-                    matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
+            for w in ws:  # each class of row count
+                for n_tok in (1, 8):  # ggml takes other kernels for a batch of 8 tokens or more
+                    q, d, s = quantize_activations(x[:n_tok], activation_type(qt))
+                    out = np.empty((n_tok, w.shape[0]), dtype=np.float32)
+                    if qt in FLOAT_KIND:
+                        matmul_float_ggml(w, FLOAT_KIND[qt], d, out, F16_TABLE, lanes, False, threads)
+                    else:
+                        matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
         return run
 
-    def product_kernels(qt, rows):
+    def product_kernels(qt, ws):
         if qt in FLOAT_KIND:
             return [matmul_float_ggml_kernel(FLOAT_KIND[qt])]
         simd = has_simd_path.py_func(qt)
-        unpacked = not simd or (qt == Q4_K and rows % 8)  # see matmul_ggml
+        unpacked = not simd or (qt == Q4_K and any(w.shape[0] % 8 for w in ws))  # see matmul_ggml
         return ([matmul_ggml_simd_kernel(qt)] if simd else []) + ([matmul_ggml_unpacked_kernel(qt)] if unpacked else [])
 
     jobs = [  # measured seconds, cold, on 2 cores (phi3-mini's Q4_K_M)
@@ -1250,6 +1256,9 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         WarmJob("exp", 2.8, exps, lambda: [softmax_ggml, swiglu_ggml]),
         WarmJob("layer", 2.1, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
     ]
+    by_type: dict[int, list[np.ndarray]] = {}
     for qt, w in warm_weights(weights):
-        jobs.append(WarmJob(f"{QT(qt).name}/{w.shape[0]}", 3.4, product(qt, w), lambda qt=qt, rows=w.shape[0]: product_kernels(qt, rows)))
+        by_type.setdefault(qt, []).append(w)
+    for qt, ws in by_type.items():  # one job per type: its kernels are compiled in one process
+        jobs.append(WarmJob(QT(qt).name, 3.4, product(qt, ws), lambda qt=qt, ws=ws: product_kernels(qt, ws)))
     return jobs
