@@ -422,11 +422,10 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_warmup(args: argparse.Namespace) -> int:
-    import os
     import time
     from pathlib import Path
 
-    from .jit import kernel_cache_folder
+    from .jit import cache_folder_in_use
     from .loading import load
 
     _check_common(args)
@@ -435,7 +434,7 @@ def _cmd_warmup(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     seconds = model.warmup()
     types = sorted({w.qtype.name for w in model.matrices()})
-    folder = os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_folder()
+    folder = cache_folder_in_use()
     if args.json:
         json.dump({"model": path, "numerics": args.numerics, "weight_types": types, "compile_seconds": seconds,
                    "cache_folder": folder}, sys.stdout, indent=1)

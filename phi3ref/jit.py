@@ -36,7 +36,7 @@ from numba.core import config
 
 __all__ = [
     "AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "VNNI", "VNNI512", "WarmJob", "all_kernels", "compile_notice",
-    "kernel_cache_folder", "run_warm_jobs", "specialized",
+    "cache_folder_in_use", "kernel_cache_folder", "run_warm_jobs", "specialized",
 ]
 
 # Fast-math flags of every float kernel. They may reassociate (LLVM vectorizes their sums);
@@ -93,6 +93,12 @@ def kernel_cache_folder() -> str:
 
     install = hashlib.sha256(_PACKAGE.encode()).hexdigest()[:12]
     return os.path.join(cache_root(), "kernels", install, f"simd-{FORM}")
+
+
+def cache_folder_in_use() -> str:
+    """The folder the kernels are cached in: under NUMBA_CACHE_DIR where it is set, else
+    :func:`kernel_cache_folder` (what the notice and ``phi3ref warmup`` name)."""
+    return os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_folder()
 
 
 def _cache_locator_class(impl):
@@ -278,7 +284,7 @@ def compile_notice(what: str, *, after: float = 1.0) -> Iterator[None]:
                 return
             said.set()
             print(f"phi3ref: compiling the Numba kernels for {what} (first use only: they are cached in "
-                  f"{os.environ.get('NUMBA_CACHE_DIR') or kernel_cache_folder()}) ...", file=sys.stderr, flush=True)
+                  f"{cache_folder_in_use()}) ...", file=sys.stderr, flush=True)
 
     timer = threading.Timer(after, say)
     timer.daemon = True

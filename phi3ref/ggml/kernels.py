@@ -802,7 +802,6 @@ def attention_values_kernel(lanes: int):
 # ======================================================================================
 
 FLOAT_F32, FLOAT_F16, FLOAT_BF16 = 0, 1, 2
-_FLOAT_NAMES = {FLOAT_F32: "F32", FLOAT_F16: "F16", FLOAT_BF16: "BF16"}
 FLOAT_KIND = {F32: FLOAT_F32, F16: FLOAT_F16, BF16: FLOAT_BF16}  # of each float weight type
 
 
@@ -946,7 +945,7 @@ def matmul_float_ggml_kernel(kind: int):
                     else:
                         out[t, r] = _float_vec_dot(kind, row, x, t, n_in, lanes, bf16_dot, acc, tmp)
 
-    return specialized(kernel, f"matmul_float_ggml_{_FLOAT_NAMES[kind]}", parallel=True, fastmath=FASTMATH_GGML)
+    return specialized(kernel, f"matmul_float_ggml_{next(QT(t).name for t, k in FLOAT_KIND.items() if k == kind)}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 def _hexf(literal: str) -> np.float32:
