@@ -98,7 +98,8 @@ class Numerics(ABC):
 
     @abstractmethod
     def softmax(self, scores: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
-        """Softmax over the keys each token sees (the others get 0): (n_head_kv, group, n, end)."""
+        """Softmax over the keys each token sees (the others get 0): (n_head_kv, group, n, end).
+        ``scores`` may be overwritten (the probabilities may be returned in it)."""
 
     @abstractmethod
     def attention_values(self, probs: np.ndarray, values: np.ndarray, end: int, first: np.ndarray,

@@ -212,7 +212,7 @@ def test_attention_products_match_reference(level, head_dim, batched):
     allows it (scores: head_dim a multiple of the lanes; values: of 4), ggml_vec_dot_f16
     otherwise, against numpy lane references; then with causal key ranges."""
     rng = np.random.default_rng(9)
-    n_ctx, n_kv, end, rows = 300, 3, 261, 6
+    n_ctx, n_kv, end, rows = 300, 3, 261, 21  # rows: two tiles of 8 (four of 4) and the rest one by one
     k_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     v_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     q = rng.standard_normal((n_kv, rows, head_dim)).astype(np.float16).astype(np.float32)

@@ -49,7 +49,8 @@ from .simd import (
     OUT_STRIDE, ROW_TOKENS, bits_f32, f32_bits, float_to_half, fma32, half_to_float, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
     q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled,
     q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores8, scores16,
-    values8, values16, vecdot_f16_8, vecdot_f16_16,
+    scores_tile8, scores_tile16, values8, values16, values_tile8, values_tile16, vecdot_f16_8, vecdot_f16_16, TILE_COLS, TILE_ROWS,
+    exp_chunk8, exp_chunk16, max_range,
 )
 
 __all__ = [
@@ -658,36 +659,53 @@ def _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads):
 
 
 @njit(inline="always")
-def _scores_tinyblas(q, k_cache, end, first, last, out, lanes, n_threads):
-    """tinyBLAS's kq: the keys converted to float32 once and transposed (n_head_kv, head_dim,
-    positions padded to 16), then phi3ref.ggml.simd's scores kernels compute sixteen positions
-    per call; chunks of sixteen keys that a row does not see are -inf."""
+def _scores_tinyblas(q, k_cache, end, first, last, out, lanes, tile, cols, n_threads):
+    """tinyBLAS's kq: the keys converted to float32 once and transposed (positions padded,
+    in blocks of 16 * ``cols``), then phi3ref.ggml.simd's tiles compute ``tile`` rows of one head times
+    16 * ``cols`` positions per call (the last rows one by one); chunks of keys that no row
+    of a tile sees are -inf."""
     n_kv, rows, hd = q.shape
     n_sets = first.size
-    end_pad = (end + SCORES_CHUNK - 1) // SCORES_CHUNK * SCORES_CHUNK
-    keys = np.empty((n_kv, hd, end_pad), dtype=np.float32)
-    for h in prange(n_kv):
-        for j in range(hd):
-            for p in range(end):
-                keys[h, j, p] = half_to_float(k_cache[p, h, j])
-            for p in range(end, end_pad):
-                keys[h, j, p] = 0
-    n_items = n_kv * rows
-    per = (n_items + n_threads - 1) // n_threads
+    width = SCORES_CHUNK * cols  # positions per tile
+    end_pad = (end + width - 1) // width * width
+    # (head, block of ``width`` positions, element, position in the block): a tile's keys are
+    # one contiguous block (rows of a power-of-two stride would share a few L1 sets)
+    n_blocks = end_pad // width
+    keys = np.empty((n_kv, n_blocks, hd, width), dtype=np.float32)
+    for h in prange(n_kv):  # a position's keys read in a row; the hd lines written stay in L1
+        for p in range(end_pad):
+            for j in range(hd):
+                keys[h, p // width, j, p % width] = half_to_float(k_cache[p, h, j]) if p < end else 0
+    n_tiles = (rows + tile - 1) // tile
+    n_units = n_kv * n_tiles
     for th in prange(n_threads):
-        for item in range(th * per, min(n_items, (th + 1) * per)):
-            h = item // rows  # item = h * rows + r: q[h, r] and out[h, r] start at item * hd, item * end
-            r = item % rows
-            lo, hi = first[r % n_sets], last[r % n_sets]
-            for p0 in range(0, end, SCORES_CHUNK):
-                n_valid = min(SCORES_CHUNK, end - p0)
-                if p0 + SCORES_CHUNK - 1 < lo or p0 > hi:
-                    for i in range(n_valid):
-                        out[h, r, p0 + i] = -np.inf
-                elif lanes == 16:
-                    scores16(q, item * hd, keys, h * hd * end_pad + p0, end_pad, hd, out, item * end + p0, n_valid)
-                else:
-                    scores8(q, item * hd, keys, h * hd * end_pad + p0, end_pad, hd, out, item * end + p0, n_valid)
+        for unit in range(th, n_units, n_threads):  # interleaved: later rows see more keys
+            h, r0 = unit // n_tiles, unit % n_tiles * tile
+            n = min(tile, rows - r0)
+            lo, hi = end, -1  # the keys any row of the tile sees
+            for r in range(r0, r0 + n):
+                lo, hi = min(lo, first[r % n_sets]), max(hi, last[r % n_sets])
+            for p0 in range(0, end, width):
+                n_valid = min(width, end - p0)
+                k0 = (h * n_blocks + p0 // width) * hd * width
+                if p0 + width - 1 < lo or p0 > hi:
+                    for r in range(r0, r0 + n):
+                        for i in range(n_valid):
+                            out[h, r, p0 + i] = -np.inf
+                elif n == tile:  # q[h, r] and out[h, r] start at (h * rows + r) * hd, (h * rows + r) * end
+                    if lanes == 16:
+                        scores_tile16(q, (h * rows + r0) * hd, hd, keys, k0, width, hd, out, (h * rows + r0) * end + p0, end, n_valid)
+                    else:
+                        scores_tile8(q, (h * rows + r0) * hd, hd, keys, k0, width, hd, out, (h * rows + r0) * end + p0, end, n_valid)
+                else:  # the last rows, one by one, sixteen positions per call
+                    for r in range(r0, r0 + n):
+                        item = h * rows + r
+                        for c0 in range(0, n_valid, SCORES_CHUNK):
+                            m = min(SCORES_CHUNK, n_valid - c0)
+                            if lanes == 16:
+                                scores16(q, item * hd, keys, k0 + c0, width, hd, out, item * end + p0 + c0, m)
+                            else:
+                                scores8(q, item * hd, keys, k0 + c0, width, hd, out, item * end + p0 + c0, m)
 
 
 def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_threads) -> None:
@@ -697,8 +715,9 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
     (n_head_kv, rows, head_dim) float32 holding float16 values; k_cache: (n_ctx, n_head_kv,
     head_dim) uint16 float16 bit patterns (the cache itself, no copy); out: (n_head_kv,
     rows, end) float32. Row r needs only the keys first[t] .. last[t] (t = r % len(first),
-    as in softmax_ggml): keys it does not need may be left out (-inf) — whole chunks of
-    sixteen in the tinyBLAS form, single keys in the other. One kernel per lane count
+    as in softmax_ggml): keys it does not need may be left out (-inf) — in the tinyBLAS
+    form, chunks of keys that no row of its tile needs (others are computed), single keys in
+    the other. One kernel per lane count
     (the level's), compiled at its first call."""
     attention_scores_kernel(lanes)(q, k_cache, end, first, last, out, batched, n_threads)
 
@@ -706,10 +725,11 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
 @functools.cache
 def attention_scores_kernel(lanes: int):
     """:func:`attention_scores_f16` for ``lanes`` (8 or 16), a constant of its code."""
+    tile, cols = TILE_ROWS[lanes], TILE_COLS[lanes]
 
     def kernel(q, k_cache, end, first, last, out, batched, n_threads):
         if tinyblas_scores(batched, q.shape[2], lanes):
-            _scores_tinyblas(q, k_cache, end, first, last, out, lanes, n_threads)
+            _scores_tinyblas(q, k_cache, end, first, last, out, lanes, tile, cols, n_threads)
         else:
             _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads)
 
@@ -769,26 +789,62 @@ def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, 
 @functools.cache
 def attention_values_kernel(lanes: int):
     """:func:`attention_values_f16` for ``lanes`` (8 or 16), a constant of its code."""
+    tile, width = TILE_ROWS[lanes], 16 * TILE_COLS[lanes]
 
     def kernel(probs, v_cache, end, first, last, out, batched, n_threads):
         n_kv, rows, hd = out.shape
-        if not tinyblas_values(batched, hd):
+        if tinyblas_values(batched, hd):
+            _values_tinyblas(probs, v_cache, end, first, last, out, lanes, tile, width, n_threads)
+        else:
             _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads)
-            return
-        n_sets = first.size
-        n_items = n_kv * rows
-        per = (n_items + n_threads - 1) // n_threads
-        for th in prange(n_threads):  # sixteen outputs of one row per call, lanes in registers
-            for item in range(th * per, min(n_items, (th + 1) * per)):
-                h, t = item // rows, item % rows % n_sets
-                for j0 in range(0, hd, 16):
-                    lo, hi, n_valid = first[t], min(last[t], end - 1), min(16, hd - j0)
-                    if lanes == 16:
-                        values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
-                    else:
-                        values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
 
     return specialized(kernel, f"attention_values_f16_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
+
+
+@njit(inline="always")
+def _values_tinyblas(probs, v_cache, end, first, last, out, lanes, tile, width, n_threads):
+    """tinyBLAS's kqv: phi3ref.ggml.simd's tiles compute ``tile`` rows of one head times
+    ``width`` outputs per call; the last rows and outputs row by row, sixteen per call."""
+    n_kv, rows, hd = out.shape
+    n_sets = first.size
+    whole = hd - hd % width  # outputs in whole tiles
+    # (head, block of ``width`` outputs, position, output in the block): a tile's values are
+    # one contiguous stream (the cache's rows, n_head_kv * head_dim apart, would share a few
+    # L1 sets)
+    n_blocks = whole // width
+    values = np.empty((n_kv, n_blocks, end, width), dtype=np.uint16)
+    for h in prange(n_kv):
+        for p in range(end):
+            for j in range(whole):
+                values[h, j // width, p, j % width] = v_cache[p, h, j]
+    if True:
+        n_tiles = (rows + tile - 1) // tile
+        n_units = n_kv * n_tiles
+        for th in prange(n_threads):
+            ranges = np.empty((2, tile), dtype=np.int64)  # each row's first and last position
+            for unit in range(th, n_units, n_threads):  # interleaved: later rows see more positions
+                h, r0 = unit // n_tiles, unit % n_tiles * tile
+                n = min(tile, rows - r0)
+                j_rows = 0  # outputs done for the whole tile
+                if n == tile:
+                    for i in range(tile):
+                        t = (r0 + i) % n_sets
+                        ranges[0, i], ranges[1, i] = first[t], min(last[t], end - 1)
+                    for j0 in range(0, whole, width):
+                        if lanes == 16:
+                            values_tile16(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
+                        else:
+                            values_tile8(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
+                    j_rows = whole
+                for r in range(r0, r0 + n):  # the rest: row by row, sixteen outputs per call
+                    item, t = h * rows + r, r % n_sets
+                    lo, hi = first[t], min(last[t], end - 1)
+                    for j0 in range(j_rows, hd, 16):
+                        n_valid = min(16, hd - j0)
+                        if lanes == 16:
+                            values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+                        else:
+                            values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
 
 
 # ======================================================================================
@@ -1005,36 +1061,41 @@ def _v_expf(x, scalef):
     return _v_expf_scalef(x) if scalef else _v_expf_bits(x)
 
 
+@njit(inline="always")
+def _exp_chunk(scores, soff, out, ooff, mx, c0, lo, hi, n, lanes):
+    """phi3ref.ggml.simd's exp_chunk with the level's lanes: 16 with AVX-512's ggml_v_expf,
+    8 with AVX2's (ggml's pairs; phi3ref.ggml.ops checks a level's)."""
+    if lanes == 16:
+        return exp_chunk16(scores, soff, out, ooff, mx, c0, lo, hi, n)
+    return exp_chunk8(scores, soff, out, ooff, mx, c0, lo, hi, n)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def softmax_ggml(scores, first, last, out, lanes, scalef, n_threads):
+def softmax_ggml(scores, first, last, out, lanes, n_threads):
     """ggml_soft_max (scale 1) with llama.cpp's causal mask, on each row of scores (rows, n):
     row r sees the keys first[t] .. last[t] (inclusive, t = r % len(first): rows cycle over
     the tokens), every other entry is masked (-inf in llama.cpp's mask, so exactly 0 in
     out). exp(x - max) by the level's vector exp, each ``lanes`` values' sum (chunks from
     key 0) reduced in float32 and accumulated in double, then multiplied by the float32
     reciprocal; a chunk of masked keys adds 0. llama.cpp's KV cache view is a multiple of
-    256 cells, so every element takes the vector path."""
+    256 cells, so every element takes the vector path. scores and out: C-contiguous."""
     n_rows, n = scores.shape
     n_sets = first.size
     per = (n_rows + n_threads - 1) // n_threads
     for th in prange(n_threads):
-        chunk = np.empty(16, dtype=np.float32)
         for r in range(th * per, min(n_rows, (th + 1) * per)):
             lo, hi = first[r % n_sets], min(last[r % n_sets], n - 1)
-            mx = np.float32(-np.inf)
-            for i in range(lo, hi + 1):
-                mx = max(mx, scores[r, i])
-            for i in range(lo):
-                out[r, i] = 0
-            for i in range(hi + 1, n):
-                out[r, i] = 0
-            for i in range(lo, hi + 1):
-                out[r, i] = _v_expf(scores[r, i] - mx, scalef)
+            mx = max_range(scores, r * n, lo, hi)
+            c_lo = lo - lo % lanes  # the chunks that hold a seen key
+            c_hi = c_lo
             total = 0.0
-            for c in range(lo - lo % lanes, hi + 1, lanes):
-                for i in range(lanes):
-                    chunk[i] = out[r, c + i] if c + i < n else np.float32(0)
-                total += np.float64(_tree(chunk, 0, lanes))
+            for c0 in range(c_lo, hi + 1, lanes):
+                total += np.float64(_exp_chunk(scores, r * n, out, r * n, mx, c0, lo, hi, n, lanes))
+                c_hi = min(n, c0 + lanes)
+            for i in range(c_lo):
+                out[r, i] = 0
+            for i in range(c_hi, n):
+                out[r, i] = 0
             inv = np.float32(1.0 / total)
             for i in range(lo, hi + 1):
                 out[r, i] = out[r, i] * inv
@@ -1142,15 +1203,17 @@ def libm_cos_sin(theta):
 
 
 @njit(cache=True, fastmath=FASTMATH_GGML)
-def expf_ggml(x, out, lanes, scalef):
+def expf_ggml(x, out, lanes):
     """exp of each row of x (rows, n) as a ggml vector loop computes it: whole chunks of
     ``lanes`` through the level's ggml_v_expf, the remaining n % lanes through the C
-    library's expf (Numba lowers float32 np.exp to that call)."""
+    library's expf (Numba lowers float32 np.exp to that call). The chunks go through the
+    vector form softmax_ggml uses (phi3ref.ggml.simd's exp_chunk), which the tests hold to
+    the numpy reference here, and swiglu's per-lane form to this. x, out: C-contiguous."""
     n_rows, n = x.shape
     full = n - n % lanes
     for r in range(n_rows):
-        for i in range(full):
-            out[r, i] = _v_expf(x[r, i], scalef)
+        for c0 in range(0, full, lanes):
+            _exp_chunk(x, r * n, out, r * n, np.float32(0), c0, 0, full - 1, n, lanes)
         for i in range(full, n):
             out[r, i] = np.exp(x[r, i])
 
@@ -1217,7 +1280,7 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), lanes, True, threads)
 
     def exps():
-        softmax_ggml(x, one, one, np.empty_like(x), lanes, True, threads)
+        softmax_ggml(x, one, one, np.empty_like(x), lanes, threads)
         swiglu_ggml(x, 128, np.empty((8, 128), np.float32), lanes, True, threads)
 
     def layer():

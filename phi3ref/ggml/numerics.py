@@ -93,7 +93,9 @@ class GgmlNumerics(Numerics):
         return scores.reshape(n_head_kv, h // n_head_kv, n, end)  # (n_head_kv, group, n, end)
 
     def softmax(self, scores: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
-        return ops.softmax(scores, self.level, first, last)
+        # in place: the scores are the pass's own array (a hook got a copy), and a fresh
+        # array of n_head x n_tokens x n_keys floats costs its page faults at every layer
+        return ops.softmax(scores, self.level, first, last, in_place=True)
 
     def attention_values(self, probs: np.ndarray, values: np.ndarray, end: int, first: np.ndarray,
                          last: np.ndarray) -> np.ndarray:

@@ -28,13 +28,22 @@ __all__ = [
 _F32 = np.float32
 
 
+def _exp_lanes(level: Level) -> int:
+    """The lanes of ggml's exp loops at ``level``: 16 go with AVX-512's ggml_v_expf, 8 with
+    AVX2's (ggml has no other pair, nor do the kernels)."""
+    if level.exp_scalef != (level.lanes == 16):
+        raise ValueError(f"level {level.name}: ggml's exp loops pair 16 lanes with the AVX-512 ggml_v_expf and 8 with "
+                         f"the AVX2 one, not {level.lanes} lanes with the {'AVX-512' if level.exp_scalef else 'AVX2'} one")
+    return level.lanes
+
+
 def expf(x: np.ndarray, level: Level) -> np.ndarray:
     """exp along the last axis as a ggml vector loop does it at ``level``: whole vectors
     (16 or 8 values) through that level's ``ggml_v_expf`` polynomial, the rest through
     libm (:func:`phi3ref.ggml.kernels.expf_ggml`)."""
     x = np.ascontiguousarray(x, _F32)
     out = np.empty_like(x)
-    kernels.expf_ggml(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]), level.lanes, level.exp_scalef)
+    kernels.expf_ggml(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]), _exp_lanes(level))
     return out
 
 
@@ -78,16 +87,21 @@ def _key_ranges(first: np.ndarray | None, last: np.ndarray | None, n_keys: int) 
     return np.asarray(first, np.int64), np.asarray(last, np.int64)
 
 
-def softmax(scores: np.ndarray, level: Level, first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
+def softmax(scores: np.ndarray, level: Level, first: np.ndarray | None = None, last: np.ndarray | None = None,
+            in_place: bool = False) -> np.ndarray:
     """ggml_soft_max over the last axis at ``level``. With ``first`` / ``last`` (one entry
     per token, the rows cycling over the tokens), row r sees only the keys first[t] ..
     last[t] (inclusive), as llama.cpp's causal mask allows them; the others get
-    probability 0 (:func:`phi3ref.ggml.kernels.softmax_ggml`)."""
+    probability 0 (:func:`phi3ref.ggml.kernels.softmax_ggml`). ``in_place``: the
+    probabilities overwrite ``scores`` when it is a C-contiguous float32 array (each key is
+    read before it is written)."""
     x = np.ascontiguousarray(scores, _F32)
     rows = x.reshape(-1, x.shape[-1])  # (rows, n)
     first, last = _key_ranges(first, last, x.shape[-1])
-    out = np.empty_like(x)
-    kernels.softmax_ggml(rows, first, last, out.reshape(rows.shape), level.lanes, level.exp_scalef, nb.get_num_threads())
+    if first.size == 0 or first.size != last.size or first.min() < 0:
+        raise ValueError(f"softmax: first and last need one key index >= 0 per token (got {first.size} and {last.size})")
+    out = x if in_place else np.empty_like(x)
+    kernels.softmax_ggml(rows, first, last, out.reshape(rows.shape), _exp_lanes(level), nb.get_num_threads())
     return out
 
 

@@ -47,7 +47,9 @@ __all__ = [
     "q4_0_block", "q8_0_block",
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
     "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
-    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores8", "scores16", "values8", "values16",
+    "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores8", "scores16", "values8", "values16", "scores_tile8", "scores_tile16",
+    "values_tile8", "values_tile16", "TILE_ROWS", "TILE_COLS", "VALUES_BLOCK",
+    "exp_chunk8", "exp_chunk16", "max_range",
     "vecdot_f16_8", "vecdot_f16_16", "f32_bits", "bits_f32",
 ]
 
@@ -917,8 +919,18 @@ def _store_lane_sums(builder, out_p, ooff: ir.Value, n_valid: ir.Value, lanes: l
     """out[ooff + j] (j < n_valid) = element j of the tree sum of the lane vectors
     (:func:`_reduce_halves`, on every element at once)."""
     total = _reduce_halves(builder, lanes)
-    with cgutils.for_range(builder, n_valid) as loop:
-        _store(builder, out_p, builder.mul(builder.add(ooff, loop.index), _const(4)), builder.extract_element(total, loop.index))
+    with builder.if_else(builder.icmp_signed("==", n_valid, _const(total.type.count)), likely=True) as (whole, part):
+        with whole:
+            _store(builder, out_p, builder.mul(ooff, _const(4)), total)
+        with part:
+            # through memory: extracting a lane at a run-time index makes LLVM redo the whole
+            # tree, spilled, for every element
+            temp = cgutils.alloca_once(builder, total.type)
+            builder.store(total, temp)
+            elements = builder.bitcast(temp, _I8.as_pointer())
+            with cgutils.for_range(builder, n_valid) as loop:
+                offset = builder.mul(loop.index, _const(4))
+                _store(builder, out_p, builder.add(builder.mul(ooff, _const(4)), offset), _load(builder, elements, offset, _F32))
 
 
 def _halves16(builder, v_p, element: ir.Value) -> ir.Value:
@@ -1057,6 +1069,290 @@ def _values_intrinsic(kn: int):
     return values
 
 
+# A batch's attention products, several query rows at once. tinyBLAS's order fixes, for each
+# output, which products each of its kn lanes adds and in which order; it leaves free which
+# outputs are computed together. The tiles below take TILE_ROWS query rows of one head and
+# TILE_COLS vectors of sixteen outputs at once, one lane after the other: a lane's
+# accumulators (rows x cols vectors) stay in registers while every vector of keys or values
+# read serves all rows, and the finished lanes wait in a small array for the tree that ends
+# each output. Same additions, same order.
+TILE_ROWS = {16: 8, 8: 4}  # query rows per tile for kn lanes (AVX2's 16 registers hold less)
+TILE_COLS = {16: 2, 8: 1}  # vectors of sixteen outputs per row (<16 x float> is two AVX2 registers)
+VALUES_BLOCK = 128  # positions whose values and probabilities a tile reads while they stay in L1
+
+
+def _min_max(builder, values: list[ir.Value], signed_op: str) -> ir.Value:
+    """The smallest ("<") or largest (">") of the i64 values."""
+    best = values[0]
+    for v in values[1:]:
+        best = builder.select(builder.icmp_signed(signed_op, v, best), v, best)
+    return best
+
+
+def _lane_slot(builder, lane_sums, index: ir.Value) -> ir.Value:
+    return builder.gep(lane_sums, [_const(0), index])
+
+
+def _scores_tile_intrinsic(kn: int, cols: int):
+    rows = TILE_ROWS[kn]
+
+    @intrinsic
+    def scores_tile(typingctx, q, qoff, qstride, kt, koff, kstride, hd, out, ooff, ostride, n_valid):
+        sig = types.void(q, qoff, qstride, kt, koff, kstride, hd, out, ooff, ostride, n_valid)
+
+        def codegen(context, builder, signature, args):
+            q_p, k_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 3, 7))
+            qoff, qstride, koff, kstride, hd, ooff, ostride, n_valid = (_i64(builder, args[i]) for i in (1, 2, 4, 5, 6, 8, 9, 10))
+            lane_sums = cgutils.alloca_once(builder, ir.ArrayType(_V16F32, rows * cols * kn))
+            q_rows = [builder.add(qoff, builder.mul(_const(r), qstride)) for r in range(rows)]
+            with cgutils.for_range(builder, _const(kn)) as lane_loop:
+                lane = lane_loop.index
+                accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(rows * cols)]
+                with cgutils.for_range(builder, builder.sdiv(hd, _const(kn))) as loop:
+                    element = builder.add(builder.mul(loop.index, _const(kn)), lane)
+                    k_row = builder.add(koff, builder.mul(element, kstride))
+                    keys = [_load(builder, k_p, builder.mul(builder.add(k_row, _const(16 * c)), _const(4)), _V16F32) for c in range(cols)]
+                    for r in range(rows):
+                        qv = _splat_value(builder, _load(builder, q_p, builder.mul(builder.add(q_rows[r], element), _const(4)), _F32), 16)
+                        for c in range(cols):
+                            acc = accs[r * cols + c]
+                            builder.store(_fma(builder, qv, keys[c], builder.load(acc)), acc)
+                for i, acc in enumerate(accs):
+                    builder.store(builder.load(acc), _lane_slot(builder, lane_sums, builder.add(_const(i * kn), lane)))
+            for r in range(rows):
+                for c in range(cols):
+                    i = r * cols + c
+                    lanes = [builder.load(_lane_slot(builder, lane_sums, _const(i * kn + e))) for e in range(kn)]
+                    valid = builder.sub(n_valid, _const(16 * c))  # outputs of this vector that exist
+                    valid = builder.select(builder.icmp_signed(">", valid, _const(16)), _const(16), valid)
+                    _store_lane_sums(builder, out_p, builder.add(ooff, builder.add(builder.mul(_const(r), ostride), _const(16 * c))), valid, lanes)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    scores_tile.__doc__ = (
+        f"{rows} rows of {16 * cols} attention scores in tinyBLAS's order with {kn} lanes: "
+        f"out[ooff + r * ostride + j] (r < {rows}, j < n_valid <= {16 * cols}) = the dot product of "
+        "q[qoff + r * qstride :][:hd] with keys kt[koff + e * kstride + j] (float32 keys transposed, positions "
+        f"contiguous, {16 * cols} readable; hd a multiple of {kn}). Lane i takes elements i, i + {kn}, ... in order "
+        "(products of float16 values, exact in float32, so a fused multiply-add adds them as tinyBLAS's does); "
+        "the lanes are reduced in tinyBLAS's tree."
+    )
+    return scores_tile
+
+
+def _values_tile_intrinsic(kn: int, cols: int):
+    rows = TILE_ROWS[kn]
+    block_chunks = VALUES_BLOCK // kn
+
+    @intrinsic
+    def values_tile(typingctx, probs, poff, pstride, v, voff, vstride, ranges, out, ooff, ostride):
+        sig = types.void(probs, poff, pstride, v, voff, vstride, ranges, out, ooff, ostride)
+
+        def codegen(context, builder, signature, args):
+            p_p, v_p, r_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 3, 6, 7))
+            poff, pstride, voff, vstride, ooff, ostride = (_i64(builder, args[i]) for i in (1, 2, 4, 5, 8, 9))
+            los = [_load(builder, r_p, _const(8 * r), _I64) for r in range(rows)]
+            his = [_load(builder, r_p, _const(8 * (rows + r)), _I64) for r in range(rows)]
+            lo_min, lo_all = _min_max(builder, los, "<"), _min_max(builder, los, ">")
+            hi_max, hi_all = _min_max(builder, his, ">"), _min_max(builder, his, "<")
+            p_rows = [builder.add(poff, builder.mul(_const(r), pstride)) for r in range(rows)]
+            n_accs = rows * cols
+            lane_sums = cgutils.alloca_once(builder, ir.ArrayType(_V16F32, n_accs * kn))
+            with cgutils.for_range(builder, _const(n_accs * kn)) as loop:
+                builder.store(ir.Constant(_V16F32, [0.0] * 16), _lane_slot(builder, lane_sums, loop.index))
+            first_chunk = builder.sdiv(lo_min, _const(kn))
+            n_chunks = builder.add(builder.sub(builder.sdiv(hi_max, _const(kn)), first_chunk), _const(1))
+            n_blocks = builder.sdiv(builder.add(n_chunks, _const(block_chunks - 1)), _const(block_chunks))
+
+            def add_position(p, accs, masked: bool):
+                inside = builder.and_(builder.icmp_signed(">=", p, lo_min), builder.icmp_signed("<=", p, hi_max))
+                p_read = builder.select(inside, p, lo_min) if masked else p  # nothing read outside the tile's positions
+                base = builder.add(voff, builder.mul(p_read, vstride))
+                values = [_halves16(builder, v_p, builder.add(base, _const(16 * c))) for c in range(cols)]
+                for r in range(rows):
+                    prob = _splat_value(builder, _load(builder, p_p, builder.mul(builder.add(p_rows[r], p_read), _const(4)), _F32), 16)
+                    seen = None
+                    if masked:
+                        seen = builder.and_(builder.icmp_signed(">=", p, los[r]), builder.icmp_signed("<=", p, his[r]))
+                    for c in range(cols):
+                        acc = builder.load(accs[r * cols + c])
+                        total = _fma(builder, prob, values[c], acc)
+                        builder.store(builder.select(seen, total, acc) if masked else total, accs[r * cols + c])
+
+            with cgutils.for_range(builder, n_blocks) as block_loop:  # VALUES_BLOCK positions at a time
+                c0 = builder.add(first_chunk, builder.mul(block_loop.index, _const(block_chunks)))
+                block_len = builder.sub(n_chunks, builder.mul(block_loop.index, _const(block_chunks)))
+                block_len = builder.select(builder.icmp_signed(">", block_len, _const(block_chunks)), _const(block_chunks), block_len)
+                with cgutils.for_range(builder, _const(kn)) as lane_loop:
+                    lane = lane_loop.index
+                    slots = [_lane_slot(builder, lane_sums, builder.add(_const(i * kn), lane)) for i in range(n_accs)]
+                    accs = [cgutils.alloca_once_value(builder, builder.load(slot)) for slot in slots]
+                    with cgutils.for_range(builder, block_len) as loop:  # positions lane, lane + kn, ... in order
+                        p = builder.add(builder.mul(builder.add(c0, loop.index), _const(kn)), lane)
+                        every_row = builder.and_(builder.icmp_signed(">=", p, lo_all), builder.icmp_signed("<=", p, hi_all))
+                        with builder.if_else(every_row, likely=True) as (fast, careful):
+                            with fast:
+                                add_position(p, accs, masked=False)
+                            with careful:
+                                add_position(p, accs, masked=True)
+                    for acc, slot in zip(accs, slots):
+                        builder.store(builder.load(acc), slot)
+            for r in range(rows):
+                for c in range(cols):
+                    i = r * cols + c
+                    total = _reduce_halves(builder, [builder.load(_lane_slot(builder, lane_sums, _const(i * kn + e))) for e in range(kn)])
+                    _store(builder, out_p, builder.mul(builder.add(ooff, builder.add(builder.mul(_const(r), ostride), _const(16 * c))), _const(4)), total)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    values_tile.__doc__ = (
+        f"{rows} rows of {16 * cols} attention outputs in tinyBLAS's order with {kn} lanes: "
+        f"out[ooff + r * ostride + i] (r < {rows}, i < {16 * cols}) = the sum over positions p = lo_r..hi_r of "
+        "probs[poff + r * pstride + p] * v[voff + p * vstride + i] (float32 probabilities holding float16 values; "
+        f"float16 values as uint16 bit patterns); ranges: int64 (2, {rows}), lo_r = ranges[0, r], hi_r = "
+        f"ranges[1, r]. Position p goes to lane p % {kn}, in order; {VALUES_BLOCK} positions at a time, one lane "
+        "after the other, each vector of values read serving every row; the lanes are then reduced in tinyBLAS's "
+        "tree. Nothing outside the rows' positions is read."
+    )
+    return values_tile
+
+
+# ggml_v_expf on a vector, both forms (phi3ref.ggml.kernels has the same per lane, with its
+# derivation): the AVX-512 one scales by 2^n with _mm512_scalef_ps (here: exact in double,
+# one rounding to float), the AVX2 one builds 2^n from exponent bits. Plain LLVM vector code
+# (llvm.fma, selects, integer ops on the bits), so it runs on any CPU with the same result.
+def _exp_constant(literal: str, count: int) -> ir.Constant:
+    return ir.Constant(ir.VectorType(_F32, count), [float.fromhex(literal)] * count)
+
+
+def _v_expf(builder, x: ir.Value, scalef: bool) -> ir.Value:
+    count = x.type.count
+    vf, vi = x.type, ir.VectorType(_I32, count)
+    c = lambda literal: _exp_constant(literal, count)  # noqa: E731
+    shifter = c("0x1.8p23")
+    z = _fma(builder, x, c("0x1.715476p+0"), shifter)
+    n = builder.fsub(z, shifter)
+    neg_n = builder.fneg(n)
+    b = _fma(builder, neg_n, c("0x1.7f7d1cp-20"), _fma(builder, neg_n, c("0x1.62e4p-1"), x))
+    u = builder.fmul(b, b)
+    high = _fma(builder, _fma(builder, c("0x1.0e4020p-7"), b, c("0x1.573e2ep-5")), u, _fma(builder, c("0x1.555e66p-3"), b, c("0x1.fffdb6p-2")))
+    abs_fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]), f"llvm.fabs.v{count}f32")
+    abs_n = builder.call(abs_fn, [n])
+    zero = ir.Constant(vf, [0.0] * count)
+    if scalef:
+        j = _fma(builder, high, u, _fma(builder, c("0x1.ffffecp-1"), b, ir.Constant(vf, [1.0] * count)))
+        huge = builder.fcmp_ordered(">", abs_n, c("0x1.8p7"))  # |n| > 192
+        # j * 2^n, n an integer of at most 192 in magnitude: exact in double, rounded once
+        vd, vl = ir.VectorType(ir.DoubleType(), count), ir.VectorType(_I64, count)
+        n_int = builder.select(huge, ir.Constant(vl, [0] * count), builder.fptosi(builder.select(huge, zero, n), vl))
+        pow2 = builder.bitcast(builder.shl(builder.add(n_int, ir.Constant(vl, [1023] * count)), ir.Constant(vl, [52] * count)), vd)
+        scaled = builder.fptrunc(builder.fmul(builder.fpext(j, vd), pow2), vf)
+        inf = ir.Constant(vf, [float("inf")] * count)
+        alt = builder.select(builder.fcmp_ordered("<=", n, zero), zero, inf)
+        return builder.select(huge, alt, scaled)
+    j = _fma(builder, high, u, builder.fmul(c("0x1.ffffecp-1"), b))
+    e = builder.shl(builder.bitcast(z, vi), ir.Constant(vi, [23] * count))
+    k = builder.bitcast(builder.add(e, ir.Constant(vi, [0x3F800000] * count)), vf)
+    g = builder.select(builder.fcmp_ordered("<=", n, zero), ir.Constant(vi, [0x82000000 - (1 << 32)] * count), ir.Constant(vi, [0] * count))
+    s1 = builder.bitcast(builder.add(g, ir.Constant(vi, [0x7F000000] * count)), vf)
+    s2 = builder.bitcast(builder.sub(e, g), vf)
+    over = builder.select(builder.fcmp_ordered(">", abs_n, c("0x1.8p7")), builder.fmul(s1, s1), builder.fmul(_fma(builder, s2, j, s2), s1))
+    return builder.select(builder.fcmp_ordered(">", abs_n, c("0x1.f8p6")), over, _fma(builder, k, j, k))  # |n| > 126
+
+
+def _exp_chunk_intrinsic(kn: int, scalef: bool):
+    vf = ir.VectorType(_F32, kn)
+
+    @intrinsic
+    def exp_chunk(typingctx, x, xoff, out, ooff, mx, c0, lo, hi, n):
+        sig = types.float32(x, xoff, out, ooff, mx, c0, lo, hi, n)
+
+        def codegen(context, builder, signature, args):
+            x_p, out_p = _data(context, builder, signature.args[0], args[0]), _data(context, builder, signature.args[2], args[2])
+            xoff, ooff, c0, lo, hi, n = (_i64(builder, args[i]) for i in (1, 3, 5, 6, 7, 8))
+            shift = _splat_value(builder, args[4], kn)
+            result = cgutils.alloca_once(builder, vf)
+            whole = builder.and_(builder.icmp_signed(">=", c0, lo), builder.icmp_signed("<=", builder.add(c0, _const(kn - 1)), hi))
+            with builder.if_else(whole, likely=True) as (inside, edge):
+                with inside:
+                    val = _v_expf(builder, builder.fsub(_load(builder, x_p, builder.mul(builder.add(xoff, c0), _const(4)), vf), shift), scalef)
+                    _store(builder, out_p, builder.mul(builder.add(ooff, c0), _const(4)), val)
+                    builder.store(val, result)
+                with edge:  # keys outside lo..hi are exactly 0; nothing read outside them
+                    xs = ir.Constant(vf, [0.0] * kn)
+                    seen = []
+                    for i in range(kn):
+                        p = builder.add(c0, _const(i))
+                        seen.append(builder.and_(builder.icmp_signed(">=", p, lo), builder.icmp_signed("<=", p, hi)))
+                        p_read = builder.select(seen[i], p, lo)
+                        xs = builder.insert_element(xs, _load(builder, x_p, builder.mul(builder.add(xoff, p_read), _const(4)), _F32), _const(i))
+                    val = _v_expf(builder, builder.fsub(xs, shift), scalef)
+                    for i in range(kn):
+                        element = builder.select(seen[i], builder.extract_element(val, _const(i)), ir.Constant(_F32, 0.0))
+                        val = builder.insert_element(val, element, _const(i))
+                        p = builder.add(c0, _const(i))
+                        with builder.if_then(builder.icmp_signed("<", p, n)):
+                            _store(builder, out_p, builder.mul(builder.add(ooff, p), _const(4)), element)
+                    builder.store(val, result)
+            total = builder.load(result)
+            return _reduce_halves(builder, [builder.extract_element(total, _const(i)) for i in range(kn)])
+
+        return sig, codegen
+
+    exp_chunk.__doc__ = (
+        f"One step of ggml_vec_soft_max_f32 with {kn} lanes ({'AVX-512' if scalef else 'AVX2'} ggml_v_expf): "
+        f"out[ooff + c0 + i] = exp(x[xoff + c0 + i] - mx) for the {kn} keys from c0 (exactly 0 for keys outside "
+        "lo..hi, not stored at or past n, not read outside lo..hi); returns their sum, reduced as "
+        "_mm512_reduce_add_ps / hsum_float_8 reduce it."
+    )
+    return exp_chunk
+
+
+def _max_range_intrinsic():
+    @intrinsic
+    def max_range(typingctx, x, xoff, lo, hi):
+        sig = types.float32(x, xoff, lo, hi)
+
+        def codegen(context, builder, signature, args):
+            x_p = _data(context, builder, signature.args[0], args[0])
+            xoff, lo, hi = (_i64(builder, args[i]) for i in (1, 2, 3))
+            count = builder.add(builder.sub(hi, lo), _const(1))
+            count = builder.select(builder.icmp_signed("<", count, _const(0)), _const(0), count)
+            whole = builder.sub(count, builder.srem(count, _const(16)))
+            best = cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [float("-inf")] * 16))
+            with cgutils.for_range(builder, builder.sdiv(whole, _const(16))) as loop:
+                v = _load(builder, x_p, builder.mul(builder.add(builder.add(xoff, lo), builder.mul(loop.index, _const(16))), _const(4)), _V16F32)
+                old = builder.load(best)
+                builder.store(builder.select(builder.fcmp_ordered(">", v, old), v, old), best)
+            lanes = builder.load(best)
+            top = cgutils.alloca_once_value(builder, builder.extract_element(lanes, _const(0)))
+            for i in range(1, 16):
+                e, t = builder.extract_element(lanes, _const(i)), builder.load(top)
+                builder.store(builder.select(builder.fcmp_ordered(">", e, t), e, t), top)
+            with cgutils.for_range(builder, builder.sub(count, whole)) as loop:
+                e = _load(builder, x_p, builder.mul(builder.add(builder.add(xoff, lo), builder.add(whole, loop.index)), _const(4)), _F32)
+                t = builder.load(top)
+                builder.store(builder.select(builder.fcmp_ordered(">", e, t), e, t), top)
+            return builder.load(top)
+
+        return sig, codegen
+
+    max_range.__doc__ = (
+        "The largest of x[xoff + lo .. xoff + hi] other than NaN (-inf if none), sixteen lanes at a time. "
+        "Which of two zeros, or whether a NaN is passed over, may differ from ggml's sequential loop; "
+        "softmax's outputs do not (a NaN makes every output NaN either way, and x - (+0) = x - (-0) "
+        "except for x = 0, whose exp is 1 either way)."
+    )
+    return max_range
+
+
+# ggml pairs them so: 16 lanes with AVX-512's exp, 8 with AVX2's
+exp_chunk8, exp_chunk16 = _exp_chunk_intrinsic(8, False), _exp_chunk_intrinsic(16, True)
+max_range = _max_range_intrinsic()
 scores8, scores16 = _scores_intrinsic(8), _scores_intrinsic(16)
+scores_tile8, scores_tile16 = _scores_tile_intrinsic(8, TILE_COLS[8]), _scores_tile_intrinsic(16, TILE_COLS[16])
+values_tile8, values_tile16 = _values_tile_intrinsic(8, TILE_COLS[8]), _values_tile_intrinsic(16, TILE_COLS[16])
 values8, values16 = _values_intrinsic(8), _values_intrinsic(16)
 vecdot_f16_8, vecdot_f16_16 = _vecdot_f16_intrinsic(8), _vecdot_f16_intrinsic(16)
