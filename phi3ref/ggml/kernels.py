@@ -49,7 +49,7 @@ from .simd import (
     OUT_STRIDE, ROW_TOKENS, bits_f32, f32_bits, float_to_half, fma32, half_to_float, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
     q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled,
     q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores8, scores16,
-    scores_tile8, scores_tile16, values8, values16, values_tile8, values_tile16, vecdot_f16_8, vecdot_f16_16, TILE_COLS, TILE_ROWS,
+    scores_tile8, scores_tile16, values8, values16, values_tile8, values_tile16, vecdot_f16_8, vecdot_f16_16, vecdot_f16_8_keys, vecdot_f16_16_keys, VECDOT_KEYS, TILE_COLS, TILE_ROWS,
     exp_chunk8, exp_chunk16, max_range,
 )
 
@@ -639,23 +639,33 @@ SCORES_CHUNK = 16  # positions per call of phi3ref.ggml.simd's scores kernels
 
 @njit(inline="always")
 def _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads):
-    """ggml_vec_dot_f16 per (head, row, position); positions outermost, so that a position's
-    keys of this thread's heads are read contiguously from the cache."""
+    """ggml_vec_dot_f16 per (head, row, position); positions outermost, VECDOT_KEYS at a time
+    (their double-precision tails overlap), so that a position's keys of this thread's heads
+    are read contiguously from the cache."""
     n_kv, rows, hd = q.shape
     n_sets = first.size
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
+    group = VECDOT_KEYS
     for th in prange(n_threads):
-        for p in range(end):
+        for p0 in range(0, end, group):
             for item in range(th * per, min(n_items, (th + 1) * per)):
                 h, r = item // rows, item % rows  # q[h, r] starts at item * hd
-                if first[r % n_sets] <= p <= last[r % n_sets]:
+                lo, hi = first[r % n_sets], last[r % n_sets]
+                if p0 + group <= end and lo <= p0 and p0 + group - 1 <= hi:  # out[h, r, p] at item * end + p
                     if lanes == 16:
-                        out[h, r, p] = vecdot_f16_16(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
+                        vecdot_f16_16_keys(q, item * hd, k_cache, (p0 * n_kv + h) * hd, n_kv * hd, hd, out, item * end + p0, 1)
                     else:
-                        out[h, r, p] = vecdot_f16_8(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
-                else:
-                    out[h, r, p] = -np.inf
+                        vecdot_f16_8_keys(q, item * hd, k_cache, (p0 * n_kv + h) * hd, n_kv * hd, hd, out, item * end + p0, 1)
+                    continue
+                for p in range(p0, min(end, p0 + group)):
+                    if lo <= p <= hi:
+                        if lanes == 16:
+                            out[h, r, p] = vecdot_f16_16(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
+                        else:
+                            out[h, r, p] = vecdot_f16_8(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
+                    else:
+                        out[h, r, p] = -np.inf
 
 
 @njit(inline="always")
@@ -736,7 +746,7 @@ def attention_scores_kernel(lanes: int):
     return specialized(kernel, f"attention_scores_f16_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
 
 
-VALUES_CHUNK = 4  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
+VALUES_CHUNK = 16  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
 
 
 @njit(inline="always")

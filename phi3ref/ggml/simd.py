@@ -50,7 +50,7 @@ __all__ = [
     "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores8", "scores16", "values8", "values16", "scores_tile8", "scores_tile16",
     "values_tile8", "values_tile16", "TILE_ROWS", "TILE_COLS", "VALUES_BLOCK",
     "exp_chunk8", "exp_chunk16", "max_range",
-    "vecdot_f16_8", "vecdot_f16_16", "f32_bits", "bits_f32",
+    "vecdot_f16_8", "vecdot_f16_16", "vecdot_f16_8_keys", "vecdot_f16_16_keys", "VECDOT_KEYS", "f32_bits", "bits_f32",
 ]
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -970,10 +970,35 @@ def _scores_intrinsic(kn: int):
     return scores
 
 
-def _vecdot_f16_intrinsic(epr: int):
+def _vecdot_f16_code(builder, q_p, qoff: ir.Value, k_p, koffs: list[ir.Value], n: ir.Value, epr: int) -> list[ir.Value]:
+    """ggml_vec_dot_f16 of q with each key at koffs (float32 results): four accumulators of
+    ``epr`` lanes per key over whole steps of 4 * epr, GGML_F16_VEC_REDUCE, then the
+    elements after the last whole step added in double — each key's additions in its own
+    order, the keys' chains interleaved so that their latencies overlap."""
     step = 4 * epr
     vtype = ir.VectorType(_F32, epr)
+    vi16, vhalf = ir.VectorType(_I16, epr), ir.VectorType(ir.HalfType(), epr)
+    whole = builder.sub(n, builder.srem(n, _const(step)))
+    slots = [[cgutils.alloca_once_value(builder, ir.Constant(vtype, [0.0] * epr)) for _ in range(4)] for _ in koffs]
+    with cgutils.for_range(builder, builder.sdiv(whole, _const(step))) as loop:
+        for j in range(4):
+            e = builder.add(builder.mul(loop.index, _const(step)), _const(j * epr))
+            qv = _load(builder, q_p, builder.mul(builder.add(qoff, e), _const(4)), vtype)
+            for key, koff in enumerate(koffs):
+                kv = builder.fpext(builder.bitcast(_load(builder, k_p, builder.mul(builder.add(koff, e), _const(2)), vi16), vhalf), vtype)
+                builder.store(builder.fadd(builder.load(slots[key][j]), builder.fmul(qv, kv)), slots[key][j])
+    totals = [cgutils.alloca_once_value(builder, builder.fpext(_vec_reduce(builder, [builder.load(s) for s in key_slots]), ir.DoubleType()))
+              for key_slots in slots]
+    with cgutils.for_range(builder, builder.sub(n, whole)) as loop:  # leftovers, in double
+        e = builder.add(whole, loop.index)
+        qv = _load(builder, q_p, builder.mul(builder.add(qoff, e), _const(4)), _F32)
+        for koff, total in zip(koffs, totals):
+            kv = _half(builder, k_p, builder.mul(builder.add(koff, e), _const(2)))
+            builder.store(builder.fadd(builder.load(total), builder.fpext(builder.fmul(qv, kv), ir.DoubleType())), total)
+    return [builder.fptrunc(builder.load(total), _F32) for total in totals]
 
+
+def _vecdot_f16_intrinsic(epr: int):
     @intrinsic
     def vecdot(typingctx, q, qoff, k, koff, n):
         sig = types.float32(q, qoff, k, koff, n)
@@ -981,22 +1006,7 @@ def _vecdot_f16_intrinsic(epr: int):
         def codegen(context, builder, signature, args):
             q_p, k_p = _data(context, builder, signature.args[0], args[0]), _data(context, builder, signature.args[2], args[2])
             qoff, koff, n = (_i64(builder, args[i]) for i in (1, 3, 4))
-            vi16, vhalf = ir.VectorType(_I16, epr), ir.VectorType(ir.HalfType(), epr)
-            whole = builder.sub(n, builder.srem(n, _const(step)))
-            slots = [cgutils.alloca_once_value(builder, ir.Constant(vtype, [0.0] * epr)) for _ in range(4)]
-            with cgutils.for_range(builder, builder.sdiv(whole, _const(step))) as loop:
-                for j in range(4):
-                    e = builder.add(builder.mul(loop.index, _const(step)), _const(j * epr))
-                    qv = _load(builder, q_p, builder.mul(builder.add(qoff, e), _const(4)), vtype)
-                    kv = builder.fpext(builder.bitcast(_load(builder, k_p, builder.mul(builder.add(koff, e), _const(2)), vi16), vhalf), vtype)
-                    builder.store(builder.fadd(builder.load(slots[j]), builder.fmul(qv, kv)), slots[j])
-            total = cgutils.alloca_once_value(builder, builder.fpext(_vec_reduce(builder, [builder.load(s) for s in slots]), ir.DoubleType()))
-            with cgutils.for_range(builder, builder.sub(n, whole)) as loop:  # leftovers, in double
-                e = builder.add(whole, loop.index)
-                qv = _load(builder, q_p, builder.mul(builder.add(qoff, e), _const(4)), _F32)
-                kv = _half(builder, k_p, builder.mul(builder.add(koff, e), _const(2)))
-                builder.store(builder.fadd(builder.load(total), builder.fpext(builder.fmul(qv, kv), ir.DoubleType())), total)
-            return builder.fptrunc(builder.load(total), _F32)
+            return _vecdot_f16_code(builder, q_p, qoff, k_p, [koff], n, epr)[0]
 
         return sig, codegen
 
@@ -1004,10 +1014,38 @@ def _vecdot_f16_intrinsic(epr: int):
         f"ggml_vec_dot_f16 with {epr}-lane vectors: the dot product of float32 q[qoff : qoff + n] (holding "
         "float16 values) with float16 k[koff : koff + n] (uint16 bit patterns). Four accumulators take "
         f"element 4 * {epr} * t + {epr} * j + i in lane i of accumulator j; they are reduced as "
-        f"GGML_F16_VEC_REDUCE does; the n % {step} elements after the last whole step are added in double, "
+        f"GGML_F16_VEC_REDUCE does; the n % {4 * epr} elements after the last whole step are added in double, "
         "and the double sum is rounded to float32."
     )
     return vecdot
+
+
+VECDOT_KEYS = 4  # keys per call of the vecdot_f16_*_keys intrinsics
+
+
+def _vecdot_f16_keys_intrinsic(epr: int):
+    @intrinsic
+    def vecdot_keys(typingctx, q, qoff, k, koff, kstride, n, out, ooff, ostride):
+        sig = types.void(q, qoff, k, koff, kstride, n, out, ooff, ostride)
+
+        def codegen(context, builder, signature, args):
+            q_p, k_p, out_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 2, 6))
+            qoff, koff, kstride, n, ooff, ostride = (_i64(builder, args[i]) for i in (1, 3, 4, 5, 7, 8))
+            koffs = [builder.add(koff, builder.mul(_const(i), kstride)) for i in range(VECDOT_KEYS)]
+            for i, value in enumerate(_vecdot_f16_code(builder, q_p, qoff, k_p, koffs, n, epr)):
+                _store(builder, out_p, builder.mul(builder.add(ooff, builder.mul(_const(i), ostride)), _const(4)), value)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    vecdot_keys.__doc__ = (
+        f"ggml_vec_dot_f16 ({epr}-lane vectors, as vecdot_f16_{epr}) of q[qoff : qoff + n] with {VECDOT_KEYS} keys "
+        f"k[koff + i * kstride :][:n] (i < {VECDOT_KEYS}), into out[ooff + i * ostride]. Each key's sum is "
+        "exactly the single product's; computed together, the double-precision tails of the keys (a chain "
+        "of dependent additions each, 32 of them for head_dim 96 with AVX-512) overlap instead of waiting "
+        "on one another."
+    )
+    return vecdot_keys
 
 
 def _values_intrinsic(kn: int):
@@ -1356,3 +1394,4 @@ scores_tile8, scores_tile16 = _scores_tile_intrinsic(8, TILE_COLS[8]), _scores_t
 values_tile8, values_tile16 = _values_tile_intrinsic(8, TILE_COLS[8]), _values_tile_intrinsic(16, TILE_COLS[16])
 values8, values16 = _values_intrinsic(8), _values_intrinsic(16)
 vecdot_f16_8, vecdot_f16_16 = _vecdot_f16_intrinsic(8), _vecdot_f16_intrinsic(16)
+vecdot_f16_8_keys, vecdot_f16_16_keys = _vecdot_f16_keys_intrinsic(8), _vecdot_f16_keys_intrinsic(16)
