@@ -94,7 +94,8 @@ class Numerics(ABC):
                          every: bool) -> np.ndarray:
         """q (n, h, d) against the first ``end`` cached keys (n_ctx, n_head_kv, d), scaled
         by 1 / sqrt(d): (n_head_kv, group, n, end). Scores a token does not see may be
-        left -inf unless ``every``."""
+        left -inf unless ``every``. The array may be the numerics' own scratch, valid
+        until its next call (the pass hands hooks a copy)."""
 
     @abstractmethod
     def softmax(self, scores: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:

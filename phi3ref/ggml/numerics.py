@@ -35,6 +35,16 @@ class GgmlNumerics(Numerics):
 
     def __init__(self, level: str | Level | None = None):
         self.level = resolve_isa(level)  # a name, a Level, or None: $PHI3REF_ISA, else this CPU's
+        # the scores of the last attention (and its probabilities, in place): one array
+        # reused layer after layer rather than n_head x n_tokens x n_keys fresh floats
+        # whose page faults cost as much as the softmax over them
+        self._scores = np.empty(0, dtype=_F32)
+
+    def _scores_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        if size > self._scores.size or size < self._scores.size // 4:  # grown, or let go after a prompt
+            self._scores = np.empty(size, dtype=_F32)
+        return self._scores[:size].reshape(shape)
 
     def warmup(self, weights: Iterable[Weight] | None = None) -> float:
         return kernels.warmup(None if weights is None else [(int(w.qtype), w.n_rows) for w in weights], self.level.lanes)
@@ -89,7 +99,8 @@ class GgmlNumerics(Numerics):
         # masked scores are not computed unless every one is wanted (llama.cpp's kq holds
         # them all); its kernels differ for one token and for a batch
         ranges = (None, None) if every else (first, last)
-        scores = ops.attention_scores(qh, keys, end, self.level, batched=n >= 2, first=ranges[0], last=ranges[1])
+        scores = ops.attention_scores(qh, keys, end, self.level, batched=n >= 2, first=ranges[0], last=ranges[1],
+                                      out=self._scores_buffer((n_head_kv, qh.shape[1], end)))
         return scores.reshape(n_head_kv, h // n_head_kv, n, end)  # (n_head_kv, group, n, end)
 
     def softmax(self, scores: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:

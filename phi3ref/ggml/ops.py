@@ -123,9 +123,20 @@ def store_f16(cache: np.ndarray, x: np.ndarray) -> None:
     kernels.store_f16(np.asarray(x, _F32).reshape(n, -1), cache.view(np.uint16).reshape(n, -1))
 
 
+def _check_attention(name: str, x: np.ndarray, cache: np.ndarray, end: int, first: np.ndarray, last: np.ndarray) -> None:
+    """What the attention kernels read unchecked: x (n_head_kv, rows, ...) against a cache
+    (n_ctx, n_head_kv, head_dim), positions < end, key ranges from 0."""
+    if x.ndim != 3 or cache.ndim != 3 or x.shape[0] != cache.shape[1]:
+        raise ValueError(f"{name}: {x.shape} does not match a cache of shape {cache.shape} (n_head_kv first)")
+    if not 0 < end <= cache.shape[0]:
+        raise ValueError(f"{name}: end={end} is outside the cache's {cache.shape[0]} positions")
+    if first.size == 0 or first.size != last.size or first.min() < 0:
+        raise ValueError(f"{name}: first and last need one key index >= 0 per token (got {first.size} and {last.size})")
+
+
 def attention_scores(
     q: np.ndarray, k_cache: np.ndarray, end: int, level: Level, *, batched: bool,
-    first: np.ndarray | None = None, last: np.ndarray | None = None,
+    first: np.ndarray | None = None, last: np.ndarray | None = None, out: np.ndarray | None = None,
 ) -> np.ndarray:
     """q (n_head_kv, rows, head_dim), float16-valued, against the float16 keys of positions
     < end in one layer's cache (n_ctx, n_head_kv, head_dim): (n_head_kv, rows, end), summed
@@ -133,10 +144,18 @@ def attention_scores(
     or more (``batched``), ggml_vec_dot_f16 otherwise
     (:func:`phi3ref.ggml.kernels.attention_scores_f16`). With ``first`` / ``last`` (as for
     :func:`softmax`), scores of keys a row does not see may be left out (-inf); without,
-    every score is computed."""
+    every score is computed. ``out``: where to write them (a C-contiguous float32 array of
+    that shape), else a new array."""
     q = np.ascontiguousarray(q, _F32)
     first, last = _key_ranges(first, last, end)
-    out = np.empty((q.shape[0], q.shape[1], end), dtype=_F32)
+    _check_attention("attention_scores", q, k_cache, end, first, last)
+    if q.shape[2] != k_cache.shape[2]:
+        raise ValueError(f"attention_scores: head_dim {q.shape[2]} of q, {k_cache.shape[2]} of the keys")
+    shape = (q.shape[0], q.shape[1], end)
+    if out is None:
+        out = np.empty(shape, dtype=_F32)
+    elif out.shape != shape or out.dtype != _F32 or not out.flags.c_contiguous:
+        raise ValueError(f"attention_scores: out must be a C-contiguous float32 array of shape {shape}")
     k16 = np.ascontiguousarray(k_cache).view(np.uint16)
     kernels.attention_scores_f16(q, k16, end, first, last, out, level.lanes, bool(batched), nb.get_num_threads())
     return out
@@ -154,6 +173,9 @@ def attention_values(
     (probability 0) are skipped."""
     probs = np.ascontiguousarray(probs, _F32)
     first, last = _key_ranges(first, last, end)
+    _check_attention("attention_values", probs, v_cache, end, first, last)
+    if probs.shape[2] != end:
+        raise ValueError(f"attention_values: probabilities of {probs.shape[2]} positions for end={end}")
     out = np.empty((probs.shape[0], probs.shape[1], v_cache.shape[-1]), dtype=_F32)
     v16 = np.ascontiguousarray(v_cache).view(np.uint16)
     kernels.attention_values_f16(probs, v16, end, first, last, out, level.lanes, bool(batched), nb.get_num_threads())
