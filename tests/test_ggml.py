@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 
 import numpy as np
 import pytest
@@ -409,3 +410,35 @@ def test_swiglu_matches_ggml_vector_loop(level):
     gate, up = gate_up[:, :n_ff], gate_up[:, n_ff:]
     expected = gate / (np.float32(1) + ggml_ops.expf(-gate, level)) * up
     assert np.array_equal(ggml_ops.swiglu(gate_up, n_ff, level), expected)
+
+
+def test_attention_ops_refuse_what_their_kernels_would_read_out_of_bounds():
+    """Shapes, end and key ranges are checked before a kernel indexes with them unchecked."""
+    level = LEVELS[0]
+    k_cache = np.zeros((8, 2, 16), np.float16)
+    q = np.zeros((2, 3, 16), np.float32)
+    with pytest.raises(ValueError, match="end=9 is outside the cache's 8 positions"):
+        ggml_ops.attention_scores(q, k_cache, 9, level, batched=True)
+    with pytest.raises(ValueError, match="does not match a cache"):
+        ggml_ops.attention_scores(q[:1], k_cache, 4, level, batched=True)
+    with pytest.raises(ValueError, match="key index >= 0"):
+        ggml_ops.attention_values(np.zeros((2, 3, 4), np.float32), k_cache, 4, level, batched=True,
+                                  first=np.array([-1]), last=np.array([3]))
+    with pytest.raises(ValueError, match="probabilities of 5 positions for end=4"):
+        ggml_ops.attention_values(np.zeros((2, 3, 5), np.float32), k_cache, 4, level, batched=True)
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array"):
+        ggml_ops.attention_scores(q, k_cache, 4, level, batched=True, out=np.empty((2, 3, 5), np.float32))
+    with pytest.raises(ValueError, match="key index >= 0"):
+        ggml_ops.softmax(np.zeros((3, 4), np.float32), level, np.array([-2]), np.array([1]))
+    mismatched = dataclasses.replace(level, exp_scalef=not level.exp_scalef)
+    with pytest.raises(ValueError, match="pair 16 lanes with the AVX-512 ggml_v_expf"):
+        ggml_ops.softmax(np.zeros((3, 16), np.float32), mismatched)
+
+
+def test_softmax_in_place_equals_a_fresh_array():
+    level = LEVELS[1]
+    x = (np.random.default_rng(15).standard_normal((4, 40)) * 5).astype(np.float32)
+    fresh = ggml_ops.softmax(x, level, np.array([3]), np.array([37]))
+    y = x.copy()
+    assert ggml_ops.softmax(y, level, np.array([3]), np.array([37]), in_place=True) is y
+    assert np.array_equal(y, fresh)

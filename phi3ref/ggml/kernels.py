@@ -46,11 +46,11 @@ from ..kernels import (  # first: phi3ref.jit sets up the kernel cache before an
     weight_types,
 )
 from .simd import (
-    OUT_STRIDE, ROW_TOKENS, bits_f32, f32_bits, float_to_half, fma32, half_to_float, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs,
-    q4_k_rows8_pairs, q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled,
-    q5_k_rows8_tiled, q5_k_rows_tiled, q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores8, scores16,
-    scores_tile8, scores_tile16, values8, values16, values_tile8, values_tile16, vecdot_f16_8, vecdot_f16_16, vecdot_f16_8_keys, vecdot_f16_16_keys, VECDOT_KEYS, TILE_COLS, TILE_ROWS,
-    exp_chunk8, exp_chunk16, max_range,
+    OUT_STRIDE, ROW_TOKENS, TILE_COLS, TILE_ROWS, VECDOT_KEYS, bits_f32, exp_chunk8, exp_chunk16, f32_bits, float_to_half, fma32,
+    half_to_float, max_range, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs, q4_k_rows8_pairs,
+    q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled, q5_k_rows8_tiled, q5_k_rows_tiled,
+    q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores8, scores16, scores_tile8, scores_tile16,
+    values8, values16, values_tile8, values_tile16, vecdot_f16_8, vecdot_f16_8_keys, vecdot_f16_16, vecdot_f16_16_keys,
 )
 
 __all__ = [
@@ -827,34 +827,33 @@ def _values_tinyblas(probs, v_cache, end, first, last, out, lanes, tile, width, 
         for p in range(end):
             for j in range(whole):
                 values[h, j // width, p, j % width] = v_cache[p, h, j]
-    if True:
-        n_tiles = (rows + tile - 1) // tile
-        n_units = n_kv * n_tiles
-        for th in prange(n_threads):
-            ranges = np.empty((2, tile), dtype=np.int64)  # each row's first and last position
-            for unit in range(th, n_units, n_threads):  # interleaved: later rows see more positions
-                h, r0 = unit // n_tiles, unit % n_tiles * tile
-                n = min(tile, rows - r0)
-                j_rows = 0  # outputs done for the whole tile
-                if n == tile:
-                    for i in range(tile):
-                        t = (r0 + i) % n_sets
-                        ranges[0, i], ranges[1, i] = first[t], min(last[t], end - 1)
-                    for j0 in range(0, whole, width):
-                        if lanes == 16:
-                            values_tile16(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
-                        else:
-                            values_tile8(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
-                    j_rows = whole
-                for r in range(r0, r0 + n):  # the rest: row by row, sixteen outputs per call
-                    item, t = h * rows + r, r % n_sets
-                    lo, hi = first[t], min(last[t], end - 1)
-                    for j0 in range(j_rows, hd, 16):
-                        n_valid = min(16, hd - j0)
-                        if lanes == 16:
-                            values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
-                        else:
-                            values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+    n_tiles = (rows + tile - 1) // tile
+    n_units = n_kv * n_tiles
+    for th in prange(n_threads):
+        ranges = np.empty((2, tile), dtype=np.int64)  # each row's first and last position
+        for unit in range(th, n_units, n_threads):  # interleaved: later rows see more positions
+            h, r0 = unit // n_tiles, unit % n_tiles * tile
+            n = min(tile, rows - r0)
+            j_rows = 0  # outputs done for the whole tile
+            if n == tile:
+                for i in range(tile):
+                    t = (r0 + i) % n_sets
+                    ranges[0, i], ranges[1, i] = first[t], min(last[t], end - 1)
+                for j0 in range(0, whole, width):
+                    if lanes == 16:
+                        values_tile16(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
+                    else:
+                        values_tile8(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
+                j_rows = whole
+            for r in range(r0, r0 + n):  # the rest: row by row, sixteen outputs per call
+                item, t = h * rows + r, r % n_sets
+                lo, hi = first[t], min(last[t], end - 1)
+                for j0 in range(j_rows, hd, 16):
+                    n_valid = min(16, hd - j0)
+                    if lanes == 16:
+                        values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+                    else:
+                        values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
 
 
 # ======================================================================================
@@ -1102,7 +1101,7 @@ def softmax_ggml(scores, first, last, out, lanes, n_threads):
             for c0 in range(c_lo, hi + 1, lanes):
                 total += np.float64(_exp_chunk(scores, r * n, out, r * n, mx, c0, lo, hi, n, lanes))
                 c_hi = min(n, c0 + lanes)
-            for i in range(c_lo):
+            for i in range(min(c_lo, n)):  # (a first key past the row: nothing seen)
                 out[r, i] = 0
             for i in range(c_hi, n):
                 out[r, i] = 0
@@ -1323,14 +1322,14 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         return ([matmul_ggml_simd_kernel(qt)] if simd else []) + ([matmul_ggml_unpacked_kernel(qt)] if unpacked else [])
 
     jobs = [  # measured seconds, cold, on 2 cores (phi3-mini's Q4_K_M)
-        WarmJob("kq", 2.2, kq, lambda: [attention_scores_kernel(lanes)]),
-        WarmJob("kqv", 2.9, kqv, lambda: [attention_values_kernel(lanes)]),
-        WarmJob("exp", 2.8, exps, lambda: [softmax_ggml, swiglu_ggml]),
-        WarmJob("layer", 2.1, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
+        WarmJob("kq", 4.5, kq, lambda: [attention_scores_kernel(lanes)]),
+        WarmJob("kqv", 5.9, kqv, lambda: [attention_values_kernel(lanes)]),
+        WarmJob("exp", 3.0, exps, lambda: [softmax_ggml, swiglu_ggml]),
+        WarmJob("layer", 2.5, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
     ]
     by_type: dict[int, list[np.ndarray]] = {}
     for qt, w in warm_weights(weights):
         by_type.setdefault(qt, []).append(w)
     for qt, ws in by_type.items():  # one job per type: its kernels are compiled in one process
-        jobs.append(WarmJob(QT(qt).name, 3.4, product(qt, ws), lambda qt=qt, ws=ws: product_kernels(qt, ws)))
+        jobs.append(WarmJob(QT(qt).name, 4.1, product(qt, ws), lambda qt=qt, ws=ws: product_kernels(qt, ws)))
     return jobs

@@ -98,8 +98,7 @@ def softmax(scores: np.ndarray, level: Level, first: np.ndarray | None = None, l
     x = np.ascontiguousarray(scores, _F32)
     rows = x.reshape(-1, x.shape[-1])  # (rows, n)
     first, last = _key_ranges(first, last, x.shape[-1])
-    if first.size == 0 or first.size != last.size or first.min() < 0:
-        raise ValueError(f"softmax: first and last need one key index >= 0 per token (got {first.size} and {last.size})")
+    _check_ranges("softmax", first, last)
     out = x if in_place else np.empty_like(x)
     kernels.softmax_ggml(rows, first, last, out.reshape(rows.shape), _exp_lanes(level), nb.get_num_threads())
     return out
@@ -123,6 +122,12 @@ def store_f16(cache: np.ndarray, x: np.ndarray) -> None:
     kernels.store_f16(np.asarray(x, _F32).reshape(n, -1), cache.view(np.uint16).reshape(n, -1))
 
 
+def _check_ranges(name: str, first: np.ndarray, last: np.ndarray) -> None:
+    """Key ranges as the kernels index with them unchecked: one per token, from key 0."""
+    if first.size == 0 or first.size != last.size or first.min() < 0:
+        raise ValueError(f"{name}: first and last need one key index >= 0 per token (got {first.size} and {last.size})")
+
+
 def _check_attention(name: str, x: np.ndarray, cache: np.ndarray, end: int, first: np.ndarray, last: np.ndarray) -> None:
     """What the attention kernels read unchecked: x (n_head_kv, rows, ...) against a cache
     (n_ctx, n_head_kv, head_dim), positions < end, key ranges from 0."""
@@ -130,8 +135,7 @@ def _check_attention(name: str, x: np.ndarray, cache: np.ndarray, end: int, firs
         raise ValueError(f"{name}: {x.shape} does not match a cache of shape {cache.shape} (n_head_kv first)")
     if not 0 < end <= cache.shape[0]:
         raise ValueError(f"{name}: end={end} is outside the cache's {cache.shape[0]} positions")
-    if first.size == 0 or first.size != last.size or first.min() < 0:
-        raise ValueError(f"{name}: first and last need one key index >= 0 per token (got {first.size} and {last.size})")
+    _check_ranges(name, first, last)
 
 
 def attention_scores(
