@@ -597,16 +597,14 @@ def matmul_ggml_unpacked_kernel(qtype: int):
 # ======================================================================================
 
 
-@njit(inline="always")
-def tinyblas_scores(batched, head_dim, lanes):
+def tinyblas_scores(batched: bool, head_dim: int, lanes: int) -> bool:
     """Whether llama.cpp's kq product goes through tinyBLAS (else ggml_vec_dot_f16)."""
-    return batched and head_dim % lanes == 0
+    return bool(batched) and head_dim % lanes == 0
 
 
-@njit(inline="always")
-def tinyblas_values(batched, head_dim):
+def tinyblas_values(batched: bool, head_dim: int) -> bool:
     """Whether llama.cpp's kqv product goes through tinyBLAS (else ggml_vec_dot_f16)."""
-    return batched and head_dim % 4 == 0
+    return bool(batched) and head_dim % 4 == 0
 
 
 @njit(inline="always")
@@ -728,22 +726,23 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
     as in softmax_ggml): keys it does not need may be left out (-inf) — in the tinyBLAS
     form, chunks of keys that no row of its tile needs (others are computed), single keys in
     the other. One kernel per lane count
-    (the level's), compiled at its first call."""
-    attention_scores_kernel(lanes)(q, k_cache, end, first, last, out, batched, n_threads)
+    and form (the level's; a prompt's or one token's), compiled at its first call."""
+    attention_scores_kernel(lanes, tinyblas_scores(batched, q.shape[2], lanes))(q, k_cache, end, first, last, out, n_threads)
 
 
 @functools.cache
-def attention_scores_kernel(lanes: int):
-    """:func:`attention_scores_f16` for ``lanes`` (8 or 16), a constant of its code."""
+def attention_scores_kernel(lanes: int, tinyblas: bool):
+    """:func:`attention_scores_f16` for ``lanes`` (8 or 16) in tinyBLAS's form or
+    ggml_vec_dot_f16's, constants of its code."""
     tile, cols = TILE_ROWS[lanes], TILE_COLS[lanes]
-
-    def kernel(q, k_cache, end, first, last, out, batched, n_threads):
-        if tinyblas_scores(batched, q.shape[2], lanes):
+    if tinyblas:
+        def kernel(q, k_cache, end, first, last, out, n_threads):
             _scores_tinyblas(q, k_cache, end, first, last, out, lanes, tile, cols, n_threads)
-        else:
+    else:
+        def kernel(q, k_cache, end, first, last, out, n_threads):
             _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads)
-
-    return specialized(kernel, f"attention_scores_f16_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
+    form = "tinyblas" if tinyblas else "vecdot"
+    return specialized(kernel, f"attention_scores_{form}_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 VALUES_CHUNK = 16  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
@@ -793,22 +792,22 @@ def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, 
     after the causal mask, and a 0 product adds nothing (ggml multiplies them anyway, which
     differs only for an infinite or NaN value in the cache). One kernel per lane
     count (the level's), compiled at its first call."""
-    attention_values_kernel(lanes)(probs, v_cache, end, first, last, out, batched, n_threads)
+    attention_values_kernel(lanes, tinyblas_values(batched, out.shape[2]))(probs, v_cache, end, first, last, out, n_threads)
 
 
 @functools.cache
-def attention_values_kernel(lanes: int):
-    """:func:`attention_values_f16` for ``lanes`` (8 or 16), a constant of its code."""
+def attention_values_kernel(lanes: int, tinyblas: bool):
+    """:func:`attention_values_f16` for ``lanes`` (8 or 16) in tinyBLAS's form or
+    ggml_vec_dot_f16's, constants of its code."""
     tile, width = TILE_ROWS[lanes], 16 * TILE_COLS[lanes]
-
-    def kernel(probs, v_cache, end, first, last, out, batched, n_threads):
-        n_kv, rows, hd = out.shape
-        if tinyblas_values(batched, hd):
+    if tinyblas:
+        def kernel(probs, v_cache, end, first, last, out, n_threads):
             _values_tinyblas(probs, v_cache, end, first, last, out, lanes, tile, width, n_threads)
-        else:
+    else:
+        def kernel(probs, v_cache, end, first, last, out, n_threads):
             _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads)
-
-    return specialized(kernel, f"attention_values_f16_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
+    form = "tinyblas" if tinyblas else "vecdot"
+    return specialized(kernel, f"attention_values_{form}_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 @njit(inline="always")
@@ -1282,11 +1281,11 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
     cache16 = np.zeros((3, 1, 16), dtype=np.uint16)  # (n_ctx, n_head_kv, head_dim)
     scores = np.zeros((1, 2, 3), dtype=np.float32)
 
-    def kq():
-        attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, lanes, True, threads)
+    def kq(batched):  # a prompt's form (tinyBLAS), or one token's (ggml_vec_dot_f16)
+        return lambda: attention_scores_f16(np.zeros((1, 2, 16), np.float32), cache16, 3, one, one, scores, lanes, batched, threads)
 
-    def kqv():
-        attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), lanes, True, threads)
+    def kqv(batched):
+        return lambda: attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), lanes, batched, threads)
 
     def exps():
         softmax_ggml(x, one, one, np.empty_like(x), lanes, threads)
@@ -1322,14 +1321,16 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         return ([matmul_ggml_simd_kernel(qt)] if simd else []) + ([matmul_ggml_unpacked_kernel(qt)] if unpacked else [])
 
     jobs = [  # measured seconds, cold, on 2 cores (phi3-mini's Q4_K_M)
-        WarmJob("kq", 4.5, kq, lambda: [attention_scores_kernel(lanes)]),
-        WarmJob("kqv", 5.9, kqv, lambda: [attention_values_kernel(lanes)]),
-        WarmJob("exp", 3.0, exps, lambda: [softmax_ggml, swiglu_ggml]),
-        WarmJob("layer", 2.5, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
+        WarmJob("kq", 2.8, kq(True), lambda: [attention_scores_kernel(lanes, True)]),
+        WarmJob("kq1", 0.8, kq(False), lambda: [attention_scores_kernel(lanes, False)]),
+        WarmJob("kqv", 2.9, kqv(True), lambda: [attention_values_kernel(lanes, True)]),
+        WarmJob("kqv1", 1.7, kqv(False), lambda: [attention_values_kernel(lanes, False)]),
+        WarmJob("exp", 2.1, exps, lambda: [softmax_ggml, swiglu_ggml]),
+        WarmJob("layer", 1.3, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
     ]
     by_type: dict[int, list[np.ndarray]] = {}
     for qt, w in warm_weights(weights):
         by_type.setdefault(qt, []).append(w)
     for qt, ws in by_type.items():  # one job per type: its kernels are compiled in one process
-        jobs.append(WarmJob(QT(qt).name, 4.1, product(qt, ws), lambda qt=qt, ws=ws: product_kernels(qt, ws)))
+        jobs.append(WarmJob(QT(qt).name, 3.2, product(qt, ws), lambda qt=qt, ws=ws: product_kernels(qt, ws)))
     return jobs
