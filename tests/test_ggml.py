@@ -213,7 +213,7 @@ def test_attention_products_match_reference(level, head_dim, batched):
     allows it (scores: head_dim a multiple of the lanes; values: of 4), ggml_vec_dot_f16
     otherwise, against numpy lane references; then with causal key ranges."""
     rng = np.random.default_rng(9)
-    n_ctx, n_kv, end, rows = 300, 3, 261, 21  # rows: two tiles of 8 (four of 4) and the rest one by one
+    n_ctx, n_kv, end, rows = 300, 3, 261, 21  # rows: two tiles of 8 (five of 4) and the rest one by one
     k_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     v_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
     q = rng.standard_normal((n_kv, rows, head_dim)).astype(np.float16).astype(np.float32)
@@ -421,24 +421,76 @@ def test_attention_ops_refuse_what_their_kernels_would_read_out_of_bounds():
         ggml_ops.attention_scores(q, k_cache, 9, level, batched=True)
     with pytest.raises(ValueError, match="does not match a cache"):
         ggml_ops.attention_scores(q[:1], k_cache, 4, level, batched=True)
-    with pytest.raises(ValueError, match="key index >= 0"):
+    with pytest.raises(ValueError, match="0 <= first <= last and first < 4"):
         ggml_ops.attention_values(np.zeros((2, 3, 4), np.float32), k_cache, 4, level, batched=True,
                                   first=np.array([-1]), last=np.array([3]))
+    for first, last in ((3, 2), (4, 5)):  # an empty range; keys that start past the last one
+        with pytest.raises(ValueError, match="0 <= first <= last and first < 4"):
+            ggml_ops.attention_scores(q, k_cache, 4, level, batched=True, first=np.array([first]), last=np.array([last]))
     with pytest.raises(ValueError, match="probabilities of 5 positions for end=4"):
         ggml_ops.attention_values(np.zeros((2, 3, 5), np.float32), k_cache, 4, level, batched=True)
     with pytest.raises(ValueError, match="out must be a C-contiguous float32 array"):
         ggml_ops.attention_scores(q, k_cache, 4, level, batched=True, out=np.empty((2, 3, 5), np.float32))
-    with pytest.raises(ValueError, match="key index >= 0"):
+    with pytest.raises(ValueError, match="0 <= first <= last"):
         ggml_ops.softmax(np.zeros((3, 4), np.float32), level, np.array([-2]), np.array([1]))
+    with pytest.raises(ValueError, match="one key index per token"):
+        ggml_ops.softmax(np.zeros((3, 4), np.float32), level, np.array([0, 1]), np.array([1]))
     mismatched = dataclasses.replace(level, exp_scalef=not level.exp_scalef)
     with pytest.raises(ValueError, match="pair 16 lanes with the AVX-512 ggml_v_expf"):
         ggml_ops.softmax(np.zeros((3, 16), np.float32), mismatched)
 
 
-def test_softmax_in_place_equals_a_fresh_array():
-    level = LEVELS[1]
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+def test_softmax_in_place_equals_a_fresh_array(level):
     x = (np.random.default_rng(15).standard_normal((4, 40)) * 5).astype(np.float32)
+    kept = x.copy()
     fresh = ggml_ops.softmax(x, level, np.array([3]), np.array([37]))
-    y = x.copy()
-    assert ggml_ops.softmax(y, level, np.array([3]), np.array([37]), in_place=True) is y
-    assert np.array_equal(y, fresh)
+    assert np.array_equal(x, kept)  # not in place: the scores are left alone
+    assert ggml_ops.softmax(x, level, np.array([3]), np.array([37]), in_place=True) is x
+    assert np.array_equal(x, fresh)
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+def test_attention_tiles_with_causal_ranges_from_key_0(level):
+    """A prompt's causal ranges (every row from key 0, each to its own position: the rows of
+    a tile see very different keys), a context shorter than a tile's keys, and a head
+    smaller than a tile's outputs."""
+    rng = np.random.default_rng(16)
+    kn = level.lanes
+    for head_dim, end, n_tok in ((16, 20, 20), (64, 300, 37)):
+        n_kv, n_ctx = 2, end + 5
+        k_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
+        v_cache = rng.standard_normal((n_ctx, n_kv, head_dim)).astype(np.float16)
+        q = rng.standard_normal((n_kv, n_tok, head_dim)).astype(np.float16).astype(np.float32)
+        last = np.arange(end - n_tok, end)
+        first = np.zeros(n_tok, np.int64)
+        seen = np.arange(end)[None, :] <= last[:, None]  # (n_tok, end)
+        seen_rows = np.broadcast_to(seen, (n_kv, n_tok, end))
+        keys = k_cache[:end].transpose(1, 0, 2)  # (n_kv, end, head_dim)
+        got = ggml_ops.attention_scores(q, k_cache, end, level, batched=True, first=first, last=last)
+        assert np.array_equal(got[seen_rows], tinyblas_reference(q, keys, kn)[seen_rows])
+        probs = np.where(seen_rows, rng.random((n_kv, n_tok, end)), 0).astype(np.float16).astype(np.float32)
+        width = -(-end // 256) * 256  # llama.cpp's KV view: zero probabilities past the keys
+        padded = np.zeros((n_kv, n_tok, width), np.float32)
+        padded[:, :, :end] = probs
+        padded_values = np.zeros((n_kv, head_dim, width), np.float32)
+        padded_values[:, :, :end] = v_cache[:end].transpose(1, 2, 0)
+        got = ggml_ops.attention_values(probs, v_cache, end, level, batched=True, first=first, last=last)
+        assert np.array_equal(got, tinyblas_reference(padded, padded_values, kn))
+
+
+def test_scores_scratch_is_not_handed_out_while_a_view_of_it_lives():
+    """GgmlNumerics reuses one array for the scores of each attention; a pass still holding
+    the last one (a hook running another model on the same numerics) gets it left alone."""
+    from phi3ref.ggml.numerics import GgmlNumerics
+
+    numerics = GgmlNumerics(LEVELS[0])
+    held = numerics._scores_buffer((2, 3, 5))
+    other = numerics._scores_buffer((2, 3, 5))
+    assert not np.shares_memory(held, other)
+    del held, other
+    first = numerics._scores_buffer((2, 3, 5))
+    address = first.__array_interface__["data"][0]
+    del first
+    again = numerics._scores_buffer((2, 3, 4))  # smaller, not a quarter: the same memory
+    assert again.__array_interface__["data"][0] == address

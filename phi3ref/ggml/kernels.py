@@ -23,7 +23,8 @@
 ``libm_cos_sin`` gives the C library's float32 cosf / sinf, which ggml calls; ``expf_ggml``
 ggml's vector exp. Shapes and conventions are those of :mod:`phi3ref.kernels`: weights are
 ``(n_rows, row_bytes)`` uint8 arrays, the GGML type travels as its integer id, every kernel
-is parallel over output rows in ``n_threads`` contiguous slices.
+is parallel over ``n_threads`` slices of its output rows (contiguous, except the
+attention tiles, dealt out in turn: later query rows see more keys).
 """
 
 from __future__ import annotations
@@ -725,8 +726,8 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
     rows, end) float32. Row r needs only the keys first[t] .. last[t] (t = r % len(first),
     as in softmax_ggml): keys it does not need may be left out (-inf) — in the tinyBLAS
     form, chunks of keys that no row of its tile needs (others are computed), single keys in
-    the other. One kernel per lane count
-    and form (the level's; a prompt's or one token's), compiled at its first call."""
+    the other. One kernel per lane count and form (the level's; a prompt's or one
+    token's), compiled at its first call."""
     attention_scores_kernel(lanes, tinyblas_scores(batched, q.shape[2], lanes))(q, k_cache, end, first, last, out, n_threads)
 
 
@@ -791,7 +792,7 @@ def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, 
     positions first[t] .. last[t] (t = r % len(first)): the others have probability 0
     after the causal mask, and a 0 product adds nothing (ggml multiplies them anyway, which
     differs only for an infinite or NaN value in the cache). One kernel per lane
-    count (the level's), compiled at its first call."""
+    count and form (the level's; a prompt's or one token's), compiled at its first call."""
     attention_values_kernel(lanes, tinyblas_values(batched, out.shape[2]))(probs, v_cache, end, first, last, out, n_threads)
 
 
@@ -1079,14 +1080,16 @@ def _exp_chunk(scores, soff, out, ooff, mx, c0, lo, hi, n, lanes):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def softmax_ggml(scores, first, last, out, lanes, n_threads):
-    """ggml_soft_max (scale 1) with llama.cpp's causal mask, on each row of scores (rows, n):
-    row r sees the keys first[t] .. last[t] (inclusive, t = r % len(first): rows cycle over
-    the tokens), every other entry is masked (-inf in llama.cpp's mask, so exactly 0 in
-    out). exp(x - max) by the level's vector exp, each ``lanes`` values' sum (chunks from
-    key 0) reduced in float32 and accumulated in double, then multiplied by the float32
-    reciprocal; a chunk of masked keys adds 0. llama.cpp's KV cache view is a multiple of
-    256 cells, so every element takes the vector path. scores and out: C-contiguous."""
+def softmax_ggml(scores, first, last, lanes, n_threads):
+    """ggml_soft_max (scale 1) with llama.cpp's causal mask, in place on each row of scores
+    (rows, n; C-contiguous): row r sees the keys first[t] .. last[t] (inclusive, t = r %
+    len(first): rows cycle over the tokens; 0 <= first[t] <= last[t], first[t] < n), every
+    other entry is masked (-inf in llama.cpp's mask, so exactly 0 here). exp(x - max) by the
+    level's vector exp, each ``lanes`` values' sum (chunks from key 0) reduced in float32
+    and accumulated in double, then multiplied by the float32 reciprocal; a chunk of masked
+    keys adds 0. llama.cpp's KV cache view is a multiple of 256 cells, so every element
+    takes the vector path. (In place, with one array argument: a parallel kernel may take
+    two array arguments not to overlap.)"""
     n_rows, n = scores.shape
     n_sets = first.size
     per = (n_rows + n_threads - 1) // n_threads
@@ -1098,15 +1101,15 @@ def softmax_ggml(scores, first, last, out, lanes, n_threads):
             c_hi = c_lo
             total = 0.0
             for c0 in range(c_lo, hi + 1, lanes):
-                total += np.float64(_exp_chunk(scores, r * n, out, r * n, mx, c0, lo, hi, n, lanes))
+                total += np.float64(_exp_chunk(scores, r * n, scores, r * n, mx, c0, lo, hi, n, lanes))
                 c_hi = min(n, c0 + lanes)
-            for i in range(min(c_lo, n)):  # (a first key past the row: nothing seen)
-                out[r, i] = 0
+            for i in range(c_lo):
+                scores[r, i] = 0
             for i in range(c_hi, n):
-                out[r, i] = 0
+                scores[r, i] = 0
             inv = np.float32(1.0 / total)
             for i in range(lo, hi + 1):
-                out[r, i] = out[r, i] * inv
+                scores[r, i] = scores[r, i] * inv
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
@@ -1288,7 +1291,7 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         return lambda: attention_values_f16(scores, cache16, 3, one, one, np.empty((1, 2, 16), np.float32), lanes, batched, threads)
 
     def exps():
-        softmax_ggml(x, one, one, np.empty_like(x), lanes, threads)
+        softmax_ggml(x.copy(), one, one, lanes, threads)
         swiglu_ggml(x, 128, np.empty((8, 128), np.float32), lanes, True, threads)
 
     def layer():

@@ -8,6 +8,7 @@ numerics, operation by operation, is listed in :mod:`phi3ref.numerics`.
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable
 
 import numba as nb
@@ -42,9 +43,12 @@ class GgmlNumerics(Numerics):
 
     def _scores_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
         size = int(np.prod(shape))
-        if size > self._scores.size or size < self._scores.size // 4:  # grown, or let go after a prompt
+        # still referenced by a view (a hook ran another model's pass on these numerics
+        # between this layer's scores and values): a new array, the old one left to its pass
+        in_use = sys.getrefcount(self._scores) > 2  # the attribute and the call's argument
+        if in_use or size > self._scores.size or size < self._scores.size // 4:  # or grown, or let go after a prompt
             self._scores = np.empty(size, dtype=_F32)
-        return self._scores[:size].reshape(shape)
+        return self._scores[:size].reshape(shape)  # (n_head_kv, rows, end)
 
     def warmup(self, weights: Iterable[Weight] | None = None) -> float:
         return kernels.warmup(None if weights is None else [(int(w.qtype), w.n_rows) for w in weights], self.level.lanes)

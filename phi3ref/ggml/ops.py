@@ -92,16 +92,17 @@ def softmax(scores: np.ndarray, level: Level, first: np.ndarray | None = None, l
     """ggml_soft_max over the last axis at ``level``. With ``first`` / ``last`` (one entry
     per token, the rows cycling over the tokens), row r sees only the keys first[t] ..
     last[t] (inclusive), as llama.cpp's causal mask allows them; the others get
-    probability 0 (:func:`phi3ref.ggml.kernels.softmax_ggml`). ``in_place``: the
-    probabilities overwrite ``scores`` when it is a C-contiguous float32 array (each key is
-    read before it is written)."""
+    probability 0 (:func:`phi3ref.ggml.kernels.softmax_ggml`, which works in place).
+    ``in_place``: the probabilities overwrite ``scores`` when it is a C-contiguous float32
+    array; otherwise they go to a new array."""
     x = np.ascontiguousarray(scores, _F32)
+    if not in_place and np.may_share_memory(x, scores):
+        x = x.copy()
     rows = x.reshape(-1, x.shape[-1])  # (rows, n)
     first, last = _key_ranges(first, last, x.shape[-1])
-    _check_ranges("softmax", first, last)
-    out = x if in_place else np.empty_like(x)
-    kernels.softmax_ggml(rows, first, last, out.reshape(rows.shape), _exp_lanes(level), nb.get_num_threads())
-    return out
+    _check_ranges("softmax", first, last, x.shape[-1])
+    kernels.softmax_ggml(rows, first, last, _exp_lanes(level), nb.get_num_threads())
+    return x
 
 
 def round_to_f16(x: np.ndarray) -> np.ndarray:
@@ -122,10 +123,14 @@ def store_f16(cache: np.ndarray, x: np.ndarray) -> None:
     kernels.store_f16(np.asarray(x, _F32).reshape(n, -1), cache.view(np.uint16).reshape(n, -1))
 
 
-def _check_ranges(name: str, first: np.ndarray, last: np.ndarray) -> None:
-    """Key ranges as the kernels index with them unchecked: one per token, from key 0."""
-    if first.size == 0 or first.size != last.size or first.min() < 0:
-        raise ValueError(f"{name}: first and last need one key index >= 0 per token (got {first.size} and {last.size})")
+def _check_ranges(name: str, first: np.ndarray, last: np.ndarray, n_keys: int) -> None:
+    """Key ranges as the kernels index with them unchecked: one per token, 0 <= first[t]
+    <= last[t] and first[t] < n_keys (a last past the keys sees up to the last key)."""
+    if first.size == 0 or first.size != last.size:
+        raise ValueError(f"{name}: first and last need one key index per token (got {first.size} and {last.size})")
+    if first.min() < 0 or np.any(first > last) or first.max() >= n_keys:
+        raise ValueError(f"{name}: every token needs keys first..last with 0 <= first <= last and first < {n_keys} "
+                         f"(got first {first.tolist()[:8]}, last {last.tolist()[:8]})")
 
 
 def _check_attention(name: str, x: np.ndarray, cache: np.ndarray, end: int, first: np.ndarray, last: np.ndarray) -> None:
@@ -135,7 +140,7 @@ def _check_attention(name: str, x: np.ndarray, cache: np.ndarray, end: int, firs
         raise ValueError(f"{name}: {x.shape} does not match a cache of shape {cache.shape} (n_head_kv first)")
     if not 0 < end <= cache.shape[0]:
         raise ValueError(f"{name}: end={end} is outside the cache's {cache.shape[0]} positions")
-    _check_ranges(name, first, last)
+    _check_ranges(name, first, last, end)
 
 
 def attention_scores(

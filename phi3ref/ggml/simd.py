@@ -1,4 +1,5 @@
-"""Integer SIMD building blocks for the ggml kernels, as Numba intrinsics.
+"""SIMD building blocks for the ggml kernels, as Numba intrinsics: the integer products of
+the quantized weights, and (below them) the float attention tiles and ggml's vector exp.
 
 Numba does not emit x86's 8-bit multiply-add instructions by itself (its integer loops
 widen bytes to 32 or 64 bits), and those instructions are what makes llama.cpp's quantized
@@ -1283,8 +1284,9 @@ def _v_expf(builder, x: ir.Value, scalef: bool) -> ir.Value:
         j = _fma(builder, high, u, _fma(builder, c("0x1.ffffecp-1"), b, ir.Constant(vf, [1.0] * count)))
         huge = builder.fcmp_ordered(">", abs_n, c("0x1.8p7"))  # |n| > 192
         # j * 2^n, n an integer of at most 192 in magnitude: exact in double, rounded once
+        # (n = 0 where |n| <= 192 is false — huge or NaN — so fptosi never meets them)
         vd, vl = ir.VectorType(ir.DoubleType(), count), ir.VectorType(_I64, count)
-        n_int = builder.select(huge, ir.Constant(vl, [0] * count), builder.fptosi(builder.select(huge, zero, n), vl))
+        n_int = builder.fptosi(builder.select(builder.fcmp_ordered("<=", abs_n, c("0x1.8p7")), n, zero), vl)
         pow2 = builder.bitcast(builder.shl(builder.add(n_int, ir.Constant(vl, [1023] * count)), ir.Constant(vl, [52] * count)), vd)
         scaled = builder.fptrunc(builder.fmul(builder.fpext(j, vd), pow2), vf)
         inf = ir.Constant(vf, [float("inf")] * count)
