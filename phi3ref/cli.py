@@ -425,14 +425,14 @@ def _cmd_warmup(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .jit import cache_folder_in_use
+    from .jit import cache_folder_in_use, finish_background
     from .loading import load
 
     _check_common(args)
     path = _local_model("MODEL", args.model)
     model = load(path, n_ctx=16, numerics=args.numerics, threads=args.threads, isa=args.isa)
     start = time.perf_counter()
-    seconds = model.warmup()
+    seconds = model.warmup() + finish_background()  # one token's kernels too, whoever compiles them
     types = sorted({w.qtype.name for w in model.matrices()})
     folder = cache_folder_in_use()
     if args.json:

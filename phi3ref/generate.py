@@ -25,6 +25,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from .chat_template import render_chat
+from .jit import background_seconds
 from .checks import flag, integer
 from .loading import load
 from .model import Model
@@ -209,6 +210,7 @@ def _run(
     if logprobs is not None:
         result.logprobs = []
     timings.compile_seconds = model.warmup()  # 0 after the model's first pass
+    waited = background_seconds()  # for one token's kernels, if a helper compiles them meanwhile: compile time
     t0 = time.perf_counter()
     t1 = None
     try:
@@ -221,7 +223,10 @@ def _run(
                 _record(tokenizer, prompt_ids[i], logp[i - 1], n_top) for i in range(1, len(prompt_ids))]
             logits = logits[-1]
         timings.prompt_tokens = len(prompt_ids) - start_pos
-        timings.prompt_seconds = time.perf_counter() - t0
+        late = background_seconds() - waited  # waited for in the prompt's pass
+        timings.compile_seconds += late
+        timings.prompt_seconds = time.perf_counter() - t0 - late
+        waited += late
         history = list(prompt_ids)
         t1 = time.perf_counter()
         finish = "length"
@@ -257,8 +262,10 @@ def _run(
             yield piece
     finally:  # also when a stream is closed or dropped mid-way (GeneratorExit at a yield)
         if t1 is not None:
+            late = background_seconds() - waited  # waited for in the first one-token pass
+            timings.compile_seconds += late
             timings.generated_tokens = len(result.tokens)
-            timings.generation_seconds = time.perf_counter() - t1
+            timings.generation_seconds = time.perf_counter() - t1 - late
 
 
 def _prompt_ids(

@@ -19,6 +19,7 @@ kernels import this first).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -35,8 +36,9 @@ import numba as nb
 from numba.core import config
 
 __all__ = [
-    "AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "VNNI", "VNNI512", "WarmJob", "all_kernels", "compile_notice",
-    "cache_folder_in_use", "kernel_cache_folder", "run_warm_jobs", "specialized",
+    "AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "VNNI", "VNNI512", "WarmJob", "all_kernels", "background_seconds",
+    "compile_notice", "cache_folder_in_use", "finish_background", "kernel_cache_folder", "ready", "run_helper_jobs",
+    "run_warm_jobs", "specialized",
 ]
 
 # Fast-math flags of every float kernel. They may reassociate (LLVM vectorizes their sums);
@@ -206,12 +208,15 @@ def all_kernels() -> dict[str, Callable]:
 @dataclass
 class WarmJob:
     """A part of a warm-up: ``run()`` compiles (or loads) ``kernels()``; ``cost``: its rough
-    compile seconds, to share the parts out."""
+    compile seconds, to share the parts out. ``later``: no prompt's pass needs it (one
+    token's kernels): a helper may compile it in the background while the prompt runs, and
+    its kernels are then called through :func:`ready`, which waits for them."""
 
     name: str
     cost: float
     run: Callable[[], None]
     kernels: Callable[[], list]
+    later: bool = False
 
 
 def _in_cache(kernel) -> bool:
@@ -225,49 +230,171 @@ def _in_cache(kernel) -> bool:
         return True
 
 
+class _Helper:
+    """A helper process compiling warm-up jobs into the cache one after the other
+    (:func:`run_helper_jobs`), which names each job on its stdout when it is done."""
+
+    def __init__(self, code: str) -> None:
+        env = {**os.environ, "PHI3REF_COMPILE_HELPER": "0"}
+        self.process = subprocess.Popen([sys.executable, "-c", code], env=env, text=True, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.done: set[str] = set()
+        self.changed = threading.Condition()
+        self.exited = False
+        threading.Thread(target=self._read_reports, daemon=True).start()
+
+    def _read_reports(self) -> None:
+        for line in self.process.stdout:
+            with self.changed:
+                self.done.add(line.strip())
+                self.changed.notify_all()
+        with self.changed:
+            self.exited = True
+            self.changed.notify_all()
+
+    def wait_for(self, names: list[str], timeout: float) -> bool:
+        """Wait until the helper has done every job of ``names`` (True), exits, or
+        ``timeout`` seconds pass."""
+        with self.changed:
+            self.changed.wait_for(lambda: set(names) <= self.done or self.exited, timeout)
+            return set(names) <= self.done
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def run_helper_jobs(jobs: list[WarmJob], names: list[str]) -> None:
+    """In a helper process: run the named jobs in that order, naming each on stdout when
+    done (the process that started the helper waits for those names)."""
+    by_name = {job.name: job for job in jobs}
+    for name in names:
+        by_name[name].run()
+        print(name, flush=True)
+
+
+@dataclass
+class _Background:
+    """Jobs a helper still compiles after the warm-up returned (``later`` ones)."""
+
+    helper: _Helper
+    jobs: list[WarmJob]
+    kernels: set[int]  # ids of their kernels
+    timeout: float
+
+
+_background: _Background | None = None
+_background_lock = threading.Lock()
+_background_seconds = 0.0
+
+
 def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[list[str]], str]) -> None:
     """Run every job of a warm-up. When two or more of them are not in the cache and this
     process may use two cores or more, a helper process compiles about half of those
     meanwhile, into the same cache (``helper_call(names)``: the Python code that runs the
-    named jobs there), and this process then loads them: Numba compiles one function at a
-    time, so a second process halves a cold start. Each process compiles other kernels,
-    so they never write the same cache entry; whatever the helper did not finish is
-    compiled here."""
+    named jobs there, through :func:`run_helper_jobs`), and this process then loads them:
+    Numba compiles one function at a time, so a second process halves a cold start. Each
+    process compiles other kernels, so they never write the same cache entry; whatever the
+    helper did not finish is compiled here. The helper compiles the ``later`` jobs last,
+    while this process goes on (:func:`ready` waits for them when first called;
+    :func:`finish_background` at once)."""
+    global _background
+    finish_background()  # one helper at a time
     cold = [j for j in jobs if not all(_in_cache(k) for k in j.kernels())]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    helper, wait = None, 0.0
+    helper, theirs, later, wait = None, [], [], 0.0
     # no helper where sys.executable is not a plain Python (a frozen or embedded program)
     python = sys.executable and not getattr(sys, "frozen", False)
     if len(cold) >= 2 and cores >= 2 and python and os.environ.get("PHI3REF_COMPILE_HELPER", "1") != "0":
-        mine, theirs, load = [], [], [0.0, 1.0]  # the helper's start: Python, Numba and phi3ref imported
-        for job in sorted(cold, key=lambda j: -j.cost):  # the longest first, each to the lighter side
+        mine, load = [], [0.0, 1.0]  # the helper's start: Python, Numba and phi3ref imported
+        for job in sorted((j for j in cold if not j.later), key=lambda j: -j.cost):  # the longest first, each to the lighter side
             side = 0 if load[0] <= load[1] else 1
             (mine, theirs)[side].append(job.name)
             load[side] += job.cost
-        env = {**os.environ, "PHI3REF_COMPILE_HELPER": "0"}
+        later = [j for j in cold if j.later]
         try:
-            helper = subprocess.Popen([sys.executable, "-c", helper_call(theirs)], env=env,
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            helper = _Helper(helper_call(theirs + [j.name for j in later]))
         except OSError:  # no helper: everything is compiled here
-            helper = None
+            helper, theirs, later = None, [], []
         else:
-            jobs = [j for j in jobs if j.name not in theirs] + [j for j in jobs if j.name in theirs]
             wait = 30 + 4 * load[1]  # seconds: a helper this late is not waited for
+    later_names = [j.name for j in later]
     try:
         for job in jobs:
-            if helper is not None and job.name not in mine:
-                try:
-                    helper.wait(timeout=wait)  # then load what it compiled
-                except subprocess.TimeoutExpired:
-                    pass  # compile the rest here
-                helper.kill()
-                helper.wait()
-                helper = None
-            job.run()
-    finally:
+            if job.name not in theirs and job.name not in later_names:
+                job.run()
         if helper is not None:
-            helper.kill()
-            helper.wait()
+            if not helper.wait_for(theirs, wait):  # then load what it compiled
+                helper.stop()  # and compile the rest here
+                helper = None
+            for job in jobs:
+                if job.name in theirs:
+                    job.run()
+    except BaseException:
+        if helper is not None:
+            helper.stop()
+        raise
+    if helper is not None and later:
+        _background = _Background(helper, later, {id(k) for j in later for k in j.kernels()},
+                                  30 + 4 * sum(j.cost for j in later))
+        return
+    if helper is not None:
+        helper.stop()
+    for job in later:
+        job.run()
+
+
+def ready(kernel: Callable) -> Callable:
+    """``kernel``, loaded from the cache first if a helper compiles it in the background
+    (:func:`finish_background`)."""
+    if _background is not None and id(kernel) in _background.kernels:
+        finish_background()
+    return kernel
+
+
+def finish_background() -> float:
+    """Wait for a helper's background jobs, bounded by their expected cost, then load them
+    here (or compile those it did not finish); the seconds it took (0 when none)."""
+    global _background, _background_seconds
+    with _background_lock:
+        if _background is None:
+            return 0.0
+        start = time.perf_counter()
+        work, _background = _background, None
+        with compile_notice("one token's attention (compiled in the background)"):
+            work.helper.wait_for([j.name for j in work.jobs], work.timeout)
+            work.helper.stop()
+            for job in work.jobs:
+                job.run()
+        seconds = time.perf_counter() - start
+        _background_seconds += seconds
+        return seconds
+
+
+def background_seconds() -> float:
+    """The seconds this process has waited, in all, for kernels compiled in the background
+    (a generation counts them as compile time, not as its own)."""
+    return _background_seconds
+
+
+def _finish_at_exit() -> None:
+    """Let a helper that is compiling in the background finish (bounded), so that the
+    cache holds its kernels for the next run."""
+    work = _background
+    if work is not None:
+        work.helper.wait_for([j.name for j in work.jobs], work.timeout)
+        work.helper.stop()
+
+
+def _forget_background_in_child() -> None:
+    """A forked child neither waits for nor stops its parent's helper."""
+    global _background, _background_lock
+    _background, _background_lock = None, threading.Lock()
+
+
+atexit.register(_finish_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_background_in_child)
 
 
 @contextmanager

@@ -328,7 +328,10 @@ class Model:
         """Compile the kernels this model's passes take (or load them from the cache): its
         numerics' kernels for its weight types, and no others. The first pass calls it;
         call it before to keep the compile out of a measurement (``phi3ref warmup FILE``
-        compiles ahead for a file). Returns the seconds it took: 0 once done."""
+        compiles ahead for a file). Returns the seconds it took: 0 once done. When a helper
+        process shares a cold compile, it compiles one token's attention kernels last, while
+        the prompt runs: the first one-token pass waits for them
+        (:func:`phi3ref.jit.finish_background` waits at once)."""
         if self._warm:
             return 0.0
         seconds = self.numerics.warmup(self.matrices())

@@ -4,6 +4,7 @@ tests/test_ggml.py's."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,54 @@ def test_kernels_are_cached_in_the_user_cache_folder(tmp_path):
     assert runs[1].stdout.split()[1:] == ["1", "0"]  # loaded, not compiled
 
 
+def _stand_in_jobs(names: str, later: str) -> tuple[list, list, dict]:
+    """Warm-up jobs whose kernels read as missing from the cache; each run() is recorded."""
+    from types import SimpleNamespace
+
+    from phi3ref import jit
+
+    kernels = {n: SimpleNamespace(_cache=SimpleNamespace(_cache_file=SimpleNamespace(_load_index=dict))) for n in names}
+    ran: list[str] = []
+    jobs = [jit.WarmJob(n, 1.0, lambda n=n: ran.append(n), lambda n=n: [kernels[n]], later=n in later) for n in names]
+    return jobs, ran, kernels
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a helper shares a compile on two cores or more")
+def test_later_jobs_wait_in_the_background_until_their_kernel_is_called(monkeypatch):
+    """A stand-in helper (it names each job as done, the later one after a pause): the
+    warm-up runs the prompt's jobs (its own, then the helper's, loaded) and returns with the
+    later job still in the helper's hands; calling another kernel through ready() does not
+    wait, calling the later job's does — once."""
+    from phi3ref import jit
+
+    monkeypatch.setenv("PHI3REF_COMPILE_HELPER", "1")
+    jobs, ran, kernels = _stand_in_jobs("abcd", later="d")
+    helper_code = "import time\nfor n in {!r}:\n    time.sleep(0.5 if n == 'd' else 0)\n    print(n, flush=True)\n".format
+    waited = jit.background_seconds()
+    jit.run_warm_jobs(jobs, helper_code)
+    try:
+        assert sorted(ran) == ["a", "b", "c"]
+        assert jit.ready(kernels["a"]) is kernels["a"] and "d" not in ran
+        assert jit.ready(kernels["d"]) is kernels["d"] and ran.count("d") == 1
+        jit.ready(kernels["d"])
+        assert ran.count("d") == 1 and jit.background_seconds() > waited
+    finally:
+        jit.finish_background()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a helper shares a compile on two cores or more")
+def test_a_helper_that_dies_leaves_its_jobs_to_the_warmup(monkeypatch):
+    """A helper that exits without doing its jobs: the warm-up runs every job itself,
+    the later one too, and leaves nothing in the background."""
+    from phi3ref import jit
+
+    monkeypatch.setenv("PHI3REF_COMPILE_HELPER", "1")
+    jobs, ran, kernels = _stand_in_jobs("abcd", later="d")
+    jit.run_warm_jobs(jobs, lambda names: "raise SystemExit(1)")
+    assert sorted(ran) == ["a", "b", "c", "d"]
+    assert jit.finish_background() == 0.0
+
+
 def test_compile_notice_speaks_only_when_slow(capsys):
     import time
 
@@ -144,23 +193,27 @@ def test_compile_notice_speaks_only_when_slow(capsys):
 
 def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
     """In a fresh process, each numerics' model.warmup() then a prompt and a decoded token:
-    the forward pass must not add a signature to any kernel (it would compile on a user's
-    first prompt); and warmup compiled the matrix products of the model's weight types
-    (Q4_K, Q5_K, Q6_K) and of no other type."""
+    the forward pass must not compile a kernel (it would compile on a user's first prompt;
+    loading one token's kernels that a helper compiled in the background is allowed); and
+    warmup compiled the matrix products of the model's weight types (Q4_K, Q5_K, Q6_K) and
+    of no other type."""
     code = (
         "import re, phi3ref\n"
         "from phi3ref.jit import all_kernels\n"
         "def signatures():\n"
         "    return {name: len(f.signatures) for name, f in all_kernels().items()}\n"
+        "def compiled():\n"
+        "    return {name: f.stats.cache_misses.total() for name, f in all_kernels().items()}\n"
         "added = {}\n"
         "for numerics in ('ggml', 'exact'):\n"
         "    model = phi3ref.load(%r, n_ctx=64, numerics=numerics)\n"
         "    model.warmup()\n"
-        "    before = signatures()\n"
+        "    before, misses = signatures(), compiled()\n"
         "    model.forward(list(range(100, 120)), 0)\n"
         "    model.forward([5], 20)\n"
-        "    after = signatures()\n"
-        "    added.update({f'{numerics} {n}': (before.get(n, 0), after[n]) for n in after if after[n] != before.get(n, 0)})\n"
+        "    after, grown = signatures(), compiled()\n"
+        "    added.update({f'{numerics} {n}': (before.get(n, 0), after[n]) for n in after\n"
+        "                  if after[n] != before.get(n, 0) and grown[n] != misses.get(n, 0)})\n"
         "made = sorted({m.group(1) for n, s in signatures().items() if s for m in [re.search(r'matmul_[a-z_]+_([A-Z][A-Z0-9_]*)$', n)] if m})\n"
         "print(added)\n"
         "print(made)\n"
@@ -174,8 +227,10 @@ def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
 
 def test_a_cold_warmup_shares_the_compile_with_a_helper(tiny_model, tmp_path):
     """With an empty cache, model.warmup() has a helper process compile part of the kernels
-    into the cache while it compiles the rest, then loads the helper's (cache hits); the
-    logits are those of a warm-up without a helper."""
+    into the cache while it compiles the rest, then loads the helper's (cache hits); one
+    token's attention kernels the helper compiles last, while the prompt runs, and the first
+    one-token pass loads them; the logits (a prompt's, then a token's) are those of a
+    warm-up without a helper."""
     import os
 
     code = (
@@ -185,9 +240,14 @@ def test_a_cold_warmup_shares_the_compile_with_a_helper(tiny_model, tmp_path):
         "model.warmup()\n"
         "hits = sorted(n for n, f in all_kernels().items() if f.stats.cache_hits.total())\n"
         "misses = sorted(n for n, f in all_kernels().items() if f.stats.cache_misses.total())\n"
-        "np.save(sys.argv[1], model.logits(list(range(100, 120))))\n"
+        "deferred = sorted(n for n, f in all_kernels().items() if '.attention_' in n and 'vecdot' in n and not f.signatures)\n"
+        "prompt = model.forward(list(range(100, 120)), 0)\n"
+        "np.save(sys.argv[1], np.stack([prompt, model.forward([7], 20)]))\n"
+        "loaded = sorted(n for n in deferred if all_kernels()[n].stats.cache_hits.total())\n"
         "print(hits)\n"
         "print(misses)\n"
+        "print(deferred)\n"
+        "print(loaded)\n"
     ) % str(tiny_model("phi3-mini", "Q4_K_M"))
     runs = {}
     for helper in ("1", "0"):
@@ -196,8 +256,11 @@ def test_a_cold_warmup_shares_the_compile_with_a_helper(tiny_model, tmp_path):
         done = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=1100)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[helper] = done.stdout.strip().splitlines(), np.load(out)
-    (hits, misses), with_helper = runs["1"]
+    (hits, misses, deferred, loaded), with_helper = runs["1"]
     assert hits != "[]" and misses != "[]", (hits, misses)  # some loaded (the helper's), some compiled here
-    (hits, _), without = runs["0"]
-    assert hits == "[]"  # alone, it compiled everything itself
+    # one token's attention kernels: compiled by the helper after the rest, in the
+    # background, and loaded by the first one-token pass
+    assert deferred == loaded and "attention_scores_vecdot" in deferred and "attention_values_vecdot" in deferred, (deferred, loaded)
+    (hits, _, deferred, _), without = runs["0"]
+    assert hits == "[]" and deferred == "[]"  # alone, it compiled everything itself, at once
     assert np.array_equal(with_helper, without)

@@ -40,7 +40,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import quants
-from ..jit import WarmJob, compile_notice, run_warm_jobs, specialized
+from ..jit import WarmJob, compile_notice, ready, run_helper_jobs, run_warm_jobs, specialized
 from ..kernels import (  # first: phi3ref.jit sets up the kernel cache before any kernel is decorated
     BF16, F16, F16_TABLE, F32, I32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0_BYTES, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
     Q8_0_BYTES, block_layout, read_f16, row_scratch, unpack_row, warm_weights,
@@ -728,7 +728,8 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
     form, chunks of keys that no row of its tile needs (others are computed), single keys in
     the other. One kernel per lane count and form (the level's; a prompt's or one
     token's), compiled at its first call."""
-    attention_scores_kernel(lanes, tinyblas_scores(batched, q.shape[2], lanes))(q, k_cache, end, first, last, out, n_threads)
+    kernel = attention_scores_kernel(lanes, tinyblas_scores(batched, q.shape[2], lanes))
+    ready(kernel)(q, k_cache, end, first, last, out, n_threads)  # one token's may still be compiling in a helper
 
 
 @functools.cache
@@ -793,7 +794,8 @@ def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, 
     after the causal mask, and a 0 product adds nothing (ggml multiplies them anyway, which
     differs only for an infinite or NaN value in the cache). One kernel per lane
     count and form (the level's; a prompt's or one token's), compiled at its first call."""
-    attention_values_kernel(lanes, tinyblas_values(batched, out.shape[2]))(probs, v_cache, end, first, last, out, n_threads)
+    kernel = attention_values_kernel(lanes, tinyblas_values(batched, out.shape[2]))
+    ready(kernel)(probs, v_cache, end, first, last, out, n_threads)  # one token's may still be compiling in a helper
 
 
 @functools.cache
@@ -1252,7 +1254,8 @@ def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, on
     row count) of each weight matrix; None: every type), for each kernel a model of those
     weights can take; return the seconds it took, reported apart from run time (and said
     on stderr while it lasts). A cold cache is filled by two processes
-    (:func:`phi3ref.jit.run_warm_jobs`); ``only``: the parts (by name) a helper runs.
+    (:func:`phi3ref.jit.run_warm_jobs`), the helper compiling one token's attention kernels
+    last, in the background; ``only``: the parts (by name) a helper runs, in that order.
     Kernels only the tests call (``fma_f32``, ``expf_ggml``) are left to compile when called."""
     start = time.perf_counter()
     weights = None if weights is None else [(int(t), int(n)) for t, n in weights]
@@ -1260,9 +1263,7 @@ def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, on
         quantize_activations(np.zeros((1, 256), np.float32), ACT_Q8_K)  # every K-quant job's: compiled before a helper starts
     jobs = _warm_jobs(weights, lanes)
     if only is not None:
-        for job in jobs:
-            if job.name in only:
-                job.run()
+        run_helper_jobs(jobs, only)
         return time.perf_counter() - start
 
     def helper_call(names: list[str]) -> str:
@@ -1325,9 +1326,9 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
 
     jobs = [  # measured seconds, cold, on 2 cores (phi3-mini's Q4_K_M)
         WarmJob("kq", 2.8, kq(True), lambda: [attention_scores_kernel(lanes, True)]),
-        WarmJob("kq1", 0.8, kq(False), lambda: [attention_scores_kernel(lanes, False)]),
+        WarmJob("kq1", 0.8, kq(False), lambda: [attention_scores_kernel(lanes, False)], later=True),
         WarmJob("kqv", 2.9, kqv(True), lambda: [attention_values_kernel(lanes, True)]),
-        WarmJob("kqv1", 1.7, kqv(False), lambda: [attention_values_kernel(lanes, False)]),
+        WarmJob("kqv1", 1.7, kqv(False), lambda: [attention_values_kernel(lanes, False)], later=True),
         WarmJob("exp", 2.1, exps, lambda: [softmax_ggml, swiglu_ggml]),
         WarmJob("layer", 1.3, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
     ]
