@@ -1,6 +1,6 @@
 """Where phi3ref's resident memory goes, stage by stage, on a full-size model.
 
-    python benchmarks/memory.py [--model benchmarks/models/phi3-mini-full-Q4_K_M.gguf] [--prompt 512] [--decode 128]
+    python benchmarks/memory.py [--model benchmarks/models/phi3-mini-full-Q4_K_M.gguf] [--prompt 512] [--decode 128] [--n-ctx N]
 
 Prints the process's resident set (RSS), split into anonymous memory (the Python runtime,
 the KV cache, activations) and file-backed pages (the mapped weights, shared libraries),
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path(__file__).parent / "models" / "phi3-mini-full-Q4_K_M.gguf")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--n-ctx", type=int, default=None, help="the context to load with (default: --prompt + --decode)")
     args = parser.parse_args()
     if not args.model.is_file():
         raise SystemExit(f"--model {args.model}: no such file (benchmarks/write_full_model.py writes it)")
@@ -50,7 +51,7 @@ def main() -> None:
     import phi3ref
 
     _show("phi3ref imported")
-    model = phi3ref.load(args.model, n_ctx=args.prompt + args.decode)
+    model = phi3ref.load(args.model, n_ctx=args.n_ctx or args.prompt + args.decode)
     _show("loaded (weights mapped in)")
     model.warmup()
     _show("kernels loaded")

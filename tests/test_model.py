@@ -271,6 +271,54 @@ def test_a_forked_child_runs_the_model(tiny_model):
     assert np.array_equal(model.logits(TOKENS[:4]), ref)  # and the parent goes on with its threads
 
 
+def test_a_forked_child_does_not_write_the_parents_cache(tiny_model):
+    """The KV cache is a private mapping: a child forked mid-context that runs other tokens
+    over the same positions leaves the parent's cache as it was."""
+    import multiprocessing
+
+    model = phi3ref.load(tiny_model("phi3-mini", "Q4_K_M"))
+    model.forward(TOKENS[:4], 0)
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=lambda: model.forward(TOKENS[::-1][:6], 0))  # overwrites positions 0..5 there
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    ref = phi3ref.load(tiny_model("phi3-mini", "Q4_K_M"))
+    ref.forward(TOKENS[:4], 0)
+    assert np.array_equal(model.forward(TOKENS[4:5], 4), ref.forward(TOKENS[4:5], 4))
+
+
+def _resident_kib(array: np.ndarray) -> int:
+    """Rss of the mappings that hold ``array``'s bytes (/proc/self/smaps), KiB."""
+    start, end = array.ctypes.data, array.ctypes.data + array.nbytes
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            field = line.split()
+            if not field[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in field[0].split("-"))
+                inside = lo < end and start < hi
+            elif inside and field[0] == "Rss:":
+                total += int(field[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="Linux's per-mapping resident sizes")
+def test_the_kv_cache_becomes_resident_only_where_the_context_reached():
+    """A Phi-3-mini-sized cache of 1,024 positions (32 layers, 192 MiB each of keys and
+    values): 8 positions written per layer make about 8 positions resident per layer, a
+    4 KB page or two more — not the 2 MB huge pages per layer numpy's own zeros would take
+    (two thirds of the cache)."""
+    from phi3ref.model import _lazy_zeros
+
+    keys = _lazy_zeros((32, 1024, 32, 96), np.uint16)  # (n_layer, n_ctx, n_head_kv, head_dim)
+    assert not keys.any() and keys.flags.writeable
+    assert _resident_kib(keys) == 0
+    keys[:, :8] = 1
+    written = keys[:, :8].nbytes // 1024
+    assert written <= _resident_kib(keys) <= written + 32 * 2 * 4
+
+
 def test_a_child_that_died_holding_numbas_lock_does_not_hang_the_next(tiny_model):
     """Numba's lock around starting its threads is a process-shared semaphore: a forked
     child that died holding it (as one killed by the fuzz harness's timeout did) left every
