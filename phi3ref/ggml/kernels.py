@@ -1259,8 +1259,6 @@ def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, on
     Kernels only the tests call (``fma_f32``, ``expf_ggml``) are left to compile when called."""
     start = time.perf_counter()
     weights = None if weights is None else [(int(t), int(n)) for t, n in weights]
-    if weights is None or any(activation_type(t) == ACT_Q8_K for t, _ in weights):
-        quantize_activations(np.zeros((1, 256), np.float32), ACT_Q8_K)  # every K-quant job's: compiled before a helper starts
     jobs = _warm_jobs(weights, lanes)
     if only is not None:
         run_helper_jobs(jobs, only)
@@ -1305,11 +1303,16 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
             rope_neox_ggml(layout, angles, angles, 64, np.empty(layout.shape, np.float32))
             store_f16(layout.reshape(8, -1), np.empty((8, layout[0].size), np.uint16))
 
+    def activations(n_tok, act):
+        if act == ACT_Q8_K:  # the arrays quantize_activations returns, without its kernel (the "q8k" job's)
+            return (np.zeros((n_tok, 256), np.int8), np.zeros((n_tok, 1), np.float32), np.zeros((n_tok, 16), np.int32))
+        return quantize_activations(x[:n_tok], act)
+
     def product(qt, ws):
         def run():
             for w in ws:  # each class of row count
                 for n_tok in (1, 8):  # ggml takes other kernels for a batch of 8 tokens or more
-                    q, d, s = quantize_activations(x[:n_tok], activation_type(qt))
+                    q, d, s = activations(n_tok, activation_type(qt))
                     out = np.empty((n_tok, w.shape[0]), dtype=np.float32)
                     if qt in FLOAT_KIND:
                         matmul_float_ggml(w, FLOAT_KIND[qt], d, out, F16_TABLE, lanes, False, threads)
@@ -1324,17 +1327,19 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         unpacked = not simd or (qt == Q4_K and any(w.shape[0] % 8 for w in ws))  # see matmul_ggml
         return ([matmul_ggml_simd_kernel(qt)] if simd else []) + ([matmul_ggml_unpacked_kernel(qt)] if unpacked else [])
 
-    jobs = [  # measured seconds, cold, on 2 cores (phi3-mini's Q4_K_M)
-        WarmJob("kq", 2.8, kq(True), lambda: [attention_scores_kernel(lanes, True)]),
-        WarmJob("kq1", 0.8, kq(False), lambda: [attention_scores_kernel(lanes, False)], later=True),
-        WarmJob("kqv", 2.9, kqv(True), lambda: [attention_values_kernel(lanes, True)]),
+    jobs = [  # seconds, measured one after the other in one process with a cold cache (phi3-mini Q4_K_M)
+        WarmJob("kq", 3.0, kq(True), lambda: [attention_scores_kernel(lanes, True)]),
+        WarmJob("kq1", 1.0, kq(False), lambda: [attention_scores_kernel(lanes, False)], later=True),
+        WarmJob("kqv", 3.4, kqv(True), lambda: [attention_values_kernel(lanes, True)]),
         WarmJob("kqv1", 1.7, kqv(False), lambda: [attention_values_kernel(lanes, False)], later=True),
-        WarmJob("exp", 2.1, exps, lambda: [softmax_ggml, swiglu_ggml]),
-        WarmJob("layer", 1.3, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
+        WarmJob("exp", 2.4, exps, lambda: [softmax_ggml, swiglu_ggml]),
+        WarmJob("layer", 1.9, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
     ]
     by_type: dict[int, list[np.ndarray]] = {}
     for qt, w in warm_weights(weights):
         by_type.setdefault(qt, []).append(w)
+    if any(activation_type(qt) == ACT_Q8_K for qt in by_type):
+        jobs.append(WarmJob("q8k", 0.5, lambda: quantize_activations(x[:1], ACT_Q8_K), lambda: [_quantize_q8_k]))
     for qt, ws in by_type.items():  # one job per type: its kernels are compiled in one process
-        jobs.append(WarmJob(QT(qt).name, 3.2, product(qt, ws), lambda qt=qt, ws=ws: product_kernels(qt, ws)))
+        jobs.append(WarmJob(QT(qt).name, 3.6, product(qt, ws), lambda qt=qt, ws=ws: product_kernels(qt, ws)))
     return jobs
