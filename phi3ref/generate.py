@@ -38,7 +38,9 @@ __all__ = ["Chat", "GenerationResult", "Timings", "TokenLogprob", "encode_chat",
 @dataclass
 class Timings:
     """Where a generation's time went; ``compile_seconds``: compiling (or loading from the
-    cache) the model's kernels, on a model's first generation only, kept out of the speeds."""
+    cache) the model's kernels, kept out of the speeds: on a model's first generation, and
+    on the first to decode a token when a helper compiled one token's kernels in the
+    background (waiting for them)."""
 
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0

@@ -14,6 +14,9 @@ kernels import this first).
   for one value of a parameter (a weight type) that the code then holds as a constant,
   so that a model compiles only the branches of its own weight types;
   :func:`compile_notice` says on stderr that a slow compile is under way.
+* **A cold cache filled by two processes**: :func:`run_warm_jobs` has a helper process
+  compile about half of a warm-up, and last, in the background, the kernels a prompt does
+  not need (:func:`ready` waits for them where they are first called).
 * **fork()**: a forked child can still run the kernels.
 """
 
@@ -208,9 +211,10 @@ def all_kernels() -> dict[str, Callable]:
 @dataclass
 class WarmJob:
     """A part of a warm-up: ``run()`` compiles (or loads) ``kernels()``; ``cost``: its rough
-    compile seconds, to share the parts out. ``later``: no prompt's pass needs it (one
-    token's kernels): a helper may compile it in the background while the prompt runs, and
-    its kernels are then called through :func:`ready`, which waits for them."""
+    compile seconds, to share the parts out. ``later``: a prompt's pass does not usually
+    need it (one token's kernels): a helper may compile it in the background while the
+    prompt runs, so its kernels are called through :func:`ready`, which waits for them
+    when a pass needs them sooner."""
 
     name: str
     cost: float
@@ -283,9 +287,10 @@ class _Background:
     timeout: float
 
 
-_background: _Background | None = None
-_background_lock = threading.Lock()
-_background_seconds = 0.0
+_background: _Background | None = None  # cleared only once its jobs have run here
+_background_lock = threading.Lock()  # held while they are waited for and run
+_finishing: int | None = None  # the thread running them (their kernels' calls pass through ready())
+_waited = threading.local()  # .seconds: what this thread waited for them
 
 
 def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[list[str]], str]) -> None:
@@ -347,34 +352,43 @@ def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[list[str]], str]) 
 def ready(kernel: Callable) -> Callable:
     """``kernel``, loaded from the cache first if a helper compiles it in the background
     (:func:`finish_background`)."""
-    if _background is not None and id(kernel) in _background.kernels:
+    work = _background
+    if work is not None and id(kernel) in work.kernels:
         finish_background()
     return kernel
 
 
 def finish_background() -> float:
     """Wait for a helper's background jobs, bounded by their expected cost, then load them
-    here (or compile those it did not finish); the seconds it took (0 when none)."""
-    global _background, _background_seconds
+    here (or compile those it did not finish); the seconds it took (0 when none). Another
+    thread that needs them meanwhile waits for this one."""
+    global _background, _finishing
+    if _background is None or _finishing == threading.get_ident():  # none, or called from the jobs being run
+        return 0.0
+    start = time.perf_counter()
     with _background_lock:
-        if _background is None:
-            return 0.0
-        start = time.perf_counter()
-        work, _background = _background, None
-        with compile_notice("one token's attention (compiled in the background)"):
-            work.helper.wait_for([j.name for j in work.jobs], work.timeout)
-            work.helper.stop()
-            for job in work.jobs:
-                job.run()
-        seconds = time.perf_counter() - start
-        _background_seconds += seconds
-        return seconds
+        work = _background
+        if work is not None:  # else another thread has done it meanwhile
+            _finishing = threading.get_ident()
+            try:
+                with compile_notice("one token's attention (compiled in the background)"):
+                    try:
+                        work.helper.wait_for([j.name for j in work.jobs], work.timeout)
+                    finally:
+                        work.helper.stop()
+                    for job in work.jobs:
+                        job.run()
+            finally:
+                _background, _finishing = None, None
+    seconds = time.perf_counter() - start
+    _waited.seconds = background_seconds() + seconds
+    return seconds
 
 
 def background_seconds() -> float:
-    """The seconds this process has waited, in all, for kernels compiled in the background
+    """The seconds this thread has waited, in all, for kernels compiled in the background
     (a generation counts them as compile time, not as its own)."""
-    return _background_seconds
+    return getattr(_waited, "seconds", 0.0)
 
 
 def _finish_at_exit() -> None:
@@ -382,14 +396,18 @@ def _finish_at_exit() -> None:
     cache holds its kernels for the next run."""
     work = _background
     if work is not None:
-        work.helper.wait_for([j.name for j in work.jobs], work.timeout)
-        work.helper.stop()
+        try:
+            with compile_notice("one token's attention, for the cache (compiled in the background)"):
+                work.helper.wait_for([j.name for j in work.jobs], work.timeout)
+        finally:
+            work.helper.stop()
 
 
 def _forget_background_in_child() -> None:
-    """A forked child neither waits for nor stops its parent's helper."""
-    global _background, _background_lock
-    _background, _background_lock = None, threading.Lock()
+    """A forked child neither waits for nor stops its parent's helper (the one-token
+    kernels, if it needs them before the helper has cached them, it compiles itself)."""
+    global _background, _background_lock, _finishing
+    _background, _background_lock, _finishing = None, threading.Lock(), None
 
 
 atexit.register(_finish_at_exit)

@@ -137,12 +137,18 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes == 0:
         return np.zeros(shape, dtype=dtype)
-    if hasattr(mmap, "MAP_PRIVATE"):  # private (mmap's default is shared: a forked child would write the parent's cache)
-        pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    else:  # Windows: an anonymous mapping is private to the process
-        pages = mmap.mmap(-1, nbytes)
+    try:
+        if hasattr(mmap, "MAP_PRIVATE"):  # private (mmap's default is shared: a forked child would write the parent's cache)
+            pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:  # Windows: an anonymous mapping is private to the process
+            pages = mmap.mmap(-1, nbytes)
+    except OSError as e:  # ENOMEM (an address-space limit, strict overcommit): as numpy would say it
+        raise MemoryError(f"{nbytes:,} bytes: {e}") from None
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux (where THP may be on for every mapping)
-        pages.madvise(mmap.MADV_NOHUGEPAGE)
+        try:
+            pages.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: nothing to turn off
+            pass
     return np.frombuffer(pages, dtype=dtype).reshape(shape)  # (shape), the mapping its base
 
 

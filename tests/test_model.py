@@ -312,11 +312,11 @@ def test_the_kv_cache_becomes_resident_only_where_the_context_reached():
     from phi3ref.model import _lazy_zeros
 
     keys = _lazy_zeros((32, 1024, 32, 96), np.uint16)  # (n_layer, n_ctx, n_head_kv, head_dim)
-    assert not keys.any() and keys.flags.writeable
-    assert _resident_kib(keys) == 0
+    assert not keys.any() and keys.flags.writeable and keys.flags.c_contiguous
+    before = _resident_kib(keys)  # (a neighbouring mapping the kernel merged with this one counts too)
     keys[:, :8] = 1
     written = keys[:, :8].nbytes // 1024
-    assert written <= _resident_kib(keys) <= written + 32 * 2 * 4
+    assert written <= _resident_kib(keys) - before <= written + 32 * 2 * 4
 
 
 def test_a_child_that_died_holding_numbas_lock_does_not_hang_the_next(tiny_model):
