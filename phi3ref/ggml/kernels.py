@@ -137,13 +137,14 @@ def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarra
 
 
 # error_model="numpy": an infinite activation divides by -0 here as in C (giving inf, which
-# the model then reports), not a ZeroDivisionError from inside the kernel
-@njit(cache=True, fastmath=FASTMATH_GGML, error_model="numpy")
+# the model then reports), not a ZeroDivisionError from inside the kernel. Tokens in
+# parallel: serial, it was 3% of a 512-token prompt on two threads.
+@njit(cache=True, fastmath=FASTMATH_GGML, error_model="numpy", parallel=True)
 def _quantize_q8_k(x, q, d, bsums):
     """quantize_row_q8_K_ref: per 256-block, the first value of largest magnitude sets
     iscale = -127 / max; codes nearest_int(iscale * x) (ties to even), at most 127."""
     n_tok, n_in = x.shape
-    for t in range(n_tok):
+    for t in prange(n_tok):
         for b in range(n_in // 256):
             o = 256 * b
             mx = x[t, o]
