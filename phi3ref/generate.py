@@ -25,8 +25,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from .chat_template import render_chat
-from .jit import background_seconds
 from .checks import flag, integer
+from .jit import background_seconds
 from .loading import load
 from .model import Model
 from .sampler import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING, SamplingParams, log_softmax, sample
