@@ -232,10 +232,14 @@ def main() -> None:
 
     model, _ = ensure_full_model(args.model, preset=args.preset)
     _read_through(model)  # the cold start is of the kernel cache, not of the disk
+
+    def cold_start() -> dict:  # phi3ref's start with an empty Numba cache, in a throw-away folder
+        with tempfile.TemporaryDirectory() as cold:
+            return run(PHI3REF, str(model), str(args.threads), "first-token", env={**envs["phi3ref"], "NUMBA_CACHE_DIR": cold})
+
     if args.cold_only:
         for i in range(args.cold_only):
-            with tempfile.TemporaryDirectory() as cold:
-                r = run(PHI3REF, str(model), str(args.threads), "first-token", env={**envs["phi3ref"], "NUMBA_CACHE_DIR": cold})
+            r = cold_start()
             print(f"cold start {i + 1}/{args.cold_only} ({args.preset}, {instruction_set}): JIT compile {r['compile_s']:.1f} s; "
                   f"process start to the first token {r['first_token_s']:.1f} s, to the second {r['second_token_s']:.1f} s")
         return
@@ -245,9 +249,7 @@ def main() -> None:
     if args.transformers:
         runtimes["transformers"] = TRANSFORMERS
 
-    # JIT compile with a cold Numba cache, once, in a throw-away cache folder
-    with tempfile.TemporaryDirectory() as cold:
-        cold_run = run(PHI3REF, str(model), str(args.threads), "first-token", env={**envs["phi3ref"], "NUMBA_CACHE_DIR": cold})
+    cold_run = cold_start()  # JIT compile with a cold Numba cache, once
     samples: dict[str, list[dict]] = {name: [] for name in runtimes}
     long_samples: dict[str, list[dict]] = {name: [] for name in ("phi3ref", "llama.cpp")}
     one_thread: dict[str, list[dict]] = {name: [] for name in ("phi3ref", "llama.cpp")}

@@ -286,6 +286,13 @@ class _Background:
     kernels: set[int]  # ids of their kernels
     timeout: float
 
+    def settle(self) -> None:
+        """Wait for the helper to do the jobs, bounded by their expected cost; stop it."""
+        try:
+            self.helper.wait_for([j.name for j in self.jobs], self.timeout)
+        finally:
+            self.helper.stop()
+
 
 _background: _Background | None = None  # cleared only once its jobs have run here
 _background_lock = threading.Lock()  # held while they are waited for and run
@@ -372,10 +379,7 @@ def finish_background() -> float:
             _finishing = threading.get_ident()
             try:
                 with compile_notice("one token's attention (compiled in the background)"):
-                    try:
-                        work.helper.wait_for([j.name for j in work.jobs], work.timeout)
-                    finally:
-                        work.helper.stop()
+                    work.settle()
                     for job in work.jobs:
                         job.run()
             finally:
@@ -396,11 +400,8 @@ def _finish_at_exit() -> None:
     cache holds its kernels for the next run."""
     work = _background
     if work is not None:
-        try:
-            with compile_notice("one token's attention, for the cache (compiled in the background)"):
-                work.helper.wait_for([j.name for j in work.jobs], work.timeout)
-        finally:
-            work.helper.stop()
+        with compile_notice("one token's attention, for the cache (compiled in the background)"):
+            work.settle()
 
 
 def _forget_background_in_child() -> None:

@@ -128,12 +128,17 @@ def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarra
         s = _f16_round(d * codes.sum(axis=-1, dtype=np.float32)) if act == ACT_Q8_1 else empty_s
         return q, _f16_round(d), s
     if act == ACT_Q8_K:
-        q = np.empty((n_tok, n_in), dtype=np.int8)
-        d = np.empty((n_tok, n_in // 256), dtype=np.float32)
-        bsums = np.empty((n_tok, n_in // 16), dtype=np.int32)
+        q, d, bsums = _q8_k_arrays(n_tok, n_in, np.empty)
         _quantize_q8_k(x, q, d, bsums)
         return q, d, bsums
     raise ValueError(f"unknown activation format {act}")
+
+
+def _q8_k_arrays(n_tok: int, n_in: int, alloc=np.zeros) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays of Q8_K activations, made by ``alloc``: codes (n_tok, n_in) int8, block
+    scales (n_tok, n_in / 256) float32, sums of each 16 codes (n_tok, n_in / 16) int32."""
+    return (alloc((n_tok, n_in), dtype=np.int8), alloc((n_tok, n_in // 256), dtype=np.float32),
+            alloc((n_tok, n_in // 16), dtype=np.int32))
 
 
 # error_model="numpy": an infinite activation divides by -0 here as in C (giving inf, which
@@ -1306,7 +1311,7 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
 
     def activations(n_tok, act):
         if act == ACT_Q8_K:  # the arrays quantize_activations returns, without its kernel (the "q8k" job's)
-            return (np.zeros((n_tok, 256), np.int8), np.zeros((n_tok, 1), np.float32), np.zeros((n_tok, 16), np.int32))
+            return _q8_k_arrays(n_tok, x.shape[1])
         return quantize_activations(x[:n_tok], act)
 
     def product(qt, ws):
