@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{checkout} is not a phi3ref checkout (no phi3ref/__init__.py in it)")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    path = args.model or ensure_full_model()[0]
+    if args.model is not None and not args.model.is_file():
+        parser.error(f"--model {args.model}: no such file")
+    # the children run in / (so that neither checkout is on the path twice): an absolute path
+    path = args.model.resolve() if args.model is not None else ensure_full_model()[0]
     runs = {"old": [], "new": []}
     for r in range(args.rounds):
         order = [("old", args.old), ("new", args.new)]

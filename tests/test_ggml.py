@@ -134,6 +134,36 @@ def check_simd_path(qtypes=SIMD_TYPES, threads: int = THREADS) -> None:
                     ggml_kernels.matmul_ggml(raw, int(qtype), q, d, s, fast, kernels.F16_TABLE, True, threads)
                     ggml_kernels.matmul_ggml_unpacked(raw, int(qtype), q, d, s, plain, kernels.F16_TABLE, True, threads)
                     assert np.array_equal(fast.view(np.uint32), plain.view(np.uint32)), (qtype.name, rows, n_tokens, scale)
+        check_extreme_codes(qtype, threads)
+
+
+def with_max_codes(raw: np.ndarray, qtype) -> np.ndarray:
+    """The blocks of ``raw`` (rows, row bytes) with every code bit set (the largest code of
+    the type everywhere), scales and d as they were."""
+    layout = QUANT_TYPES[qtype]
+    blocks = raw.copy().reshape(-1, layout.type_size)  # (rows x blocks per row, block bytes)
+    for name, size in layout.fields:
+        if name in ("qs", "qh", "ql"):
+            blocks[:, layout.offset(name):layout.offset(name) + size] = 0xFF
+    return blocks.reshape(raw.shape)
+
+
+def check_extreme_codes(qtype, threads: int = THREADS) -> None:
+    """The largest integer sums the kernels can meet: every weight code at its maximum against
+    activations that all quantize to -127 (a constant row: Q8_K's largest magnitude), so that
+    a partial sum kept in too narrow an integer (16 bits without VNNI) saturates or wraps and
+    shows here."""
+    rng = np.random.default_rng(9)
+    for rows in (40, 36):
+        raw = with_max_codes(quantize(rng.standard_normal((rows, N_IN)).astype(np.float32), qtype), qtype)
+        for n_tokens in (1, 4, 9):
+            x = np.where(np.arange(n_tokens)[:, None] % 2 == 0, -1.0, 1.0) * np.ones((n_tokens, N_IN), np.float32)
+            q, d, s = ggml_kernels.quantize_activations(x.astype(np.float32), ggml_kernels.activation_type(int(qtype)))
+            fast = np.empty((n_tokens, rows), np.float32)
+            plain = np.empty((n_tokens, rows), np.float32)
+            ggml_kernels.matmul_ggml(raw, int(qtype), q, d, s, fast, kernels.F16_TABLE, True, threads)
+            ggml_kernels.matmul_ggml_unpacked(raw, int(qtype), q, d, s, plain, kernels.F16_TABLE, True, threads)
+            assert np.array_equal(fast.view(np.uint32), plain.view(np.uint32)), (qtype.name, rows, n_tokens, "extreme codes")
 
 
 @pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)

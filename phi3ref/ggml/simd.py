@@ -747,6 +747,47 @@ def _transpose8(builder, vecs: list[ir.Value], elem: ir.Type) -> list[ir.Value]:
     return [builder.bitcast(x, vecs[0].type) for x in v]
 
 
+# Each sub-block's integer sum is multiplied by its row's scale. With VNNI the byte products
+# are summed in 32 bits (vpdpbusd) and then multiplied (vpmulld); without it, as ggml's AVX2
+# GEMMs do, they stay in 16 bits across the sub-block's groups (vpmaddubsw, vpaddw) and one
+# vpmaddwd with the scale words does the multiply and the widening together: about 40% fewer
+# instructions per token. Both are the same integers: every sum is exact.
+I16_MAX = 32767
+
+
+def _scale_operand(builder, scale8: ir.Value) -> ir.Value:
+    """Per block, outside the token loop: row i's scale (lane i of the <8 x i32> ``scale8``)
+    laid out for :func:`_dots_scaled` -- int16 words, four per row (the AVX2 form), or int32
+    lanes 2i and 2i + 1 (VNNI and the plain form)."""
+    if AVX2 and not VNNI512:
+        return _shuffle(builder, builder.trunc(scale8, ir.VectorType(_I16, 8)), None, [i // 4 for i in range(32)])
+    return _shuffle(builder, scale8, None, [i // 2 for i in range(16)])
+
+
+def _dots_scaled(builder, pairs: list[tuple[ir.Value, ir.Value]], scale: ir.Value, max_code: int) -> ir.Value:
+    """<16 x i32> in _dot4's lanes (2i and 2i + 1: row i): (sum over (u, s) in ``pairs`` of
+    u . s) times row i's scale (``scale`` from :func:`_scale_operand`); u unsigned codes of
+    at most ``max_code`` and s signed int8 codes, <64 x i8> each."""
+    if AVX2 and not VNNI512:
+        # the 16-bit partial sums may not overflow: each vpmaddubsw lane adds two products
+        assert len(pairs) * 2 * max_code * 128 <= I16_MAX, "the 16-bit sums would overflow"
+        v16i16 = ir.VectorType(_I16, 16)
+        maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [_V32I8, _V32I8]), "llvm.x86.avx2.pmadd.ub.sw")
+        maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [v16i16, v16i16]), "llvm.x86.avx2.pmadd.wd")
+
+        def half(words, *bytes_):
+            sums = builder.call(maddubs, [bytes_[0], bytes_[1]])
+            for k in range(2, len(bytes_), 2):
+                sums = builder.add(sums, builder.call(maddubs, [bytes_[k], bytes_[k + 1]]))
+            return builder.call(maddwd, [sums, words])
+
+        return _per_half(builder, half, scale, *(v for pair in pairs for v in pair))
+    acc = _zero16()
+    for u, s in pairs:
+        acc = _dot4(builder, acc, u, s)
+    return builder.mul(acc, scale)
+
+
 def _rows8_intrinsic(qtype: str, mode: str):
     """``kernel(w, r0, q, d, sums, t0, n_tok, acc, out)``: rows r0..r0 + 8 of the K-quant
     weight ``w`` (n_rows, row bytes) against tokens t0..t0 + n_tok of the Q8_K activations
@@ -787,7 +828,7 @@ def _rows8_intrinsic(qtype: str, mode: str):
                 codes = [_transpose8(builder, [r[1][p] for r in rows], _I64) for p in range(4)]
                 # sc_t[j] lane i = scale j of row i (Q6_K: 16 scales, two 8 x 8 transposes)
                 sc_t = [v for part in range(2 if qtype == "q6_k" else 1) for v in _transpose8(builder, [r[2 + part] for r in rows], _I32)]
-                sc_w = [_shuffle(builder, v, None, [i // 2 for i in range(16)]) for v in sc_t]
+                sc_w = [_scale_operand(builder, v) for v in sc_t]
                 d_at = layout.offset("d")
                 dvec, dmin = ir.Constant(_V8F32, None), ir.Constant(_V8F32, None)
                 for i, r in enumerate(rows):
@@ -813,8 +854,8 @@ def _rows8_intrinsic(qtype: str, mode: str):
                         total, bias = _zero16(), _splat(0, _V8I32)
                         for k in range(16):
                             p, g = k // 4, 2 * (k % 4)
-                            a = _dot4(builder, _dot4(builder, _zero16(), codes[p][g], x_group(p, g)), codes[p][g + 1], x_group(p, g + 1))
-                            total = builder.add(total, builder.mul(a, sc_w[k]))
+                            a = _dots_scaled(builder, [(codes[p][g + e], x_group(p, g + e)) for e in range(2)], sc_w[k], 63)
+                            total = builder.add(total, a)
                             bias = builder.add(bias, builder.mul(sc_t[k], _splat_value(builder, builder.extract_element(bsums, _const(k)), 8)))
                         row_totals = builder.add(_shuffle(builder, total, None, list(range(0, 16, 2))), _shuffle(builder, total, None, list(range(1, 16, 2))))
                         isum = builder.sitofp(builder.sub(row_totals, builder.shl(bias, _splat(5, _V8I32))), _V8F32)
@@ -828,10 +869,8 @@ def _rows8_intrinsic(qtype: str, mode: str):
                         for p in range(4):
                             halves = []
                             for h in range(2):  # sub-blocks 2p + h
-                                a = _zero16()
-                                for g in range(4 * h, 4 * h + 4):
-                                    a = _dot4(builder, a, codes[p][g], x_group(p, g))
-                                halves.append(builder.mul(a, sc_w[2 * p + h]))
+                                group_pairs = [(codes[p][g], x_group(p, g)) for g in range(4 * h, 4 * h + 4)]
+                                halves.append(_dots_scaled(builder, group_pairs, sc_w[2 * p + h], 31 if qtype == "q5_k" else 15))
                             both = builder.add(*halves)
                             pairs.append(builder.add(_shuffle(builder, both, None, list(range(0, 16, 2))), _shuffle(builder, both, None, list(range(1, 16, 2)))))
                             min_pairs.append(builder.add(
