@@ -128,13 +128,18 @@ def check_simd_path(qtypes=SIMD_TYPES, threads: int = THREADS) -> None:
                 raw = quantize(rng.standard_normal((rows, N_IN)).astype(np.float32) * scale, qtype)
                 for n_tokens in (1, 2, 3, 4, 5, 7, 8, 13, 70):
                     x = (rng.standard_normal((n_tokens, N_IN)) * scale * 10).astype(np.float32)
-                    q, d, s = ggml_kernels.quantize_activations(x, ggml_kernels.activation_type(int(qtype)))
-                    fast = np.empty((n_tokens, rows), np.float32)
-                    plain = np.empty((n_tokens, rows), np.float32)
-                    ggml_kernels.matmul_ggml(raw, int(qtype), q, d, s, fast, kernels.F16_TABLE, True, threads)
-                    ggml_kernels.matmul_ggml_unpacked(raw, int(qtype), q, d, s, plain, kernels.F16_TABLE, True, threads)
-                    assert np.array_equal(fast.view(np.uint32), plain.view(np.uint32)), (qtype.name, rows, n_tokens, scale)
+                    assert_simd_equals_plain(raw, qtype, x, threads, (qtype.name, rows, n_tokens, scale))
         check_extreme_codes(qtype, threads)
+
+
+def assert_simd_equals_plain(raw: np.ndarray, qtype, x: np.ndarray, threads: int, where) -> None:
+    """matmul_ggml (the SIMD paths) and matmul_ggml_unpacked give the same float bits."""
+    q, d, s = ggml_kernels.quantize_activations(x, ggml_kernels.activation_type(int(qtype)))
+    fast = np.empty((x.shape[0], raw.shape[0]), np.float32)
+    plain = np.empty_like(fast)
+    ggml_kernels.matmul_ggml(raw, int(qtype), q, d, s, fast, kernels.F16_TABLE, True, threads)
+    ggml_kernels.matmul_ggml_unpacked(raw, int(qtype), q, d, s, plain, kernels.F16_TABLE, True, threads)
+    assert np.array_equal(fast.view(np.uint32), plain.view(np.uint32)), where
 
 
 def with_max_codes(raw: np.ndarray, qtype) -> np.ndarray:
@@ -157,13 +162,9 @@ def check_extreme_codes(qtype, threads: int = THREADS) -> None:
     for rows in (40, 36):
         raw = with_max_codes(quantize(rng.standard_normal((rows, N_IN)).astype(np.float32), qtype), qtype)
         for n_tokens in (1, 4, 9):
-            x = np.where(np.arange(n_tokens)[:, None] % 2 == 0, -1.0, 1.0) * np.ones((n_tokens, N_IN), np.float32)
-            q, d, s = ggml_kernels.quantize_activations(x.astype(np.float32), ggml_kernels.activation_type(int(qtype)))
-            fast = np.empty((n_tokens, rows), np.float32)
-            plain = np.empty((n_tokens, rows), np.float32)
-            ggml_kernels.matmul_ggml(raw, int(qtype), q, d, s, fast, kernels.F16_TABLE, True, threads)
-            ggml_kernels.matmul_ggml_unpacked(raw, int(qtype), q, d, s, plain, kernels.F16_TABLE, True, threads)
-            assert np.array_equal(fast.view(np.uint32), plain.view(np.uint32)), (qtype.name, rows, n_tokens, "extreme codes")
+            signs = np.where(np.arange(n_tokens) % 2 == 0, -1, 1).astype(np.float32)
+            x = np.repeat(signs[:, None], N_IN, axis=1)  # (tokens, N_IN): constant rows of -1 and 1
+            assert_simd_equals_plain(raw, qtype, x, threads, (qtype.name, rows, n_tokens, "extreme codes"))
 
 
 @pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)

@@ -750,8 +750,10 @@ def _transpose8(builder, vecs: list[ir.Value], elem: ir.Type) -> list[ir.Value]:
 # Each sub-block's integer sum is multiplied by its row's scale. With VNNI the byte products
 # are summed in 32 bits (vpdpbusd) and then multiplied (vpmulld); without it, as ggml's AVX2
 # GEMMs do, they stay in 16 bits across the sub-block's groups (vpmaddubsw, vpaddw) and one
-# vpmaddwd with the scale words does the multiply and the widening together: about 40% fewer
-# instructions per token. Both are the same integers: every sum is exact.
+# vpmaddwd with the scale words does the multiply and the widening together: per sub-block
+# and token, in two 256-bit halves, 4 vpmaddubsw + 3 vpaddw + 1 vpmaddwd each (16) instead
+# of 4 x (vpmaddubsw + vpmaddwd + vpaddd) + vpmulld each (26). Both are the same integers:
+# every sum is exact.
 I16_MAX = 32767
 
 
