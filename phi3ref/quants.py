@@ -36,6 +36,9 @@ __all__ = [
 ]
 
 
+CODE_FIELDS = ("qs", "qh", "ql", "hmask")  # ggml-common.h's names of the fields that hold codes
+
+
 @dataclass(frozen=True)
 class QuantType:
     """Layout of one GGML tensor type: ``block_size`` elements stored in a block whose
@@ -67,6 +70,17 @@ class QuantType:
     def scale_offsets(self) -> tuple[int, ...]:
         """Where the block's float16 scales sit: d, and dmin or m where it has one."""
         return tuple(self.offset(f) for f in ("d", "dmin", "m") if f in dict(self.fields))
+
+    @property
+    def code_fields(self) -> tuple[tuple[str, int], ...]:
+        """The fields holding the elements' codes (all but the scales), (name, bytes)."""
+        return tuple((name, size) for name, size in self.fields if name in CODE_FIELDS)
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of one element's code, its parts in every code field together (Q5_K: 4 in qs
+        and 1 in qh); 0 for the float types."""
+        return 8 * sum(size for _, size in self.code_fields) // self.block_size
 
     @property
     def bits_per_weight(self) -> float:

@@ -147,9 +147,8 @@ def with_max_codes(raw: np.ndarray, qtype) -> np.ndarray:
     the type everywhere), scales and d as they were."""
     layout = QUANT_TYPES[qtype]
     blocks = raw.copy().reshape(-1, layout.type_size)  # (rows x blocks per row, block bytes)
-    for name, size in layout.fields:
-        if name in ("qs", "qh", "ql"):
-            blocks[:, layout.offset(name):layout.offset(name) + size] = 0xFF
+    for name, size in layout.code_fields:
+        blocks[:, layout.offset(name):layout.offset(name) + size] = 0xFF
     return blocks.reshape(raw.shape)
 
 

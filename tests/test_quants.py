@@ -41,6 +41,14 @@ def assert_bit_exact(ours: np.ndarray, ref: np.ndarray) -> None:
     assert not mismatch.any(), f"{mismatch.sum()} of {mismatch.size} values differ, first at {np.argwhere(mismatch)[0]}"
 
 
+def test_code_bits_are_the_formats_widths():
+    """Each type's code width, from its code fields' bytes: ggml's names of the formats."""
+    widths = {QT.Q4_0: 4, QT.Q4_1: 4, QT.Q5_0: 5, QT.Q5_1: 5, QT.Q8_0: 8, QT.Q2_K: 2, QT.Q3_K: 3,
+              QT.Q4_K: 4, QT.Q5_K: 5, QT.Q6_K: 6, QT.IQ4_NL: 4, QT.IQ4_XS: 4, QT.F32: 0, QT.F16: 0, QT.BF16: 0}
+    assert {t: QUANT_TYPES[t].code_bits for t in widths} == widths
+    assert set(QUANT_TYPES) <= set(widths), "a type without its expected width here"
+
+
 def test_table_matches_gguf():
     for qtype, t in QUANT_TYPES.items():
         assert (t.block_size, t.type_size) == gguf.GGML_QUANT_SIZES[qtype], qtype.name

@@ -798,6 +798,7 @@ def _rows8_intrinsic(qtype: str, mode: str):
     is float32 scratch of 16 per token."""
     layout, codes_of = {"q4_k": (_Q4_K, _codes_q4_k), "q5_k": (_Q5_K, _codes_q5_k), "q6_k": (_Q6_K, _codes_q6_k)}[qtype]
     block_bytes = layout.type_size
+    max_code = (1 << layout.code_bits) - 1  # the unsigned codes the kernel multiplies (Q6_K's before -32)
     assert qtype != "q6_k" or mode == "tiled"  # ggml sums Q6_K batches only in the tiled GEMM
 
     def typer(typingctx, w, r0, q, d, sums, t0, n_tok, acc, out):
@@ -856,7 +857,7 @@ def _rows8_intrinsic(qtype: str, mode: str):
                         total, bias = _zero16(), _splat(0, _V8I32)
                         for k in range(16):
                             p, g = k // 4, 2 * (k % 4)
-                            a = _dots_scaled(builder, [(codes[p][g + e], x_group(p, g + e)) for e in range(2)], sc_w[k], 63)
+                            a = _dots_scaled(builder, [(codes[p][g + e], x_group(p, g + e)) for e in range(2)], sc_w[k], max_code)
                             total = builder.add(total, a)
                             bias = builder.add(bias, builder.mul(sc_t[k], _splat_value(builder, builder.extract_element(bsums, _const(k)), 8)))
                         row_totals = builder.add(_shuffle(builder, total, None, list(range(0, 16, 2))), _shuffle(builder, total, None, list(range(1, 16, 2))))
@@ -872,7 +873,7 @@ def _rows8_intrinsic(qtype: str, mode: str):
                             halves = []
                             for h in range(2):  # sub-blocks 2p + h
                                 group_pairs = [(codes[p][g], x_group(p, g)) for g in range(4 * h, 4 * h + 4)]
-                                halves.append(_dots_scaled(builder, group_pairs, sc_w[2 * p + h], 31 if qtype == "q5_k" else 15))
+                                halves.append(_dots_scaled(builder, group_pairs, sc_w[2 * p + h], max_code))
                             both = builder.add(*halves)
                             pairs.append(builder.add(_shuffle(builder, both, None, list(range(0, 16, 2))), _shuffle(builder, both, None, list(range(1, 16, 2)))))
                             min_pairs.append(builder.add(
