@@ -187,8 +187,12 @@ def specialized(fn: Callable, name: str, **options) -> Callable:
     """``fn`` compiled by Numba (``cache=True`` and ``options``) under ``name``: ``fn`` is
     a closure over the value it is made for (a weight type), which its compiled code holds
     as a constant, so that the branches of other values fold away and are never compiled.
-    Numba compiles it at its first call, or loads it from the cache; ``name`` (unique in
-    the module) names its cache entries apart from those of the other values'."""
+    Numba prunes a branch whose condition compares constants (``qtype == Q4_K``, also
+    inside the functions it inlines), not one on what a call returns (``if has_row_path(qtype)``:
+    both sides are typed, lowered and optimized): choose between whole paths in Python,
+    where ``fn`` is made. Numba compiles it at its first call, or loads it from the cache;
+    ``name`` (unique in the module) names its cache entries apart from those of the other
+    values'."""
     fn.__name__ = fn.__qualname__ = name
     kernel = nb.njit(cache=True, **options)(fn)
     KERNELS.append(kernel)

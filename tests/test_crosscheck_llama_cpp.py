@@ -115,19 +115,28 @@ def _check(results: list[tuple[str, "object"]]) -> None:
     assert not bad, f"not bit-identical to llama.cpp: {bad}"
 
 
+# The prompts' logits compared: those of the last LOGIT_ROWS positions, asked of both
+# runtimes as llama-perplexity asks (llama.cpp then skips the others' last feed-forward and
+# head). Every position still runs through the layers, and the output head — by far the
+# largest product of these small-width models (Phi-4-mini's 200k rows of 768 outweigh its
+# two layers many times over) — still meets a batch past the kernels' token tiles.
+LOGIT_ROWS = 70  # past a tile of 64 tokens (the eight-row kernels'), and no multiple of four (the GEMM's groups)
+
+
 @NEEDS_LLAMA_CPP
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS_HERE)
 @pytest.mark.parametrize("level", LEVEL_PARAMS)
 def test_prompt_logits_equal_llama_cpp(level, preset, realistic_model):
-    """Every weight type, a 300-token prompt (every position's logits), and a 600-token one
-    in two micro-batches: max |Δlogit| = 0."""
+    """Every weight type, a 300-token prompt, and a 600-token one in two micro-batches (the
+    logits of their last LOGIT_ROWS positions): max |Δlogit| = 0."""
     cases = [(q, _prompt(300, 7)) for q in ALL_QUANTS] + [("Q4_K_M", _prompt(600, 8))]
-    calls = [("logits", dict(path=str(realistic_model(preset, q)), tokens=p, n_ctx=N_CTX)) for q, p in cases]
+    calls = [("logits", dict(path=str(realistic_model(preset, q)), tokens=p, n_ctx=N_CTX, first=len(p) - LOGIT_ROWS))
+             for q, p in cases]
     theirs = llama_cpp_calls(calls, level=_llama_cpp_at(level))
     results = []
     for (quant, prompt), ref in zip(cases, theirs):
-        ours = phi3ref.load(realistic_model(preset, quant), isa=level, n_ctx=N_CTX).logits(prompt)
+        ours = phi3ref.load(realistic_model(preset, quant), isa=level, n_ctx=N_CTX).logits(prompt, first=len(prompt) - LOGIT_ROWS)
         results.append((f"{level} {preset} {quant} {len(prompt)} tokens", compare(ours, ref)))
     _check(results)
 
@@ -143,8 +152,9 @@ def _generation(path: Path, level: isa.Level, prompt: list[int], continuation: l
 def test_generation_logits_equal_llama_cpp(level, preset, realistic_model):
     """The generation path (prompt in one batch, then a token at a time through the KV
     cache; llama.cpp's kernels for single tokens differ): every weight type for 24 steps,
-    and Q4_K_M past 1,000 positions."""
-    cases = [(q, _prompt(40, 9), _prompt(24, 10)) for q in ALL_QUANTS] + [("Q4_K_M", _prompt(300, 11), _prompt(724, 12))]
+    and Q4_K_M 44 steps past 1,000 positions (a 980-token prompt in two micro-batches
+    before them: one token's attention over a long cache, without a thousand head products)."""
+    cases = [(q, _prompt(40, 9), _prompt(24, 10)) for q in ALL_QUANTS] + [("Q4_K_M", _prompt(980, 11), _prompt(44, 12))]
     calls = [("generation", dict(path=str(realistic_model(preset, q)), prompt=p, continuation=c, n_ctx=N_CTX)) for q, p, c in cases]
     theirs = llama_cpp_calls(calls, level=_llama_cpp_at(level))
     results = []

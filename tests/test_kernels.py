@@ -98,7 +98,7 @@ def test_kernel_cache_knows_the_simd_form_and_source():
     from phi3ref.ggml import simd
 
     q4_k = int(QT.Q4_K)
-    for kernel in (ggml_kernels.matmul_ggml_simd_kernel(q4_k), kernels.matmul_exact_kernel(q4_k), ggml_kernels.rms_norm_ggml):
+    for kernel in (ggml_kernels.product_kernel(q4_k, 8, 8, True), kernels.matmul_exact_kernel(q4_k), ggml_kernels.rms_norm_ggml):
         cache = kernel._cache
         assert type(cache._impl.locator).__name__ == "KernelCacheLocator"
         assert f"simd-{simd.FORM}" in Path(cache._cache_path).parts
@@ -246,7 +246,7 @@ def test_warmup_compiles_every_signature_the_model_uses(tiny_model):
         "    model.forward([5], 20)\n"
         "    after = signatures()\n"
         "    added.update({f'{numerics} {n}': (before.get(n, 0), after[n]) for n in after if after[n] != before.get(n, 0)})\n"
-        "made = sorted({m.group(1) for n, s in signatures().items() if s for m in [re.search(r'matmul_[a-z_]+_([A-Z][A-Z0-9_]*)$', n)] if m})\n"
+        "made = sorted({m.group(1) for n, s in signatures().items() if s for m in [re.search(r'matmul_[a-z0-9_]+_([A-Z][A-Z0-9_]*)$', n)] if m})\n"
         "print(added)\n"
         "print(made)\n"
     ) % str(tiny_model("phi3-mini", "Q4_K_M"))

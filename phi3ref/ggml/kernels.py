@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numba as nb
 import numpy as np
@@ -57,8 +57,8 @@ from .simd import (
 __all__ = [
     "ACT_F32", "ACT_F16", "ACT_BF16", "ACT_Q8_0", "ACT_Q8_1", "ACT_Q8_K", "FLOAT_F32", "FLOAT_F16", "FLOAT_BF16", "FLOAT_KIND",
     "activation_type", "quantize_activations", "matmul_ggml", "matmul_ggml_unpacked", "matmul_float_ggml",
-    "matmul_ggml_simd_kernel", "matmul_ggml_unpacked_kernel", "matmul_float_ggml_kernel", "attention_scores_f16", "attention_scores_kernel", "attention_values_kernel", "attention_values_f16", "softmax_ggml", "round_to_f16", "store_f16", "rms_norm_ggml",
-    "rope_neox_ggml", "swiglu_ggml", "fma_f32", "libm_cos_sin", "expf_ggml", "log_sum_exp_rows", "warmup",
+    "matmul_ggml_simd_kernel", "matmul_ggml_unpacked_kernel", "product_kernel", "matmul_float_ggml_kernel", "attention_scores_f16", "attention_scores_kernel", "attention_values_kernel", "attention_values_f16", "softmax_ggml", "softmax_kernel", "round_to_f16", "store_f16", "rms_norm_ggml",
+    "rope_neox_ggml", "swiglu_ggml", "swiglu_kernel", "fma_f32", "libm_cos_sin", "expf_ggml", "log_sum_exp_rows", "warmup",
 ]
 
 # The ggml kernels keep ggml's order of float operations (their fused multiply-adds are
@@ -197,6 +197,7 @@ def _quantize_q8_k(x, q, d, bsums):
 # llama.cpp repacks a Q4_0 / IQ4_NL / Q4_K weight (Q2_K only with AVX-512) when its row
 # count is a multiple of 8. Float weights are matmul_float_ggml's (below).
 MODE_SEQ, MODE_SEQ_MIN, MODE_LANES, MODE_TILED, MODE_LANES2 = 0, 1, 2, 3, 4
+MODE_NAMES = ("seq", "seq_min", "lanes", "tiled", "lanes2")  # by value: in the names of the kernels made per mode
 
 
 @njit(inline="always")
@@ -353,8 +354,8 @@ TOKEN_TILE = 32  # (a multiple of ROW_TOKENS) tokens whose activation codes (32 
 ROW_GROUP = 8  # weight rows that meet each tile of tokens while it is in cache
 
 
-@njit(inline="always")
-def has_simd_path(qtype):
+def has_simd_path(qtype: int) -> bool:
+    """Whether a weight type takes a SIMD kernel (:func:`matmul_ggml_simd_kernel`)."""
     return qtype == Q4_K or qtype == Q5_K or qtype == Q6_K or qtype == Q8_0 or qtype == Q4_0
 
 
@@ -416,8 +417,7 @@ def _rows_simd(w, qtype, mode, r0, r1, q, d, s, out, ints, scales, lanes, table)
                     out[t0 + t, r] = _simd_token(mode, ints, scales, d, t0 + t, t, nt, n_blocks, lanes)
 
 
-@njit(inline="always")
-def has_row_path(qtype):
+def has_row_path(qtype: int) -> bool:
     """Whether phi3ref.ggml.simd's row kernels cover a weight type (in every accumulation mode)."""
     return qtype == Q4_K or qtype == Q5_K or qtype == Q6_K
 
@@ -475,6 +475,20 @@ def _rows_k(w, qtype, mode, r0, r1, q, d, s, out):
                 t += n_group
 
 
+@njit(inline="always")
+def _rows_k_single(w, qtype, mode, r0, r1, q, d, s, out):
+    """Rows r0..r1 of a K-quant weight against every token, each token on its own (the row
+    kernel of one token): what a product takes below ROWS8_MIN_TOKENS tokens, or summed
+    in vec_dot lanes; tokens in tiles of TOKEN_TILE as in :func:`_rows_k`."""
+    n_tok = out.shape[0]
+    for t0 in range(0, n_tok, TOKEN_TILE):
+        t1 = min(n_tok, t0 + TOKEN_TILE)
+        for r in range(r0, r1):
+            row = w[r]
+            for t in range(t0, t1):
+                _row_kernel(qtype, mode, 1, row, q, d, s, out, r, t)
+
+
 ROWS8_MIN_TOKENS = 4  # below this, a token's row kernel streams the weights faster
 # tokens that meet a thread's whole slice of weights in the eight-row kernels: each tile
 # streams the slice from memory once, so bigger tiles read the weights less often, while
@@ -483,11 +497,10 @@ ROWS8_MIN_TOKENS = 4  # below this, a token's row kernel streams the weights fas
 ROWS8_TOKEN_TILE = 64
 
 
-@njit(inline="always")
-def has_rows8_path(qtype, mode, n_tok):
+def has_rows8_path(qtype: int, mode: int, n_tok: int) -> bool:
     """Whether phi3ref.ggml.simd's eight-row kernels cover this product (Q4_K / Q5_K / Q6_K
     batches summed per token, not in vec_dot lanes)."""
-    return (qtype == Q4_K or qtype == Q5_K or qtype == Q6_K) and mode != MODE_LANES and n_tok >= ROWS8_MIN_TOKENS
+    return has_row_path(qtype) and mode != MODE_LANES and n_tok >= ROWS8_MIN_TOKENS
 
 
 @njit(inline="always")
@@ -518,16 +531,23 @@ def matmul_ggml(w, qtype, q, d, s, out, table, repack_q2_k, n_threads) -> None:
     """out[t, r] = dot(W[r], activations of token t) in ggml's numerics, for block-quantized
     weights. ``q, d, s`` come from :func:`quantize_activations` in the weight type's
     activation format; ``repack_q2_k`` is the level's (phi3ref.isa). Q4_0, Q8_0, Q4_K,
-    Q5_K and Q6_K take the SIMD paths (:func:`matmul_ggml_simd_kernel`: a few tokens:
-    phi3ref.ggml.simd's row kernels for the K-quants; otherwise each weight block unpacked
-    once per tile of tokens), every other type (and Q4_K's vec_dot, for row counts
-    llama.cpp does not repack) :func:`matmul_ggml_unpacked`. The choice is made here, so
-    that only the kernels a weight takes are ever compiled."""
-    mode = accumulation_mode.py_func(qtype, w.shape[0], out.shape[0], repack_q2_k)
-    if has_simd_path.py_func(qtype) and not (qtype == Q4_K and mode == MODE_LANES):
-        matmul_ggml_simd_kernel(qtype)(w, q, d, s, out, table, repack_q2_k, n_threads)
-    else:
-        matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads)
+    Q5_K and Q6_K take the SIMD paths (:func:`matmul_ggml_simd_kernel`), every other type
+    (and Q4_K's vec_dot, for row counts llama.cpp does not repack) :func:`matmul_ggml_unpacked`:
+    :func:`product_kernel` chooses, so that only the kernels a weight takes are ever
+    compiled."""
+    product_kernel(qtype, w.shape[0], out.shape[0], repack_q2_k)(w, q, d, s, out, table, repack_q2_k, n_threads)
+
+
+def product_kernel(qtype: int, n_rows: int, n_tok: int, repack_q2_k: bool):
+    """The compiled kernel :func:`matmul_ggml` multiplies a weight of type ``qtype`` and
+    ``n_rows`` rows with ``n_tok`` tokens by: the SIMD kernel of the product's summation
+    mode, eight-row or not, with or without rows beyond the last group of eight, where
+    the type has one; else the unpacked kernel."""
+    mode = accumulation_mode.py_func(qtype, n_rows, n_tok, repack_q2_k)
+    if not has_simd_path(qtype) or (qtype == Q4_K and mode == MODE_LANES):
+        return matmul_ggml_unpacked_kernel(qtype)
+    rows8 = has_rows8_path(qtype, mode, n_tok)
+    return matmul_ggml_simd_kernel(qtype, mode, rows8, rows8 and n_rows % 8 != 0)
 
 
 def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads) -> None:
@@ -536,35 +556,51 @@ def matmul_ggml_unpacked(w, qtype, q, d, s, out, table, repack_q2_k, n_threads) 
     matmul_ggml_unpacked_kernel(qtype)(w, q, d, s, out, table, repack_q2_k, n_threads)
 
 
-@functools.cache
-def matmul_ggml_simd_kernel(qtype: int):
-    """The SIMD paths of :func:`matmul_ggml` for one weight type (Q4_0, Q8_0, Q4_K, Q5_K,
-    Q6_K), compiled at its first call: ``qtype`` is a constant of its code."""
+# the products below ROWS8_MIN_TOKENS tokens take each token on its own (_rows_k_single):
+# no group of ROW_TOKENS fits in them
+assert ROWS8_MIN_TOKENS <= ROW_TOKENS
 
-    def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
-        n_rows, n_tok = w.shape[0], out.shape[0]
-        mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
-        per = (n_rows + n_threads - 1) // n_threads
-        if has_row_path(qtype):
-            rows8 = has_rows8_path(qtype, mode, n_tok)
+
+@functools.cache
+def matmul_ggml_simd_kernel(qtype: int, mode: int, rows8: bool = False, tail: bool = False):
+    """The SIMD path of :func:`matmul_ggml` for one weight type (Q4_0, Q8_0, Q4_K, Q5_K,
+    Q6_K) and summation ``mode``, compiled at its first call with both as constants of its
+    code, so that it holds only the kernels that mode sums with. Q4_K, Q5_K, Q6_K:
+    ``rows8`` the eight-row kernels (a prompt; ``tail``: the rows beyond the last group of
+    eight, one at a time, by the last thread), else the row kernel of one token, token by
+    token (a prompt's kernels and one token's are compiled apart: neither holds the other's). Q4_0,
+    Q8_0: each weight block unpacked once per tile of tokens. :func:`product_kernel`
+    chooses the variant of a product's shape; its arguments are :func:`matmul_ggml`'s."""
+    if rows8:
+        tail_rows = int(tail)
+
+        def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+            n_rows = w.shape[0]
             per8 = (n_rows // 8 + n_threads - 1) // n_threads * 8  # whole groups of eight rows per thread
             for th in prange(n_threads):
-                r0, r1 = th * per, min(n_rows, (th + 1) * per)
-                if rows8:
-                    acc = np.empty(ROWS8_TOKEN_TILE * 16, dtype=np.float32)
-                    _rows8_k(w, qtype, mode, th * per8, min(n_rows // 8 * 8, (th + 1) * per8), q, d, s, out, acc)
-                    # the last rows (n_rows % 8), one at a time, by the last thread
-                    r0, r1 = (n_rows // 8 * 8, n_rows) if th == n_threads - 1 else (0, 0)
-                _rows_k(w, qtype, mode, r0, r1, q, d, s, out)
-            return
-        for th in prange(n_threads):
-            n_blocks = q.shape[1] // 32  # an upper bound for every type
-            ints = np.empty(n_blocks * min(n_tok, TOKEN_TILE) * OUT_STRIDE, dtype=np.int32)
-            scales = np.empty((n_blocks, 2), dtype=np.float32)
-            lanes = np.empty(8, dtype=np.float32)
-            _rows_simd(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out, ints, scales, lanes, table)
+                acc = np.empty(ROWS8_TOKEN_TILE * 16, dtype=np.float32)
+                _rows8_k(w, qtype, mode, th * per8, min(n_rows // 8 * 8, (th + 1) * per8), q, d, s, out, acc)
+                if tail_rows == 1 and th == n_threads - 1:  # a comparison of constants: Numba prunes it
+                    _rows_k(w, qtype, mode, n_rows // 8 * 8, n_rows, q, d, s, out)
+    elif has_row_path(qtype):
+        def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+            n_rows = w.shape[0]
+            per = (n_rows + n_threads - 1) // n_threads
+            for th in prange(n_threads):
+                _rows_k_single(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out)
+    else:
+        def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+            n_rows, n_tok = w.shape[0], out.shape[0]
+            per = (n_rows + n_threads - 1) // n_threads
+            for th in prange(n_threads):
+                n_blocks = q.shape[1] // 32  # an upper bound for every type
+                ints = np.empty(n_blocks * min(n_tok, TOKEN_TILE) * OUT_STRIDE, dtype=np.int32)
+                scales = np.empty((n_blocks, 2), dtype=np.float32)
+                lanes = np.empty(8, dtype=np.float32)
+                _rows_simd(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out, ints, scales, lanes, table)
 
-    return specialized(kernel, f"matmul_ggml_simd_{QT(qtype).name}", parallel=True, fastmath=FASTMATH_GGML)
+    shape = ("_rows8" if rows8 else "") + ("_tail" if tail else "")
+    return specialized(kernel, f"matmul_ggml_simd_{MODE_NAMES[mode]}{shape}_{QT(qtype).name}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 @functools.cache
@@ -1087,8 +1123,7 @@ def _exp_chunk(scores, soff, out, ooff, mx, c0, lo, hi, n, lanes):
     return exp_chunk8(scores, soff, out, ooff, mx, c0, lo, hi, n)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def softmax_ggml(scores, first, last, lanes, n_threads):
+def softmax_ggml(scores, first, last, lanes, n_threads) -> None:
     """ggml_soft_max (scale 1) with llama.cpp's causal mask, in place on each row of scores
     (rows, n; C-contiguous): row r sees the keys first[t] .. last[t] (inclusive, t = r %
     len(first): rows cycle over the tokens; 0 <= first[t] <= last[t], first[t] < n), every
@@ -1098,26 +1133,38 @@ def softmax_ggml(scores, first, last, lanes, n_threads):
     keys adds 0. llama.cpp's KV cache view is a multiple of 256 cells, so every element
     takes the vector path. (In place, with one array argument: a parallel kernel may take
     two array arguments not to overlap.)"""
-    n_rows, n = scores.shape
-    n_sets = first.size
-    per = (n_rows + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        for r in range(th * per, min(n_rows, (th + 1) * per)):
-            lo, hi = first[r % n_sets], min(last[r % n_sets], n - 1)
-            mx = max_range(scores, r * n, lo, hi)
-            c_lo = lo - lo % lanes  # the chunks that hold a seen key
-            c_hi = c_lo
-            total = 0.0
-            for c0 in range(c_lo, hi + 1, lanes):
-                total += np.float64(_exp_chunk(scores, r * n, scores, r * n, mx, c0, lo, hi, n, lanes))
-                c_hi = min(n, c0 + lanes)
-            for i in range(c_lo):
-                scores[r, i] = 0
-            for i in range(c_hi, n):
-                scores[r, i] = 0
-            inv = np.float32(1.0 / total)
-            for i in range(lo, hi + 1):
-                scores[r, i] = scores[r, i] * inv
+    softmax_kernel(lanes)(scores, first, last, n_threads)
+
+
+@functools.cache
+def softmax_kernel(lanes: int):
+    """:func:`softmax_ggml` with ``lanes`` (8 or 16: the level's exp form) a constant of its code."""
+    if lanes not in (8, 16):
+        raise ValueError(f"ggml's exp loops take 8 or 16 lanes, not {lanes}")
+
+    def kernel(scores, first, last, n_threads):
+        n_rows, n = scores.shape
+        n_sets = first.size
+        per = (n_rows + n_threads - 1) // n_threads
+        for th in prange(n_threads):
+            for r in range(th * per, min(n_rows, (th + 1) * per)):
+                lo, hi = first[r % n_sets], min(last[r % n_sets], n - 1)
+                mx = max_range(scores, r * n, lo, hi)
+                c_lo = lo - lo % lanes  # the chunks that hold a seen key
+                c_hi = c_lo
+                total = 0.0
+                for c0 in range(c_lo, hi + 1, lanes):
+                    total += np.float64(_exp_chunk(scores, r * n, scores, r * n, mx, c0, lo, hi, n, lanes))
+                    c_hi = min(n, c0 + lanes)
+                for i in range(c_lo):
+                    scores[r, i] = 0
+                for i in range(c_hi, n):
+                    scores[r, i] = 0
+                inv = np.float32(1.0 / total)
+                for i in range(lo, hi + 1):
+                    scores[r, i] = scores[r, i] * inv
+
+    return specialized(kernel, f"softmax_ggml_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
@@ -1181,23 +1228,35 @@ def rope_neox_ggml(x, cos, sin, n_rot, out):
                 out[t, h, i] = x[t, h, i]
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def swiglu_ggml(gate_up, n_ff, out, lanes, scalef, n_threads):
+def swiglu_ggml(gate_up, n_ff, out, lanes, n_threads) -> None:
     """ggml_vec_swiglu_f32 on each row of gate_up (rows, 2 n_ff), gate first then up
     (Phi-3's fused projection): out = silu(gate) * up, silu(x) = x / (1 + exp(-x)); the
-    level's vector exp for the row's whole chunks of ``lanes``, the C library's expf for
-    the rest."""
-    n_rows = gate_up.shape[0]
-    full = n_ff - n_ff % lanes
-    per = (n_rows + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        for r in range(th * per, min(n_rows, (th + 1) * per)):
-            for i in range(full):
-                g = gate_up[r, i]
-                out[r, i] = g / (np.float32(1) + _v_expf(-g, scalef)) * gate_up[r, n_ff + i]
-            for i in range(full, n_ff):
-                g = gate_up[r, i]
-                out[r, i] = g / (np.float32(1) + np.exp(-g)) * gate_up[r, n_ff + i]
+    level's vector exp for the row's whole chunks of ``lanes`` (16: AVX-512's ggml_v_expf,
+    8: AVX2's), the C library's expf for the rest."""
+    swiglu_kernel(lanes)(gate_up, n_ff, out, n_threads)
+
+
+@functools.cache
+def swiglu_kernel(lanes: int):
+    """:func:`swiglu_ggml` with ``lanes`` (8 or 16, and so the exp form) a constant of its code."""
+    if lanes not in (8, 16):
+        raise ValueError(f"ggml's exp loops take 8 or 16 lanes, not {lanes}")
+    scalef = lanes == 16
+
+    def kernel(gate_up, n_ff, out, n_threads):
+        n_rows = gate_up.shape[0]
+        full = n_ff - n_ff % lanes
+        per = (n_rows + n_threads - 1) // n_threads
+        for th in prange(n_threads):
+            for r in range(th * per, min(n_rows, (th + 1) * per)):
+                for i in range(full):
+                    g = gate_up[r, i]
+                    out[r, i] = g / (np.float32(1) + _v_expf(-g, scalef)) * gate_up[r, n_ff + i]
+                for i in range(full, n_ff):
+                    g = gate_up[r, i]
+                    out[r, i] = g / (np.float32(1) + np.exp(-g)) * gate_up[r, n_ff + i]
+
+    return specialized(kernel, f"swiglu_ggml_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
 
 
 @njit(cache=True)
@@ -1278,6 +1337,14 @@ def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, on
     return time.perf_counter() - start
 
 
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """A warm-up part that runs ``first``, then ``second``."""
+    def run() -> None:
+        first()
+        second()
+    return run
+
+
 def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJob]:
     """The parts of :func:`warmup`: attention, the rest of a layer, and one per weight type
     and class of row count; each calls its kernels on small arrays of the types, layouts
@@ -1297,7 +1364,7 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
 
     def exps():
         softmax_ggml(x.copy(), one, one, lanes, threads)
-        swiglu_ggml(x, 128, np.empty((8, 128), np.float32), lanes, True, threads)
+        swiglu_ggml(x, 128, np.empty((8, 128), np.float32), lanes, threads)
 
     def layer():
         libm_cos_sin(x)
@@ -1314,38 +1381,47 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
             return _q8_k_arrays(n_tok, x.shape[1])
         return quantize_activations(x[:n_tok], act)
 
-    def product(qt, ws):
+    def product(qt, ws, n_tok):
         def run():
             for w in ws:  # each class of row count
-                for n_tok in (1, 8):  # ggml takes other kernels for a batch of 8 tokens or more
-                    q, d, s = activations(n_tok, activation_type(qt))
-                    out = np.empty((n_tok, w.shape[0]), dtype=np.float32)
-                    if qt in FLOAT_KIND:
-                        matmul_float_ggml(w, FLOAT_KIND[qt], d, out, F16_TABLE, lanes, False, threads)
-                    else:
-                        matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
+                q, d, s = activations(n_tok, activation_type(qt))
+                out = np.empty((n_tok, w.shape[0]), dtype=np.float32)
+                if qt in FLOAT_KIND:
+                    matmul_float_ggml(w, FLOAT_KIND[qt], d, out, F16_TABLE, lanes, False, threads)
+                else:
+                    matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
         return run
 
-    def product_kernels(qt, ws):
+    def product_kernels(qt, ws, n_tok):
         if qt in FLOAT_KIND:
             return [matmul_float_ggml_kernel(FLOAT_KIND[qt])]
-        simd = has_simd_path.py_func(qt)
-        unpacked = not simd or (qt == Q4_K and any(w.shape[0] % 8 for w in ws))  # see matmul_ggml
-        return ([matmul_ggml_simd_kernel(qt)] if simd else []) + ([matmul_ggml_unpacked_kernel(qt)] if unpacked else [])
+        return list({id(k): k for k in (product_kernel(qt, w.shape[0], n_tok, True) for w in ws)}.values())
 
-    jobs = [  # seconds, measured one after the other in one process with a cold cache (phi3-mini Q4_K_M)
-        WarmJob("kq", 3.0, kq(True), lambda: [attention_scores_kernel(lanes, True)]),
-        WarmJob("kq1", 1.0, kq(False), lambda: [attention_scores_kernel(lanes, False)], later=True),
-        WarmJob("kqv", 3.4, kqv(True), lambda: [attention_values_kernel(lanes, True)]),
-        WarmJob("kqv1", 1.7, kqv(False), lambda: [attention_values_kernel(lanes, False)], later=True),
-        WarmJob("exp", 2.4, exps, lambda: [softmax_ggml, swiglu_ggml]),
-        WarmJob("layer", 1.9, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
+    # seconds, measured one after the other in one process with a cold cache (phi3-mini
+    # Q4_K_M, 8 lanes, on an AMD EPYC Zen 3): only their proportions matter, to share the
+    # jobs out between two processes
+    jobs = [
+        WarmJob("kq", 4.2, kq(True), lambda: [attention_scores_kernel(lanes, True)]),
+        WarmJob("kq1", 1.8, kq(False), lambda: [attention_scores_kernel(lanes, False)], later=True),
+        WarmJob("kqv", 4.3, kqv(True), lambda: [attention_values_kernel(lanes, True)]),
+        WarmJob("kqv1", 2.5, kqv(False), lambda: [attention_values_kernel(lanes, False)], later=True),
+        WarmJob("exp", 3.4, exps, lambda: [softmax_kernel(lanes), swiglu_kernel(lanes)]),
+        WarmJob("layer", 2.9, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
     ]
     by_type: dict[int, list[np.ndarray]] = {}
     for qt, w in warm_weights(weights):
         by_type.setdefault(qt, []).append(w)
     if any(activation_type(qt) == ACT_Q8_K for qt in by_type):
-        jobs.append(WarmJob("q8k", 0.5, lambda: quantize_activations(x[:1], ACT_Q8_K), lambda: [_quantize_q8_k]))
-    for qt, ws in by_type.items():  # one job per type: its kernels are compiled in one process
-        jobs.append(WarmJob(QT(qt).name, 3.6, product(qt, ws), lambda qt=qt, ws=ws: product_kernels(qt, ws)))
+        jobs.append(WarmJob("q8k", 1.2, lambda: quantize_activations(x[:1], ACT_Q8_K), lambda: [_quantize_q8_k]))
+    for qt, ws in by_type.items():
+        # ggml takes other kernels for a batch of 8 tokens or more: a prompt's (n_tok 8) in one
+        # job, and one token's, where they are other kernels, in a job of its own (not later:
+        # a prompt's last layer and head run for its last position alone, one token)
+        prompt = product_kernels(qt, ws, 8)
+        one_token = [k for k in product_kernels(qt, ws, 1) if all(k is not p for p in prompt)]
+        if not one_token:
+            jobs.append(WarmJob(QT(qt).name, 3.0, _both(product(qt, ws, 8), product(qt, ws, 1)), lambda ks=prompt: ks))
+        else:
+            jobs.append(WarmJob(QT(qt).name, 3.0, product(qt, ws, 8), lambda ks=prompt: ks))
+            jobs.append(WarmJob(f"{QT(qt).name}-1", 1.7, product(qt, ws, 1), lambda ks=one_token: ks))
     return jobs

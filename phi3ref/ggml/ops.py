@@ -76,7 +76,7 @@ def swiglu(gate_up: np.ndarray, n_ff: int, level: Level) -> np.ndarray:
     output (n_tokens, 2 n_ff), gate first (:func:`phi3ref.ggml.kernels.swiglu_ggml`)."""
     gate_up = np.asarray(gate_up, _F32)
     out = np.empty((gate_up.shape[0], n_ff), dtype=_F32)
-    kernels.swiglu_ggml(gate_up, n_ff, out, level.lanes, level.exp_scalef, nb.get_num_threads())
+    kernels.swiglu_ggml(gate_up, n_ff, out, _exp_lanes(level), nb.get_num_threads())
     return out
 
 
