@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numba as nb
 import numpy as np
@@ -1337,14 +1337,6 @@ def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, on
     return time.perf_counter() - start
 
 
-def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
-    """A warm-up part that runs ``first``, then ``second``."""
-    def run() -> None:
-        first()
-        second()
-    return run
-
-
 def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJob]:
     """The parts of :func:`warmup`: attention, the rest of a layer, and one per weight type
     and class of row count; each calls its kernels on small arrays of the types, layouts
@@ -1381,15 +1373,16 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
             return _q8_k_arrays(n_tok, x.shape[1])
         return quantize_activations(x[:n_tok], act)
 
-    def product(qt, ws, n_tok):
+    def product(qt, ws, counts):
         def run():
             for w in ws:  # each class of row count
-                q, d, s = activations(n_tok, activation_type(qt))
-                out = np.empty((n_tok, w.shape[0]), dtype=np.float32)
-                if qt in FLOAT_KIND:
-                    matmul_float_ggml(w, FLOAT_KIND[qt], d, out, F16_TABLE, lanes, False, threads)
-                else:
-                    matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
+                for n_tok in counts:
+                    q, d, s = activations(n_tok, activation_type(qt))
+                    out = np.empty((n_tok, w.shape[0]), dtype=np.float32)
+                    if qt in FLOAT_KIND:
+                        matmul_float_ggml(w, FLOAT_KIND[qt], d, out, F16_TABLE, lanes, False, threads)
+                    else:
+                        matmul_ggml(w, qt, q, d, s, out, F16_TABLE, True, threads)
         return run
 
     def product_kernels(qt, ws, n_tok):
@@ -1420,8 +1413,8 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         prompt = product_kernels(qt, ws, 8)
         one_token = [k for k in product_kernels(qt, ws, 1) if all(k is not p for p in prompt)]
         if not one_token:
-            jobs.append(WarmJob(QT(qt).name, 3.0, _both(product(qt, ws, 8), product(qt, ws, 1)), lambda ks=prompt: ks))
+            jobs.append(WarmJob(QT(qt).name, 3.0, product(qt, ws, (8, 1)), lambda ks=prompt: ks))
         else:
-            jobs.append(WarmJob(QT(qt).name, 3.0, product(qt, ws, 8), lambda ks=prompt: ks))
-            jobs.append(WarmJob(f"{QT(qt).name}-1", 1.7, product(qt, ws, 1), lambda ks=one_token: ks))
+            jobs.append(WarmJob(QT(qt).name, 3.0, product(qt, ws, (8,)), lambda ks=prompt: ks))
+            jobs.append(WarmJob(f"{QT(qt).name}-1", 1.7, product(qt, ws, (1,)), lambda ks=one_token: ks))
     return jobs
