@@ -15,8 +15,9 @@ kernels import this first).
   so that a model compiles only the branches of its own weight types;
   :func:`compile_notice` says on stderr that a slow compile is under way.
 * **A cold cache filled by two processes**: :func:`run_warm_jobs` has a helper process
-  compile about half of a warm-up, and last, in the background, the kernels a prompt does
-  not need (:func:`ready` waits for them where they are first called).
+  compile part of a warm-up (each process takes the next job when it is free), and last,
+  in the background, the kernels a prompt does not need (:func:`ready` waits for them
+  where they are first called).
 * **fork()**: a forked child can still run the kernels.
 """
 
@@ -239,23 +240,36 @@ def _in_cache(kernel) -> bool:
 
 
 class _Helper:
-    """A helper process compiling warm-up jobs into the cache one after the other
-    (:func:`run_helper_jobs`), which names each job on its stdout when it is done."""
+    """A helper process compiling warm-up jobs into the cache (:func:`run_helper_jobs`): it
+    reads a job's name on its stdin, runs it, names it on its stdout when it is done, and
+    exits at the end of its stdin."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, on_done: Callable[[str], None]) -> None:
         env = {**os.environ, "PHI3REF_COMPILE_HELPER": "0"}
-        self.process = subprocess.Popen([sys.executable, "-c", code], env=env, text=True, stdin=subprocess.DEVNULL,
+        self.process = subprocess.Popen([sys.executable, "-c", code], env=env, text=True, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.done: set[str] = set()
         self.changed = threading.Condition()
         self.exited = False
+        self.on_done = on_done  # called (in the reading thread) after each job the helper names
         threading.Thread(target=self._read_reports, daemon=True).start()
+
+    def give(self, names: list[str], last: bool = False) -> None:
+        """Hand the helper ``names`` to run; ``last``: nothing follows (its stdin closes)."""
+        try:
+            self.process.stdin.write("".join(f"{name}\n" for name in names))
+            self.process.stdin.flush()
+            if last:
+                self.process.stdin.close()
+        except (OSError, ValueError):  # it has exited (or was stopped): its jobs are left to the warm-up
+            pass
 
     def _read_reports(self) -> None:
         for line in self.process.stdout:
             with self.changed:
                 self.done.add(line.strip())
                 self.changed.notify_all()
+            self.on_done(line.strip())
         with self.changed:
             self.exited = True
             self.changed.notify_all()
@@ -270,15 +284,53 @@ class _Helper:
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
 
 
-def run_helper_jobs(jobs: list[WarmJob], names: list[str]) -> None:
-    """In a helper process: run the named jobs in that order, naming each on stdout when
-    done (the process that started the helper waits for those names)."""
+def run_helper_jobs(jobs: list[WarmJob]) -> None:
+    """In a helper process: run the jobs named on stdin, one per line, in that order, naming
+    each on stdout when done (the process that started the helper waits for those names
+    and hands out the next)."""
     by_name = {job.name: job for job in jobs}
-    for name in names:
-        by_name[name].run()
-        print(name, flush=True)
+    for line in sys.stdin:
+        by_name[line.strip()].run()
+        print(line.strip(), flush=True)
+
+
+class _JobQueue:
+    """The cold jobs a prompt needs, the longest first, taken one at a time by this process
+    and by the helper, each when it is free (so neither waits while the other still has
+    several to do: compile times differ from the estimates between CPUs, and two processes
+    slow each other); then, once they are all taken, the ``later`` jobs go to the helper."""
+
+    def __init__(self, jobs: list[WarmJob], later: list[WarmJob]) -> None:
+        self.waiting = sorted(jobs, key=lambda j: -j.cost)
+        self.later = later
+        self.theirs: list[WarmJob] = []  # taken by the helper
+        self.lock = threading.Lock()
+        self.helper: _Helper | None = None
+
+    def take(self) -> WarmJob | None:
+        """The next job for this process (None: all are taken)."""
+        with self.lock:
+            return self.waiting.pop(0) if self.waiting else None
+
+    def feed_helper(self, _done: str = "") -> None:
+        """Give the helper its next job; when all are taken, the later ones, and the end."""
+        with self.lock:
+            helper = self.helper
+            if helper is None or len(helper.done) < len(self.theirs):  # it is still on its job
+                return
+            if self.waiting:
+                job = self.waiting.pop(0)
+                self.theirs.append(job)
+                helper.give([job.name])
+            elif self.later is not None:
+                helper.give([j.name for j in self.later], last=True)
+                self.later = None
 
 
 @dataclass
@@ -304,52 +356,52 @@ _finishing: int | None = None  # the thread running them (their kernels' calls p
 _waited = threading.local()  # .seconds: what this thread waited for them
 
 
-def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[list[str]], str]) -> None:
+def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[], str]) -> None:
     """Run every job of a warm-up. When two or more of them are not in the cache and this
-    process may use two cores or more, a helper process compiles about half of those
-    meanwhile, into the same cache (``helper_call(names)``: the Python code that runs the
-    named jobs there, through :func:`run_helper_jobs`), and this process then loads them:
-    Numba compiles one function at a time, so a second process halves a cold start. Each
-    process compiles other kernels, so they never write the same cache entry; whatever the
-    helper did not finish is compiled here. The helper compiles the ``later`` jobs last,
+    process may use two cores or more, a helper process compiles some of those meanwhile,
+    into the same cache (``helper_call()``: the Python code that runs the jobs named on its
+    stdin there, through :func:`run_helper_jobs`), and this process then loads them: Numba
+    compiles one function at a time, so a second process shortens a cold start. The two take
+    the jobs one by one, each when it is free, the longest first (:class:`_JobQueue`); each
+    process compiles other kernels, so they never write the same cache entry, and whatever
+    the helper did not finish is compiled here. The helper compiles the ``later`` jobs last,
     while this process goes on (:func:`ready` waits for them when first called;
     :func:`finish_background` at once)."""
     global _background
     finish_background()  # one helper at a time
     cold = [j for j in jobs if not all(_in_cache(k) for k in j.kernels())]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    helper, theirs, later, wait = None, [], [], 0.0
     # no helper where sys.executable is not a plain Python (a frozen or embedded program)
     python = sys.executable and not getattr(sys, "frozen", False)
+    queue = _JobQueue([j for j in cold if not j.later], [j for j in cold if j.later])
     if len(cold) >= 2 and cores >= 2 and python and os.environ.get("PHI3REF_COMPILE_HELPER", "1") != "0":
-        mine, load = [], [0.0, 1.0]  # the helper's start: Python, Numba and phi3ref imported
-        for job in sorted((j for j in cold if not j.later), key=lambda j: -j.cost):  # the longest first, each to the lighter side
-            side = 0 if load[0] <= load[1] else 1
-            (mine, theirs)[side].append(job.name)
-            load[side] += job.cost
-        later = [j for j in cold if j.later]
         try:
-            helper = _Helper(helper_call(theirs + [j.name for j in later]))
+            queue.helper = _Helper(helper_call(), queue.feed_helper)
         except OSError:  # no helper: everything is compiled here
-            helper, theirs, later = None, [], []
+            pass
         else:
-            wait = 30 + 4 * load[1]  # seconds: a helper this late is not waited for
-    later_names = [j.name for j in later]
+            queue.feed_helper()  # its first job, read once Python, Numba and phi3ref are imported
+    helper = queue.helper
     try:
-        for job in jobs:
-            if job.name not in theirs and job.name not in later_names:
+        for job in jobs:  # those in the cache, loaded
+            if job.name not in {j.name for j in cold}:
                 job.run()
+        while (job := queue.take()) is not None:
+            job.run()
         if helper is not None:
-            if not helper.wait_for(theirs, wait):  # then load what it compiled
-                helper.stop()  # and compile the rest here
+            with queue.lock:  # no job is handed out any more
+                theirs = [j for j in queue.theirs if j.name not in helper.done]
+            # then load what it compiled (a helper this late is not waited for: compile the rest here)
+            if not helper.wait_for([j.name for j in theirs], 30 + 4 * sum(j.cost for j in theirs)):
+                helper.stop()
                 helper = None
-            for job in jobs:
-                if job.name in theirs:
-                    job.run()
+            for job in queue.theirs:
+                job.run()
     except BaseException:
         if helper is not None:
             helper.stop()
         raise
+    later = [j for j in cold if j.later]
     if helper is not None and later:
         _background = _Background(helper, later, {id(k) for j in later for k in j.kernels()},
                                   30 + 4 * sum(j.cost for j in later))

@@ -143,6 +143,33 @@ def _stand_in_jobs(names: str, later: str) -> tuple[list, list, dict]:
     return jobs, ran, kernels
 
 
+def _stand_in_helper(work: str, record: str | None = None) -> str:
+    """The code of a stand-in helper: for each job named on its stdin, ``work`` (n: the
+    name), then the name on its stdout; ``record``: a file it appends each name to."""
+    keep = f"    open({record!r}, 'a').write(n)\n" if record else ""
+    return f"import sys, time\nfor line in sys.stdin:\n    n = line.strip()\n    {work}\n{keep}    print(n, flush=True)\n"
+
+
+@pytest.mark.skipif(CORES < 2, reason="a helper shares a compile on two cores or more")
+def test_a_slow_helper_takes_fewer_jobs(monkeypatch, tmp_path):
+    """The two processes take the jobs one at a time, each when it is free: a helper that
+    takes a second per job while this process takes none does one of six (a split fixed
+    in advance would have given it three); every job runs here (its own, then the helper's
+    loaded), the later one in the helper's hands until finish_background()."""
+    from phi3ref import jit
+
+    monkeypatch.setenv("PHI3REF_COMPILE_HELPER", "1")
+    jobs, ran, kernels = _stand_in_jobs("abcdefg", later="g")
+    record = tmp_path / "helper"
+    jit.run_warm_jobs(jobs, lambda: _stand_in_helper("time.sleep(1.0)", str(record)))
+    try:
+        assert sorted(ran) == list("abcdef")
+        assert len(record.read_text()) == 1  # its first job, handed out as it started
+    finally:
+        jit.finish_background()
+    assert ran.count("g") == 1 and record.read_text()[-1] == "g"
+
+
 @pytest.mark.skipif(CORES < 2, reason="a helper shares a compile on two cores or more")
 def test_later_jobs_wait_in_the_background_until_their_kernel_is_called(monkeypatch):
     """A stand-in helper (it names each job as done, the later one after a pause): the
@@ -153,7 +180,7 @@ def test_later_jobs_wait_in_the_background_until_their_kernel_is_called(monkeypa
 
     monkeypatch.setenv("PHI3REF_COMPILE_HELPER", "1")
     jobs, ran, kernels = _stand_in_jobs("abcd", later="d")
-    helper_code = "import time\nfor n in {!r}:\n    time.sleep(0.5 if n == 'd' else 0)\n    print(n, flush=True)\n".format
+    helper_code = lambda: _stand_in_helper("time.sleep(0.5 if n == 'd' else 0)")
     waited = jit.background_seconds()
     jit.run_warm_jobs(jobs, helper_code)
     try:
@@ -177,7 +204,7 @@ def test_threads_that_need_a_background_kernel_at_once_wait_for_it(monkeypatch):
 
     monkeypatch.setenv("PHI3REF_COMPILE_HELPER", "1")
     jobs, ran, kernels = _stand_in_jobs("abcd", later="d")
-    helper_code = "import time\nfor n in {!r}:\n    time.sleep(1.0 if n == 'd' else 0)\n    print(n, flush=True)\n".format
+    helper_code = lambda: _stand_in_helper("time.sleep(1.0 if n == 'd' else 0)")
     jit.run_warm_jobs(jobs, helper_code)
     seen, waits, mine = [], [], jit.background_seconds()
 
@@ -206,7 +233,7 @@ def test_a_helper_that_dies_leaves_its_jobs_to_the_warmup(monkeypatch):
 
     monkeypatch.setenv("PHI3REF_COMPILE_HELPER", "1")
     jobs, ran, kernels = _stand_in_jobs("abcd", later="d")
-    jit.run_warm_jobs(jobs, lambda names: "raise SystemExit(1)")
+    jit.run_warm_jobs(jobs, lambda: "raise SystemExit(1)")
     assert sorted(ran) == ["a", "b", "c", "d"]
     assert jit.finish_background() == 0.0
 

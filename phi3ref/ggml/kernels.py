@@ -1313,24 +1313,24 @@ def log_sum_exp_rows(logits, top, out):
         out[r] = np.log(total)
 
 
-def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, only: list[str] | None = None) -> float:
+def warmup(weights: Iterable[tuple[int, int]] | None = None, lanes: int = 16, helper: bool = False) -> float:
     """Compile (or load from Numba's on-disk cache) the ggml kernels a model uses: those of
     attention and the rest of a layer, and the matrix products of ``weights`` ((type id,
     row count) of each weight matrix; None: every type), for each kernel a model of those
     weights can take; return the seconds it took, reported apart from run time (and said
     on stderr while it lasts). A cold cache is filled by two processes
     (:func:`phi3ref.jit.run_warm_jobs`), the helper compiling one token's attention kernels
-    last, in the background; ``only``: the parts (by name) a helper runs, in that order.
+    last, in the background; ``helper``: run as that helper (the parts named on stdin).
     Kernels only the tests call (``fma_f32``, ``expf_ggml``) are left to compile when called."""
     start = time.perf_counter()
     weights = None if weights is None else [(int(t), int(n)) for t, n in weights]
     jobs = _warm_jobs(weights, lanes)
-    if only is not None:
-        run_helper_jobs(jobs, only)
+    if helper:
+        run_helper_jobs(jobs)
         return time.perf_counter() - start
 
-    def helper_call(names: list[str]) -> str:
-        return f"from phi3ref.ggml.kernels import warmup; warmup({weights!r}, {lanes!r}, only={names!r})"
+    def helper_call() -> str:
+        return f"from phi3ref.ggml.kernels import warmup; warmup({weights!r}, {lanes!r}, helper=True)"
 
     with compile_notice(f"{weight_types(weights)} in ggml numerics"):
         run_warm_jobs(jobs, helper_call)
