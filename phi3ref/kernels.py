@@ -26,10 +26,10 @@ from typing import Iterable
 import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange
+from numba import njit
 
 from . import quants
-from .jit import FASTMATH, compile_notice, specialized  # first: the kernel cache is set up before any kernel is decorated
+from .jit import FASTMATH, Threaded, compile_notice, threaded  # first: the kernel cache is set up before any kernel is decorated
 
 __all__ = [
     "FASTMATH", "F16_TABLE", "BF16_TABLE", "block_layout", "decode_row", "read_f16", "row_scratch", "unpack_row",
@@ -322,57 +322,64 @@ def matmul_exact(w, qtype, x, out, table, n_threads) -> None:
 def matmul_exact_kernel(qtype: int):
     """:func:`matmul_exact` for one block type: ``qtype`` is a constant of its code."""
 
-    def kernel(w, x, out, table, n_threads):
+    def part(th, n_threads, w, x, out, table):
         # unpack_row is a cached function of its own: an int, not the constant, so that
         # every type shares its one compiled signature
         any_type = qtype + 0
         n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
         per = (n_rows + n_threads - 1) // n_threads
-        for th in prange(n_threads):
-            row = np.empty(n_in, dtype=np.float32)
-            wq, wsc, wmn, wd, wm = row_scratch(n_in)
-            for r in range(th * per, min(n_rows, (th + 1) * per)):
-                unpack_row(w[r], any_type, wq, wsc, wmn, wd, wm, table)
-                _expand(qtype, wq, wsc, wmn, wd, wm, row)
-                for k in range(n_tok):
-                    acc = np.float32(0)
-                    for i in range(n_in):
-                        acc += row[i] * x[k, i]
-                    out[k, r] = acc
-
-    return specialized(kernel, f"matmul_exact_{QT(qtype).name}", parallel=True, fastmath=FASTMATH)
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def matmul_f32(w, x, out, n_threads):
-    """out[t, r] = sum_i w[r, i] * x[t, i] for float32 weights (n_rows, n_in)."""
-    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
-    per = (n_rows + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        for r in range(th * per, min(n_rows, (th + 1) * per)):
-            for k in range(n_tok):
-                acc = np.float32(0)
-                for i in range(n_in):
-                    acc += w[r, i] * x[k, i]
-                out[k, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def matmul_f16(w, x, out, table, n_threads):
-    """As :func:`matmul_f32` for 16-bit float weights given as uint16 bit patterns
-    (n_rows, n_in), decoded through ``table`` (F16_TABLE or BF16_TABLE)."""
-    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
-    per = (n_rows + n_threads - 1) // n_threads
-    for th in prange(n_threads):
         row = np.empty(n_in, dtype=np.float32)
+        wq, wsc, wmn, wd, wm = row_scratch(n_in)
         for r in range(th * per, min(n_rows, (th + 1) * per)):
-            for i in range(n_in):
-                row[i] = table[w[r, i]]
+            unpack_row(w[r], any_type, wq, wsc, wmn, wd, wm, table)
+            _expand(qtype, wq, wsc, wmn, wd, wm, row)
             for k in range(n_tok):
                 acc = np.float32(0)
                 for i in range(n_in):
                     acc += row[i] * x[k, i]
                 out[k, r] = acc
+
+    return threaded(part, f"matmul_exact_{QT(qtype).name}", fastmath=FASTMATH)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _matmul_f32_part(th, n_threads, w, x, out):
+    """Thread th's rows of :data:`matmul_f32`."""
+    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
+    per = (n_rows + n_threads - 1) // n_threads
+    for r in range(th * per, min(n_rows, (th + 1) * per)):
+        for k in range(n_tok):
+            acc = np.float32(0)
+            for i in range(n_in):
+                acc += w[r, i] * x[k, i]
+            out[k, r] = acc
+
+
+matmul_f32 = Threaded(_matmul_f32_part)
+"""matmul_f32(w, x, out, n_threads): out[t, r] = sum_i w[r, i] * x[t, i] for float32
+weights (n_rows, n_in)."""
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _matmul_f16_part(th, n_threads, w, x, out, table):
+    """Thread th's rows of :data:`matmul_f16`."""
+    n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
+    per = (n_rows + n_threads - 1) // n_threads
+    row = np.empty(n_in, dtype=np.float32)
+    for r in range(th * per, min(n_rows, (th + 1) * per)):
+        for i in range(n_in):
+            row[i] = table[w[r, i]]
+        for k in range(n_tok):
+            acc = np.float32(0)
+            for i in range(n_in):
+                acc += row[i] * x[k, i]
+            out[k, r] = acc
+
+
+matmul_f16 = Threaded(_matmul_f16_part)
+"""matmul_f16(w, x, out, table, n_threads): as :data:`matmul_f32` for 16-bit float weights
+given as uint16 bit patterns (n_rows, n_in), decoded through ``table`` (F16_TABLE or
+BF16_TABLE)."""
 
 
 def read_only(a: np.ndarray) -> np.ndarray:

@@ -98,7 +98,7 @@ def test_kernel_cache_knows_the_simd_form_and_source():
     from phi3ref.ggml import simd
 
     q4_k = int(QT.Q4_K)
-    for kernel in (ggml_kernels.product_kernel(q4_k, 8, 8, True), kernels.matmul_exact_kernel(q4_k), ggml_kernels.rms_norm_ggml):
+    for kernel in (ggml_kernels.product_kernel(q4_k, 8, 8, True).part, kernels.matmul_exact_kernel(q4_k).part, ggml_kernels.rms_norm_ggml.part, jit._run_parts):
         cache = kernel._cache
         assert type(cache._impl.locator).__name__ == "KernelCacheLocator"
         assert f"simd-{simd.FORM}" in Path(cache._cache_path).parts
@@ -236,6 +236,43 @@ def test_a_helper_that_dies_leaves_its_jobs_to_the_warmup(monkeypatch):
     jit.run_warm_jobs(jobs, lambda: "raise SystemExit(1)")
     assert sorted(ran) == ["a", "b", "c", "d"]
     assert jit.finish_background() == 0.0
+
+
+def _share_part(th, n_threads, x, out):
+    """A stand-in part: out[i] = 2 x[i] + th for thread th's share of i (interleaved)."""
+    for i in range(th, x.size, n_threads):
+        out[i] = 2 * x[i] + th
+
+
+def test_a_threaded_kernel_runs_every_share_once():
+    """Threaded runs part(th, n_threads, *args) for each th below n_threads, whatever the
+    count of Numba's threads (fewer or more): every element is written by its own share."""
+    import numba as nb
+
+    from phi3ref.jit import Threaded
+
+    kernel = Threaded(nb.njit(_share_part))
+    x = np.arange(23, dtype=np.float32)
+    for n_threads in (1, 2, 3, 7, 23):
+        out = np.full(23, -1, dtype=np.float32)
+        kernel(x, out, n_threads)
+        np.testing.assert_array_equal(out, 2 * x + np.arange(23) % n_threads)
+
+
+def test_a_threaded_kernel_compiles_a_part_per_argument_types():
+    """A call of other Numba types (another dtype, a strided view) runs a part compiled for
+    them, never one made for others (the part's address is looked up by the types)."""
+    import numba as nb
+
+    from phi3ref.jit import Threaded
+
+    kernel = Threaded(nb.njit(_share_part))
+    base = np.arange(40, dtype=np.float64)
+    for x in (base[:20].astype(np.float32), base[:20], base[::2], base.astype(np.float32)[::2]):
+        out = np.zeros(20, dtype=np.float32)
+        kernel(x, out, 2)
+        np.testing.assert_array_equal(out, (2 * x + np.arange(20) % 2).astype(np.float32))
+    assert len(kernel.part.signatures) == 4
 
 
 def test_compile_notice_speaks_only_when_slow(capsys):

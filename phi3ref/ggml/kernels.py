@@ -36,11 +36,11 @@ from typing import Iterable
 import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import overload
 
 from .. import quants
-from ..jit import WarmJob, compile_notice, ready, run_helper_jobs, run_warm_jobs, specialized
+from ..jit import Threaded, WarmJob, compile_notice, ready, run_helper_jobs, run_warm_jobs, threaded
 from ..kernels import (  # first: phi3ref.jit sets up the kernel cache before any kernel is decorated
     BF16, F16, F16_TABLE, F32, I32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0_BYTES, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
     Q8_0_BYTES, block_layout, read_f16, row_scratch, unpack_row, warm_weights,
@@ -129,7 +129,7 @@ def quantize_activations(x: np.ndarray, act: int) -> tuple[np.ndarray, np.ndarra
         return q, _f16_round(d), s
     if act == ACT_Q8_K:
         q, d, bsums = _q8_k_arrays(n_tok, n_in, np.empty)
-        _quantize_q8_k(x, q, d, bsums)
+        _quantize_q8_k(x, q, d, bsums, nb.get_num_threads())
         return q, d, bsums
     raise ValueError(f"unknown activation format {act}")
 
@@ -142,14 +142,15 @@ def _q8_k_arrays(n_tok: int, n_in: int, alloc=np.zeros) -> tuple[np.ndarray, np.
 
 
 # error_model="numpy": an infinite activation divides by -0 here as in C (giving inf, which
-# the model then reports), not a ZeroDivisionError from inside the kernel. Tokens in
-# parallel: serial, it was 3% of a 512-token prompt on two threads.
-@njit(cache=True, fastmath=FASTMATH_GGML, error_model="numpy", parallel=True)
-def _quantize_q8_k(x, q, d, bsums):
-    """quantize_row_q8_K_ref: per 256-block, the first value of largest magnitude sets
-    iscale = -127 / max; codes nearest_int(iscale * x) (ties to even), at most 127."""
+# the model then reports), not a ZeroDivisionError from inside the kernel. Tokens on several
+# threads: on one, it was 3% of a 512-token prompt on two threads.
+@njit(cache=True, fastmath=FASTMATH_GGML, error_model="numpy")
+def _quantize_q8_k_part(th, n_threads, x, q, d, bsums):
+    """quantize_row_q8_K_ref, thread th's tokens: per 256-block, the first value of largest
+    magnitude sets iscale = -127 / max; codes nearest_int(iscale * x) (ties to even), at
+    most 127."""
     n_tok, n_in = x.shape
-    for t in prange(n_tok):
+    for t in range(th, n_tok, n_threads):
         for b in range(n_in // 256):
             o = 256 * b
             mx = x[t, o]
@@ -170,7 +171,9 @@ def _quantize_q8_k(x, q, d, bsums):
                 for i in range(16):
                     total = I32(total + I32(q[t, o + 16 * g + i]))
                 bsums[t, 16 * b + g] = total
-    return q
+
+
+_quantize_q8_k = Threaded(_quantize_q8_k_part)
 
 
 # How llama.cpp's x86 CPU backend (AVX2 / AVX-512) sums a row's block results in float32:
@@ -574,33 +577,30 @@ def matmul_ggml_simd_kernel(qtype: int, mode: int, rows8: bool = False, tail: bo
     if rows8:
         tail_rows = int(tail)
 
-        def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+        def part(th, n_threads, w, q, d, s, out, table, repack_q2_k):
             n_rows = w.shape[0]
             per8 = (n_rows // 8 + n_threads - 1) // n_threads * 8  # whole groups of eight rows per thread
-            for th in prange(n_threads):
-                acc = np.empty(ROWS8_TOKEN_TILE * 16, dtype=np.float32)
-                _rows8_k(w, qtype, mode, th * per8, min(n_rows // 8 * 8, (th + 1) * per8), q, d, s, out, acc)
-                if tail_rows == 1 and th == n_threads - 1:  # a comparison of constants: Numba prunes it
-                    _rows_k(w, qtype, mode, n_rows // 8 * 8, n_rows, q, d, s, out)
+            acc = np.empty(ROWS8_TOKEN_TILE * 16, dtype=np.float32)
+            _rows8_k(w, qtype, mode, th * per8, min(n_rows // 8 * 8, (th + 1) * per8), q, d, s, out, acc)
+            if tail_rows == 1 and th == n_threads - 1:  # a comparison of constants: Numba prunes it
+                _rows_k(w, qtype, mode, n_rows // 8 * 8, n_rows, q, d, s, out)
     elif has_row_path(qtype):
-        def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+        def part(th, n_threads, w, q, d, s, out, table, repack_q2_k):
             n_rows = w.shape[0]
             per = (n_rows + n_threads - 1) // n_threads
-            for th in prange(n_threads):
-                _rows_k_single(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out)
+            _rows_k_single(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out)
     else:
-        def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+        def part(th, n_threads, w, q, d, s, out, table, repack_q2_k):
             n_rows, n_tok = w.shape[0], out.shape[0]
             per = (n_rows + n_threads - 1) // n_threads
-            for th in prange(n_threads):
-                n_blocks = q.shape[1] // 32  # an upper bound for every type
-                ints = np.empty(n_blocks * min(n_tok, TOKEN_TILE) * OUT_STRIDE, dtype=np.int32)
-                scales = np.empty((n_blocks, 2), dtype=np.float32)
-                lanes = np.empty(8, dtype=np.float32)
-                _rows_simd(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out, ints, scales, lanes, table)
+            n_blocks = q.shape[1] // 32  # an upper bound for every type
+            ints = np.empty(n_blocks * min(n_tok, TOKEN_TILE) * OUT_STRIDE, dtype=np.int32)
+            scales = np.empty((n_blocks, 2), dtype=np.float32)
+            lanes = np.empty(8, dtype=np.float32)
+            _rows_simd(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out, ints, scales, lanes, table)
 
     shape = ("_rows8" if rows8 else "") + ("_tail" if tail else "")
-    return specialized(kernel, f"matmul_ggml_simd_{MODE_NAMES[mode]}{shape}_{QT(qtype).name}", parallel=True, fastmath=FASTMATH_GGML)
+    return threaded(part, f"matmul_ggml_simd_{MODE_NAMES[mode]}{shape}_{QT(qtype).name}", fastmath=FASTMATH_GGML)
 
 
 @functools.cache
@@ -609,23 +609,22 @@ def matmul_ggml_unpacked_kernel(qtype: int):
     weight row is unpacked to codes and scales once (:func:`unpack_row`), then dotted with
     every token's codes in scalar loops."""
 
-    def kernel(w, q, d, s, out, table, repack_q2_k, n_threads):
+    def part(th, n_threads, w, q, d, s, out, table, repack_q2_k):
         # unpack_row is a cached function of its own: an int, not the constant, so that
         # every type shares its one compiled signature
         any_type = qtype + 0
         n_rows, n_tok, n_in = w.shape[0], out.shape[0], q.shape[1]
         mode = accumulation_mode(qtype, n_rows, n_tok, repack_q2_k)
         per = (n_rows + n_threads - 1) // n_threads
-        for th in prange(n_threads):
-            wq, wsc, wmn, wd, wm = row_scratch(n_in)
-            lanes = np.zeros(16, dtype=np.float32)
-            parts = np.zeros(16, dtype=np.int32)
-            for r in range(th * per, min(n_rows, (th + 1) * per)):
-                unpack_row(w[r], any_type, wq, wsc, wmn, wd, wm, table)
-                for t in range(n_tok):
-                    out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts)
+        wq, wsc, wmn, wd, wm = row_scratch(n_in)
+        lanes = np.zeros(16, dtype=np.float32)
+        parts = np.zeros(16, dtype=np.int32)
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            unpack_row(w[r], any_type, wq, wsc, wmn, wd, wm, table)
+            for t in range(n_tok):
+                out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts)
 
-    return specialized(kernel, f"matmul_ggml_unpacked_{QT(qtype).name}", parallel=True, fastmath=FASTMATH_GGML)
+    return threaded(part, f"matmul_ggml_unpacked_{QT(qtype).name}", fastmath=FASTMATH_GGML)
 
 
 # ======================================================================================
@@ -679,84 +678,91 @@ SCORES_CHUNK = 16  # positions per call of phi3ref.ggml.simd's scores kernels
 
 
 @njit(inline="always")
-def _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads):
-    """ggml_vec_dot_f16 per (head, row, position); positions outermost, VECDOT_KEYS at a time
-    (their double-precision tails overlap), so that a position's keys of this thread's heads
-    are read contiguously from the cache."""
+def _scores_vecdot(th, n_threads, q, k_cache, end, first, last, out, lanes):
+    """ggml_vec_dot_f16 per (head, row, position), thread th's share of the (head, row)
+    items; positions outermost, VECDOT_KEYS at a time (their double-precision tails
+    overlap), so that a position's keys of this thread's heads are read contiguously from
+    the cache."""
     n_kv, rows, hd = q.shape
     n_sets = first.size
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
     group = VECDOT_KEYS
-    for th in prange(n_threads):
-        for p0 in range(0, end, group):
-            for item in range(th * per, min(n_items, (th + 1) * per)):
-                h, r = item // rows, item % rows  # q[h, r] starts at item * hd
-                lo, hi = first[r % n_sets], last[r % n_sets]
-                if p0 + group <= end and lo <= p0 and p0 + group - 1 <= hi:  # out[h, r, p] at item * end + p
+    for p0 in range(0, end, group):
+        for item in range(th * per, min(n_items, (th + 1) * per)):
+            h, r = item // rows, item % rows  # q[h, r] starts at item * hd
+            lo, hi = first[r % n_sets], last[r % n_sets]
+            if p0 + group <= end and lo <= p0 and p0 + group - 1 <= hi:  # out[h, r, p] at item * end + p
+                if lanes == 16:
+                    vecdot_f16_16_keys(q, item * hd, k_cache, (p0 * n_kv + h) * hd, n_kv * hd, hd, out, item * end + p0, 1)
+                else:
+                    vecdot_f16_8_keys(q, item * hd, k_cache, (p0 * n_kv + h) * hd, n_kv * hd, hd, out, item * end + p0, 1)
+                continue
+            for p in range(p0, min(end, p0 + group)):
+                if lo <= p <= hi:
                     if lanes == 16:
-                        vecdot_f16_16_keys(q, item * hd, k_cache, (p0 * n_kv + h) * hd, n_kv * hd, hd, out, item * end + p0, 1)
+                        out[h, r, p] = vecdot_f16_16(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
                     else:
-                        vecdot_f16_8_keys(q, item * hd, k_cache, (p0 * n_kv + h) * hd, n_kv * hd, hd, out, item * end + p0, 1)
-                    continue
-                for p in range(p0, min(end, p0 + group)):
-                    if lo <= p <= hi:
-                        if lanes == 16:
-                            out[h, r, p] = vecdot_f16_16(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
-                        else:
-                            out[h, r, p] = vecdot_f16_8(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
-                    else:
-                        out[h, r, p] = -np.inf
+                        out[h, r, p] = vecdot_f16_8(q, item * hd, k_cache, (p * n_kv + h) * hd, hd)
+                else:
+                    out[h, r, p] = -np.inf
+
+
+def _keys_width(lanes: int) -> int:
+    """Positions per tinyBLAS scores tile: the block of transposed keys a tile reads."""
+    return SCORES_CHUNK * TILE_COLS[lanes]
 
 
 @njit(inline="always")
-def _scores_tinyblas(q, k_cache, end, first, last, out, lanes, tile, cols, n_threads):
-    """tinyBLAS's kq: the keys converted to float32 once and transposed (positions padded,
-    in blocks of 16 * ``cols``), then phi3ref.ggml.simd's tiles compute ``tile`` rows of one head times
-    16 * ``cols`` positions per call (the last rows one by one); chunks of keys that no row
-    of a tile sees are -inf."""
-    n_kv, rows, hd = q.shape
-    n_sets = first.size
-    width = SCORES_CHUNK * cols  # positions per tile
-    end_pad = (end + width - 1) // width * width
-    # (head, block of ``width`` positions, element, position in the block): a tile's keys are
-    # one contiguous block (rows of a power-of-two stride would share a few L1 sets)
-    n_blocks = end_pad // width
-    keys = np.empty((n_kv, n_blocks, hd, width), dtype=np.float32)
-    for h in prange(n_kv):  # a position's keys read in a row; the hd lines written stay in L1
-        for p in range(end_pad):
+def _transpose_keys(th, n_threads, k_cache, end, keys, width):
+    """tinyBLAS's kq, first step (thread th's heads): the keys converted to float32 once and
+    transposed, keys[h, block, element, position in the block] (blocks of ``width``
+    positions, padded with 0: a tile's keys are one contiguous block, where rows of a
+    power-of-two stride would share a few L1 sets)."""
+    n_kv, n_blocks, hd = keys.shape[0], keys.shape[1], keys.shape[2]
+    for h in range(th, n_kv, n_threads):  # a position's keys read in a row; the hd lines written stay in L1
+        for p in range(n_blocks * width):
             for j in range(hd):
                 keys[h, p // width, j, p % width] = half_to_float(k_cache[p, h, j]) if p < end else 0
+
+
+@njit(inline="always")
+def _scores_tinyblas(th, n_threads, q, keys, end, first, last, out, lanes, tile, width):
+    """tinyBLAS's kq, second step (thread th's tiles): phi3ref.ggml.simd's tiles compute
+    ``tile`` rows of one head times a block of transposed keys per call (the last rows one
+    by one); chunks of keys that no row of a tile sees are -inf."""
+    n_kv, rows, hd = q.shape
+    n_blocks = keys.shape[1]
+    n_sets = first.size
     n_tiles = (rows + tile - 1) // tile
     n_units = n_kv * n_tiles
-    for th in prange(n_threads):
-        for unit in range(th, n_units, n_threads):  # interleaved: later rows see more keys
-            h, r0 = unit // n_tiles, unit % n_tiles * tile
-            n = min(tile, rows - r0)
-            lo, hi = end, -1  # the keys any row of the tile sees
-            for r in range(r0, r0 + n):
-                lo, hi = min(lo, first[r % n_sets]), max(hi, last[r % n_sets])
-            for p0 in range(0, end, width):
-                n_valid = min(width, end - p0)
-                k0 = (h * n_blocks + p0 // width) * hd * width
-                if p0 + width - 1 < lo or p0 > hi:
-                    for r in range(r0, r0 + n):
-                        for i in range(n_valid):
-                            out[h, r, p0 + i] = -np.inf
-                elif n == tile:  # q[h, r] and out[h, r] start at (h * rows + r) * hd, (h * rows + r) * end
-                    if lanes == 16:
-                        scores_tile16(q, (h * rows + r0) * hd, hd, keys, k0, width, hd, out, (h * rows + r0) * end + p0, end, n_valid)
-                    else:
-                        scores_tile8(q, (h * rows + r0) * hd, hd, keys, k0, width, hd, out, (h * rows + r0) * end + p0, end, n_valid)
-                else:  # the last rows, one by one, sixteen positions per call
-                    for r in range(r0, r0 + n):
-                        item = h * rows + r
-                        for c0 in range(0, n_valid, SCORES_CHUNK):
-                            m = min(SCORES_CHUNK, n_valid - c0)
-                            if lanes == 16:
-                                scores16(q, item * hd, keys, k0 + c0, width, hd, out, item * end + p0 + c0, m)
-                            else:
-                                scores8(q, item * hd, keys, k0 + c0, width, hd, out, item * end + p0 + c0, m)
+    for unit in range(th, n_units, n_threads):  # interleaved: later rows see more keys
+        h, r0 = unit // n_tiles, unit % n_tiles * tile
+        n = min(tile, rows - r0)
+        lo, hi = end, -1  # the keys any row of the tile sees
+        for r in range(r0, r0 + n):
+            lo, hi = min(lo, first[r % n_sets]), max(hi, last[r % n_sets])
+        for p0 in range(0, end, width):
+            n_valid = min(width, end - p0)
+            k0 = (h * n_blocks + p0 // width) * hd * width
+            if p0 + width - 1 < lo or p0 > hi:
+                for r in range(r0, r0 + n):
+                    for i in range(n_valid):
+                        out[h, r, p0 + i] = -np.inf
+            elif n == tile:  # q[h, r] and out[h, r] start at (h * rows + r) * hd, (h * rows + r) * end
+                if lanes == 16:
+                    scores_tile16(q, (h * rows + r0) * hd, hd, keys, k0, width, hd, out, (h * rows + r0) * end + p0, end, n_valid)
+                else:
+                    scores_tile8(q, (h * rows + r0) * hd, hd, keys, k0, width, hd, out, (h * rows + r0) * end + p0, end, n_valid)
+            else:  # the last rows, one by one, sixteen positions per call
+                for r in range(r0, r0 + n):
+                    item = h * rows + r
+                    for c0 in range(0, n_valid, SCORES_CHUNK):
+                        m = min(SCORES_CHUNK, n_valid - c0)
+                        if lanes == 16:
+                            scores16(q, item * hd, keys, k0 + c0, width, hd, out, item * end + p0 + c0, m)
+                        else:
+                            scores8(q, item * hd, keys, k0 + c0, width, hd, out, item * end + p0 + c0, m)
 
 
 def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_threads) -> None:
@@ -770,60 +776,77 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
     form, chunks of keys that no row of its tile needs (others are computed), single keys in
     the other. One kernel per lane count and form (the level's; a prompt's or one
     token's), compiled at its first call."""
-    kernel = attention_scores_kernel(lanes, tinyblas_scores(batched, q.shape[2], lanes))
-    ready(kernel)(q, k_cache, end, first, last, out, n_threads)  # one token's may still be compiling in a helper
+    n_kv, _, hd = q.shape
+    if tinyblas_scores(batched, hd, lanes):
+        width = _keys_width(lanes)
+        keys = np.empty((n_kv, (end + width - 1) // width, hd, width), dtype=np.float32)  # (head, block, element, position)
+        transpose_keys_kernel(lanes)(k_cache, end, keys, n_threads)
+        attention_scores_kernel(lanes, True)(q, keys, end, first, last, out, n_threads)
+    else:
+        ready(attention_scores_kernel(lanes, False))(q, k_cache, end, first, last, out, n_threads)  # may still be compiling in a helper
+
+
+@functools.cache
+def transpose_keys_kernel(lanes: int):
+    """:func:`_transpose_keys` into blocks of a ``lanes`` tile's positions (a constant of
+    its code), compiled at its first call."""
+    width = _keys_width(lanes)
+
+    def part(th, n_threads, k_cache, end, keys):
+        _transpose_keys(th, n_threads, k_cache, end, keys, width)
+    return threaded(part, f"attention_keys_transposed_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @functools.cache
 def attention_scores_kernel(lanes: int, tinyblas: bool):
-    """:func:`attention_scores_f16` for ``lanes`` (8 or 16) in tinyBLAS's form or
-    ggml_vec_dot_f16's, constants of its code."""
-    tile, cols = TILE_ROWS[lanes], TILE_COLS[lanes]
+    """:func:`attention_scores_f16` for ``lanes`` (8 or 16) in tinyBLAS's form (over the
+    transposed keys) or ggml_vec_dot_f16's (over the cache), constants of its code."""
+    tile, width = TILE_ROWS[lanes], _keys_width(lanes)
     if tinyblas:
-        def kernel(q, k_cache, end, first, last, out, n_threads):
-            _scores_tinyblas(q, k_cache, end, first, last, out, lanes, tile, cols, n_threads)
+        def part(th, n_threads, q, keys, end, first, last, out):
+            _scores_tinyblas(th, n_threads, q, keys, end, first, last, out, lanes, tile, width)
     else:
-        def kernel(q, k_cache, end, first, last, out, n_threads):
-            _scores_vecdot(q, k_cache, end, first, last, out, lanes, n_threads)
+        def part(th, n_threads, q, k_cache, end, first, last, out):
+            _scores_vecdot(th, n_threads, q, k_cache, end, first, last, out, lanes)
     form = "tinyblas" if tinyblas else "vecdot"
-    return specialized(kernel, f"attention_scores_{form}_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
+    return threaded(part, f"attention_scores_{form}_{lanes}", fastmath=FASTMATH_GGML)
 
 
 VALUES_CHUNK = 16  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
 
 
 @njit(inline="always")
-def _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads):
+def _values_vecdot(th, n_threads, probs, v_cache, end, first, last, out, lanes):
     """ggml_vec_dot_f16 of each value row (one output element over the positions) with a
-    row of probabilities: position p in lane p % lanes of accumulator (p // lanes) % 4.
-    VALUES_CHUNK items at a time, positions outside, so that each position's values of
-    those heads are read once, contiguously. llama.cpp's KV view is a multiple of 256
-    cells, so no position is left over for the double tail."""
+    row of probabilities, thread th's share of the (head, row) items: position p in lane
+    p % lanes of accumulator (p // lanes) % 4. VALUES_CHUNK items at a time, positions
+    outside, so that each position's values of those heads are read once, contiguously.
+    llama.cpp's KV view is a multiple of 256 cells, so no position is left over for the
+    double tail."""
     n_kv, rows, hd = out.shape
     n_sets = first.size
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
     step = 4 * lanes
-    for th in prange(n_threads):
-        # (item, lane slot, output element): a position's values, contiguous in the cache,
-        # meet contiguous accumulators, so the loop over the head's elements is vector code
-        acc = np.empty((VALUES_CHUNK, step, hd), dtype=np.float32)
-        tmp = np.empty(16, dtype=np.float32)
-        i0, i1 = th * per, min(n_items, (th + 1) * per)
-        for c0 in range(i0, i1, VALUES_CHUNK):
-            c1 = min(i1, c0 + VALUES_CHUNK)
-            acc[:] = 0
-            for p in range(end):
-                slot = p % step
-                for item in range(c0, c1):
-                    h, r = item // rows, item % rows
-                    if first[r % n_sets] <= p <= last[r % n_sets]:
-                        pr = probs[h, r, p]
-                        for j in range(hd):
-                            acc[item - c0, slot, j] += pr * half_to_float(v_cache[p, h, j])
+    # (item, lane slot, output element): a position's values, contiguous in the cache,
+    # meet contiguous accumulators, so the loop over the head's elements is vector code
+    acc = np.empty((VALUES_CHUNK, step, hd), dtype=np.float32)
+    tmp = np.empty(16, dtype=np.float32)
+    i0, i1 = th * per, min(n_items, (th + 1) * per)
+    for c0 in range(i0, i1, VALUES_CHUNK):
+        c1 = min(i1, c0 + VALUES_CHUNK)
+        acc[:] = 0
+        for p in range(end):
+            slot = p % step
             for item in range(c0, c1):
-                for j in range(hd):
-                    out[item // rows, item % rows, j] = _vec_reduce(acc[item - c0, :, j], lanes, tmp)
+                h, r = item // rows, item % rows
+                if first[r % n_sets] <= p <= last[r % n_sets]:
+                    pr = probs[h, r, p]
+                    for j in range(hd):
+                        acc[item - c0, slot, j] += pr * half_to_float(v_cache[p, h, j])
+        for item in range(c0, c1):
+            for j in range(hd):
+                out[item // rows, item % rows, j] = _vec_reduce(acc[item - c0, :, j], lanes, tmp)
 
 
 def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, n_threads) -> None:
@@ -836,68 +859,96 @@ def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, 
     after the causal mask, and a 0 product adds nothing (ggml multiplies them anyway, which
     differs only for an infinite or NaN value in the cache). One kernel per lane
     count and form (the level's; a prompt's or one token's), compiled at its first call."""
-    kernel = attention_values_kernel(lanes, tinyblas_values(batched, out.shape[2]))
-    ready(kernel)(probs, v_cache, end, first, last, out, n_threads)  # one token's may still be compiling in a helper
+    n_kv, _, hd = out.shape
+    if tinyblas_values(batched, hd):
+        width = _values_width(lanes)
+        values = np.empty((n_kv, hd // width, end, width), dtype=np.uint16)  # (head, block of outputs, position, output)
+        gather_values_kernel(lanes)(v_cache, end, values, n_threads)
+        attention_values_kernel(lanes, True)(probs, v_cache, end, first, last, out, values, n_threads)
+    else:
+        ready(attention_values_kernel(lanes, False))(probs, v_cache, end, first, last, out, n_threads)  # may still be compiling in a helper
+
+
+def _values_width(lanes: int) -> int:
+    """Outputs per tinyBLAS values tile: the block of gathered values a tile reads."""
+    return 16 * TILE_COLS[lanes]
+
+
+@njit(inline="always")
+def _gather_values(th, n_threads, v_cache, end, values, width):
+    """tinyBLAS's kqv, first step (thread th's heads): the values of the outputs in whole
+    tiles gathered per block of ``width`` outputs, values[h, block, position, output in the
+    block]: a tile's values are one contiguous stream (the cache's rows, n_head_kv *
+    head_dim apart, would share a few L1 sets)."""
+    n_kv, n_blocks = values.shape[0], values.shape[1]
+    for h in range(th, n_kv, n_threads):
+        for p in range(end):
+            for j in range(n_blocks * width):
+                values[h, j // width, p, j % width] = v_cache[p, h, j]
+
+
+@functools.cache
+def gather_values_kernel(lanes: int):
+    """:func:`_gather_values` into blocks of a ``lanes`` tile's outputs (a constant of its
+    code), compiled at its first call."""
+    width = _values_width(lanes)
+
+    def part(th, n_threads, v_cache, end, values):
+        _gather_values(th, n_threads, v_cache, end, values, width)
+    return threaded(part, f"attention_values_gathered_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @functools.cache
 def attention_values_kernel(lanes: int, tinyblas: bool):
-    """:func:`attention_values_f16` for ``lanes`` (8 or 16) in tinyBLAS's form or
+    """:func:`attention_values_f16` for ``lanes`` (8 or 16) in tinyBLAS's form (over the
+    gathered values, then the cache for the outputs past the last whole tile) or
     ggml_vec_dot_f16's, constants of its code."""
-    tile, width = TILE_ROWS[lanes], 16 * TILE_COLS[lanes]
+    tile, width = TILE_ROWS[lanes], _values_width(lanes)
     if tinyblas:
-        def kernel(probs, v_cache, end, first, last, out, n_threads):
-            _values_tinyblas(probs, v_cache, end, first, last, out, lanes, tile, width, n_threads)
+        def part(th, n_threads, probs, v_cache, end, first, last, out, values):
+            _values_tinyblas(th, n_threads, probs, v_cache, end, first, last, out, values, lanes, tile, width)
     else:
-        def kernel(probs, v_cache, end, first, last, out, n_threads):
-            _values_vecdot(probs, v_cache, end, first, last, out, lanes, n_threads)
+        def part(th, n_threads, probs, v_cache, end, first, last, out):
+            _values_vecdot(th, n_threads, probs, v_cache, end, first, last, out, lanes)
     form = "tinyblas" if tinyblas else "vecdot"
-    return specialized(kernel, f"attention_values_{form}_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
+    return threaded(part, f"attention_values_{form}_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @njit(inline="always")
-def _values_tinyblas(probs, v_cache, end, first, last, out, lanes, tile, width, n_threads):
-    """tinyBLAS's kqv: phi3ref.ggml.simd's tiles compute ``tile`` rows of one head times
-    ``width`` outputs per call; the last rows and outputs row by row, sixteen per call."""
+def _values_tinyblas(th, n_threads, probs, v_cache, end, first, last, out, values, lanes, tile, width):
+    """tinyBLAS's kqv, second step (thread th's tiles): phi3ref.ggml.simd's tiles compute
+    ``tile`` rows of one head times a block of gathered values' outputs per call; the last
+    rows and outputs row by row, sixteen per call, from the cache."""
     n_kv, rows, hd = out.shape
+    n_blocks = values.shape[1]
     n_sets = first.size
-    whole = hd - hd % width  # outputs in whole tiles
-    # (head, block of ``width`` outputs, position, output in the block): a tile's values are
-    # one contiguous stream (the cache's rows, n_head_kv * head_dim apart, would share a few
-    # L1 sets)
-    n_blocks = whole // width
-    values = np.empty((n_kv, n_blocks, end, width), dtype=np.uint16)
-    for h in prange(n_kv):
-        for p in range(end):
-            for j in range(whole):
-                values[h, j // width, p, j % width] = v_cache[p, h, j]
+    whole = n_blocks * width  # outputs in whole tiles
     n_tiles = (rows + tile - 1) // tile
     n_units = n_kv * n_tiles
-    for th in prange(n_threads):
-        ranges = np.empty((2, tile), dtype=np.int64)  # each row's first and last position
-        for unit in range(th, n_units, n_threads):  # interleaved: later rows see more positions
-            h, r0 = unit // n_tiles, unit % n_tiles * tile
-            n = min(tile, rows - r0)
-            j_rows = 0  # outputs done for the whole tile
-            if n == tile:
-                for i in range(tile):
-                    t = (r0 + i) % n_sets
-                    ranges[0, i], ranges[1, i] = first[t], min(last[t], end - 1)
-                for j0 in range(0, whole, width):
-                    if lanes == 16:
-                        values_tile16(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
-                    else:
-                        values_tile8(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
-                j_rows = whole
-            for r in range(r0, r0 + n):  # the rest: row by row, sixteen outputs per call
-                item, t = h * rows + r, r % n_sets
-                lo, hi = first[t], min(last[t], end - 1)
-                for j0 in range(j_rows, hd, 16):
-                    n_valid = min(16, hd - j0)
-                    if lanes == 16:
-                        values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
-                    else:
-                        values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+    ranges = np.empty((2, tile), dtype=np.int64)  # each row's first and last position
+    for unit in range(th, n_units, n_threads):  # interleaved: later rows see more positions
+        h, r0 = unit // n_tiles, unit % n_tiles * tile
+        n = min(tile, rows - r0)
+        j_rows = 0  # outputs done for the whole tile
+        if n == tile:
+            for i in range(tile):
+                t = (r0 + i) % n_sets
+                ranges[0, i], ranges[1, i] = first[t], min(last[t], end - 1)
+            for j0 in range(0, whole, width):
+                if lanes == 16:
+                    values_tile16(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
+                else:
+                    values_tile8(probs, (h * rows + r0) * end, end, values, (h * n_blocks + j0 // width) * end * width, width, ranges, out, (h * rows + r0) * hd + j0, hd)
+            j_rows = whole
+        for r in range(r0, r0 + n):  # the rest: row by row, sixteen outputs per call
+            item, t = h * rows + r, r % n_sets
+            lo, hi = first[t], min(last[t], end - 1)
+            for j0 in range(j_rows, hd, 16):
+                n_valid = min(16, hd - j0)
+                if lanes == 16:
+                    values16(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
+                else:
+                    values8(probs, item * end, v_cache, h * hd + j0, n_kv * hd, lo, hi, out, item * hd + j0, n_valid)
 
 
 # ======================================================================================
@@ -1037,24 +1088,23 @@ def matmul_float_ggml(w, kind, x, out, table, lanes, bf16_dot, n_threads) -> Non
 def matmul_float_ggml_kernel(kind: int):
     """:func:`matmul_float_ggml` for one kind of float weight: ``kind`` is a constant of its code."""
 
-    def kernel(w, x, out, table, lanes, bf16_dot, n_threads):
+    def part(th, n_threads, w, x, out, table, lanes, bf16_dot):
         n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
         kn = 32 if (kind == FLOAT_BF16 and bf16_dot) else lanes
         tiny = n_tok >= 2 and n_in % kn == 0 and n_rows % 4 == 0
         per = (n_rows + n_threads - 1) // n_threads
-        for th in prange(n_threads):
-            row = np.empty(n_in, dtype=np.float32)
-            acc = np.empty(64, dtype=np.float32)
-            tmp = np.empty(16, dtype=np.float32)
-            for r in range(th * per, min(n_rows, (th + 1) * per)):
-                _float_row(w, r, row, table)
-                for t in range(n_tok):
-                    if tiny:
-                        out[t, r] = _float_tinyblas(kind, row, x, t, n_in, kn, bf16_dot, acc)
-                    else:
-                        out[t, r] = _float_vec_dot(kind, row, x, t, n_in, lanes, bf16_dot, acc, tmp)
+        row = np.empty(n_in, dtype=np.float32)
+        acc = np.empty(64, dtype=np.float32)
+        tmp = np.empty(16, dtype=np.float32)
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            _float_row(w, r, row, table)
+            for t in range(n_tok):
+                if tiny:
+                    out[t, r] = _float_tinyblas(kind, row, x, t, n_in, kn, bf16_dot, acc)
+                else:
+                    out[t, r] = _float_vec_dot(kind, row, x, t, n_in, lanes, bf16_dot, acc, tmp)
 
-    return specialized(kernel, f"matmul_float_ggml_{next(QT(t).name for t, k in FLOAT_KIND.items() if k == kind)}", parallel=True, fastmath=FASTMATH_GGML)
+    return threaded(part, f"matmul_float_ggml_{next(QT(t).name for t, k in FLOAT_KIND.items() if k == kind)}", fastmath=FASTMATH_GGML)
 
 
 def _hexf(literal: str) -> np.float32:
@@ -1131,8 +1181,7 @@ def softmax_ggml(scores, first, last, lanes, n_threads) -> None:
     level's vector exp, each ``lanes`` values' sum (chunks from key 0) reduced in float32
     and accumulated in double, then multiplied by the float32 reciprocal; a chunk of masked
     keys adds 0. llama.cpp's KV cache view is a multiple of 256 cells, so every element
-    takes the vector path. (In place, with one array argument: a parallel kernel may take
-    two array arguments not to overlap.)"""
+    takes the vector path."""
     softmax_kernel(lanes)(scores, first, last, n_threads)
 
 
@@ -1142,40 +1191,42 @@ def softmax_kernel(lanes: int):
     if lanes not in (8, 16):
         raise ValueError(f"ggml's exp loops take 8 or 16 lanes, not {lanes}")
 
-    def kernel(scores, first, last, n_threads):
+    def part(th, n_threads, scores, first, last):
         n_rows, n = scores.shape
         n_sets = first.size
         per = (n_rows + n_threads - 1) // n_threads
-        for th in prange(n_threads):
-            for r in range(th * per, min(n_rows, (th + 1) * per)):
-                lo, hi = first[r % n_sets], min(last[r % n_sets], n - 1)
-                mx = max_range(scores, r * n, lo, hi)
-                c_lo = lo - lo % lanes  # the chunks that hold a seen key
-                c_hi = c_lo
-                total = 0.0
-                for c0 in range(c_lo, hi + 1, lanes):
-                    total += np.float64(_exp_chunk(scores, r * n, scores, r * n, mx, c0, lo, hi, n, lanes))
-                    c_hi = min(n, c0 + lanes)
-                for i in range(c_lo):
-                    scores[r, i] = 0
-                for i in range(c_hi, n):
-                    scores[r, i] = 0
-                inv = np.float32(1.0 / total)
-                for i in range(lo, hi + 1):
-                    scores[r, i] = scores[r, i] * inv
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            lo, hi = first[r % n_sets], min(last[r % n_sets], n - 1)
+            mx = max_range(scores, r * n, lo, hi)
+            c_lo = lo - lo % lanes  # the chunks that hold a seen key
+            c_hi = c_lo
+            total = 0.0
+            for c0 in range(c_lo, hi + 1, lanes):
+                total += np.float64(_exp_chunk(scores, r * n, scores, r * n, mx, c0, lo, hi, n, lanes))
+                c_hi = min(n, c0 + lanes)
+            for i in range(c_lo):
+                scores[r, i] = 0
+            for i in range(c_hi, n):
+                scores[r, i] = 0
+            inv = np.float32(1.0 / total)
+            for i in range(lo, hi + 1):
+                scores[r, i] = scores[r, i] * inv
 
-    return specialized(kernel, f"softmax_ggml_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
+    return threaded(part, f"softmax_ggml_{lanes}", fastmath=FASTMATH_GGML)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def round_to_f16(x, n_threads):
-    """Round every element of x (float32, C-contiguous) in place to the nearest float16
-    value: what ggml's conversion to float16 does to a product's operand."""
-    flat = x.reshape(-1)
+@njit(cache=True, fastmath=FASTMATH_GGML)
+def _round_to_f16_part(th, n_threads, x):
+    """Thread th's share of :data:`round_to_f16`."""
+    flat = x.reshape(-1)  # (elements,): x is C-contiguous
     per = (flat.size + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        for i in range(th * per, min(flat.size, (th + 1) * per)):
-            flat[i] = half_to_float(float_to_half(flat[i]))
+    for i in range(th * per, min(flat.size, (th + 1) * per)):
+        flat[i] = half_to_float(float_to_half(flat[i]))
+
+
+round_to_f16 = Threaded(_round_to_f16_part)
+"""round_to_f16(x, n_threads): round every element of x (float32, C-contiguous) in place to
+the nearest float16 value: what ggml's conversion to float16 does to a product's operand."""
 
 
 @njit(cache=True, fastmath=FASTMATH_GGML)
@@ -1192,22 +1243,25 @@ def store_f16(x, out):
 # ======================================================================================
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_GGML)
-def rms_norm_ggml(x, weight, eps, out, n_threads):
-    """ggml_rms_norm followed by ggml_mul with the norm's weight, on each row of x (rows, n):
-    the float32 squares summed in double in order, the mean rounded to float32, scale =
-    1 / sqrtf(mean + eps); out = (x * scale) * weight."""
+@njit(cache=True, fastmath=FASTMATH_GGML)
+def _rms_norm_part(th, n_threads, x, weight, eps, out):
+    """Thread th's rows of :data:`rms_norm_ggml`."""
     n_rows, n = x.shape
     per = (n_rows + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        for r in range(th * per, min(n_rows, (th + 1) * per)):
-            total = 0.0
-            for i in range(n):
-                total += np.float64(x[r, i] * x[r, i])
-            mean = np.float32(total / n)
-            scale = np.float32(1) / np.sqrt(mean + eps)
-            for i in range(n):
-                out[r, i] = (x[r, i] * scale) * weight[i]
+    for r in range(th * per, min(n_rows, (th + 1) * per)):
+        total = 0.0
+        for i in range(n):
+            total += np.float64(x[r, i] * x[r, i])
+        mean = np.float32(total / n)
+        scale = np.float32(1) / np.sqrt(mean + eps)
+        for i in range(n):
+            out[r, i] = (x[r, i] * scale) * weight[i]
+
+
+rms_norm_ggml = Threaded(_rms_norm_part)
+"""rms_norm_ggml(x, weight, eps, out, n_threads): ggml_rms_norm followed by ggml_mul with the
+norm's weight, on each row of x (rows, n): the float32 squares summed in double in order,
+the mean rounded to float32, scale = 1 / sqrtf(mean + eps); out = (x * scale) * weight."""
 
 
 @njit(cache=True, fastmath=FASTMATH_GGML)
@@ -1243,20 +1297,19 @@ def swiglu_kernel(lanes: int):
         raise ValueError(f"ggml's exp loops take 8 or 16 lanes, not {lanes}")
     scalef = lanes == 16
 
-    def kernel(gate_up, n_ff, out, n_threads):
+    def part(th, n_threads, gate_up, n_ff, out):
         n_rows = gate_up.shape[0]
         full = n_ff - n_ff % lanes
         per = (n_rows + n_threads - 1) // n_threads
-        for th in prange(n_threads):
-            for r in range(th * per, min(n_rows, (th + 1) * per)):
-                for i in range(full):
-                    g = gate_up[r, i]
-                    out[r, i] = g / (np.float32(1) + _v_expf(-g, scalef)) * gate_up[r, n_ff + i]
-                for i in range(full, n_ff):
-                    g = gate_up[r, i]
-                    out[r, i] = g / (np.float32(1) + np.exp(-g)) * gate_up[r, n_ff + i]
+        for r in range(th * per, min(n_rows, (th + 1) * per)):
+            for i in range(full):
+                g = gate_up[r, i]
+                out[r, i] = g / (np.float32(1) + _v_expf(-g, scalef)) * gate_up[r, n_ff + i]
+            for i in range(full, n_ff):
+                g = gate_up[r, i]
+                out[r, i] = g / (np.float32(1) + np.exp(-g)) * gate_up[r, n_ff + i]
 
-    return specialized(kernel, f"swiglu_ggml_{lanes}", parallel=True, fastmath=FASTMATH_GGML)
+    return threaded(part, f"swiglu_ggml_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @njit(cache=True)
@@ -1391,21 +1444,22 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         return list({id(k): k for k in (product_kernel(qt, w.shape[0], n_tok, True) for w in ws)}.values())
 
     # seconds, measured one after the other in one process with a cold cache (phi3-mini
-    # Q4_K_M, 8 lanes, on an AMD EPYC Zen 3): only their proportions matter, to share the
-    # jobs out between two processes
+    # Q4_K_M, 8 lanes, on an AMD EPYC Zen 3; the first job of a launcher's argument types
+    # compiles it, about 0.5 s): only their order matters (the longest first) and the
+    # bound on a wait for the helper
     jobs = [
-        WarmJob("kq", 4.2, kq(True), lambda: [attention_scores_kernel(lanes, True)]),
-        WarmJob("kq1", 1.8, kq(False), lambda: [attention_scores_kernel(lanes, False)], later=True),
-        WarmJob("kqv", 4.3, kqv(True), lambda: [attention_values_kernel(lanes, True)]),
-        WarmJob("kqv1", 2.5, kqv(False), lambda: [attention_values_kernel(lanes, False)], later=True),
-        WarmJob("exp", 3.4, exps, lambda: [softmax_kernel(lanes), swiglu_kernel(lanes)]),
-        WarmJob("layer", 2.9, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
+        WarmJob("kq", 3.4, kq(True), lambda: [attention_scores_kernel(lanes, True), transpose_keys_kernel(lanes)]),
+        WarmJob("kq1", 1.6, kq(False), lambda: [attention_scores_kernel(lanes, False)], later=True),
+        WarmJob("kqv", 3.6, kqv(True), lambda: [attention_values_kernel(lanes, True), gather_values_kernel(lanes)]),
+        WarmJob("kqv1", 1.5, kqv(False), lambda: [attention_values_kernel(lanes, False)], later=True),
+        WarmJob("exp", 2.5, exps, lambda: [softmax_kernel(lanes), swiglu_kernel(lanes)]),
+        WarmJob("layer", 4.0, layer, lambda: [round_to_f16, rms_norm_ggml, rope_neox_ggml, store_f16, libm_cos_sin]),
     ]
     by_type: dict[int, list[np.ndarray]] = {}
     for qt, w in warm_weights(weights):
         by_type.setdefault(qt, []).append(w)
     if any(activation_type(qt) == ACT_Q8_K for qt in by_type):
-        jobs.append(WarmJob("q8k", 1.2, lambda: quantize_activations(x[:1], ACT_Q8_K), lambda: [_quantize_q8_k]))
+        jobs.append(WarmJob("q8k", 1.4, lambda: quantize_activations(x[:1], ACT_Q8_K), lambda: [_quantize_q8_k]))
     for qt, ws in by_type.items():
         # ggml takes other kernels for a batch of 8 tokens or more: a prompt's (n_tok 8) in one
         # job, and one token's, where they are other kernels, in a job of its own (not later:
@@ -1413,8 +1467,8 @@ def _warm_jobs(weights: list[tuple[int, int]] | None, lanes: int) -> list[WarmJo
         prompt = product_kernels(qt, ws, 8)
         one_token = [k for k in product_kernels(qt, ws, 1) if all(k is not p for p in prompt)]
         if not one_token:
-            jobs.append(WarmJob(QT(qt).name, 3.0, product(qt, ws, (8, 1)), lambda ks=prompt: ks))
+            jobs.append(WarmJob(QT(qt).name, 2.0, product(qt, ws, (8, 1)), lambda ks=prompt: ks))
         else:
-            jobs.append(WarmJob(QT(qt).name, 3.0, product(qt, ws, (8,)), lambda ks=prompt: ks))
-            jobs.append(WarmJob(f"{QT(qt).name}-1", 1.7, product(qt, ws, (1,)), lambda ks=one_token: ks))
+            jobs.append(WarmJob(QT(qt).name, 1.5, product(qt, ws, (8,)), lambda ks=prompt: ks))
+            jobs.append(WarmJob(f"{QT(qt).name}-1", 0.8, product(qt, ws, (1,)), lambda ks=one_token: ks))
     return jobs
