@@ -46,6 +46,11 @@ from numba.core import types as nb_types
 from numba.extending import intrinsic
 
 try:
+    import fcntl  # the lock of _lock_cache_writes
+except ImportError:  # not POSIX
+    fcntl = None
+
+try:
     from numba._dispatcher import compute_fingerprint as _compute_fingerprint  # Numba's C typing key
 except ImportError:  # a Numba without it: Threaded keys by the type itself
     _compute_fingerprint = None
@@ -53,7 +58,7 @@ except ImportError:  # a Numba without it: Threaded keys by the type itself
 __all__ = [
     "AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "VNNI", "VNNI512", "WarmJob", "all_kernels", "background_seconds",
     "compile_notice", "cache_folder_in_use", "finish_background", "kernel_cache_folder", "ready", "run_helper_jobs",
-    "run_warm_jobs", "specialized", "Threaded", "threaded",
+    "run_warm_jobs", "specialized", "Threaded", "threaded_kernel",
 ]
 
 # Fast-math flags of every float kernel. They may reassociate (LLVM vectorizes their sums);
@@ -225,13 +230,16 @@ def specialized(fn: Callable, name: str, **options) -> Callable:
 
 @intrinsic
 def _part_at(typingctx, address, args):
-    """The function at ``address`` (an integer: the C entry point Numba gives every
-    compiled function), of signature void(int64 th, int64 n_threads, *args)."""
+    """The compiled function at ``address`` (an integer: its entry point in Numba's own
+    calling convention), of signature void(int64 th, int64 n_threads, *args). Called
+    through Numba's convention, an error it raises (an IndexError under
+    NUMBA_BOUNDSCHECK=1) reaches the caller, as from any Numba function: through the C
+    wrapper Numba also makes, it would be printed and dropped."""
     fn_type = nb_types.FunctionType(nb_types.void(nb_types.int64, nb_types.int64, *args.types))
 
     def codegen(context, builder, signature, llvm_args):
         fn = cgutils.create_struct_proxy(fn_type)(context, builder)
-        fn.c_addr = builder.inttoptr(llvm_args[0], cgutils.voidptr_t)  # called through it (no Python object, no GIL)
+        fn.jit_addr = builder.inttoptr(llvm_args[0], cgutils.voidptr_t)
         return fn._getvalue()
 
     return fn_type(nb_types.int64, args), codegen
@@ -252,10 +260,12 @@ def _type_key(args: tuple) -> tuple:
     """A key of the Numba types of ``args``: Numba's own fingerprints (what its dispatcher
     types arguments by, in C), else the types themselves (slower: a value the fingerprint
     does not cover, or a Numba without it)."""
-    try:
-        return tuple(map(_compute_fingerprint, args))
-    except Exception:
-        return tuple(nb.typeof(a) for a in args)
+    if _compute_fingerprint is not None:
+        try:
+            return tuple(map(_compute_fingerprint, args))
+        except (NotImplementedError, ValueError, TypeError):  # a value it does not cover
+            pass
+    return tuple(nb.typeof(a) for a in args)
 
 
 class Threaded:
@@ -265,27 +275,64 @@ class Threaded:
     first call; a call of other types compiles another, never runs one made for others
     (the address is looked up by the arguments' types, :func:`_type_key`)."""
 
-    def __init__(self, part) -> None:
+    def __init__(self, part: nb.core.registry.CPUDispatcher) -> None:
         self.part = part  # the Numba dispatcher (what the warm-up and the tests look at)
         self._addresses: dict[tuple, int] = {}
 
-    def __call__(self, *args_and_n_threads) -> None:
+    def __call__(self, *args_and_n_threads: object) -> None:
         address = self._addresses.get(_type_key(args_and_n_threads))
         if address is None:
             address = self._compile(args_and_n_threads)
-        _run_parts(address, *args_and_n_threads)
+        try:
+            _run_parts(address, *args_and_n_threads)
+        except SystemError as error:
+            # an exception a part raised on a thread is set as Python's error and the
+            # launcher returns as if it had not: Python reports that as a SystemError whose
+            # context is the part's exception, which is what the caller should see
+            if error.__context__ is None:
+                raise
+            raise error.__context__ from None
 
     def _compile(self, args_and_n_threads: tuple) -> int:
         """The address of the part compiled (or loaded from the cache) for these types."""
         args = args_and_n_threads[:-1]
         signature = nb_types.void(nb_types.int64, nb_types.int64, *(nb.typeof(a) for a in args))
         result = self.part.get_compile_result(signature)
-        address = result.library.get_pointer_to_function(result.fndesc.llvm_cfunc_wrapper_name)
+        address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+        if not address:  # 0: the symbol is missing (never expected); a call through it would crash
+            raise RuntimeError(f"no compiled entry point of {self.part.__name__} for {signature}")
         self._addresses[_type_key(args_and_n_threads)] = address
         return address
 
 
-def threaded(part: Callable, name: str, **options) -> Threaded:
+def _lock_cache_writes(dispatcher: nb.core.registry.CPUDispatcher) -> None:
+    """Make ``dispatcher``'s writes to its on-disk cache hold a file lock beside its index.
+    Numba writes an entry by reading the index, writing the entry's file under the next
+    free number and writing the index back, unlocked: two processes compiling the same
+    function for other argument types at once (the warm-up's helper and this process, both
+    compiling :func:`_run_parts`) could take the same number, and the index would then give
+    one's types the other's code. Only the launcher is compiled by both processes."""
+    cache = getattr(dispatcher, "_cache", None)
+    folder = getattr(cache, "_cache_path", None)
+    if folder is None or fcntl is None:  # no cache (NUMBA_DISABLE_CACHE), or no flock (not POSIX)
+        return
+    save = cache.save_overload
+
+    def locked_save(sig, data):
+        with open(os.path.join(folder, f"{dispatcher.__name__}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                save(sig, data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    cache.save_overload = locked_save
+
+
+_lock_cache_writes(_run_parts)
+
+
+def threaded_kernel(part: Callable, name: str, **options) -> Threaded:
     """``part(th, n_threads, *args)`` compiled as :func:`specialized` compiles (no prange in
     it: thread th's share of the work), run on several threads by :class:`Threaded`."""
     return Threaded(specialized(part, name, **options))
@@ -306,8 +353,8 @@ def all_kernels() -> dict[str, Callable]:
 
 @dataclass
 class WarmJob:
-    """A part of a warm-up: ``run()`` compiles (or loads) ``kernels()``; ``cost``: its rough
-    compile seconds, to share the parts out. ``later``: a prompt's pass does not usually
+    """A job of a warm-up: ``run()`` compiles (or loads) ``kernels()``; ``cost``: its rough
+    compile seconds (the longest jobs are handed out first; it bounds a wait for the helper). ``later``: a prompt's pass does not usually
     need it (one token's kernels): a helper may compile it in the background while the
     prompt runs, so its kernels are called through :func:`ready`, which waits for them
     when a pass needs them sooner."""
@@ -387,9 +434,13 @@ def run_helper_jobs(jobs: list[WarmJob]) -> None:
     each on stdout when done (the process that started the helper waits for those names
     and hands out the next)."""
     by_name = {job.name: job for job in jobs}
+    print(_HELPER_READY, flush=True)  # Python, Numba and phi3ref imported: the first job may come
     for line in sys.stdin:
         by_name[line.strip()].run()
         print(line.strip(), flush=True)
+
+
+_HELPER_READY = "(ready)"  # what a helper says before its first job (no job's name)
 
 
 class _JobQueue:
@@ -400,7 +451,7 @@ class _JobQueue:
 
     def __init__(self, jobs: list[WarmJob], later: list[WarmJob]) -> None:
         self.waiting = sorted(jobs, key=lambda j: -j.cost)
-        self.later = later
+        self.later: list[WarmJob] | None = later  # None once handed to the helper
         self.theirs: list[WarmJob] = []  # taken by the helper
         self.lock = threading.Lock()
         self.helper: _Helper | None = None
@@ -410,11 +461,12 @@ class _JobQueue:
         with self.lock:
             return self.waiting.pop(0) if self.waiting else None
 
-    def feed_helper(self, _done: str = "") -> None:
-        """Give the helper its next job; when all are taken, the later ones, and the end."""
+    def feed_helper(self, _reported: str = "") -> None:
+        """Give the helper its next job (when it reports that it is ready, or done with one);
+        when all are taken, the later ones, and the end."""
         with self.lock:
             helper = self.helper
-            if helper is None or len(helper.done) < len(self.theirs):  # it is still on its job
+            if helper is None or not all(j.name in helper.done for j in self.theirs):  # still on its job
                 return
             if self.waiting:
                 job = self.waiting.pop(0)
@@ -455,7 +507,8 @@ def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[], str]) -> None:
     stdin there, through :func:`run_helper_jobs`), and this process then loads them: Numba
     compiles one function at a time, so a second process shortens a cold start. The two take
     the jobs one by one, each when it is free, the longest first (:class:`_JobQueue`); each
-    process compiles other kernels, so they never write the same cache entry, and whatever
+    process compiles other kernels (the launcher, which both may compile for other argument
+    types, writes its cache entries under a lock: :func:`_lock_cache_writes`), and whatever
     the helper did not finish is compiled here. The helper compiles the ``later`` jobs last,
     while this process goes on (:func:`ready` waits for them when first called;
     :func:`finish_background` at once)."""
@@ -468,15 +521,14 @@ def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[], str]) -> None:
     queue = _JobQueue([j for j in cold if not j.later], [j for j in cold if j.later])
     if len(cold) >= 2 and cores >= 2 and python and os.environ.get("PHI3REF_COMPILE_HELPER", "1") != "0":
         try:
-            queue.helper = _Helper(helper_call(), queue.feed_helper)
+            queue.helper = _Helper(helper_call(), queue.feed_helper)  # its first job when it says it is ready
         except OSError:  # no helper: everything is compiled here
             pass
-        else:
-            queue.feed_helper()  # its first job, read once Python, Numba and phi3ref are imported
     helper = queue.helper
     try:
+        cold_names = {j.name for j in cold}
         for job in jobs:  # those in the cache, loaded
-            if job.name not in {j.name for j in cold}:
+            if job.name not in cold_names:
                 job.run()
         while (job := queue.take()) is not None:
             job.run()

@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as QT
 from numba import njit
 
 from . import quants
-from .jit import FASTMATH, Threaded, compile_notice, threaded  # first: the kernel cache is set up before any kernel is decorated
+from .jit import FASTMATH, Threaded, compile_notice, threaded_kernel  # first: the kernel cache is set up before any kernel is decorated
 
 __all__ = [
     "FASTMATH", "F16_TABLE", "BF16_TABLE", "block_layout", "decode_row", "read_f16", "row_scratch", "unpack_row",
@@ -339,7 +339,7 @@ def matmul_exact_kernel(qtype: int):
                     acc += row[i] * x[k, i]
                 out[k, r] = acc
 
-    return threaded(part, f"matmul_exact_{QT(qtype).name}", fastmath=FASTMATH)
+    return threaded_kernel(part, f"matmul_exact_{QT(qtype).name}", fastmath=FASTMATH)
 
 
 @njit(cache=True, fastmath=FASTMATH)

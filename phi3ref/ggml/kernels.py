@@ -23,8 +23,9 @@
 ``libm_cos_sin`` gives the C library's float32 cosf / sinf, which ggml calls; ``expf_ggml``
 ggml's vector exp. Shapes and conventions are those of :mod:`phi3ref.kernels`: weights are
 ``(n_rows, row_bytes)`` uint8 arrays, the GGML type travels as its integer id, every kernel
-is parallel over ``n_threads`` slices of its output rows (contiguous, except the
-attention tiles, dealt out in turn: later query rows see more keys).
+runs on ``n_threads`` threads (:class:`phi3ref.jit.Threaded`), each taking a slice of its
+output rows (contiguous, except the attention tiles, dealt out in turn: later query rows
+see more keys; and heads or tokens in turn where the work is per head or token).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .. import quants
-from ..jit import Threaded, WarmJob, compile_notice, ready, run_helper_jobs, run_warm_jobs, threaded
+from ..jit import Threaded, WarmJob, compile_notice, ready, run_helper_jobs, run_warm_jobs, threaded_kernel
 from ..kernels import (  # first: phi3ref.jit sets up the kernel cache before any kernel is decorated
     BF16, F16, F16_TABLE, F32, I32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0_BYTES, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
     Q8_0_BYTES, block_layout, read_f16, row_scratch, unpack_row, warm_weights,
@@ -57,7 +58,7 @@ from .simd import (
 __all__ = [
     "ACT_F32", "ACT_F16", "ACT_BF16", "ACT_Q8_0", "ACT_Q8_1", "ACT_Q8_K", "FLOAT_F32", "FLOAT_F16", "FLOAT_BF16", "FLOAT_KIND",
     "activation_type", "quantize_activations", "matmul_ggml", "matmul_ggml_unpacked", "matmul_float_ggml",
-    "matmul_ggml_simd_kernel", "matmul_ggml_unpacked_kernel", "product_kernel", "matmul_float_ggml_kernel", "attention_scores_f16", "attention_scores_kernel", "attention_values_kernel", "attention_values_f16", "softmax_ggml", "softmax_kernel", "round_to_f16", "store_f16", "rms_norm_ggml",
+    "matmul_ggml_simd_kernel", "matmul_ggml_unpacked_kernel", "product_kernel", "matmul_float_ggml_kernel", "attention_scores_f16", "attention_scores_kernel", "attention_values_kernel", "transpose_keys_kernel", "gather_values_kernel", "attention_values_f16", "softmax_ggml", "softmax_kernel", "round_to_f16", "store_f16", "rms_norm_ggml",
     "rope_neox_ggml", "swiglu_ggml", "swiglu_kernel", "fma_f32", "libm_cos_sin", "expf_ggml", "log_sum_exp_rows", "warmup",
 ]
 
@@ -600,7 +601,7 @@ def matmul_ggml_simd_kernel(qtype: int, mode: int, rows8: bool = False, tail: bo
             _rows_simd(w, qtype, mode, th * per, min(n_rows, (th + 1) * per), q, d, s, out, ints, scales, lanes, table)
 
     shape = ("_rows8" if rows8 else "") + ("_tail" if tail else "")
-    return threaded(part, f"matmul_ggml_simd_{MODE_NAMES[mode]}{shape}_{QT(qtype).name}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"matmul_ggml_simd_{MODE_NAMES[mode]}{shape}_{QT(qtype).name}", fastmath=FASTMATH_GGML)
 
 
 @functools.cache
@@ -624,7 +625,7 @@ def matmul_ggml_unpacked_kernel(qtype: int):
             for t in range(n_tok):
                 out[t, r] = _dot_unpacked(qtype, mode, wq, wsc, wmn, wd, wm, q, d, s, t, n_tok, lanes, parts)
 
-    return threaded(part, f"matmul_ggml_unpacked_{QT(qtype).name}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"matmul_ggml_unpacked_{QT(qtype).name}", fastmath=FASTMATH_GGML)
 
 
 # ======================================================================================
@@ -775,7 +776,8 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
     as in softmax_ggml): keys it does not need may be left out (-inf) — in the tinyBLAS
     form, chunks of keys that no row of its tile needs (others are computed), single keys in
     the other. One kernel per lane count and form (the level's; a prompt's or one
-    token's), compiled at its first call."""
+    token's; tinyBLAS's in two: the keys transposed, then the tiles), compiled at its first
+    call."""
     n_kv, _, hd = q.shape
     if tinyblas_scores(batched, hd, lanes):
         width = _keys_width(lanes)
@@ -787,14 +789,14 @@ def attention_scores_f16(q, k_cache, end, first, last, out, lanes, batched, n_th
 
 
 @functools.cache
-def transpose_keys_kernel(lanes: int):
+def transpose_keys_kernel(lanes: int) -> Threaded:
     """:func:`_transpose_keys` into blocks of a ``lanes`` tile's positions (a constant of
     its code), compiled at its first call."""
     width = _keys_width(lanes)
 
     def part(th, n_threads, k_cache, end, keys):
         _transpose_keys(th, n_threads, k_cache, end, keys, width)
-    return threaded(part, f"attention_keys_transposed_{lanes}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"attention_keys_transposed_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @functools.cache
@@ -809,7 +811,7 @@ def attention_scores_kernel(lanes: int, tinyblas: bool):
         def part(th, n_threads, q, k_cache, end, first, last, out):
             _scores_vecdot(th, n_threads, q, k_cache, end, first, last, out, lanes)
     form = "tinyblas" if tinyblas else "vecdot"
-    return threaded(part, f"attention_scores_{form}_{lanes}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"attention_scores_{form}_{lanes}", fastmath=FASTMATH_GGML)
 
 
 VALUES_CHUNK = 16  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
@@ -858,7 +860,8 @@ def attention_values_f16(probs, v_cache, end, first, last, out, lanes, batched, 
     positions first[t] .. last[t] (t = r % len(first)): the others have probability 0
     after the causal mask, and a 0 product adds nothing (ggml multiplies them anyway, which
     differs only for an infinite or NaN value in the cache). One kernel per lane
-    count and form (the level's; a prompt's or one token's), compiled at its first call."""
+    count and form (the level's; a prompt's or one token's; tinyBLAS's in two: the values
+    gathered, then the tiles), compiled at its first call."""
     n_kv, _, hd = out.shape
     if tinyblas_values(batched, hd):
         width = _values_width(lanes)
@@ -888,14 +891,14 @@ def _gather_values(th, n_threads, v_cache, end, values, width):
 
 
 @functools.cache
-def gather_values_kernel(lanes: int):
+def gather_values_kernel(lanes: int) -> Threaded:
     """:func:`_gather_values` into blocks of a ``lanes`` tile's outputs (a constant of its
     code), compiled at its first call."""
     width = _values_width(lanes)
 
     def part(th, n_threads, v_cache, end, values):
         _gather_values(th, n_threads, v_cache, end, values, width)
-    return threaded(part, f"attention_values_gathered_{lanes}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"attention_values_gathered_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @functools.cache
@@ -911,7 +914,7 @@ def attention_values_kernel(lanes: int, tinyblas: bool):
         def part(th, n_threads, probs, v_cache, end, first, last, out):
             _values_vecdot(th, n_threads, probs, v_cache, end, first, last, out, lanes)
     form = "tinyblas" if tinyblas else "vecdot"
-    return threaded(part, f"attention_values_{form}_{lanes}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"attention_values_{form}_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @njit(inline="always")
@@ -1104,7 +1107,7 @@ def matmul_float_ggml_kernel(kind: int):
                 else:
                     out[t, r] = _float_vec_dot(kind, row, x, t, n_in, lanes, bf16_dot, acc, tmp)
 
-    return threaded(part, f"matmul_float_ggml_{next(QT(t).name for t, k in FLOAT_KIND.items() if k == kind)}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"matmul_float_ggml_{next(QT(t).name for t, k in FLOAT_KIND.items() if k == kind)}", fastmath=FASTMATH_GGML)
 
 
 def _hexf(literal: str) -> np.float32:
@@ -1212,7 +1215,7 @@ def softmax_kernel(lanes: int):
             for i in range(lo, hi + 1):
                 scores[r, i] = scores[r, i] * inv
 
-    return threaded(part, f"softmax_ggml_{lanes}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"softmax_ggml_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @njit(cache=True, fastmath=FASTMATH_GGML)
@@ -1309,7 +1312,7 @@ def swiglu_kernel(lanes: int):
                 g = gate_up[r, i]
                 out[r, i] = g / (np.float32(1) + np.exp(-g)) * gate_up[r, n_ff + i]
 
-    return threaded(part, f"swiglu_ggml_{lanes}", fastmath=FASTMATH_GGML)
+    return threaded_kernel(part, f"swiglu_ggml_{lanes}", fastmath=FASTMATH_GGML)
 
 
 @njit(cache=True)
