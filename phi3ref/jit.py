@@ -354,10 +354,10 @@ def all_kernels() -> dict[str, Callable]:
 @dataclass
 class WarmJob:
     """A job of a warm-up: ``run()`` compiles (or loads) ``kernels()``; ``cost``: its rough
-    compile seconds (the longest jobs are handed out first; it bounds a wait for the helper). ``later``: a prompt's pass does not usually
-    need it (one token's kernels): a helper may compile it in the background while the
-    prompt runs, so its kernels are called through :func:`ready`, which waits for them
-    when a pass needs them sooner."""
+    compile seconds (the longest jobs are handed out first; it bounds a wait for the
+    helper). ``later``: a prompt's pass does not usually need it (one token's kernels): a
+    helper may compile it in the background while the prompt runs, so its kernels are
+    called through :func:`ready`, which waits for them when a pass needs them sooner."""
 
     name: str
     cost: float
