@@ -280,9 +280,10 @@ class Threaded:
         self._addresses: dict[tuple, int] = {}
 
     def __call__(self, *args_and_n_threads: object) -> None:
-        address = self._addresses.get(_type_key(args_and_n_threads))
+        key = _type_key(args_and_n_threads)
+        address = self._addresses.get(key)
         if address is None:
-            address = self._compile(args_and_n_threads)
+            address = self._compile(args_and_n_threads, key)
         try:
             _run_parts(address, *args_and_n_threads)
         except SystemError as error:
@@ -293,15 +294,16 @@ class Threaded:
                 raise
             raise error.__context__ from None
 
-    def _compile(self, args_and_n_threads: tuple) -> int:
-        """The address of the part compiled (or loaded from the cache) for these types."""
+    def _compile(self, args_and_n_threads: tuple, key: tuple) -> int:
+        """The address of the part compiled (or loaded from the cache) for these types
+        (``key``: theirs, :func:`_type_key`)."""
         args = args_and_n_threads[:-1]
         signature = nb_types.void(nb_types.int64, nb_types.int64, *(nb.typeof(a) for a in args))
         result = self.part.get_compile_result(signature)
         address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
         if not address:  # 0: the symbol is missing (never expected); a call through it would crash
             raise RuntimeError(f"no compiled entry point of {self.part.__name__} for {signature}")
-        self._addresses[_type_key(args_and_n_threads)] = address
+        self._addresses[key] = address
         return address
 
 
@@ -518,7 +520,8 @@ def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[], str]) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # no helper where sys.executable is not a plain Python (a frozen or embedded program)
     python = sys.executable and not getattr(sys, "frozen", False)
-    queue = _JobQueue([j for j in cold if not j.later], [j for j in cold if j.later])
+    later = [j for j in cold if j.later]
+    queue = _JobQueue([j for j in cold if not j.later], later)
     if len(cold) >= 2 and cores >= 2 and python and os.environ.get("PHI3REF_COMPILE_HELPER", "1") != "0":
         try:
             queue.helper = _Helper(helper_call(), queue.feed_helper)  # its first job when it says it is ready
@@ -545,7 +548,6 @@ def run_warm_jobs(jobs: list[WarmJob], helper_call: Callable[[], str]) -> None:
         if helper is not None:
             helper.stop()
         raise
-    later = [j for j in cold if j.later]
     if helper is not None and later:
         _background = _Background(helper, later, {id(k) for j in later for k in j.kernels()},
                                   30 + 4 * sum(j.cost for j in later))
