@@ -43,6 +43,7 @@ import numba as nb
 import numpy as np
 from numba.core import cgutils, config
 from numba.core import types as nb_types
+from numba.core.compiler import Compiler
 from numba.extending import intrinsic
 
 try:
@@ -56,9 +57,9 @@ except ImportError:  # a Numba without it: Threaded keys by the type itself
     _compute_fingerprint = None
 
 __all__ = [
-    "AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "VNNI", "VNNI512", "WarmJob", "all_kernels", "background_seconds",
-    "compile_notice", "cache_folder_in_use", "finish_background", "kernel_cache_folder", "ready", "run_helper_jobs",
-    "run_warm_jobs", "specialized", "Threaded", "threaded_kernel",
+    "AVX2", "FASTMATH", "FORM", "GFNI512", "KERNELS", "PartCompiler", "VNNI", "VNNI512", "WarmJob", "all_kernels",
+    "background_seconds", "compile_notice", "cache_folder_in_use", "finish_background", "kernel_cache_folder", "part_jit",
+    "ready", "run_helper_jobs", "run_warm_jobs", "specialized", "Threaded", "threaded_kernel",
 ]
 
 # Fast-math flags of every float kernel. They may reassociate (LLVM vectorizes their sums);
@@ -94,8 +95,9 @@ FORM = "-".join(name for name, on in (("vnni", VNNI), ("vnni512", VNNI512), ("gf
 # intrinsics it inlines from ggml/simd.py, nor on the block layouts it bakes in from
 # quants.py, nor on the form chosen above (PHI3REF_SIMD leaves the target unchanged), so a
 # cache written before an edit of those files, or in another form, would be loaded as if
-# current. phi3ref's functions are therefore cached through a locator that puts each form
-# in a folder of its own and stamps the entries with the content hash of those two files.
+# current; nor on this file, which sets how the kernels' parts are compiled (PartCompiler).
+# phi3ref's functions are therefore cached through a locator that puts each form in a
+# folder of its own and stamps the entries with the content hash of those three files.
 # The folder is phi3ref's cache folder, not Numba's default __pycache__ beside the source
 # (which a read-only install cannot write): kernels/<install>/simd-<form>, <install> told
 # apart by the package's path, so that two installs (two virtualenvs) do not overwrite
@@ -104,7 +106,7 @@ FORM = "-".join(name for name, on in (("vnni", VNNI), ("vnni512", VNNI512), ("gf
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _KERNEL_FOLDERS = (_PACKAGE, os.path.join(_PACKAGE, "ggml"))  # where phi3ref's @njit functions live
-_BAKED_IN = (os.path.join(_PACKAGE, "ggml", "simd.py"), os.path.join(_PACKAGE, "quants.py"))
+_BAKED_IN = (os.path.join(_PACKAGE, "ggml", "simd.py"), os.path.join(_PACKAGE, "quants.py"), os.path.abspath(__file__))
 
 
 def kernel_cache_folder() -> str:
@@ -128,8 +130,8 @@ def _cache_locator_class(impl):
 
     class KernelCacheLocator(caching._CacheLocator):
         """The cache folder of a phi3ref function (:func:`kernel_cache_folder`, else Numba's
-        own choice with ``FORM`` as a subfolder), the content hash of simd.py and quants.py
-        in its source stamp."""
+        own choice with ``FORM`` as a subfolder), the content hash of simd.py, quants.py and
+        jit.py in its source stamp."""
 
         def __init__(self, inner, path):
             self._inner, self._path = inner, path
@@ -175,7 +177,7 @@ def _source_hash() -> bytes:
     return digest.digest()
 
 
-SOURCE_HASH = _source_hash()  # of simd.py and quants.py, once per process
+SOURCE_HASH = _source_hash()  # of simd.py, quants.py and jit.py, once per process
 
 
 def _install_cache_locator() -> None:
@@ -228,6 +230,27 @@ def specialized(fn: Callable, name: str, **options) -> Callable:
 # 24.7 s so (AMD Zen 3).
 
 
+class PartCompiler(Compiler):
+    """Numba's compiler, for a kernel's part: its pointer arguments (the arrays' data) are
+    ``noalias``, as Numba makes a prange's body when it finds no aliasing: LLVM may then
+    keep what it read from one array in registers across stores to another (without it,
+    one token's attention products, the values' most, ran slower than as the bodies of
+    the prange kernels they had been; the products of the weights hardly). The promise
+    this makes: no array a part writes overlaps another of its arguments (the model's
+    passes keep it, tests/test_kernels.py checks every call of a pass); arrays it only
+    reads may overlap. It changes no result: the order of the arithmetic is the code's."""
+
+    def define_pipelines(self):
+        self.state.flags.noalias = True  # this compile's own flags (Numba makes them per compile)
+        return super().define_pipelines()
+
+
+def part_jit(**options) -> Callable[[Callable], nb.core.registry.CPUDispatcher]:
+    """The decorator of a module-level part run by :class:`Threaded`: ``@njit(cache=True,
+    **options)`` compiled by :class:`PartCompiler`."""
+    return nb.njit(cache=True, pipeline_class=PartCompiler, **options)
+
+
 @intrinsic
 def _part_at(typingctx, address, args):
     """The compiled function at ``address`` (an integer: its entry point in Numba's own
@@ -273,7 +296,9 @@ class Threaded:
     ``part(th, n_threads, *args)`` on n_threads threads at once (:func:`_run_parts`). The
     part is compiled, or loaded from the cache, for the Numba types of ``args`` at their
     first call; a call of other types compiles another, never runs one made for others
-    (the address is looked up by the arguments' types, :func:`_type_key`)."""
+    (the address is looked up by the arguments' types, :func:`_type_key`). A part is made by
+    :func:`part_jit` or :func:`threaded_kernel` (compiled by :class:`PartCompiler`: no
+    array it writes may overlap another argument)."""
 
     def __init__(self, part: nb.core.registry.CPUDispatcher) -> None:
         self.part = part  # the Numba dispatcher (what the warm-up and the tests look at)
@@ -335,9 +360,10 @@ _lock_cache_writes(_run_parts)
 
 
 def threaded_kernel(part: Callable, name: str, **options) -> Threaded:
-    """``part(th, n_threads, *args)`` compiled as :func:`specialized` compiles (no prange in
-    it: thread th's share of the work), run on several threads by :class:`Threaded`."""
-    return Threaded(specialized(part, name, **options))
+    """``part(th, n_threads, *args)`` compiled as :func:`specialized` compiles, by
+    :class:`PartCompiler` (no prange in it: thread th's share of the work), run on several
+    threads by :class:`Threaded`."""
+    return Threaded(specialized(part, name, pipeline_class=PartCompiler, **options))
 
 
 def all_kernels() -> dict[str, Callable]:

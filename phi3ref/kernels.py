@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as QT
 from numba import njit
 
 from . import quants
-from .jit import FASTMATH, Threaded, compile_notice, threaded_kernel  # first: the kernel cache is set up before any kernel is decorated
+from .jit import FASTMATH, Threaded, compile_notice, part_jit, threaded_kernel  # first: the kernel cache is set up before any kernel is decorated
 
 __all__ = [
     "FASTMATH", "F16_TABLE", "BF16_TABLE", "block_layout", "decode_row", "read_f16", "row_scratch", "unpack_row",
@@ -342,7 +342,7 @@ def matmul_exact_kernel(qtype: int):
     return threaded_kernel(part, f"matmul_exact_{QT(qtype).name}", fastmath=FASTMATH)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@part_jit(fastmath=FASTMATH)
 def _matmul_f32_part(th, n_threads, w, x, out):
     """Thread th's rows of :data:`matmul_f32`."""
     n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]
@@ -360,7 +360,7 @@ matmul_f32 = Threaded(_matmul_f32_part)
 weights (n_rows, n_in)."""
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@part_jit(fastmath=FASTMATH)
 def _matmul_f16_part(th, n_threads, w, x, out, table):
     """Thread th's rows of :data:`matmul_f16`."""
     n_rows, n_in, n_tok = w.shape[0], x.shape[1], x.shape[0]

@@ -88,9 +88,10 @@ def test_warmup_reports_compile_time(warmup):
 
 def test_kernel_cache_knows_the_simd_form_and_source():
     """Numba's cache of phi3ref's kernels sits in a folder per SIMD form and is stamped with
-    the content of simd.py and quants.py (whose block layouts the kernels bake in), so
-    neither an edit of those nor another form loads stale code; the kernels made for one
-    weight type (jit.specialized) are cached the same way."""
+    the content of simd.py and quants.py (whose block layouts the kernels bake in) and of
+    jit.py (how the parts are compiled), so neither an edit of those nor another form loads
+    stale code; the kernels made for one weight type (jit.specialized) are cached the same
+    way."""
     import hashlib
     import os
 
@@ -105,7 +106,7 @@ def test_kernel_cache_knows_the_simd_form_and_source():
         if not os.environ.get("NUMBA_CACHE_DIR"):
             assert Path(cache._cache_path).is_relative_to(jit.kernel_cache_folder())
         stamp = cache._impl.locator.get_source_stamp()
-        assert stamp[1] == hashlib.sha256(Path(simd.__file__).read_bytes() + Path(quants.__file__).read_bytes()).digest()
+        assert stamp[1] == hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (simd, quants, jit))).digest()
 
 
 def test_kernels_are_cached_in_the_user_cache_folder(tmp_path):
@@ -327,6 +328,58 @@ def test_an_error_in_a_part_reaches_the_caller():
     kernel(np.zeros(2), 2)
     with pytest.raises(ValueError, match="a negative entry"):
         kernel(np.full(2, -1.0), 2)
+
+
+def _arrays(args: tuple) -> dict[int, np.ndarray]:
+    """A call's array arguments, copied (by position)."""
+    return {i: a.copy() for i, a in enumerate(args) if isinstance(a, np.ndarray)}
+
+
+def _written_overlaps(before: dict[int, np.ndarray], args: tuple) -> list[tuple[int, int]]:
+    """The pairs (written, other) of a call's array arguments, by position, where the part
+    wrote the first (it differs from its copy ``before``) and it shares an element with the
+    second: what PartCompiler's noalias promises a part never gets. Arrays a part only
+    reads may overlap (noalias speaks of memory that is modified)."""
+    written = [i for i, copy in before.items() if not np.array_equal(copy, args[i], equal_nan=True)]
+    return [(i, j) for i in written for j in before if j != i and np.shares_memory(args[i], args[j])]
+
+
+@pytest.mark.parametrize("preset,quant,numerics", [
+    ("phi3-mini", "Q4_K_M", "ggml"), ("phi3-medium", "Q4_0", "ggml"), ("phi4-mini", "BF16", "ggml"),
+    ("phi3-mini", "Q8_0", "exact"), ("phi3-mini", "F16", "exact"),
+])
+def test_no_array_a_part_writes_overlaps_another_argument(tiny_model, monkeypatch, preset, quant, numerics):
+    """The parts are compiled with noalias arguments (phi3ref.jit.PartCompiler): a pass may
+    never hand a part an array it writes that overlaps another argument (LLVM would be
+    free to compute wrong results). Every threaded call of a prompt (prompt kernels,
+    batched attention), of one token and of a short batch after it is checked."""
+    import phi3ref
+    from phi3ref.jit import Threaded
+
+    x = np.ones((2, 256), np.float32)
+    args = (x, np.ones(256, np.float32), 1e-5, x, 1)  # RMSNorm in place: out is x
+    before = _arrays(args)
+    x *= 2
+    assert _written_overlaps(before, args) == [(0, 3), (3, 0)]  # the check sees an overlap
+
+    calls, overlapping = [], []
+    run = Threaded.__call__
+
+    def checked(self, *args):
+        before = _arrays(args)
+        run(self, *args)
+        calls.append(self.part.__name__)
+        if pairs := _written_overlaps(before, args):
+            overlapping.append((self.part.__name__, pairs))
+
+    monkeypatch.setattr(Threaded, "__call__", checked)
+    model = phi3ref.load(tiny_model(preset, quant), numerics=numerics, threads=2)
+    tokens = list(range(100, 113))
+    model.forward(tokens[:11], 0)
+    model.forward(tokens[11:12], 11)
+    model.forward(tokens[12:], 12)
+    assert len(set(calls)) >= (6 if numerics == "ggml" else 1)  # the pass's kernels went through the check
+    assert overlapping == [], sorted(set(map(repr, overlapping)))
 
 
 def test_compile_notice_speaks_only_when_slow(capsys):

@@ -41,7 +41,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .. import quants
-from ..jit import Threaded, WarmJob, compile_notice, ready, run_helper_jobs, run_warm_jobs, threaded_kernel
+from ..jit import Threaded, WarmJob, compile_notice, part_jit, ready, run_helper_jobs, run_warm_jobs, threaded_kernel
 from ..kernels import (  # first: phi3ref.jit sets up the kernel cache before any kernel is decorated
     BF16, F16, F16_TABLE, F32, I32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0_BYTES, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
     Q8_0_BYTES, block_layout, read_f16, row_scratch, unpack_row, warm_weights,
@@ -145,7 +145,7 @@ def _q8_k_arrays(n_tok: int, n_in: int, alloc=np.zeros) -> tuple[np.ndarray, np.
 # error_model="numpy": an infinite activation divides by -0 here as in C (giving inf, which
 # the model then reports), not a ZeroDivisionError from inside the kernel. Tokens on several
 # threads: on one, it was 3% of a 512-token prompt on two threads.
-@njit(cache=True, fastmath=FASTMATH_GGML, error_model="numpy")
+@part_jit(fastmath=FASTMATH_GGML, error_model="numpy")
 def _quantize_q8_k_part(th, n_threads, x, q, d, bsums):
     """quantize_row_q8_K_ref, thread th's tokens: per 256-block, the first value of largest
     magnitude sets iscale = -127 / max; codes nearest_int(iscale * x) (ties to even), at
@@ -1218,7 +1218,7 @@ def softmax_kernel(lanes: int):
     return threaded_kernel(part, f"softmax_ggml_{lanes}", fastmath=FASTMATH_GGML)
 
 
-@njit(cache=True, fastmath=FASTMATH_GGML)
+@part_jit(fastmath=FASTMATH_GGML)
 def _round_to_f16_part(th, n_threads, x):
     """Thread th's share of :data:`round_to_f16`."""
     flat = x.reshape(-1)  # (elements,): x is C-contiguous
@@ -1246,7 +1246,7 @@ def store_f16(x, out):
 # ======================================================================================
 
 
-@njit(cache=True, fastmath=FASTMATH_GGML)
+@part_jit(fastmath=FASTMATH_GGML)
 def _rms_norm_part(th, n_threads, x, weight, eps, out):
     """Thread th's rows of :data:`rms_norm_ggml`."""
     n_rows, n = x.shape
