@@ -25,6 +25,8 @@ runs both as an AVX2-only CPU (Haswell ... Zen 3) runs them, on any machine with
 phi3ref's kernels are compiled for Haswell too (NUMBA_CPU_NAME, its own Numba cache), so
 neither runtime executes AVX-512, VNNI or GFNI.
 Needs the ``bench`` extra (llama-cpp-python, matplotlib); transformers with --transformers.
+It measures the phi3ref of its own checkout (its children run in that folder, whichever
+folder it is started from); two checkouts against each other: ``ab_checkouts.py``.
 """
 
 from __future__ import annotations
@@ -168,7 +170,10 @@ SCALED = ["prefill512_tok_s", "decode_tok_s"]  # reported at 1 thread too with -
 
 
 def run(script: str, *args: str, env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+    # from this checkout's folder, first on a `python -c` child's sys.path: the phi3ref
+    # measured is the one beside this script, whatever folder the benchmark was started in
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent)
     if out.returncode:
         raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -230,7 +235,7 @@ def main() -> None:
             envs["phi3ref"].update(isa.haswell_numba_env(), NUMBA_CACHE_DIR=str(numba_cache))
             instruction_set += " compiled for Haswell: neither executes AVX-512, VNNI or GFNI"
 
-    model, _ = ensure_full_model(args.model, preset=args.preset)
+    model, _ = ensure_full_model(args.model and args.model.resolve(), preset=args.preset)  # absolute: the children run in this checkout
     _read_through(model)  # the cold start is of the kernel cache, not of the disk
 
     def cold_start() -> dict:  # phi3ref's start with an empty Numba cache, in a throw-away folder
