@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parent.parent)]  # this checkout's phi3ref, as the children's
 from write_full_model import ensure_full_model  # noqa: E402
 
 PROMPTS = (128, 512)

@@ -231,14 +231,18 @@ def specialized(fn: Callable, name: str, **options) -> Callable:
 
 
 class PartCompiler(Compiler):
-    """Numba's compiler, for a kernel's part: its pointer arguments (the arrays' data) are
-    ``noalias``, as Numba makes a prange's body when it finds no aliasing: LLVM may then
-    keep what it read from one array in registers across stores to another (without it,
-    one token's attention products, the values' most, ran slower than as the bodies of
-    the prange kernels they had been; the products of the weights hardly). The promise
-    this makes: no array a part writes overlaps another of its arguments (the model's
-    passes keep it, tests/test_kernels.py checks every call of a pass); arrays it only
-    reads may overlap. It changes no result: the order of the arithmetic is the code's."""
+    """Numba's compiler, for a kernel's part: its pointer arguments (each array's data, and
+    its meminfo and parent pointers: a part touches a meminfo only in NRT's reference
+    counting, atomic and not inlined) are ``noalias``, as Numba makes a prange's body when
+    its alias analysis finds none: LLVM may then keep what it read from one array in
+    registers across stores to another (without it, one token's attention products, the
+    values' most, ran slower than as the bodies of the prange kernels they had been; the
+    products of the weights hardly). The promise this makes: no array a part writes
+    overlaps another of its arguments (the model's passes keep it, tests/test_kernels.py
+    checks the calls of its passes; the public operations refuse an ``out`` that overlaps
+    an input); arrays it only reads may overlap. The ggml kernels take no fast-math flags,
+    so their arithmetic keeps the code's order (bit-identical to llama.cpp, as tested);
+    the exact numerics' products allow reassociation, as before."""
 
     def define_pipelines(self):
         self.state.flags.noalias = True  # this compile's own flags (Numba makes them per compile)

@@ -357,7 +357,8 @@ def _matmul_f32_part(th, n_threads, w, x, out):
 
 matmul_f32 = Threaded(_matmul_f32_part)
 """matmul_f32(w, x, out, n_threads): out[t, r] = sum_i w[r, i] * x[t, i] for float32
-weights (n_rows, n_in)."""
+weights (n_rows, n_in). out must not overlap w or x (its part is compiled noalias:
+phi3ref.jit.PartCompiler)."""
 
 
 @part_jit(fastmath=FASTMATH)
@@ -379,7 +380,7 @@ def _matmul_f16_part(th, n_threads, w, x, out, table):
 matmul_f16 = Threaded(_matmul_f16_part)
 """matmul_f16(w, x, out, table, n_threads): as :data:`matmul_f32` for 16-bit float weights
 given as uint16 bit patterns (n_rows, n_in), decoded through ``table`` (F16_TABLE or
-BF16_TABLE)."""
+BF16_TABLE); out must not overlap the others."""
 
 
 def read_only(a: np.ndarray) -> np.ndarray:

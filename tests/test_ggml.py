@@ -461,6 +461,9 @@ def test_attention_ops_refuse_what_their_kernels_would_read_out_of_bounds():
         ggml_ops.attention_values(np.zeros((2, 3, 5), np.float32), k_cache, 4, level, batched=True)
     with pytest.raises(ValueError, match="out must be a C-contiguous float32 array"):
         ggml_ops.attention_scores(q, k_cache, 4, level, batched=True, out=np.empty((2, 3, 5), np.float32))
+    buffer = np.zeros(96, np.float32)
+    with pytest.raises(ValueError, match="out must not overlap q"):  # its kernel is compiled noalias
+        ggml_ops.attention_scores(buffer.reshape(2, 3, 16), k_cache, 4, level, batched=True, out=buffer[:24].reshape(2, 3, 4))
     with pytest.raises(ValueError, match="0 <= first <= last"):
         ggml_ops.softmax(np.zeros((3, 4), np.float32), level, np.array([-2]), np.array([1]))
     with pytest.raises(ValueError, match="one key index per token"):

@@ -352,7 +352,8 @@ def test_no_array_a_part_writes_overlaps_another_argument(tiny_model, monkeypatc
     """The parts are compiled with noalias arguments (phi3ref.jit.PartCompiler): a pass may
     never hand a part an array it writes that overlaps another argument (LLVM would be
     free to compute wrong results). Every threaded call of a prompt (prompt kernels,
-    batched attention), of one token and of a short batch after it is checked."""
+    batched attention), of one token and of a two-token batch after them is checked (a
+    write is seen by what it changed: one that leaves an array as it was goes unseen)."""
     import phi3ref
     from phi3ref.jit import Threaded
 
@@ -375,10 +376,13 @@ def test_no_array_a_part_writes_overlaps_another_argument(tiny_model, monkeypatc
     monkeypatch.setattr(Threaded, "__call__", checked)
     model = phi3ref.load(tiny_model(preset, quant), numerics=numerics, threads=2)
     tokens = list(range(100, 113))
-    model.forward(tokens[:11], 0)
-    model.forward(tokens[11:12], 11)
-    model.forward(tokens[12:], 12)
-    assert len(set(calls)) >= (6 if numerics == "ggml" else 1)  # the pass's kernels went through the check
+    model.forward(tokens[:10], 0)
+    model.forward(tokens[10:11], 10)
+    model.forward(tokens[11:13], 11)
+    # the pass's kernels went through the check: the batched and the one-token attention too
+    wanted = ["attention_scores_tinyblas", "attention_scores_vecdot", "attention_values_tinyblas",
+              "attention_values_vecdot", "rms_norm", "matmul"] if numerics == "ggml" else ["matmul"]
+    assert all(any(w in name for name in calls) for w in wanted), sorted(set(calls))
     assert overlapping == [], sorted(set(map(repr, overlapping)))
 
 

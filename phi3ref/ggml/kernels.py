@@ -1264,7 +1264,8 @@ def _rms_norm_part(th, n_threads, x, weight, eps, out):
 rms_norm_ggml = Threaded(_rms_norm_part)
 """rms_norm_ggml(x, weight, eps, out, n_threads): ggml_rms_norm followed by ggml_mul with the
 norm's weight, on each row of x (rows, n): the float32 squares summed in double in order,
-the mean rounded to float32, scale = 1 / sqrtf(mean + eps); out = (x * scale) * weight."""
+the mean rounded to float32, scale = 1 / sqrtf(mean + eps); out = (x * scale) * weight.
+out must not overlap x or weight (its part is compiled noalias: phi3ref.jit.PartCompiler)."""
 
 
 @njit(cache=True, fastmath=FASTMATH_GGML)

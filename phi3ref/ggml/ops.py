@@ -154,7 +154,7 @@ def attention_scores(
     (:func:`phi3ref.ggml.kernels.attention_scores_f16`). With ``first`` / ``last`` (as for
     :func:`softmax`), scores of keys a row does not see may be left out (-inf); without,
     every score is computed. ``out``: where to write them (a C-contiguous float32 array of
-    that shape), else a new array."""
+    that shape, overlapping none of the inputs), else a new array."""
     q = np.ascontiguousarray(q, _F32)
     first, last = _key_ranges(first, last, end)
     _check_attention("attention_scores", q, k_cache, end, first, last)
@@ -165,6 +165,9 @@ def attention_scores(
         out = np.empty(shape, dtype=_F32)
     elif out.shape != shape or out.dtype != _F32 or not out.flags.c_contiguous:
         raise ValueError(f"attention_scores: out must be a C-contiguous float32 array of shape {shape}")
+    elif any(np.shares_memory(out, a) for a in (q, k_cache, first, last)):
+        # the kernel is compiled on the promise that what it writes overlaps nothing it reads
+        raise ValueError("attention_scores: out must not overlap q, k_cache, first or last")
     k16 = np.ascontiguousarray(k_cache).view(np.uint16)
     kernels.attention_scores_f16(q, k16, end, first, last, out, level.lanes, bool(batched), nb.get_num_threads())
     return out
