@@ -59,10 +59,10 @@ def peak_rss_bytes():
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
-    except OSError:  # no /proc (not Linux): the rusage maximum
+    except OSError:  # no /proc (not Linux): the rusage maximum, in bytes on macOS, KiB elsewhere
         pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import resource, sys
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 """
 
 PHI3REF = r"""
