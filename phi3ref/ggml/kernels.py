@@ -815,14 +815,19 @@ def attention_scores_kernel(lanes: int, tinyblas: bool):
 
 
 VALUES_CHUNK = 16  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
+VALUES_SPAN = 256  # positions per pass over the accumulator slots: a multiple of every 4 * lanes (32, 64)
 
 
 @njit(inline="always")
 def _values_vecdot(th, n_threads, probs, v_cache, end, first, last, out, lanes):
     """ggml_vec_dot_f16 of each value row (one output element over the positions) with a
     row of probabilities, thread th's share of the (head, row) items: position p in lane
-    p % lanes of accumulator (p // lanes) % 4. VALUES_CHUNK items at a time, positions
-    outside, so that each position's values of those heads are read once, contiguously.
+    p % lanes of accumulator (p // lanes) % 4, that is in slot p % (4 lanes) of the output.
+    VALUES_CHUNK items at a time, so that each position's values of those heads are read
+    once, contiguously. Within a span of VALUES_SPAN positions, slot by slot: a slot's
+    positions (VALUES_SPAN / (4 lanes) of them, in order) are added into one row of
+    accumulators while it stays in L1, where position after position would visit every
+    slot's row in turn, the chunk's whole accumulator array (L2-sized) for each position.
     llama.cpp's KV view is a multiple of 256 cells, so no position is left over for the
     double tail."""
     n_kv, rows, hd = out.shape
@@ -830,22 +835,26 @@ def _values_vecdot(th, n_threads, probs, v_cache, end, first, last, out, lanes):
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
     step = 4 * lanes
-    # (item, lane slot, output element): a position's values, contiguous in the cache,
-    # meet contiguous accumulators, so the loop over the head's elements is vector code
+    # (item, slot, output element): a position's values, contiguous in the cache, meet
+    # contiguous accumulators, so the loop over the head's elements is vector code
     acc = np.empty((VALUES_CHUNK, step, hd), dtype=np.float32)
     tmp = np.empty(16, dtype=np.float32)
     i0, i1 = th * per, min(n_items, (th + 1) * per)
     for c0 in range(i0, i1, VALUES_CHUNK):
         c1 = min(i1, c0 + VALUES_CHUNK)
         acc[:] = 0
-        for p in range(end):
-            slot = p % step
-            for item in range(c0, c1):
-                h, r = item // rows, item % rows
-                if first[r % n_sets] <= p <= last[r % n_sets]:
-                    pr = probs[h, r, p]
-                    for j in range(hd):
-                        acc[item - c0, slot, j] += pr * half_to_float(v_cache[p, h, j])
+        for s0 in range(0, end, VALUES_SPAN):
+            s1 = min(end, s0 + VALUES_SPAN)
+            for slot in range(step):
+                for item in range(c0, c1):
+                    h, r = item // rows, item % rows
+                    lo, hi = first[r % n_sets], last[r % n_sets]
+                    row = acc[item - c0, slot]
+                    for p in range(s0 + slot, s1, step):
+                        if lo <= p <= hi:
+                            pr = probs[h, r, p]
+                            for j in range(hd):
+                                row[j] += pr * half_to_float(v_cache[p, h, j])
         for item in range(c0, c1):
             for j in range(hd):
                 out[item // rows, item % rows, j] = _vec_reduce(acc[item - c0, :, j], lanes, tmp)
