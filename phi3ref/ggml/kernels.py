@@ -52,7 +52,8 @@ from .simd import (
     half_to_float, max_range, pow2_f64, q4_0_block, q4_k_row, q4_k_row_tiled, q4_k_rows_pairs, q4_k_rows8_pairs,
     q4_k_rows8_seq_min, q4_k_rows8_tiled, q4_k_rows_tiled, q5_k_row, q5_k_row_tiled, q5_k_rows8_tiled, q5_k_rows_tiled,
     q6_k_rows8_tiled, q6_k_row, q6_k_row_tiled, q6_k_rows_tiled, q8_0_block, scores8, scores16, scores_tile8, scores_tile16,
-    values8, values16, values_tile8, values_tile16, vecdot_f16_8, vecdot_f16_8_keys, vecdot_f16_16, vecdot_f16_16_keys,
+    prefetch_elements, values8, values16, values_slot1, values_slot2, values_slot3, values_slot4, values_tile8, values_tile16,
+    vecdot_f16_8, vecdot_f16_8_keys, vecdot_f16_16, vecdot_f16_16_keys,
 )
 
 __all__ = [
@@ -816,45 +817,80 @@ def attention_scores_kernel(lanes: int, tinyblas: bool):
 
 VALUES_CHUNK = 16  # (head, query row) items whose ggml_vec_dot_f16 accumulators grow together
 VALUES_SPAN = 256  # positions per pass over the accumulator slots: a multiple of every 4 * lanes (32, 64)
+VALUES_ROWS = 4  # query rows of one KV head per call of phi3ref.ggml.simd's values_slot kernels
+
+
+@njit(inline="always")
+def _values_slot(probs, poff, pstride, v_cache, voff, vstride, p0, count, pstep, acc, aoff, astride, n_rows):
+    """phi3ref.ggml.simd's values_slot kernel for ``n_rows`` (1 .. VALUES_ROWS) rows."""
+    if n_rows == 1:
+        values_slot1(probs, poff, pstride, v_cache, voff, vstride, p0, count, pstep, acc, aoff, astride)
+    elif n_rows == 2:
+        values_slot2(probs, poff, pstride, v_cache, voff, vstride, p0, count, pstep, acc, aoff, astride)
+    elif n_rows == 3:
+        values_slot3(probs, poff, pstride, v_cache, voff, vstride, p0, count, pstep, acc, aoff, astride)
+    else:
+        values_slot4(probs, poff, pstride, v_cache, voff, vstride, p0, count, pstep, acc, aoff, astride)
 
 
 @njit(inline="always")
 def _values_vecdot(th, n_threads, probs, v_cache, end, first, last, out, lanes):
     """ggml_vec_dot_f16 of each value row (one output element over the positions) with a
     row of probabilities, thread th's share of the (head, row) items: position p in lane
-    p % lanes of accumulator (p // lanes) % 4, that is in slot p % (4 lanes) of the output.
-    VALUES_CHUNK items at a time, so that each position's values of those heads are read
-    once, contiguously. Within a span of VALUES_SPAN positions, slot by slot: a slot's
-    positions (VALUES_SPAN / (4 lanes) of them, in order) are added into one row of
-    accumulators while it stays in L1, where position after position would visit every
-    slot's row in turn, the chunk's whole accumulator array (L2-sized) for each position.
-    llama.cpp's KV view is a multiple of 256 cells, so no position is left over for the
-    double tail."""
+    p % lanes of accumulator (p // lanes) % 4, that is in slot p % (4 lanes) of the output,
+    each slot adding its positions in order. VALUES_CHUNK items at a time, so that each
+    position's values of those heads are read once from memory. Within a span of
+    VALUES_SPAN positions, slot by slot: phi3ref.ggml.simd's values_slot kernels add a
+    slot's positions of the span to sixteen outputs of up to VALUES_ROWS rows at once,
+    the accumulators in registers and each value converted once for all the rows that
+    share its KV head and token (the heads of a group). llama.cpp's KV view is a multiple
+    of 256 cells, so no position is left over for the double tail."""
     n_kv, rows, hd = out.shape
     n_sets = first.size
     n_items = n_kv * rows
     per = (n_items + n_threads - 1) // n_threads
     step = 4 * lanes
-    # (item, slot, output element): a position's values, contiguous in the cache, meet
-    # contiguous accumulators, so the loop over the head's elements is vector code
-    acc = np.empty((VALUES_CHUNK, step, hd), dtype=np.float32)
+    whole = hd - hd % 16  # outputs in whole vectors of sixteen; the rest one by one
+    per_slot = VALUES_SPAN // step
+    acc = np.empty((VALUES_CHUNK, step, hd), dtype=np.float32)  # (item, slot, output element)
     tmp = np.empty(16, dtype=np.float32)
     i0, i1 = th * per, min(n_items, (th + 1) * per)
     for c0 in range(i0, i1, VALUES_CHUNK):
         c1 = min(i1, c0 + VALUES_CHUNK)
+        h0, h1 = c0 // rows, (c1 - 1) // rows + 1  # the heads of the chunk's items
         acc[:] = 0
         for s0 in range(0, end, VALUES_SPAN):
             s1 = min(end, s0 + VALUES_SPAN)
             for slot in range(step):
-                for item in range(c0, c1):
-                    h, r = item // rows, item % rows
-                    lo, hi = first[r % n_sets], last[r % n_sets]
-                    row = acc[item - c0, slot]
-                    for p in range(s0 + slot, s1, step):
-                        if lo <= p <= hi:
-                            pr = probs[h, r, p]
-                            for j in range(hd):
-                                row[j] += pr * half_to_float(v_cache[p, h, j])
+                # the next span's positions, a slot's share of them at a time: this walk
+                # jumps 4 lanes positions at a time, which the CPU's prefetchers miss
+                for q in range(s1 + slot * per_slot, min(end, s1 + (slot + 1) * per_slot)):
+                    prefetch_elements(v_cache, (q * n_kv + h0) * hd, (h1 - h0) * hd)
+                for h in range(h0, h1):
+                    ra, rb = max(c0 - h * rows, 0), min(c1 - h * rows, rows)  # the chunk's rows of head h
+                    for r0 in range(ra, min(rb, ra + n_sets)):  # rows r0, r0 + n_sets, ... < rb: one token's
+                        t = r0 % n_sets
+                        p0 = max(s0 + slot, first[t])
+                        p0 += (slot - p0 % step) % step  # the slot's first position from there
+                        p1 = min(s1 - 1, last[t])
+                        if p0 > p1:
+                            continue
+                        count = (p1 - p0) // step + 1
+                        n_r = (rb - r0 + n_sets - 1) // n_sets
+                        for k0 in range(0, n_r, VALUES_ROWS):
+                            m = min(VALUES_ROWS, n_r - k0)
+                            r = r0 + k0 * n_sets
+                            item = h * rows + r  # probs[h, r] starts at item * end
+                            aoff = ((item - c0) * step + slot) * hd  # acc[item - c0, slot]
+                            for j0 in range(0, whole, 16):
+                                _values_slot(probs, item * end, n_sets * end, v_cache, h * hd + j0, n_kv * hd, p0, count, step,
+                                             acc, aoff + j0, n_sets * step * hd, m)
+                            for k in range(m):
+                                a = acc[item - c0 + k * n_sets, slot]
+                                for p in range(p0, p1 + 1, step):
+                                    pr = probs[h, r + k * n_sets, p]
+                                    for j in range(whole, hd):
+                                        a[j] += pr * half_to_float(v_cache[p, h, j])
         for item in range(c0, c1):
             for j in range(hd):
                 out[item // rows, item % rows, j] = _vec_reduce(acc[item - c0, :, j], lanes, tmp)

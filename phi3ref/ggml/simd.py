@@ -49,7 +49,7 @@ __all__ = [
     "q4_k_row", "q5_k_row", "q6_k_row", "q4_k_rows_pairs", "q4_k_rows_tiled", "q5_k_rows_tiled", "q6_k_rows_tiled",
     "q4_k_row_tiled", "q5_k_row_tiled", "q6_k_row_tiled", "q4_k_rows8_pairs", "q4_k_rows8_seq_min",
     "q4_k_rows8_tiled", "q5_k_rows8_tiled", "q6_k_rows8_tiled", "scores8", "scores16", "values8", "values16", "scores_tile8", "scores_tile16",
-    "values_tile8", "values_tile16", "TILE_ROWS", "TILE_COLS", "VALUES_BLOCK",
+    "values_slot1", "values_slot2", "values_slot3", "values_slot4", "prefetch_elements", "values_tile8", "values_tile16", "TILE_ROWS", "TILE_COLS", "VALUES_BLOCK",
     "exp_chunk8", "exp_chunk16", "max_range",
     "vecdot_f16_8", "vecdot_f16_16", "vecdot_f16_8_keys", "vecdot_f16_16_keys", "VECDOT_KEYS", "f32_bits", "bits_f32",
 ]
@@ -1150,6 +1150,58 @@ def _values_intrinsic(kn: int):
     return values
 
 
+@intrinsic
+def prefetch_elements(typingctx, arr, start, count):
+    """A read hint for the cache lines of arr's elements start .. start + count (arr
+    C-contiguous; a hint never faults): memory an irregular walk will read soon, which the
+    CPU's prefetchers cannot guess."""
+    sig = types.void(arr, start, count)
+
+    def codegen(context, builder, signature, args):
+        base = _data(context, builder, signature.args[0], args[0])
+        size = _const(context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype)))
+        begin, n = builder.mul(_i64(builder, args[1]), size), builder.mul(_i64(builder, args[2]), size)
+        with cgutils.for_range(builder, builder.sdiv(builder.add(n, _const(63)), _const(64))) as loop:
+            _prefetch(builder, base, builder.add(begin, builder.mul(loop.index, _const(64))))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _values_slot_intrinsic(n_rows: int):
+    @intrinsic
+    def values_slot(typingctx, probs, poff, pstride, v, voff, vstride, p0, count, pstep, acc, aoff, astride):
+        sig = types.void(probs, poff, pstride, v, voff, vstride, p0, count, pstep, acc, aoff, astride)
+
+        def codegen(context, builder, signature, args):
+            p_p, v_p, a_p = (_data(context, builder, signature.args[i], args[i]) for i in (0, 3, 9))
+            poff, pstride, voff, vstride, p0, count, pstep, aoff, astride = (_i64(builder, args[i]) for i in (1, 2, 4, 5, 6, 7, 8, 10, 11))
+            at = [builder.mul(builder.add(aoff, builder.mul(_const(k), astride)), _const(4)) for k in range(n_rows)]
+            slots = [cgutils.alloca_once_value(builder, _load(builder, a_p, at[k], _V16F32)) for k in range(n_rows)]
+            with cgutils.for_range(builder, count) as loop:
+                p = builder.add(p0, builder.mul(loop.index, pstep))
+                values = _halves16(builder, v_p, builder.add(voff, builder.mul(p, vstride)))  # converted once for every row
+                for k in range(n_rows):
+                    at_p = builder.mul(builder.add(builder.add(poff, builder.mul(_const(k), pstride)), p), _const(4))
+                    prob = _splat_value(builder, _load(builder, p_p, at_p, _F32), 16)
+                    builder.store(builder.fadd(builder.load(slots[k]), builder.fmul(prob, values)), slots[k])
+            for k in range(n_rows):
+                _store(builder, a_p, at[k], builder.load(slots[k]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    values_slot.__doc__ = (
+        f"One accumulator slot of ggml_vec_dot_f16 for sixteen outputs of {n_rows} query row(s) of one KV "
+        f"head: for k < {n_rows} and i < 16, acc[aoff + k * astride + i] += probs[poff + k * pstride + p] * "
+        "v[voff + p * vstride + i] for the positions p = p0, p0 + pstep, ... (count of them), in that order "
+        "(float16 values as uint16 bit patterns, probabilities holding float16 values). The accumulators "
+        "stay in registers across the positions, and each position's sixteen values are converted once "
+        "for all the rows (the query heads of a group share their KV head)."
+    )
+    return values_slot
+
+
 # A batch's attention products, several query rows at once. tinyBLAS's order fixes, for each
 # output, which products each of its kn lanes adds and in which order; it leaves free which
 # outputs are computed together. The tiles below take TILE_ROWS query rows of one head and
@@ -1437,5 +1489,6 @@ scores8, scores16 = _scores_intrinsic(8), _scores_intrinsic(16)
 scores_tile8, scores_tile16 = _scores_tile_intrinsic(8, TILE_COLS[8]), _scores_tile_intrinsic(16, TILE_COLS[16])
 values_tile8, values_tile16 = _values_tile_intrinsic(8, TILE_COLS[8]), _values_tile_intrinsic(16, TILE_COLS[16])
 values8, values16 = _values_intrinsic(8), _values_intrinsic(16)
+values_slot1, values_slot2, values_slot3, values_slot4 = (_values_slot_intrinsic(n) for n in (1, 2, 3, 4))
 vecdot_f16_8, vecdot_f16_16 = _vecdot_f16_intrinsic(8), _vecdot_f16_intrinsic(16)
 vecdot_f16_8_keys, vecdot_f16_16_keys = _vecdot_f16_keys_intrinsic(8), _vecdot_f16_keys_intrinsic(16)
