@@ -7,8 +7,9 @@ fills the KV cache's first --position positions with random values of the cache'
 (no prompt is run: a timing of the passes, not of their text; the values' size is that of
 real keys and values, so the kernels read as much memory as after a real prompt), then
 decodes --tokens tokens one at a time, --rounds times. For each round: the wall time per
-token, the time inside the threaded kernels (every ``phi3ref.jit.Threaded`` call timed),
-and the difference — Python between the kernels, launches, the numpy steps. Then the last
+token, the time inside the threaded kernels (every ``phi3ref.jit.Threaded`` call timed,
+its launch included), and the difference — Python between the kernels, the numpy steps,
+the few single-threaded Numba kernels (the cache store). Then the last
 round's kernels by time per token, with their calls per token. Needs warm kernels for the
 figures to mean anything: the first pass compiles or loads them and is not timed.
 
@@ -52,7 +53,7 @@ def main() -> None:
     model.warmup()
     rng = np.random.default_rng(0)
     for cache in (model.cache.k, model.cache.v):  # (n_layer, n_ctx, n_head_kv, head_dim)
-        layer = rng.standard_normal(cache.shape[1:], dtype=np.float32)[: args.position] * np.float32(0.5)  # (position, n_head_kv, head_dim)
+        layer = rng.standard_normal((args.position, *cache.shape[2:]), dtype=np.float32) * np.float32(0.5)  # (position, n_head_kv, head_dim)
         cache[:, : args.position] = layer.astype(cache.dtype)[None]
     model.tokens = [100] * args.position  # what the filled cache stands for
     logits = model.forward([200], args.position)  # not timed: loads the one-token kernels
@@ -70,7 +71,7 @@ def main() -> None:
             spent[self.part.__name__] += time.perf_counter() - t
             calls[self.part.__name__] += 1
 
-    print(f"{args.model.name}: {args.tokens} tokens decoded from position {args.position}, {args.threads} threads")
+    print(f"{args.model.name}: {args.tokens} tokens a round decoded from position {args.position} on, {args.threads} threads")
     for r in range(args.rounds):
         spent.clear()
         calls.clear()
